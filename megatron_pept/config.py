@@ -1,0 +1,506 @@
+"""Typed run configuration: dataclass schema, YAML loading, dotted command-line overrides, validation.
+
+A run is described by one YAML file plus ``key.sub=value`` overrides. Every key is a field of the dataclasses
+below, each documented by the string under it (``python -m megatron_pept.train --help-config`` prints them).
+An unknown key or a wrongly typed value raises :class:`ConfigError` naming the key and the closest valid one.
+
+YAML files may pull in others with a top-level ``include:`` (a path or a list of paths, relative to the file);
+keys in the including file win over the included ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megatron_pept.errors import ConfigError
+
+MODEL_SIZES = ("debug", "60m", "130m", "250m", "350m", "1b", "7b")
+METHOD_NAMES = (
+    "full",
+    "lora",
+    "relora",
+    "redora",
+    "repissa",
+    "reloqra",
+    "galore",
+    "galore_ef",
+    "galore_dynamic",
+    "galore_dynamic_ef",
+    "galore_8bit",
+    "galore_adafactor",
+    "adam_mini",
+)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["debug", "60m", "130m", "250m", "350m", "1b", "7b"] = "debug"
+    """Named model size; `debug` is 2 layers of width 64, the others follow ReLoRA Table 1 and GaLore's 1B/7B."""
+    vocab_size: int | None = None
+    """Vocabulary size; null takes it from the data's index (the tokenizer it was made with)."""
+    hidden_size: int | None = None
+    """Override of the named size's hidden width (null keeps the named size's)."""
+    num_layers: int | None = None
+    """Override of the named size's number of transformer blocks."""
+    num_heads: int | None = None
+    """Override of the named size's number of query heads."""
+    num_kv_heads: int | None = None
+    """Override of the named size's number of key/value heads (grouped-query attention when < num_heads)."""
+    intermediate_size: int | None = None
+    """Override of the named size's SwiGLU hidden width."""
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding frequencies."""
+    norm_eps: float = 1e-6
+    """Epsilon inside RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output (LM head) projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; o_proj/down_proj use init_std / sqrt(2 * num_layers)."""
+    attention: Literal["sdpa", "flash", "te"] = "sdpa"
+    """Attention kernel: torch SDPA (default, CPU and GPU), flash-attn or transformer-engine (GPU extras)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Folder of token shards with an index.json (made by tools/prepare_data.py)."""
+    builtin: Literal["quickstart"] | None = None
+    """If set and `path` holds no shards yet, generate the named built-in corpus there first (no download)."""
+    seq_len: int = 256
+    """Tokens per training sequence (the model sees windows of seq_len + 1 tokens: inputs and shifted targets)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Number of optimizer steps."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, summed over data-parallel ranks and gradient-accumulation micro-batches."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank; the rest of the global batch is gradient accumulation."""
+    seed: int = 0
+    """Seed of initialisation, data order and every other random draw."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: bf16 autocast with fp32 master weights, or fp32. auto: bf16 on CUDA, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to train on; auto picks CUDA when available."""
+    compile: bool = False
+    """Wrap each transformer block in torch.compile."""
+    log_interval: int = 10
+    """Steps between console lines (TensorBoard gets every step)."""
+    eval_interval: int = 100
+    """Steps between validation passes; 0 disables periodic validation (the last step is still evaluated)."""
+    eval_batches: int = 8
+    """Micro-batches in each validation pass; always the same fixed batches of the validation split."""
+    eval_at_start: bool = True
+    """Also evaluate before the first step, so the curve starts at the untrained loss."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear down to min_lr_ratio * lr, or constant."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to matrices only (not to norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam beta1 and beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the Adam moments; bf16 halves optimizer memory (the Approximations paper's bf16 baseline)."""
+    per_layer: bool = False
+    """Step each parameter inside backward and free its gradient at once (per-layer weight updates)."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "full"
+    """Training method: full, lora, relora, redora, repissa, reloqra, galore, galore_ef, galore_dynamic,
+    galore_dynamic_ef, galore_8bit, galore_adafactor, adam_mini."""
+    base_dtype: Literal["bf16", "int8", "nf4"] = "bf16"
+    """Storage of frozen base weights in low-rank methods (ignored by methods that train every weight)."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    """How the model is spread over processes."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (1, 2 or 3); used with backend=deepspeed."""
+
+
+@dataclass
+class MetricsConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files into run_dir."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; null looks up known GPUs, or measures a matmul on CPU."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Where checkpoints, TensorBoard events and the resolved config.yaml go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema introspection
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, e.g. ``optim.lr``."""
+    keys: list[str] = []
+    for name, tp in _field_types(cls).items():
+        if _is_dataclass_type(tp):
+            keys.extend(all_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under each field of a config dataclass."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def describe_config(cls: type = Config, prefix: str = "") -> str:
+    """Every key with its type, default and docstring: the text of ``--help-config``."""
+    lines: list[str] = []
+    docs = field_docs(cls)
+    defaults = cls()
+    for name, tp in _field_types(cls).items():
+        if _is_dataclass_type(tp):
+            lines.append(describe_config(tp, f"{prefix}{name}."))
+            continue
+        default = getattr(defaults, name)
+        lines.append(f"{prefix}{name} = {default!r}   [{_type_name(tp)}]")
+        if name in docs:
+            lines.append(textwrap.fill(docs[name], width=100, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversion of raw (YAML / command-line) values into typed fields
+
+
+def _closest(key: str, candidates: list[str]) -> str | None:
+    matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if matches:
+        return matches[0]
+    # A misspelt section or leaf alone: compare the last component too.
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    matches = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    return by_leaf[matches[0]] if matches else None
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    suggestion = _closest(key, all_keys())
+    hint = f"; did you mean '{suggestion}'?" if suggestion else " (run with --help-config to list every key)"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn ``value`` into type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        if isinstance(value, str | int | float | bool):
+            str_choices = [str(c) for c in choices]
+            close = difflib.get_close_matches(str(value), str_choices, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"config key '{key}' must be one of {', '.join(str_choices)}; got {value!r}{hint}"
+            )
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}; got {value!r}")
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            # Command-line form "0.9,0.95" or "[0.9, 0.95]".
+            parsed = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            value = parsed
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}' expects a list ({_type_name(tp)}); got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(
+                    f"config key '{key}' expects {len(args)} values ({_type_name(tp)}); got {len(value)}"
+                )
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"config key '{key}' expects true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value.replace("_", ""))
+            except ValueError:
+                pass
+            else:
+                if as_float.is_integer():
+                    return int(as_float)
+        raise ConfigError(f"config key '{key}' expects an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string; got {value!r}")
+    raise AssertionError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' is a section; give it a mapping, got {raw!r}")
+    types_ = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise _unknown_key_error(key)
+        tp = types_[name]
+        kwargs[name] = _build(tp, value or {}, f"{key}.") if _is_dataclass_type(tp) else _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax there") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(raw).__name__}")
+    includes = raw.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, (*seen, path)))
+    return _deep_merge(merged, raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], "1e-3" parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. optim.lr=1e-3)")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key; write it as key.sub=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = dict(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise _unknown_key_error(".".join(parts[: depth + 2]))
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or only defaults when ``path`` is None), apply overrides, type-check and validate."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Semantic validation (types are already right here)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span fields or need ranges; each failure is one line with the fix."""
+    t, o, d, m, p = cfg.train, cfg.optim, cfg.data, cfg.model, cfg.parallel
+    _require(bool(cfg.run_dir), "run_dir is empty; set run_dir=PATH for checkpoints and logs")
+    _require(t.steps >= 1, f"train.steps must be >= 1; got {t.steps}")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1; got {t.micro_batch_size}")
+    _require(
+        t.global_batch_size >= t.micro_batch_size,
+        f"train.global_batch_size ({t.global_batch_size}) must be >= train.micro_batch_size ({t.micro_batch_size})",
+    )
+    _require(t.log_interval >= 1, f"train.log_interval must be >= 1; got {t.log_interval}")
+    _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0; got {t.eval_interval}")
+    _require(t.eval_batches >= 1, f"train.eval_batches must be >= 1; got {t.eval_batches}")
+    _require(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping); got {t.max_grad_norm}")
+    _require(d.seq_len >= 2, f"data.seq_len must be >= 2; got {d.seq_len}")
+    _require(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {o.warmup_steps}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {o.weight_decay}")
+    _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must each be in [0, 1); got {list(o.betas)}")
+    _require(o.eps > 0, f"optim.eps must be > 0; got {o.eps}")
+    _require(m.rope_theta > 0, f"model.rope_theta must be > 0; got {m.rope_theta}")
+    _require(m.init_std > 0, f"model.init_std must be > 0; got {m.init_std}")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        value = getattr(m, name)
+        _require(value is None or value >= 1, f"model.{name} must be >= 1 (or null); got {value}")
+    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3; got {p.zero_stage}")
+    if m.name not in MODEL_SIZES:  # pragma: no cover - Literal already guards it
+        raise ConfigError(f"model.name must be one of {', '.join(MODEL_SIZES)}")
+    if cfg.method.name not in METHOD_NAMES:
+        close = difflib.get_close_matches(cfg.method.name, METHOD_NAMES, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHOD_NAMES)}"
+        raise ConfigError(f"unknown method.name '{cfg.method.name}'{hint}")
+    _require(
+        bool(d.path) or d.builtin is not None,
+        "data.path is empty; point it at a shard folder made by tools/prepare_data.py (or set data.builtin)",
+    )

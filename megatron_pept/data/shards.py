@@ -1,0 +1,227 @@
+"""On-disk token shards: ``*.bin`` files of little-endian uint16/uint32 plus one ``index.json``.
+
+Layout of a data folder::
+
+    index.json            format, dtype, vocab size, special ids, tokenizer checksum, and per split the
+                          documents, tokens and shards (file, tokens, documents, sha256)
+    tokenizer.model       copy of the tokenizer the tokens came from
+    train-00000.bin ...   documents back to back, each followed by EOS (and preceded by BOS if configured)
+    val-00000.bin ...
+
+A shard is written under a temporary name and renamed only when complete, and ``index.json`` is written last,
+so a folder whose index exists is complete; a folder without one is an interrupted preparation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_pept.errors import DataError
+
+INDEX_FILE = "index.json"
+FORMAT_NAME = "megatron_pept.token_shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of the vocabulary."""
+    if vocab_size <= 1 << 16:
+        return np.dtype("<u2")
+    if vocab_size <= 1 << 32:
+        return np.dtype("<u4")
+    raise DataError(f"vocabulary of {vocab_size} ids does not fit in uint32 shards")
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    tokens: int
+    documents: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    documents: int = 0
+    tokens: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
+class DataIndex:
+    """The parsed ``index.json`` of a shard folder."""
+
+    root: Path
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    tokenizer_sha256: str
+    splits: dict[str, SplitInfo]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "dtype": self.dtype,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "bos_id": self.bos_id,
+            "tokenizer": {"file": "tokenizer.model", "sha256": self.tokenizer_sha256},
+            "splits": {
+                name: {
+                    "documents": s.documents,
+                    "tokens": s.tokens,
+                    "shards": [vars(sh) for sh in s.shards],
+                }
+                for name, s in self.splits.items()
+            },
+            **self.extra,
+        }
+
+    def write(self) -> None:
+        tmp = self.root / f".{INDEX_FILE}.tmp"
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, self.root / INDEX_FILE)
+
+
+def read_index(root: str | os.PathLike[str]) -> DataIndex:
+    """Parse and sanity-check a folder's index; every problem is one :class:`DataError` line."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist; make it with tools/prepare_data.py")
+    path = root / INDEX_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{root} has no {INDEX_FILE}: it is not a prepared shard folder (or its preparation did not finish); "
+            "run tools/prepare_data.py --output on it"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT_NAME:
+            raise DataError(f"{path} is not a megatron_pept shard index (format {raw.get('format')!r})")
+        if raw.get("version") != FORMAT_VERSION:
+            raise DataError(f"{path} has index version {raw.get('version')}; this build reads {FORMAT_VERSION}")
+        splits = {
+            name: SplitInfo(
+                documents=int(s["documents"]),
+                tokens=int(s["tokens"]),
+                shards=[ShardInfo(**sh) for sh in s["shards"]],
+            )
+            for name, s in raw["splits"].items()
+        }
+        known = {"format", "version", "dtype", "vocab_size", "eos_id", "bos_id", "tokenizer", "splits"}
+        index = DataIndex(
+            root=root,
+            dtype=str(raw["dtype"]),
+            vocab_size=int(raw["vocab_size"]),
+            eos_id=int(raw["eos_id"]),
+            bos_id=None if raw.get("bos_id") is None else int(raw["bos_id"]),
+            tokenizer_sha256=str(raw["tokenizer"]["sha256"]),
+            splits=splits,
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path} is malformed ({type(err).__name__}: {err}); re-run tools/prepare_data.py") from None
+    if index.dtype not in ("<u2", "<u4", "uint16", "uint32"):
+        raise DataError(f"{path}: unsupported token dtype {index.dtype!r} (uint16 or uint32)")
+    return index
+
+
+def verify_shards(index: DataIndex, *, split: str, checksums: bool = False) -> None:
+    """Check that each shard of ``split`` exists with the recorded size (and, optionally, sha256)."""
+    itemsize = index.np_dtype.itemsize
+    for shard in index.splits[split].shards:
+        path = index.root / shard.file
+        if not path.is_file():
+            raise DataError(f"shard {path} listed in the index is missing; re-run tools/prepare_data.py")
+        size = path.stat().st_size
+        if size != shard.tokens * itemsize:
+            raise DataError(
+                f"shard {path} has {size} bytes but the index records {shard.tokens} tokens "
+                f"({shard.tokens * itemsize} bytes): it is truncated or was overwritten"
+            )
+        if checksums:
+            from megatron_pept.data.tokenizer import sha256_file
+
+            if sha256_file(path) != shard.sha256:
+                raise DataError(f"shard {path} fails its sha256 check: the file is corrupt; re-create it")
+
+
+class ShardWriter:
+    """Appends documents to numbered shards of one split; each shard closes at a document boundary.
+
+    Shards are written to ``.<name>.tmp`` and renamed when complete, with their sha256 computed on the way.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, split: str, dtype: np.dtype, shard_tokens: int, start_index: int = 0
+    ) -> None:
+        if shard_tokens < 1:
+            raise DataError(f"shard size must be >= 1 token; got {shard_tokens}")
+        self.root = Path(root)
+        self.split = split
+        self.dtype = np.dtype(dtype)
+        self.shard_tokens = shard_tokens
+        self.next_index = start_index
+        self.info = SplitInfo()
+        self._buffer: list[np.ndarray] = []
+        self._buffered_tokens = 0
+        self._buffered_docs = 0
+
+    def add(self, ids: np.ndarray | list[int]) -> None:
+        """Add one document's ids (separators already included)."""
+        arr = np.asarray(ids, dtype=self.dtype)
+        self._buffer.append(arr)
+        self._buffered_tokens += arr.size
+        self._buffered_docs += 1
+        if self._buffered_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = np.concatenate(self._buffer)
+        name = f"{self.split}-{self.next_index:05d}.bin"
+        tmp = self.root / f".{name}.tmp"
+        payload = data.astype(self.dtype, copy=False).tobytes()
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / name)
+        self.info.shards.append(
+            ShardInfo(
+                file=name,
+                tokens=int(data.size),
+                documents=self._buffered_docs,
+                sha256=hashlib.sha256(payload).hexdigest(),
+            )
+        )
+        self.info.tokens += int(data.size)
+        self.info.documents += self._buffered_docs
+        self.next_index += 1
+        self._buffer, self._buffered_tokens, self._buffered_docs = [], 0, 0
+
+    def close(self) -> SplitInfo:
+        self.flush()
+        return self.info
+
+
+def open_shard(index: DataIndex, shard: ShardInfo) -> np.memmap:
+    return np.memmap(index.root / shard.file, dtype=index.np_dtype, mode="r", shape=(shard.tokens,))

@@ -1,0 +1,55 @@
+"""The interface every training method implements.
+
+The trainer knows methods only through this class: it never tests a method's name. A method converts the model
+(on the meta device, before parallelisation), says which parameters train, builds the optimizer, may reshape the
+learning-rate schedule, reacts at the end of each optimizer step, and saves and loads its own state as tensors.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from megatron_pept.config import MethodConfig, OptimConfig
+from megatron_pept.optim import Schedule, build_adamw, decay_param_groups
+
+
+class Method:
+    """Base class; its defaults are full-rank training with AdamW."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int) -> None:
+        self.cfg = cfg
+        self.optim_cfg = optim_cfg
+        self.total_steps = total_steps
+
+    def convert(self, model: nn.Module) -> None:
+        """Rewrite the model in place before it is parallelised or materialised (swap in adapters, freeze)."""
+
+    def after_init(self, model: nn.Module) -> None:
+        """Called once the model's weights hold their initial values (e.g. to decompose them)."""
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        groups = decay_param_groups(self.trainable_parameters(model), weight_decay=self.optim_cfg.weight_decay)
+        return build_adamw(groups, self.optim_cfg)
+
+    def lr_schedule(self, base: Schedule) -> Schedule:
+        """The schedule this method trains with, given the configured one."""
+        return base
+
+    def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called after optimizer step ``step`` (0-based); returns scalars to log under ``<method>/``."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method {self.name} keeps no state but the checkpoint has {sorted(state)}")

@@ -1,0 +1,127 @@
+"""Training metrics: TensorBoard scalars, the console line, throughput, MFU and memory."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("megatron_pept")
+
+# Dense bf16 peak TFLOP/s of one device, by a substring of torch.cuda.get_device_name().
+_GPU_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("A10G", 125.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("V100", 125.0),
+)
+
+
+def measure_matmul_tflops(*, device: torch.device, size: int = 1024, repeats: int = 8) -> float:
+    """Achieved fp32 TFLOP/s of a square matmul: the reference peak for MFU on a CPU."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    elapsed = time.perf_counter() - start
+    return 2 * size**3 * repeats / elapsed / 1e12
+
+
+def peak_tflops(device: torch.device, *, override: float | None = None) -> float:
+    """Peak dense TFLOP/s of ``device``: the override, a known GPU's bf16 peak, or a measured CPU matmul."""
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in _GPU_PEAK_TFLOPS:
+            if key in name:
+                return tflops
+        logger.warning("unknown GPU %r: MFU uses a measured matmul peak; set metrics.peak_tflops for accuracy", name)
+    return measure_matmul_tflops(device=device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory in GB (1e9 bytes): allocated CUDA memory on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kilobytes * 1024 / 1e9
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def setup_console_logging(*, is_main: bool) -> None:
+    """One stdout handler for the package logger; non-main ranks log warnings only."""
+    if any(getattr(h, "_megatron_pept", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler._megatron_pept = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+
+
+class MetricsWriter:
+    """Writes scalars to TensorBoard (event files directly in ``run_dir``) on the main rank."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, enabled: bool) -> None:
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(run_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def console_line(
+    *,
+    step: int,
+    total_steps: int,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    tokens_per_sec: float,
+    mfu: float,
+    mem_gb: float,
+    eta_seconds: float,
+) -> str:
+    width = len(str(total_steps))
+    return (
+        f"step {step:>{width}}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+        f"{tokens_per_sec:,.0f} tok/s | mfu {100 * mfu:.1f}% | mem {mem_gb:.2f} GB | eta {format_duration(eta_seconds)}"
+    )

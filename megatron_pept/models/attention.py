@@ -1,0 +1,80 @@
+"""Causal attention kernels behind one interface: ``core(q_bshd, k_bshd, v_bshd) -> out_bshd``.
+
+``sdpa`` (torch's scaled_dot_product_attention) runs everywhere and is the default. ``flash`` (flash-attn 2) and
+``te`` (transformer-engine) are GPU-only extras, imported only when chosen; asking for one that is not installed
+is a one-line error naming the extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_pept.errors import ConfigError
+
+ATTENTION_BACKENDS = ("sdpa", "flash", "te")
+
+
+def _import_optional(module: str, *, backend: str, package: str) -> object:
+    try:
+        return importlib.import_module(module)
+    except Exception as err:  # transformer-engine raises RuntimeError, not ImportError, without CUDA
+        raise ConfigError(
+            f"model.attention={backend} needs the {package} package, which failed to import ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no message'}); install it with "
+            "pip install 'megatron_pept[gpu]' on a CUDA machine, or use model.attention=sdpa"
+        ) from None
+
+
+class SDPAAttention(nn.Module):
+    def __init__(self, *, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.gqa = num_kv_heads != num_heads
+
+    def forward(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q_bshd, k_bshd, v_bshd))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
+        return out.transpose(1, 2)
+
+
+class FlashAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self._flash_attn_func = _import_optional("flash_attn", backend="flash", package="flash-attn").flash_attn_func
+
+    def forward(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor) -> torch.Tensor:
+        if not q_bshd.is_cuda or q_bshd.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError("model.attention=flash runs on CUDA in bf16/fp16 only; use train.dtype=bf16 on a GPU")
+        # flash-attn takes [batch, seq, heads, dim] and handles fewer kv heads natively.
+        return self._flash_attn_func(q_bshd, k_bshd, v_bshd, causal=True)
+
+
+class TransformerEngineAttention(nn.Module):
+    def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        te = _import_optional("transformer_engine.pytorch", backend="te", package="transformer-engine")
+        self.inner = te.DotProductAttention(
+            num_heads,
+            head_dim,
+            num_gqa_groups=num_kv_heads,
+            attn_mask_type="causal",
+            qkv_format="bshd",
+            attention_dropout=0.0,
+        )
+
+    def forward(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor) -> torch.Tensor:
+        b, s, h, d = q_bshd.shape
+        return self.inner(q_bshd, k_bshd, v_bshd).view(b, s, h, d)
+
+
+def build_core_attention(backend: str, *, num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
+    if backend == "sdpa":
+        return SDPAAttention(num_heads=num_heads, num_kv_heads=num_kv_heads)
+    if backend == "flash":
+        return FlashAttention()
+    if backend == "te":
+        return TransformerEngineAttention(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    raise ConfigError(f"unknown model.attention '{backend}'; choose one of {', '.join(ATTENTION_BACKENDS)}")

@@ -1,0 +1,243 @@
+"""LLaMA decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
+
+Plain PyTorch, nothing distributed. Module and parameter names follow Hugging Face's ``LlamaForCausalLM``
+(``model.layers.0.self_attn.q_proj.weight`` ...), so export is a rename-free copy and LoRA/GaLore target patterns
+read the same as in the papers' code. Build it on the meta device, parallelise, materialise with ``to_empty``,
+then call :meth:`LlamaForCausalLM.init_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_pept.models.attention import build_core_attention
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """Shape and numerics of one LLaMA model."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "change model.hidden_size or model.num_heads"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
+                "grouped-query attention needs whole groups"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        """Parameter count of the full-rank model."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attn = h * h * 2 + h * kv * 2  # q, o + k, v
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_embeddings else self.vocab_size * h
+        return self.num_layers * per_layer + h + head + (embed if include_embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul parameters + attention scores (PaLM, appendix B)."""
+        matmul_params = self.num_params(include_embedding=False) - (2 * self.num_layers + 1) * self.hidden_size
+        if self.tie_embeddings:
+            matmul_params += self.vocab_size * self.hidden_size
+        return 6.0 * matmul_params + 12.0 * self.num_layers * self.hidden_size * seq_len
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as LLaMA and transformers do)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(
+    *, head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[max_seq_len, head_dim // 2]`` of the rotary embedding, in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    positions = torch.arange(max_seq_len, dtype=torch.int64, device=device).float()
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_bshd: torch.Tensor, cos_sd: torch.Tensor, sin_sd: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (the 'rotate_half' layout of LLaMA checkpoints in HF format)."""
+    half = x_bshd.shape[-1] // 2
+    x1, x2 = x_bshd[..., :half].float(), x_bshd[..., half:].float()
+    cos, sin = cos_sd[:, None, :], sin_sd[:, None, :]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x_bshd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        kv_dim = args.num_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=False)
+        self.o_proj = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
+        self.core = build_core_attention(
+            args.attention, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim
+        )
+
+    def forward(self, x_bsd: torch.Tensor, cos_sd: torch.Tensor, sin_sd: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x_bsd.shape
+        q = self.q_proj(x_bsd).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x_bsd).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_bsd).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos_sd, sin_sd), apply_rope(k, cos_sd, sin_sd)
+        out = self.core(q, k, v)
+        return self.o_proj(out.reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos_sd: torch.Tensor, sin_sd: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sd, sin_sd)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF's ``LlamaModel``)."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # A ModuleDict keyed "0", "1", ... keeps HF's parameter names and lets FSDP wrap layers by name.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args) for i in range(args.num_layers)})
+        self.norm = RMSNorm(args.hidden_size, eps=args.norm_eps)
+        # Rotary tables are derived, not learned: non-persistent so checkpoints and exports omit them.
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+
+    def forward(self, input_ids_bs: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids_bs.shape[1]
+        if seq_len > self.args.max_seq_len:
+            raise ValueError(f"sequence of {seq_len} tokens exceeds the model's max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        x = self.embed_tokens(input_ids_bs)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The language model: :class:`LlamaModel` plus the output projection ``lm_head``."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids_bs: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` for next-token prediction."""
+        return self.lm_head(self.model(input_ids_bs))
+
+    def tie_weights(self) -> None:
+        """Re-share the embedding with the LM head (``to_empty`` gives each module its own tensor)."""
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        cos, sin = rope_cos_sin(
+            head_dim=self.args.head_dim,
+            max_seq_len=self.args.max_seq_len,
+            theta=self.args.rope_theta,
+            device=self.model.rope_cos.device,
+        )
+        self.model.rope_cos.copy_(cos)
+        self.model.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_weights(self, *, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter and buffer in place.
+
+        Normal(0, init_std) for embeddings and projections; the projections that write into the residual
+        stream (o_proj, down_proj) use init_std / sqrt(2 * num_layers) so the residual variance stays bounded
+        with depth (GPT-2 / Megatron); RMSNorm weights are ones. Parameters are visited in registration order,
+        so a fixed seed gives the same weights on any machine.
+        """
+        self.tie_weights()
+        self.init_rope()
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+            elif isinstance(module, nn.Linear) and not (self.args.tie_embeddings and name == "lm_head"):
+                leaf = name.rsplit(".", 1)[-1]
+                nn.init.normal_(
+                    module.weight,
+                    mean=0.0,
+                    std=out_std if leaf in ("o_proj", "down_proj") else std,
+                    generator=generator,
+                )

@@ -1,0 +1,64 @@
+"""Entry point: ``python -m megatron_pept.train --config FILE [key.sub=value ...]``.
+
+Runs unchanged on one process or under a launcher (torchrun, deepspeed). Mistakes in the input are one line on
+stderr and exit code 2; a run that diverges exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_pept.config import describe_config, load_config
+from megatron_pept.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_pept.train",
+        description="Pre-train a LLaMA model with full-rank or parameter-efficient methods.",
+        epilog="Example: python -m megatron_pept.train --config configs/quickstart.yaml run_dir=runs/qs "
+        "train.steps=100 optim.lr=3e-3",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML run configuration (defaults when omitted)")
+    parser.add_argument(
+        "--help-config", action="store_true", help="list every configuration key with its default and meaning"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration and exit without training"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.help_config:
+        print(describe_config())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            from megatron_pept.config import to_dict
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        from megatron_pept.trainer import Trainer
+
+        Trainer(cfg).train()
+    except UserError as err:
+        print(f"megatron_pept: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"megatron_pept: training diverged: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("megatron_pept: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The trainer: builds the parts from a :class:`Config`, owns the train state and runs the loop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_pept.config import Config, save_config
+from megatron_pept.data.builtin import ensure_builtin_dataset
+from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
+from megatron_pept.data.shards import read_index
+from megatron_pept.distributed import ParallelDims, init_parallel, parallelize, resolve_device
+from megatron_pept.errors import ConfigError, DataError
+from megatron_pept.methods import build_method
+from megatron_pept.metrics import (
+    MetricsWriter,
+    console_line,
+    peak_memory_gb,
+    peak_tflops,
+    setup_console_logging,
+)
+from megatron_pept.models import build_model, llama_args
+from megatron_pept.optim import build_schedule
+
+logger = logging.getLogger("megatron_pept")
+
+
+@dataclass
+class TrainState:
+    """Counters that must survive a restart."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"step": torch.tensor(self.step), "tokens_seen": torch.tensor(self.tokens_seen)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back (also useful to tests)."""
+
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    steps: int = 0
+    tokens_seen: int = 0
+
+
+def cross_entropy_loss(logits_bsv: torch.Tensor, targets_bs: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits_bsv.flatten(0, 1).float(), targets_bs.flatten(0, 1))
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        t, d = cfg.train, cfg.data
+        self.dims: ParallelDims = init_parallel(cfg.parallel)
+        setup_console_logging(is_main=self.dims.is_main)
+        self.device = resolve_device(t, local_rank=self.dims.local_rank)
+        self.compute_dtype = torch.bfloat16 if (t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")) else torch.float32
+        torch.manual_seed(t.seed)
+
+        global_micro = t.micro_batch_size * self.dims.dp_world_size
+        if t.global_batch_size % global_micro:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+                f"{t.micro_batch_size} x {self.dims.dp_world_size} data-parallel ranks; "
+                f"use a multiple of {global_micro}"
+            )
+        self.grad_accum_steps = t.global_batch_size // global_micro
+
+        # Data.
+        data_path = Path(d.path) if d.path else Path(cfg.run_dir) / "data"
+        if d.builtin is not None and self.dims.is_main:
+            ensure_builtin_dataset(d.builtin, data_path)
+        index = read_index(data_path)
+        self.train_data = WindowDataset(index, split="train", seq_len=d.seq_len)
+        self.val_data = WindowDataset(index, split="val", seq_len=d.seq_len) if "val" in index.splits else None
+        self.loader = DistributedBatchLoader(
+            self.train_data,
+            micro_batch_size=t.micro_batch_size,
+            seed=t.seed,
+            dp_rank=self.dims.dp_rank,
+            dp_world_size=self.dims.dp_world_size,
+        )
+        self.val_batches = (
+            fixed_batches(
+                self.val_data,
+                micro_batch_size=t.micro_batch_size,
+                num_batches=t.eval_batches,
+                dp_rank=self.dims.dp_rank,
+                dp_world_size=self.dims.dp_world_size,
+            )
+            if self.val_data is not None and index.splits["val"].tokens > 0
+            else []
+        )
+
+        # Model: meta -> method conversion -> parallelise -> materialise -> initialise.
+        self.model_args = llama_args(cfg.model, vocab_size=index.vocab_size, max_seq_len=d.seq_len)
+        if self.model_args.vocab_size < index.vocab_size:
+            raise DataError(
+                f"model.vocab_size={self.model_args.vocab_size} is smaller than the data's tokenizer vocabulary "
+                f"({index.vocab_size} ids, {data_path}); set model.vocab_size >= {index.vocab_size} or null"
+            )
+        self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps)
+        model = build_model(self.model_args)
+        self.method.convert(model)
+        model = parallelize(model, self.dims)
+        model.to_empty(device=self.device)
+        init_gen = torch.Generator(device=self.device).manual_seed(t.seed)
+        model.init_weights(generator=init_gen)
+        self.method.after_init(model)
+        if t.compile:
+            for layer in model.model.layers.values():
+                layer.compile()
+        self.model = model
+
+        self.optimizer = self.method.build_optimizer(model)
+        self.schedule = self.method.lr_schedule(build_schedule(cfg.optim, total_steps=t.steps))
+        self.state = TrainState()
+        self.tokens_per_step = t.global_batch_size * d.seq_len
+        self.flops_per_token = self.model_args.flops_per_token(d.seq_len)
+        self.peak_flops = peak_tflops(self.device, override=cfg.metrics.peak_tflops) * 1e12
+        self.writer = MetricsWriter(cfg.run_dir, enabled=cfg.metrics.tensorboard and self.dims.is_main)
+
+        if self.dims.is_main:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        trainable = sum(p.numel() for _, p in self.method.trainable_parameters(model))
+        total = sum(p.numel() for p in model.parameters())
+        logger.info(
+            "model %s: %.2fM parameters (%.2fM trainable), method %s, %s on %s, %d micro-batches of %d x %d tokens "
+            "per step (%d tokens), %d train windows",
+            cfg.model.name,
+            total / 1e6,
+            trainable / 1e6,
+            self.method.name,
+            str(self.compute_dtype).removeprefix("torch."),
+            self.device,
+            self.grad_accum_steps,
+            t.micro_batch_size,
+            d.seq_len,
+            self.tokens_per_step,
+            self.train_data.num_windows,
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.method.trainable_parameters(self.model)]
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches."""
+        if not self.val_batches:
+            return float("nan")
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in self.val_batches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self._autocast():
+                total += cross_entropy_loss(self.model(inputs), targets)
+        self.model.train()
+        return (total / len(self.val_batches)).item()
+
+    def _log_eval(self, step: int, result: TrainResult) -> None:
+        val_loss = self.evaluate()
+        if math.isnan(val_loss):
+            return
+        result.val_losses[step] = val_loss
+        ppl = math.exp(min(val_loss, 50.0))
+        self.writer.scalars(step, {"val/loss": val_loss, "val/ppl": ppl})
+        logger.info("step %d | val_loss %.4f | val_ppl %.2f", step, val_loss, ppl)
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches: (loss, grad_norm, lr)."""
+        step = self.state.step
+        lr = self.cfg.optim.lr * self.schedule(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum_steps):
+            inputs, targets = self.loader.next_batch()
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = cross_entropy_loss(self.model(inputs), targets) / self.grad_accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm if max_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        method_scalars = self.method.on_step_end(step=step, model=self.model, optimizer=self.optimizer)
+        if method_scalars:
+            self.writer.scalars(step + 1, {f"{self.method.name}/{k}": v for k, v in method_scalars.items()})
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+        return loss_sum.item(), grad_norm.item(), lr
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg.train
+        result = TrainResult()
+        if cfg.eval_at_start and self.state.step == 0:
+            self._log_eval(0, result)
+        self.model.train()
+        start_step = self.state.step
+        timed_since = time.perf_counter()
+        steps_timed = 0
+        interval_start = time.perf_counter()
+        for _ in range(start_step, cfg.steps):
+            loss, grad_norm, lr = self.train_step()
+            step = self.state.step
+            result.train_losses.append(loss)
+            self._sync()
+            now = time.perf_counter()
+            step_seconds = now - interval_start
+            interval_start = now
+            if step == start_step + 1:
+                timed_since, steps_timed = now, 0  # the first step pays for warm-up; keep it out of rates
+            else:
+                steps_timed += 1
+            tokens_per_sec = self.tokens_per_step / max(step_seconds, 1e-9)
+            mfu = tokens_per_sec * self.flops_per_token / self.peak_flops
+            mem_gb = peak_memory_gb(self.device)
+            self.writer.scalars(
+                step,
+                {
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "perf/tokens_per_sec": tokens_per_sec,
+                    "perf/mfu": mfu,
+                    "mem/peak_gb": mem_gb,
+                },
+            )
+            if step % cfg.log_interval == 0 or step == cfg.steps:
+                mean_step = (now - timed_since) / steps_timed if steps_timed else step_seconds
+                logger.info(
+                    console_line(
+                        step=step,
+                        total_steps=cfg.steps,
+                        loss=loss,
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        tokens_per_sec=self.tokens_per_step / max(mean_step, 1e-9),
+                        mfu=self.tokens_per_step / max(mean_step, 1e-9) * self.flops_per_token / self.peak_flops,
+                        mem_gb=mem_gb,
+                        eta_seconds=mean_step * (cfg.steps - step),
+                    )
+                )
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.steps:
+                self._log_eval(step, result)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at step {step}; lower optim.lr or enable clipping (train.max_grad_norm)"
+                )
+        self.writer.close()
+        result.steps, result.tokens_seen = self.state.step, self.state.tokens_seen
+        logger.info("done: %d steps, %d tokens", result.steps, result.tokens_seen)
+        return result
