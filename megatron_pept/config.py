@@ -274,9 +274,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             str_choices = [str(c) for c in choices]
             close = difflib.get_close_matches(str(value), str_choices, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"config key '{key}' must be one of {', '.join(str_choices)}; got {value!r}{hint}"
-            )
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(str_choices)}; got {value!r}{hint}")
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -297,13 +295,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             # Command-line form "0.9,0.95" or "[0.9, 0.95]".
             parsed = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
             value = parsed
+        if isinstance(value, int | float | bool):
+            value = [value]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key '{key}' expects a list ({_type_name(tp)}); got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(
-                    f"config key '{key}' expects {len(args)} values ({_type_name(tp)}); got {len(value)}"
-                )
+                raise ConfigError(f"config key '{key}' expects {len(args)} values ({_type_name(tp)}); got {len(value)}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -355,9 +353,12 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         key = f"{prefix}{name}"
-        if name not in types_:
+        tp = types_.get(name)
+        if tp is None or (isinstance(value, dict) and not _is_dataclass_type(tp)):
+            while isinstance(value, dict) and value:  # name the full key the user wrote
+                child, value = next(iter(value.items()))
+                key = f"{key}.{child}"
             raise _unknown_key_error(key)
-        tp = types_[name]
         kwargs[name] = _build(tp, value or {}, f"{key}.") if _is_dataclass_type(tp) else _coerce(value, tp, key)
     return cls(**kwargs)
 

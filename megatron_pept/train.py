@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--help-config", action="store_true", help="list every configuration key with its default and meaning"
     )
     parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved configuration and exit without training"
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration and exit without training",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
     return parser

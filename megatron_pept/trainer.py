@@ -68,7 +68,11 @@ class Trainer:
         self.dims: ParallelDims = init_parallel(cfg.parallel)
         setup_console_logging(is_main=self.dims.is_main)
         self.device = resolve_device(t, local_rank=self.dims.local_rank)
-        self.compute_dtype = torch.bfloat16 if (t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")) else torch.float32
+        self.compute_dtype = (
+            torch.bfloat16
+            if (t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda"))
+            else torch.float32
+        )
         torch.manual_seed(t.seed)
 
         global_micro = t.micro_batch_size * self.dims.dp_world_size

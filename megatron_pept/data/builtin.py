@@ -84,9 +84,13 @@ def ensure_builtin_dataset(name: str, path: str | os.PathLike[str], *, seed: int
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
         rng = random.Random(seed)
-        docs = [("val" if rng.random() < val_fraction else "train", text) for text in generate_stories(num_docs, seed=seed)]
+        docs = [
+            ("val" if rng.random() < val_fraction else "train", text) for text in generate_stories(num_docs, seed=seed)
+        ]
         tokenizer = train_sentencepiece(
-            (text for split, text in docs if split == "train"), output_dir=tmp / "tokenizer", vocab_size=vocab_size
+            (text for split, text in docs if split == "train"),
+            output_dir=tmp / "tokenizer",
+            vocab_size=vocab_size,
         )
         shutil.copy(tokenizer.path, tmp / MODEL_FILE)
         shutil.rmtree(tmp / "tokenizer")

@@ -18,7 +18,19 @@ _OBJECTS = ["ball", "kite", "book", "box", "hat", "drum", "boat", "cup", "shoe",
 _FOODS = ["apples", "cookies", "plums", "carrots", "eggs", "cakes", "pears", "nuts", "grapes", "buns"]
 _COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "white", "black"]
 _SIZES = ["big", "small", "tiny", "huge", "little", "tall", "round", "soft", "old", "shiny"]
-_PLACES = ["park", "garden", "beach", "forest", "kitchen", "school", "river", "farm", "hill", "market", "lake"]
+_PLACES = [
+    "park",
+    "garden",
+    "beach",
+    "forest",
+    "kitchen",
+    "school",
+    "river",
+    "farm",
+    "hill",
+    "market",
+    "lake",
+]
 _FEELINGS = ["happy", "sad", "tired", "excited", "scared", "proud", "calm", "curious", "angry", "surprised"]
 _WEATHER = ["sunny", "rainy", "windy", "cold", "warm", "cloudy", "snowy", "bright"]
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -86,13 +98,13 @@ def story(rng: random.Random) -> str:
         ],
         [
             f"{name} met {friend} at the {place}.",
-            f"{friend} said, \"Can I play with your {thing}?\"",
+            f'{friend} said, "Can I play with your {thing}?"',
             f"{name} said yes, and {f_subj} was {feeling}.",
         ],
         [
             f"Then {name} {rng.choice(_VERBS_PAST)} the {thing}.",
             f"{_cap(poss)} {animal} {rng.choice(_MOVES)} around the {place}.",
-            f"\"Look at my {color} {thing}!\" said {name}.",
+            f'"Look at my {color} {thing}!" said {name}.',
         ],
     ]
     rng.shuffle(events)

@@ -144,7 +144,12 @@ class DistributedBatchLoader:
 
 
 def fixed_batches(
-    dataset: WindowDataset, *, micro_batch_size: int, num_batches: int, dp_rank: int = 0, dp_world_size: int = 1
+    dataset: WindowDataset,
+    *,
+    micro_batch_size: int,
+    num_batches: int,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The validation batches: the first windows of the split in file order, the same in every run.
 

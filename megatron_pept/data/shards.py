@@ -170,7 +170,13 @@ class ShardWriter:
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], *, split: str, dtype: np.dtype, shard_tokens: int, start_index: int = 0
+        self,
+        root: str | os.PathLike[str],
+        *,
+        split: str,
+        dtype: np.dtype,
+        shard_tokens: int,
+        start_index: int = 0,
     ) -> None:
         if shard_tokens < 1:
             raise DataError(f"shard size must be >= 1 token; got {shard_tokens}")

@@ -151,4 +151,3 @@ def train_sentencepiece(
         os.replace(tmp, output_dir)
         os.makedirs(tmp)  # TemporaryDirectory removes its path on exit, so leave an empty one behind
     return load_tokenizer(output_dir)
-

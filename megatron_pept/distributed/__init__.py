@@ -53,9 +53,7 @@ def init_parallel(cfg: ParallelConfig) -> ParallelDims:
                 "set parallel.backend to ddp, fsdp2 or deepspeed"
             )
         return ParallelDims(backend="single")
-    raise ConfigError(
-        f"parallel.backend={cfg.backend} is not available in this version; use parallel.backend=single"
-    )
+    raise ConfigError(f"parallel.backend={cfg.backend} is not available in this version; use parallel.backend=single")
 
 
 def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:

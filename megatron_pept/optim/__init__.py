@@ -41,4 +41,11 @@ def build_schedule(cfg: OptimConfig, *, total_steps: int) -> Schedule:
     )
 
 
-__all__ = ["LowPrecisionAdamW", "Schedule", "WarmupDecaySchedule", "build_adamw", "build_schedule", "decay_param_groups"]
+__all__ = [
+    "LowPrecisionAdamW",
+    "Schedule",
+    "WarmupDecaySchedule",
+    "build_adamw",
+    "build_schedule",
+    "decay_param_groups",
+]

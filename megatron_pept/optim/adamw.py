@@ -58,8 +58,10 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 bias_correction1 = 1 - beta1**step
                 bias_correction2_sqrt = math.sqrt(1 - beta2**step)
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                update = exp_avg / denom
-                p.add_(update.to(p.dtype), alpha=-lr / bias_correction1)
+                if p.dtype == torch.float32:
+                    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+                else:
+                    p.add_((exp_avg / denom).to(p.dtype), alpha=-lr / bias_correction1)
                 state["exp_avg"].copy_(exp_avg)
                 state["exp_avg_sq"].copy_(exp_avg_sq)
         return loss

@@ -1,0 +1,112 @@
+"""The real entry point in a subprocess: the quickstart trains and logs; bad input is one line, non-zero."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_pept.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_quickstart_trains_and_writes_tensorboard(quickstart_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        "--config",
+        "configs/quickstart.yaml",
+        f"run_dir={run_dir}",
+        "train.steps=30",
+        f"data.path={quickstart_data}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "step 30/30" in proc.stdout and "val_loss" in proc.stdout
+    tb = scalars(run_dir)
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "val/ppl",
+        "perf/tokens_per_sec",
+        "perf/mfu",
+        "mem/peak_gb",
+    ):
+        assert tag in tb, tag
+    loss = tb["train/loss"]
+    assert len(loss) == 30
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 1.0
+    assert tb["val/loss"][-1] < tb["val/loss"][0]
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 30 and resolved["model"]["name"] == "debug"
+
+
+def test_quickstart_generates_its_own_data(tmp_path: Path) -> None:
+    """From nothing but the repo: the built-in corpus is generated, tokenized and trained on."""
+    proc = run_train(
+        "--config",
+        str(REPO / "configs/quickstart.yaml"),
+        f"run_dir={tmp_path / 'run'}",
+        f"data.path={tmp_path / 'data'}",
+        "train.steps=2",
+        "train.eval_batches=1",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data" / "index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("no_such_key=1", "unknown config key 'no_such_key'"),
+        ("optim.lr=abc", "config key 'optim.lr' expects a number"),
+        ("method.name=lorra", "did you mean 'lora'?"),
+    ],
+)
+def test_bad_overrides_are_one_line_and_exit_2(override: str, expected: str, tmp_path: Path) -> None:
+    proc = run_train("--config", "configs/quickstart.yaml", f"run_dir={tmp_path}", override)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_missing_data_is_one_line(tmp_path: Path) -> None:
+    proc = run_train(f"run_dir={tmp_path / 'r'}", f"data.path={tmp_path / 'none'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_help_and_config_listing() -> None:
+    assert run_train("--help").returncode == 0
+    listing = run_train("--help-config")
+    assert listing.returncode == 0 and "optim.per_layer" in listing.stdout and "Peak learning rate" in listing.stdout
+    printed = run_train("--config", "configs/quickstart.yaml", "--print-config", "train.steps=7")
+    assert printed.returncode == 0 and yaml.safe_load(printed.stdout)["train"]["steps"] == 7
+
+
+def test_console_script_is_installed() -> None:
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("megatron-pept-train")), "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--config" in proc.stdout

@@ -1,0 +1,130 @@
+"""Config schema: YAML + overrides, typing, errors that name the closest valid key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_pept.config import (
+    Config,
+    all_keys,
+    describe_config,
+    field_docs,
+    load_config,
+    save_config,
+)
+from megatron_pept.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_overrides() -> None:
+    cfg = load_config(
+        None,
+        [
+            "data.path=/d",
+            "optim.lr=1e-3",  # YAML 1.1 reads this as a string; the schema makes it a float
+            "train.steps=1_000",
+            "optim.betas=0.9,0.95",
+            "model.vocab_size=null",
+            "train.compile=true",
+            "method.name=full",
+        ],
+    )
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 1000
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.model.vocab_size is None
+    assert cfg.train.compile is True
+
+
+def test_every_field_has_a_docstring() -> None:
+    def walk(cls: type) -> None:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
+                walk(f.default_factory)  # type: ignore[arg-type]
+            else:
+                assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+
+    walk(Config)
+    text = describe_config()
+    for key in all_keys():
+        assert key in text
+
+
+def test_public_keys_exist() -> None:
+    """The keys DESIGN.md promises to every run."""
+    keys = set(all_keys())
+    for key in (
+        "run_dir",
+        "model.name",
+        "data.path",
+        "train.steps",
+        "train.seed",
+        "method.name",
+        "method.base_dtype",
+        "parallel.backend",
+        "parallel.zero_stage",
+        "optim.per_layer",
+    ):
+        assert key in keys
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("no_such_key=1", "unknown config key 'no_such_key'"),
+        ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("trian.steps=3", "did you mean 'train.steps'?"),
+        ("optim.lr=fast", "config key 'optim.lr' expects a number; got 'fast'"),
+        ("train.steps=2.5", "config key 'train.steps' expects an integer"),
+        ("train.compile=maybe", "expects true or false"),
+        ("model.name=60M", "did you mean '60m'?"),
+        ("parallel.backend=fsdp", "must be one of single, ddp, fsdp2, deepspeed"),
+        ("optim.betas=0.9", "expects 2 values"),
+        ("method.name=relroa", "did you mean 'relora'?"),
+        ("train.global_batch_size=4", "must be >= train.micro_batch_size"),
+        ("optim.lr", "is not of the form key=value"),
+        ("train=3", "is a section"),
+        ("train.steps.x=3", "unknown config key 'train.steps.x'"),
+    ],
+)
+def test_bad_values_are_one_clear_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.path=/d", override])
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_yaml_include_and_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("model:\n  name: 60m\noptim:\n  lr: 5.0e-4\n  warmup_steps: 7\n")
+    (tmp_path / "run.yaml").write_text("include: base.yaml\ndata:\n  path: x\noptim:\n  lr: 1.0e-3\n")
+    cfg = load_config(tmp_path / "run.yaml", ["train.seed=3"])
+    assert (cfg.model.name, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.seed) == ("60m", 1e-3, 7, 3)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["optim"]["betas"] == [0.9, 0.999]
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "cycle.yaml").write_text("include: cycle.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "cycle.yaml")
+    (tmp_path / "typo.yaml").write_text("data:\n  path: x\nmodel:\n  hiden_size: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'model.hidden_size'"):
+        load_config(tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    load_config(path, ["data.path=/somewhere"])

@@ -1,0 +1,150 @@
+"""Our LLaMA against transformers' LlamaForCausalLM with the same weights, plus model invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from megatron_pept.config import ModelConfig
+from megatron_pept.errors import ConfigError
+from megatron_pept.models import MODEL_SHAPES, build_model, llama_args
+from megatron_pept.models.llama import LlamaArgs, LlamaForCausalLM
+
+
+def make_model(args: LlamaArgs, seed: int = 0) -> LlamaForCausalLM:
+    model = build_model(args)
+    model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def hf_twin(args: LlamaArgs, model: LlamaForCausalLM) -> transformers.LlamaForCausalLM:
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=args.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    result = hf.load_state_dict(model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return hf
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,tie,theta",
+    [(4, 4, False, 10000.0), (4, 2, False, 500000.0), (8, 2, True, 10000.0)],
+    ids=["mha", "gqa", "gqa-tied"],
+)
+def test_logits_equal_transformers(num_heads: int, num_kv_heads: int, tie: bool, theta: float) -> None:
+    args = LlamaArgs(
+        vocab_size=257,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=176,
+        max_seq_len=64,
+        rope_theta=theta,
+        norm_eps=1e-6,
+        tie_embeddings=tie,
+    )
+    model = make_model(args)
+    hf = hf_twin(args, model)
+    ids = torch.randint(0, args.vocab_size, (3, 48))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ours.shape == theirs.shape == (3, 48, args.vocab_size)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_rope_theta_matters() -> None:
+    """The equality above is not vacuous: a different rotary base gives different logits."""
+    base = dict(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=4, intermediate_size=64)
+    a = make_model(LlamaArgs(**base, rope_theta=10000.0))
+    b = make_model(LlamaArgs(**base, rope_theta=100.0))
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 64, (1, 32))
+    with torch.no_grad():
+        assert (a(ids) - b(ids)).abs().max() > 1e-4
+
+
+def test_meta_build_allocates_nothing_and_init_is_seeded() -> None:
+    args = llama_args(ModelConfig(name="debug"), vocab_size=100, max_seq_len=32)
+    meta = build_model(args)
+    assert all(p.is_meta for p in meta.parameters())
+    a, b, c = make_model(args, seed=1), make_model(args, seed=1), make_model(args, seed=2)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), name
+        if "norm" not in name:
+            assert not torch.equal(pa, pc), name
+
+
+def test_init_statistics() -> None:
+    args = LlamaArgs(vocab_size=512, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=4, intermediate_size=512)
+    model = make_model(args)
+    layer = model.model.layers["0"]
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4.0, rel=0.05)  # / sqrt(2 * 8)
+    assert torch.equal(layer.input_layernorm.weight, torch.ones(256))
+
+
+def test_tied_embeddings_share_storage_after_materialisation() -> None:
+    args = llama_args(ModelConfig(name="debug", tie_embeddings=True), vocab_size=100, max_seq_len=16)
+    model = make_model(args)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" in model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_SHAPES))
+def test_named_sizes_parameter_counts(name: str) -> None:
+    args = llama_args(ModelConfig(name=name), vocab_size=32000)
+    model = build_model(args)
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+    # Non-embedding sizes as the papers name them (ReLoRA Table 1; GaLore's 1B and the 7B LLaMA).
+    expected_millions = {"60m": 58, "130m": 134, "250m": 247, "350m": 368, "1b": 1339, "7b": 6738}
+    if name in expected_millions:
+        assert args.num_params() / 1e6 == pytest.approx(expected_millions[name], rel=0.02)
+
+
+def test_overrides_and_shape_errors() -> None:
+    args = llama_args(ModelConfig(name="debug", hidden_size=96, num_heads=6), vocab_size=10)
+    assert (args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim) == (96, 6, 6, 16)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        llama_args(ModelConfig(name="debug", num_heads=5), vocab_size=10)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        llama_args(ModelConfig(name="debug", num_kv_heads=3), vocab_size=10)
+
+
+def test_sequence_longer_than_rope_table_is_refused() -> None:
+    model = make_model(llama_args(ModelConfig(name="debug"), vocab_size=10, max_seq_len=8))
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend,package", [("flash", "flash-attn"), ("te", "transformer-engine")])
+def test_missing_gpu_attention_backend_names_the_extra(backend: str, package: str) -> None:
+    try:
+        __import__("flash_attn" if backend == "flash" else "transformer_engine.pytorch")
+    except Exception:
+        pass
+    else:
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(ConfigError, match=r"megatron_pept\[gpu\]"):
+        build_model(llama_args(ModelConfig(name="debug", attention=backend), vocab_size=10))
+
+
+def test_flops_per_token_matches_6n_rule() -> None:
+    args = llama_args(ModelConfig(name="60m"), vocab_size=32000)
+    matmul = args.num_params(include_embedding=False) - (2 * args.num_layers + 1) * args.hidden_size
+    assert args.flops_per_token(256) == 6 * matmul + 12 * args.num_layers * args.hidden_size * 256
