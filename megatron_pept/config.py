@@ -73,13 +73,29 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    path: str = ""
+    """Shard folder made by tools/prepare_data.py."""
+    weight: float = 1.0
+    """Relative share of training samples drawn from this folder."""
+
+
+@dataclass
 class DataConfig:
     path: str = ""
-    """Folder of token shards with an index.json (made by tools/prepare_data.py)."""
+    """Folder of token shards with an index.json (made by tools/prepare_data.py); its val split is validated on."""
+    blend: list[DataSource] = field(default_factory=list)
+    """Train on a weighted mixture instead of `path` alone: a list of {path, weight}; validation stays on `path`
+    (or the first entry when `path` is empty)."""
     builtin: Literal["quickstart"] | None = None
     """If set and `path` holds no shards yet, generate the named built-in corpus there first (no download)."""
     seq_len: int = 256
     """Tokens per training sequence (the model sees windows of seq_len + 1 tokens: inputs and shifted targets)."""
+    verify_checksums: bool = True
+    """Check every shard's sha256 against the index before training (remembered per run_dir, so once per run)."""
+    allow_reshard: bool = False
+    """Let a checkpoint resume on another data-parallel size or micro-batch: the global sample stream continues
+    exactly, only the assignment of samples to ranks changes."""
 
 
 @dataclass
@@ -304,6 +320,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ConfigError(f"config key '{key}' expects {len(args)} values ({_type_name(tp)}); got {len(value)}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
+        if _is_dataclass_type(item_tp):
+            items = [_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(value)]
+            return items
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if tp is Any:
@@ -502,6 +521,9 @@ def validate(cfg: Config) -> None:
         hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHOD_NAMES)}"
         raise ConfigError(f"unknown method.name '{cfg.method.name}'{hint}")
     _require(
-        bool(d.path) or d.builtin is not None,
+        bool(d.path) or d.builtin is not None or bool(d.blend),
         "data.path is empty; point it at a shard folder made by tools/prepare_data.py (or set data.builtin)",
     )
+    for i, source in enumerate(d.blend):
+        _require(bool(source.path), f"data.blend[{i}].path is empty; give each blended source a shard folder")
+        _require(source.weight > 0, f"data.blend[{i}].weight must be > 0; got {source.weight}")

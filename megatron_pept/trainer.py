@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron_pept.config import Config, save_config
 from megatron_pept.data.builtin import ensure_builtin_dataset
 from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
-from megatron_pept.data.shards import read_index
+from megatron_pept.data.shards import DataIndex, read_index
 from megatron_pept.distributed import ParallelDims, init_parallel, parallelize, resolve_device
 from megatron_pept.errors import ConfigError, DataError
 from megatron_pept.methods import build_method
@@ -85,18 +85,15 @@ class Trainer:
         self.grad_accum_steps = t.global_batch_size // global_micro
 
         # Data.
-        data_path = Path(d.path) if d.path else Path(cfg.run_dir) / "data"
-        if d.builtin is not None and self.dims.is_main:
-            ensure_builtin_dataset(d.builtin, data_path)
-        index = read_index(data_path)
-        self.train_data = WindowDataset(index, split="train", seq_len=d.seq_len)
-        self.val_data = WindowDataset(index, split="val", seq_len=d.seq_len) if "val" in index.splits else None
+        self.train_data, self.val_data, index = self._build_data()
         self.loader = DistributedBatchLoader(
-            self.train_data,
+            [ds for ds, _ in self.train_data],
+            weights=[w for _, w in self.train_data],
             micro_batch_size=t.micro_batch_size,
             seed=t.seed,
             dp_rank=self.dims.dp_rank,
             dp_world_size=self.dims.dp_world_size,
+            allow_reshard=d.allow_reshard,
         )
         self.val_batches = (
             fixed_batches(
@@ -106,9 +103,10 @@ class Trainer:
                 dp_rank=self.dims.dp_rank,
                 dp_world_size=self.dims.dp_world_size,
             )
-            if self.val_data is not None and index.splits["val"].tokens > 0
+            if self.val_data is not None
             else []
         )
+        data_path = index.root
 
         # Model: meta -> method conversion -> parallelise -> materialise -> initialise.
         self.model_args = llama_args(cfg.model, vocab_size=index.vocab_size, max_seq_len=d.seq_len)
@@ -156,8 +154,43 @@ class Trainer:
             t.micro_batch_size,
             d.seq_len,
             self.tokens_per_step,
-            self.train_data.num_windows,
+            sum(ds.num_windows for ds, _ in self.train_data),
         )
+
+    def _build_data(self) -> tuple[list[tuple[WindowDataset, float]], WindowDataset | None, DataIndex]:
+        """Train datasets with their blend weights, the validation split, and the primary index."""
+        d, run_dir = self.cfg.data, Path(self.cfg.run_dir)
+        primary = Path(d.path) if d.path else (Path(d.blend[0].path) if d.blend else run_dir / "data")
+        if d.builtin is not None and self.dims.is_main:
+            ensure_builtin_dataset(d.builtin, primary)
+        cache = run_dir / ".verified_shards.json"
+        sources = [(Path(s.path), s.weight) for s in d.blend] or [(primary, 1.0)]
+        train = []
+        for path, weight in sources:
+            index = read_index(path)
+            ds = WindowDataset(
+                index, split="train", seq_len=d.seq_len, verify_checksums=d.verify_checksums, verify_cache=cache
+            )
+            train.append((ds, weight))
+        primary_index = read_index(primary)
+        for ds, _ in train:
+            if ds.index.tokenizer_sha256 != primary_index.tokenizer_sha256:
+                raise DataError(
+                    f"{ds.index.root} and {primary} were tokenized with different tokenizers; blend and validate "
+                    "on data prepared with one tokenizer"
+                )
+        val = None
+        if "val" in primary_index.splits and primary_index.splits["val"].tokens > 0:
+            val = WindowDataset(
+                primary_index,
+                split="val",
+                seq_len=d.seq_len,
+                verify_checksums=d.verify_checksums,
+                verify_cache=cache,
+            )
+        else:
+            logger.warning("%s has no validation split: val/loss will not be logged", primary)
+        return train, val, primary_index
 
     # ------------------------------------------------------------------------------------------------------
 

@@ -1,18 +1,23 @@
-"""Built-in datasets made on the spot (no download): the quickstart corpus, tokenized into a shard folder."""
+"""Built-in datasets made on the spot (no download), through the same pipeline as user data.
+
+``quickstart``: a synthetic story corpus is written as JSONL, a SentencePiece tokenizer is trained on it
+(:func:`train_tokenizer_from_sources`) and the corpus is tokenized into a shard folder (:func:`prepare_dataset`),
+exactly what ``tools/train_tokenizer.py`` and ``tools/prepare_data.py`` do.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import random
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 from megatron_pept.data.corpus import generate_stories
-from megatron_pept.data.shards import INDEX_FILE, SPLITS, DataIndex, ShardWriter, token_dtype
-from megatron_pept.data.tokenizer import MODEL_FILE, Tokenizer, load_tokenizer, train_sentencepiece
+from megatron_pept.data.prepare import PrepareOptions, prepare_dataset
+from megatron_pept.data.shards import INDEX_FILE
+from megatron_pept.data.tokenizer import train_tokenizer_from_sources
 from megatron_pept.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -23,50 +28,7 @@ BUILTIN_DATASETS = {
 }
 
 
-def write_token_shards(
-    documents: Iterable[tuple[str, str]],
-    *,
-    tokenizer: Tokenizer,
-    output_dir: str | os.PathLike[str],
-    shard_tokens: int,
-    add_bos: bool = False,
-    encode_batch_docs: int = 512,
-) -> DataIndex:
-    """Tokenize ``(split, text)`` pairs into ``output_dir`` (which must exist and hold the tokenizer copy).
-
-    Each document becomes ``[BOS] ids EOS``. The index is written last, so the folder counts as complete only
-    when every shard is.
-    """
-    out = Path(output_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: ShardWriter(out, split=s, dtype=dtype, shard_tokens=shard_tokens) for s in SPLITS}
-    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
-
-    def encode(split: str) -> None:
-        for ids in tokenizer.encode(pending[split]):
-            writers[split].add(([tokenizer.bos_id] if add_bos else []) + ids + [tokenizer.eos_id])
-        pending[split].clear()
-
-    for split, text in documents:
-        pending[split].append(text)
-        if len(pending[split]) >= encode_batch_docs:
-            encode(split)
-    for split in SPLITS:
-        encode(split)
-    index = DataIndex(
-        root=out,
-        dtype=dtype.str,
-        vocab_size=tokenizer.vocab_size,
-        eos_id=tokenizer.eos_id,
-        bos_id=tokenizer.bos_id if add_bos else None,
-        tokenizer_sha256=tokenizer.sha256,
-        splits={s: w.close() for s, w in writers.items()},
-    )
-    index.write()
-    return index
-
-
-def ensure_builtin_dataset(name: str, path: str | os.PathLike[str], *, seed: int = 1234) -> Path:
+def ensure_builtin_dataset(name: str, path: str | os.PathLike[str], *, seed: int = 1234, workers: int = 2) -> Path:
     """Make the built-in dataset ``name`` at ``path`` unless a complete one is already there."""
     if name not in BUILTIN_DATASETS:
         raise DataError(f"unknown built-in dataset '{name}'; choose one of {', '.join(BUILTIN_DATASETS)}")
@@ -81,24 +43,30 @@ def ensure_builtin_dataset(name: str, path: str | os.PathLike[str], *, seed: int
     num_docs, vocab_size, val_fraction, shard_tokens = BUILTIN_DATASETS[name]
     logger.info("generating the built-in '%s' dataset in %s (%d documents)", name, path, num_docs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
-        rng = random.Random(seed)
-        docs = [
-            ("val" if rng.random() < val_fraction else "train", text) for text in generate_stories(num_docs, seed=seed)
-        ]
-        tokenizer = train_sentencepiece(
-            (text for split, text in docs if split == "train"),
-            output_dir=tmp / "tokenizer",
-            vocab_size=vocab_size,
+        corpus = work / "corpus.jsonl"
+        with corpus.open("w") as f:
+            for text in generate_stories(num_docs, seed=seed):
+                f.write(json.dumps({"text": text}) + "\n")
+        tokenizer = train_tokenizer_from_sources(
+            [str(corpus)], output_dir=work / "tokenizer", vocab_size=vocab_size, num_threads=workers
         )
-        shutil.copy(tokenizer.path, tmp / MODEL_FILE)
-        shutil.rmtree(tmp / "tokenizer")
-        tokenizer = load_tokenizer(tmp / MODEL_FILE)
-        write_token_shards(docs, tokenizer=tokenizer, output_dir=tmp, shard_tokens=shard_tokens)
+        prepare_dataset(
+            PrepareOptions(
+                inputs=(str(corpus),),
+                tokenizer=str(tokenizer.path.parent),
+                output=str(work / "shards"),
+                shard_tokens=shard_tokens,
+                val_fraction=val_fraction,
+                seed=seed,
+                workers=workers,
+            ),
+            show_progress=False,
+        )
         if path.exists():
             path.rmdir()  # empty (checked above)
-        os.replace(tmp, path)
+        os.replace(work / "shards", path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return path

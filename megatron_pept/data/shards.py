@@ -143,24 +143,55 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
     return index
 
 
-def verify_shards(index: DataIndex, *, split: str, checksums: bool = False) -> None:
-    """Check that each shard of ``split`` exists with the recorded size (and, optionally, sha256)."""
+def verify_shards(
+    index: DataIndex, *, split: str, checksums: bool = False, cache: str | os.PathLike[str] | None = None
+) -> None:
+    """Check that each shard of ``split`` exists with the recorded size and, optionally, sha256.
+
+    With ``cache`` (a JSON file), shards whose path, size and modification time match an earlier successful
+    check are not hashed again, so a resumed run does not re-read terabytes.
+    """
     itemsize = index.np_dtype.itemsize
+    cache_path = Path(cache) if cache else None
+    verified: dict[str, list] = {}
+    if checksums and cache_path is not None and cache_path.is_file():
+        try:
+            verified = json.loads(cache_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            verified = {}
+    changed = False
     for shard in index.splits[split].shards:
         path = index.root / shard.file
         if not path.is_file():
             raise DataError(f"shard {path} listed in the index is missing; re-run tools/prepare_data.py")
-        size = path.stat().st_size
-        if size != shard.tokens * itemsize:
+        stat = path.stat()
+        if stat.st_size != shard.tokens * itemsize:
             raise DataError(
-                f"shard {path} has {size} bytes but the index records {shard.tokens} tokens "
+                f"shard {path} has {stat.st_size} bytes but the index records {shard.tokens} tokens "
                 f"({shard.tokens * itemsize} bytes): it is truncated or was overwritten"
             )
-        if checksums:
-            from megatron_pept.data.tokenizer import sha256_file
+        if not checksums:
+            continue
+        key = str(path.resolve())
+        stamp = [stat.st_size, stat.st_mtime_ns, shard.sha256]
+        if verified.get(key) == stamp:
+            continue
+        if sha256_file(path) != shard.sha256:
+            raise DataError(f"shard {path} fails its sha256 check: the file is corrupt; re-create it")
+        verified[key], changed = stamp, True
+    if changed and cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        tmp.write_text(json.dumps(verified))
+        os.replace(tmp, cache_path)
 
-            if sha256_file(path) != shard.sha256:
-                raise DataError(f"shard {path} fails its sha256 check: the file is corrupt; re-create it")
+
+def sha256_file(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -190,18 +221,26 @@ class ShardWriter:
         self._buffered_tokens = 0
         self._buffered_docs = 0
 
-    def add(self, ids: np.ndarray | list[int]) -> None:
-        """Add one document's ids (separators already included)."""
+    def adopt(self, shard: ShardInfo) -> None:
+        """Count a shard finished by an earlier (interrupted) run as written."""
+        self.info.shards.append(shard)
+        self.info.tokens += shard.tokens
+        self.info.documents += shard.documents
+        self.next_index += 1
+
+    def add(self, ids: np.ndarray | list[int]) -> bool:
+        """Add one document's ids (separators already included); True when this closed a shard."""
         arr = np.asarray(ids, dtype=self.dtype)
         self._buffer.append(arr)
         self._buffered_tokens += arr.size
         self._buffered_docs += 1
         if self._buffered_tokens >= self.shard_tokens:
-            self.flush()
+            return self.flush()
+        return False
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         if not self._buffer:
-            return
+            return False
         data = np.concatenate(self._buffer)
         name = f"{self.split}-{self.next_index:05d}.bin"
         tmp = self.root / f".{name}.tmp"
@@ -223,6 +262,7 @@ class ShardWriter:
         self.info.documents += self._buffered_docs
         self.next_index += 1
         self._buffer, self._buffered_tokens, self._buffered_docs = [], 0, 0
+        return True
 
     def close(self) -> SplitInfo:
         self.flush()

@@ -7,7 +7,6 @@ never silently read with another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -17,18 +16,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from megatron_pept.data.shards import sha256_file
 from megatron_pept.errors import DataError
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"
-
-
-def sha256_file(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -151,3 +143,52 @@ def train_sentencepiece(
         os.replace(tmp, output_dir)
         os.makedirs(tmp)  # TemporaryDirectory removes its path on exit, so leave an empty one behind
     return load_tokenizer(output_dir)
+
+
+def tokenizer_sentences(documents: Iterable[str], *, max_chars: int = 4096) -> Iterable[str]:
+    """Lines of documents for SentencePiece training, long lines cut into pieces of at most ``max_chars``.
+
+    SentencePiece silently drops any training sentence longer than its ``max_sentence_length`` (bytes), so whole
+    web documents would vanish; paragraphs are the unit it is built for.
+    """
+    for doc in documents:
+        for line in doc.split("\n"):
+            line = line.strip()
+            for start in range(0, len(line), max_chars):
+                yield line[start : start + max_chars]
+
+
+def train_tokenizer_from_sources(
+    inputs: list[str],
+    *,
+    output_dir: str | os.PathLike[str],
+    vocab_size: int,
+    model_type: str = "bpe",
+    text_field: str = "text",
+    split: str = "train",
+    num_threads: int = 2,
+    byte_fallback: bool = True,
+    max_sentences: int = 5_000_000,
+    character_coverage: float = 0.9995,
+) -> Tokenizer:
+    """Train a SentencePiece tokenizer on text files or a ``datasets`` source (see ``data.sources``).
+
+    SentencePiece samples at most ``max_sentences`` lines (0: all) to bound its memory.
+    """
+    from megatron_pept.data.sources import iter_corpus, resolve_source
+
+    for spec in inputs:
+        resolve_source(spec)
+    if vocab_size < 2:
+        raise DataError(f"vocabulary size must be >= 2; got {vocab_size}")
+    documents = iter_corpus(list(inputs), text_field=text_field, split=split)
+    return train_sentencepiece(
+        tokenizer_sentences(documents),
+        output_dir=output_dir,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        num_threads=num_threads,
+        byte_fallback=byte_fallback,
+        input_sentence_size=max_sentences,
+        character_coverage=character_coverage,
+    )

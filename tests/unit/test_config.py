@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from megatron_pept.config import (
     Config,
+    DataSource,
     all_keys,
     describe_config,
     field_docs,
@@ -44,13 +46,14 @@ def test_defaults_and_overrides() -> None:
 def test_every_field_has_a_docstring() -> None:
     def walk(cls: type) -> None:
         docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.type) or isinstance(f.default_factory, type):
-                walk(f.default_factory)  # type: ignore[arg-type]
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp)
             else:
-                assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+                assert docs.get(name), f"{cls.__name__}.{name} has no docstring"
 
     walk(Config)
+    walk(DataSource)
     text = describe_config()
     for key in all_keys():
         assert key in text
@@ -99,6 +102,15 @@ def test_bad_values_are_one_clear_line(override: str, message: str) -> None:
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_blend_list_of_sources(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.blend=[{path: a, weight: 3}, {path: b}]"])
+    assert [(s.path, s.weight) for s in cfg.data.blend] == [("a", 3.0), ("b", 1.0)]
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.blend\[0\].wieght'; did you mean"):
+        load_config(None, ["data.blend=[{path: a, wieght: 3}]"])
+    with pytest.raises(ConfigError, match=r"data.blend\[0\].weight must be > 0"):
+        load_config(None, ["data.blend=[{path: a, weight: 0}]"])
 
 
 def test_yaml_include_and_round_trip(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Built-in corpus, shard folders and the resumable distributed loader."""
+"""Built-in corpus, shard folders and the resumable, blended, distributed loader."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_pept.data.builtin import write_token_shards
 from megatron_pept.data.corpus import generate_stories
-from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
-from megatron_pept.data.shards import read_index, verify_shards
+from megatron_pept.data.loader import (
+    DistributedBatchLoader,
+    WindowDataset,
+    blend_assignment,
+    feistel_permutation,
+    fixed_batches,
+)
+from megatron_pept.data.prepare import PrepareOptions, prepare_dataset
+from megatron_pept.data.shards import DataIndex, ShardWriter, read_index, verify_shards
 from megatron_pept.data.tokenizer import load_tokenizer, train_sentencepiece
 from megatron_pept.errors import DataError
 
@@ -24,65 +30,155 @@ def test_corpus_is_deterministic_and_varied() -> None:
     assert list(generate_stories(5, seed=4)) != a[:5]
 
 
-def test_builtin_index_matches_an_independent_encoding(quickstart_data: Path) -> None:
+def test_builtin_dataset_is_complete_and_decodes(quickstart_data: Path) -> None:
     index = read_index(quickstart_data)
     tok = load_tokenizer(quickstart_data)
     assert index.vocab_size == tok.vocab_size == 1024
     assert index.tokenizer_sha256 == tok.sha256
     assert index.splits["train"].documents > 10 * index.splits["val"].documents > 0
     verify_shards(index, split="train", checksums=True)
-    # The first shard decodes back into whole stories separated by EOS.
     first = np.fromfile(quickstart_data / index.splits["train"].shards[0].file, dtype=index.np_dtype)
     docs = np.split(first, np.flatnonzero(first == index.eos_id) + 1)[:-1]
     assert len(docs) == index.splits["train"].shards[0].documents
     assert tok.decode(docs[0][:-1].tolist()).endswith(".")
 
 
-def _small_folder(tmp_path: Path, *, docs: int = 400) -> Path:
-    texts = list(generate_stories(docs, seed=0))
-    tok = train_sentencepiece(iter(texts), output_dir=tmp_path / "tok", vocab_size=400)
-    out = tmp_path / "data"
-    out.mkdir()
-    (out / "tokenizer.model").write_bytes(tok.path.read_bytes())
-    pairs = [("val" if i % 10 == 0 else "train", t) for i, t in enumerate(texts)]
-    write_token_shards(pairs, tokenizer=tok, output_dir=out, shard_tokens=4000)
+def make_folder(root: Path, *, docs: int = 400, seed: int = 0, shard_tokens: int = 4000) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = root / "corpus.jsonl"
+    texts = list(generate_stories(docs, seed=seed))
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    if not (root / "tok").exists():
+        train_sentencepiece(iter(texts), output_dir=root / "tok", vocab_size=400)
+    out = root / f"data{seed}"
+    prepare_dataset(
+        PrepareOptions(
+            inputs=(str(corpus),),
+            tokenizer=str(root / "tok"),
+            output=str(out),
+            shard_tokens=shard_tokens,
+            val_fraction=0.1,
+            workers=1,
+        ),
+        show_progress=False,
+    )
     return out
+
+
+def counting_folder(root: Path, *, tokens: int, start: int = 0, shard_tokens: int = 1000) -> Path:
+    """A shard folder whose tokens are start, start+1, ...: every window is told apart by its first token."""
+    root.mkdir(parents=True)
+    writer = ShardWriter(root, split="train", dtype=np.dtype("<u2"), shard_tokens=shard_tokens)
+    ids = np.arange(start, start + tokens)
+    for chunk in np.array_split(ids, 37):  # 37 "documents"
+        writer.add(chunk)
+    DataIndex(
+        root=root,
+        dtype="<u2",
+        vocab_size=65536,
+        eos_id=0,
+        bos_id=None,
+        tokenizer_sha256="x",
+        splits={"train": writer.close()},
+    ).write()
+    return root
 
 
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _small_folder(tmp_path_factory.mktemp("small"))
+    return make_folder(tmp_path_factory.mktemp("small"))
+
+
+def test_feistel_is_a_seeded_permutation() -> None:
+    for n in (1, 2, 3, 7, 64, 1000, 4097):
+        assert sorted(feistel_permutation(np.arange(n), n=n, key=5).tolist()) == list(range(n))
+    a = feistel_permutation(np.arange(100), n=100, key=1)
+    assert not np.array_equal(a, feistel_permutation(np.arange(100), n=100, key=2))
+    assert np.array_equal(a, feistel_permutation(np.arange(100), n=100, key=1))
+    assert np.array_equal(a[37:50], feistel_permutation(np.arange(37, 50), n=100, key=1))  # random access
+
+
+def test_blend_assignment_follows_the_weights() -> None:
+    owners = blend_assignment(np.arange(10_000), weights=np.array([7.0, 2.0, 1.0]))
+    assert np.bincount(owners).tolist() == pytest.approx([7000, 2000, 1000], abs=3)
+    assert np.bincount(owners[:100]).tolist() == pytest.approx([70, 20, 10], abs=2)  # every prefix too
 
 
 def test_resume_yields_the_same_batches(small_folder: Path) -> None:
     ds = WindowDataset(read_index(small_folder), split="train", seq_len=32)
     make = lambda: DistributedBatchLoader(ds, micro_batch_size=4, seed=7)  # noqa: E731
     reference = make()
-    expected = [reference.next_batch()[0] for _ in range(3 * reference.batches_per_epoch // 2)]
+    steps = 3 * ds.num_windows // 8
+    expected = [reference.next_batch()[0] for _ in range(steps)]
     first = make()
-    k = reference.batches_per_epoch - 3  # stop near the end of an epoch, resume across the boundary
+    k = ds.num_windows // 4 - 1  # stop just before an epoch boundary and resume across it
     for _ in range(k):
         first.next_batch()
     state = {key: value.clone() for key, value in first.state_dict().items()}
     resumed = make()
     resumed.load_state_dict(state)
-    for i in range(k, len(expected)):
+    for i in range(k, steps):
         assert torch.equal(resumed.next_batch()[0], expected[i]), i
 
 
-def test_ranks_partition_each_epoch(small_folder: Path) -> None:
+def first_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> list[int]:
+    return batch[0][:, 0].tolist()
+
+
+def test_two_ranks_see_every_window_exactly_once_per_epoch(tmp_path: Path) -> None:
+    ds = WindowDataset(read_index(counting_folder(tmp_path / "c", tokens=20_000)), split="train", seq_len=32)
+    to_window = {int(ds.window(i)[0]): i for i in range(ds.num_windows)}
+    ranks = [DistributedBatchLoader(ds, micro_batch_size=3, seed=1, dp_rank=r, dp_world_size=2) for r in range(2)]
+    n = ds.num_windows
+    seen: list[int] = []  # the global stream, reassembled: rank 0's block then rank 1's, step after step
+    for _ in range(2 * n // 6 + 2):
+        for loader in ranks:
+            seen.extend(to_window[t] for t in first_tokens(loader.next_batch()))
+    assert n % 6 != 0  # the epoch boundary falls inside a step, and still:
+    assert sorted(seen[:n]) == list(range(n))  # epoch 0: each window exactly once
+    assert sorted(seen[n : 2 * n]) == list(range(n))  # epoch 1 too, in another order
+    assert seen[:n] != seen[n : 2 * n]
+    assert seen[:n] != sorted(seen[:n])
+
+
+def test_reshard_is_refused_unless_allowed_then_continues_the_stream(small_folder: Path) -> None:
     ds = WindowDataset(read_index(small_folder), split="train", seq_len=32)
-    loaders = [DistributedBatchLoader(ds, micro_batch_size=3, seed=1, dp_rank=r, dp_world_size=2) for r in range(2)]
-    assert loaders[0].batches_per_epoch == loaders[1].batches_per_epoch
-    seen = [
-        np.concatenate([lo.window_ids(type(lo.position)(0, b)) for b in range(lo.batches_per_epoch)]) for lo in loaders
+    one = DistributedBatchLoader(ds, micro_batch_size=4, seed=0)
+    for _ in range(5):
+        one.next_batch()
+    state = one.state_dict()
+    expected = [one.next_batch()[0] for _ in range(4)]  # 4 x 4 samples on one rank
+    with pytest.raises(DataError, match="1 data-parallel ranks x micro-batch 4 and this run has 2 x 2"):
+        DistributedBatchLoader(ds, micro_batch_size=2, seed=0, dp_world_size=2).load_state_dict(state)
+    two = [
+        DistributedBatchLoader(ds, micro_batch_size=2, seed=0, dp_rank=r, dp_world_size=2, allow_reshard=True)
+        for r in range(2)
     ]
-    assert not set(seen[0]) & set(seen[1])
-    together = np.concatenate(seen)
-    assert len(together) == len(set(together)) == loaders[0].batches_per_epoch * 6
-    assert len(together) > ds.num_windows - 6  # at most one global micro-batch is dropped
-    # The next epoch is a different order.
-    assert not np.array_equal(loaders[0].window_ids(type(loaders[0].position)(1, 0)), seen[0][:3])
+    for loader in two:
+        loader.load_state_dict(state)
+    got = []
+    for _ in range(4):  # each step of the two ranks consumes the 4 samples one rank took before
+        got.extend(loader.next_batch()[0] for loader in two)
+    assert torch.equal(torch.cat(got), torch.cat(expected))
+
+
+def test_blended_loader(tmp_path: Path) -> None:
+    a = WindowDataset(read_index(counting_folder(tmp_path / "a", tokens=16_000)), split="train", seq_len=16)
+    b = WindowDataset(read_index(counting_folder(tmp_path / "b", tokens=3000, start=40_000)), split="train", seq_len=16)
+    loader = DistributedBatchLoader([a, b], weights=[3.0, 1.0], micro_batch_size=8, seed=0)
+    from_a, from_b = [], []
+    for _ in range(100):
+        for token in first_tokens(loader.next_batch()):
+            (from_a if token < 40_000 else from_b).append(token)
+    assert (len(from_a), len(from_b)) == pytest.approx((600, 200), abs=3)
+    # Each dataset keeps its own epoch: b (186 windows) wraps around once, a never repeats.
+    assert len(set(from_a)) == len(from_a)
+    assert len(set(from_b[: b.num_windows])) == b.num_windows
+    state = loader.state_dict()
+    assert state["per_dataset_seen"].tolist() == [len(from_a), len(from_b)]
+    other = DistributedBatchLoader([a, b], weights=[1.0, 1.0], micro_batch_size=8, seed=0)
+    with pytest.raises(DataError, match="blend weights differ"):
+        other.load_state_dict(state)
 
 
 def test_windows_are_inputs_and_shifted_targets(small_folder: Path) -> None:
@@ -95,22 +191,18 @@ def test_windows_are_inputs_and_shifted_targets(small_folder: Path) -> None:
     assert torch.equal(inputs[1], torch.from_numpy(raw[80:96]))
 
 
-def test_validation_batches_are_fixed(small_folder: Path) -> None:
+def test_validation_batches_are_fixed_and_split_over_ranks(small_folder: Path) -> None:
     ds = WindowDataset(read_index(small_folder), split="val", seq_len=16)
     a = fixed_batches(ds, micro_batch_size=2, num_batches=3)
     b = fixed_batches(ds, micro_batch_size=2, num_batches=3)
     assert len(a) == 3 and all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
-
-
-def test_resume_with_other_world_size_is_refused(small_folder: Path) -> None:
-    ds = WindowDataset(read_index(small_folder), split="train", seq_len=32)
-    state = DistributedBatchLoader(ds, micro_batch_size=2, seed=0, dp_world_size=2).state_dict()
-    with pytest.raises(DataError, match="2 data-parallel ranks and this run has 1"):
-        DistributedBatchLoader(ds, micro_batch_size=2, seed=0).load_state_dict(state)
+    r0 = fixed_batches(ds, micro_batch_size=1, num_batches=3, dp_rank=0, dp_world_size=2)
+    r1 = fixed_batches(ds, micro_batch_size=1, num_batches=3, dp_rank=1, dp_world_size=2)
+    assert torch.equal(torch.cat([r0[0][0], r1[0][0]]), a[0][0])
 
 
 def test_bad_data_is_one_clear_line(tmp_path: Path) -> None:
-    folder = _small_folder(tmp_path, docs=60)
+    folder = make_folder(tmp_path, docs=80)
     with pytest.raises(DataError, match="does not exist"):
         read_index(tmp_path / "nope")
     with pytest.raises(DataError, match="no index.json"):
@@ -123,7 +215,7 @@ def test_bad_data_is_one_clear_line(tmp_path: Path) -> None:
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="fails its sha256 check"):
-        verify_shards(index, split="train", checksums=True)
+        WindowDataset(index, split="train", seq_len=8, verify_checksums=True)
     shard.write_bytes(bytes(data[:-2]))
     with pytest.raises(DataError, match="truncated"):
         WindowDataset(index, split="train", seq_len=8)
@@ -132,3 +224,17 @@ def test_bad_data_is_one_clear_line(tmp_path: Path) -> None:
     (folder / "index.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match="malformed"):
         read_index(folder)
+
+
+def test_checksum_cache_skips_verified_shards_but_not_changed_ones(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path, docs=80)
+    index = read_index(folder)
+    cache = tmp_path / "cache.json"
+    verify_shards(index, split="train", checksums=True, cache=cache)
+    assert len(json.loads(cache.read_text())) == len(index.splits["train"].shards)
+    shard = folder / index.splits["train"].shards[0].file
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0x01
+    shard.write_bytes(bytes(data))  # same size, new modification time
+    with pytest.raises(DataError, match="sha256"):
+        verify_shards(index, split="train", checksums=True, cache=cache)

@@ -1,0 +1,330 @@
+"""Tokenize a text corpus into a shard folder, with worker processes, a validation split and resume.
+
+Documents are read in a fixed order (see :mod:`megatron_pept.data.sources`), numbered from 0, and sent to the
+validation split by a hash of their number (so the split does not depend on batching or worker count). Each
+document becomes ``[BOS] ids EOS``. Shards close at document boundaries once they reach ``shard_tokens``.
+
+Interruption and resume: every finished shard is renamed into place and recorded in ``.prepare_state.json``
+(with, per split, the number of the first document not yet in a finished shard). Re-running the same command
+re-reads the input from the earliest unfinished document, skips documents already in finished shards without
+tokenizing them, and produces byte-identical shards to an uninterrupted run. ``index.json`` is written last; a
+folder without it is incomplete and the trainer refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_pept.data.shards import INDEX_FILE, SPLITS, DataIndex, ShardInfo, ShardWriter, SplitInfo, token_dtype
+from megatron_pept.data.sources import iter_corpus, resolve_source
+from megatron_pept.data.tokenizer import MODEL_FILE, load_tokenizer
+from megatron_pept.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = ".prepare_state.json"
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    inputs: tuple[str, ...]
+    tokenizer: str
+    output: str
+    text_field: str = "text"
+    split: str = "train"
+    shard_tokens: int = 1 << 27
+    val_fraction: float = 0.005
+    add_bos: bool = False
+    seed: int = 0
+    dtype: str = "auto"
+    workers: int = 2
+    batch_documents: int = 256
+
+    def fingerprint(self, tokenizer_sha256: str) -> dict:
+        """Everything that decides the output bytes (not the worker count or batch size)."""
+        return {
+            "inputs": list(self.inputs),
+            "tokenizer_sha256": tokenizer_sha256,
+            "text_field": self.text_field,
+            "split": self.split,
+            "shard_tokens": self.shard_tokens,
+            "val_fraction": self.val_fraction,
+            "add_bos": self.add_bos,
+            "seed": self.seed,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass
+class PrepareResult:
+    index: DataIndex
+    documents: int
+    text_bytes: int
+    seconds: float
+    resumed: bool
+    already_complete: bool = False
+    skipped_documents: int = 0
+
+    @property
+    def mb_per_sec(self) -> float:
+        return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def is_validation_document(doc_number: int, *, seed: int, val_fraction: float) -> bool:
+    """Whether document ``doc_number`` is held out: a seeded hash of its number, below ``val_fraction``."""
+    if val_fraction <= 0:
+        return False
+    return splitmix64(splitmix64(seed) ^ doc_number) / 2.0**64 < val_fraction
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker side: one SentencePiece processor per process.
+
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(model_path: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = load_tokenizer(model_path)
+
+
+def _encode_batch(job: tuple[list[str], bool, str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Encode documents into one flat array plus per-document lengths (cheap to send between processes)."""
+    texts, add_bos, dtype = job
+    tok = _WORKER_TOKENIZER
+    assert tok is not None
+    pieces = tok.encode(texts)
+    prefix = [tok.bos_id] if add_bos else []
+    docs = [prefix + ids + [tok.eos_id] for ids in pieces]
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    flat = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths, sum(len(t.encode("utf-8")) for t in texts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SplitProgress:
+    next_document: int = 0  # first document number not yet inside a finished shard
+    shards: list[dict] = field(default_factory=list)
+
+
+def _load_state(path: Path, fingerprint: dict) -> dict[str, _SplitProgress] | None:
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    if raw.get("fingerprint") != fingerprint:
+        changed = sorted(k for k in fingerprint if raw.get("fingerprint", {}).get(k) != fingerprint[k])
+        raise DataError(
+            f"{path.parent} holds an interrupted preparation with different settings ({', '.join(changed)}); "
+            "re-run with the same arguments to resume, or choose a new --output"
+        )
+    return {s: _SplitProgress(**raw["splits"][s]) for s in SPLITS}
+
+
+def _save_state(path: Path, fingerprint: dict, progress: dict[str, _SplitProgress]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "splits": {s: asdict(p) for s, p in progress.items()}}))
+    os.replace(tmp, path)
+
+
+def _jobs(
+    documents: Iterator[str],
+    *,
+    first_number: int,
+    progress: dict[str, _SplitProgress],
+    opts: PrepareOptions,
+    dtype: str,
+    counters: dict[str, int],
+) -> Iterator[tuple[list[tuple[int, str]], tuple[list[str], bool, str]]]:
+    """Batches of (document number, split) with the texts that still need tokenizing."""
+    batch_meta: list[tuple[int, str]] = []
+    batch_texts: list[str] = []
+    for number, text in enumerate(documents, start=first_number):
+        split = "val" if is_validation_document(number, seed=opts.seed, val_fraction=opts.val_fraction) else "train"
+        if number < progress[split].next_document:
+            counters["skipped"] += 1
+            continue  # already inside a finished shard
+        batch_meta.append((number, split))
+        batch_texts.append(text)
+        if len(batch_texts) >= opts.batch_documents:
+            yield batch_meta, (batch_texts, opts.add_bos, dtype)
+            batch_meta, batch_texts = [], []
+    if batch_texts:
+        yield batch_meta, (batch_texts, opts.add_bos, dtype)
+
+
+def choose_token_dtype(vocab_size: int, requested: str) -> np.dtype:
+    """The shard dtype: ``auto`` picks uint16 when the vocabulary fits; an explicit one must hold every id."""
+    if requested == "auto":
+        return token_dtype(vocab_size)
+    if requested not in ("uint16", "uint32"):
+        raise DataError(f"unknown token dtype {requested!r}; choose auto, uint16 or uint32")
+    dtype = np.dtype("<u2" if requested == "uint16" else "<u4")
+    if vocab_size > np.iinfo(dtype).max + 1:
+        raise DataError(f"the tokenizer has {vocab_size} ids, too many for {requested} shards; use --dtype uint32")
+    return dtype
+
+
+def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> PrepareResult:
+    """Tokenize ``opts.inputs`` into the shard folder ``opts.output`` (resuming an interrupted run)."""
+    started = time.perf_counter()
+    for spec in opts.inputs:
+        resolve_source(spec)  # fail on a missing file before any work
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise DataError(f"validation fraction must be in [0, 1); got {opts.val_fraction}")
+    if opts.shard_tokens < 1:
+        raise DataError(f"shard size must be >= 1 token; got {opts.shard_tokens}")
+    tokenizer = load_tokenizer(opts.tokenizer)
+    dtype = choose_token_dtype(tokenizer.vocab_size, opts.dtype)
+    fingerprint = opts.fingerprint(tokenizer.sha256)
+    out = Path(opts.output)
+    state_path = out / STATE_FILE
+
+    if (out / INDEX_FILE).is_file():
+        existing = json.loads((out / INDEX_FILE).read_text()).get("prepared_with")
+        if existing == fingerprint:
+            from megatron_pept.data.shards import read_index
+
+            index = read_index(out)
+            logger.info("%s is already complete; nothing to do", out)
+            return PrepareResult(index=index, documents=0, text_bytes=0, seconds=0.0, resumed=False, already_complete=True)
+        raise DataError(f"{out} already holds a prepared dataset made with other settings; choose a new --output")
+    if out.exists() and not state_path.is_file() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise DataError(f"output folder {out} exists and is not an interrupted preparation; choose a new --output")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()  # a shard or state being written when the last run died
+
+    progress = _load_state(state_path, fingerprint)
+    resumed = progress is not None
+    if progress is None:
+        progress = {s: _SplitProgress() for s in SPLITS}
+    writers: dict[str, ShardWriter] = {}
+    for split in SPLITS:
+        writer = ShardWriter(out, split=split, dtype=dtype, shard_tokens=opts.shard_tokens)
+        for shard in progress[split].shards:
+            writer.adopt(ShardInfo(**shard))
+        writers[split] = writer
+    first = min(p.next_document for p in progress.values())
+    if resumed:
+        logger.info("resuming the preparation of %s from document %d", out, first)
+
+    counters = {"skipped": 0}
+    jobs = _jobs(
+        iter_corpus(list(opts.inputs), text_field=opts.text_field, split=opts.split, skip=first),
+        first_number=first,
+        progress=progress,
+        opts=opts,
+        dtype=dtype.str,
+        counters=counters,
+    )
+    pool = mp.get_context("spawn").Pool(opts.workers, _worker_init, (str(tokenizer.path),)) if opts.workers > 1 else None
+    if pool is None:
+        _worker_init(str(tokenizer.path))
+    text_bytes = documents = 0
+    bar = _progress_bar(show_progress)
+
+    def consume(meta: list[tuple[int, str]], encoded: tuple[np.ndarray, np.ndarray, int]) -> None:
+        nonlocal text_bytes, documents
+        flat, lengths, nbytes = encoded
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for (number, split), start, stop in zip(meta, offsets[:-1], offsets[1:]):
+            if writers[split].add(flat[start:stop]):
+                progress[split].next_document = number + 1
+                progress[split].shards = [asdict(s) for s in writers[split].info.shards]
+                _save_state(state_path, fingerprint, progress)
+        documents += len(lengths)
+        text_bytes += nbytes
+        bar.update(nbytes)
+
+    try:
+        if pool is None:
+            for meta, job in jobs:
+                consume(meta, _encode_batch(job))
+        else:
+            # A bounded window of batches in flight, consumed in order: Pool.imap would read the whole corpus
+            # ahead into memory.
+            inflight: deque = deque()
+            for meta, job in jobs:
+                inflight.append((meta, pool.apply_async(_encode_batch, (job,))))
+                if len(inflight) >= 4 * opts.workers:
+                    head_meta, head = inflight.popleft()
+                    consume(head_meta, head.get())
+            while inflight:
+                head_meta, head = inflight.popleft()
+                consume(head_meta, head.get())
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    splits = {s: w.close() for s, w in writers.items()}
+    if splits["train"].documents == 0:
+        for split in SPLITS:
+            for shard in splits[split].shards:
+                (out / shard.file).unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)
+        raise DataError("the input holds no non-empty document for the train split; check --input / --text-field")
+    if opts.val_fraction > 0 and splits["val"].documents == 0:
+        logger.warning("no document fell into the validation split (%.3f%% of a small corpus)", 100 * opts.val_fraction)
+    shutil.copyfile(tokenizer.path, out / MODEL_FILE)
+    index = DataIndex(
+        root=out,
+        dtype=dtype.str,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        bos_id=tokenizer.bos_id if opts.add_bos else None,
+        tokenizer_sha256=tokenizer.sha256,
+        splits=splits,
+        extra={"prepared_with": fingerprint},
+    )
+    index.write()
+    state_path.unlink(missing_ok=True)
+    return PrepareResult(
+        index=index,
+        documents=documents,
+        text_bytes=text_bytes,
+        seconds=time.perf_counter() - started,
+        resumed=resumed,
+        skipped_documents=counters["skipped"],
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool):  # noqa: ANN202 - tqdm or a stand-in
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=2.0, disable=None)
+
+
+__all__ = ["PrepareOptions", "PrepareResult", "SplitInfo", "is_validation_document", "prepare_dataset"]

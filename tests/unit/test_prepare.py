@@ -1,0 +1,198 @@
+"""Tokenizer training and corpus preparation: formats, exactness, resume after a crash, bad input."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from megatron_pept.data import prepare as prepare_mod
+from megatron_pept.data.corpus import generate_stories
+from megatron_pept.data.prepare import PrepareOptions, is_validation_document, prepare_dataset
+from megatron_pept.data.shards import ShardWriter, read_index
+from megatron_pept.data.tokenizer import train_tokenizer_from_sources
+from megatron_pept.errors import DataError
+
+
+def stdlib_documents(limit: int = 300) -> list[str]:
+    """Real English the tokenizer never saw: module docstrings of the standard library, read without importing."""
+    docs = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        if doc and len(doc) > 40:
+            docs.append(doc)
+        if len(docs) == limit:
+            break
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tok")
+    corpus = root / "stories.txt"
+    corpus.write_text("\n".join(generate_stories(2000, seed=5)) + "\n")
+    tok = train_tokenizer_from_sources([str(corpus)], output_dir=root / "tokenizer", vocab_size=600)
+    return tok.path.parent
+
+
+def opts(tmp: Path, inputs: list[Path], tokenizer: Path, name: str = "out", **kw) -> PrepareOptions:
+    return PrepareOptions(
+        inputs=tuple(map(str, inputs)),
+        tokenizer=str(tokenizer),
+        output=str(tmp / name),
+        shard_tokens=kw.pop("shard_tokens", 3000),
+        val_fraction=kw.pop("val_fraction", 0.1),
+        workers=kw.pop("workers", 1),
+        **kw,
+    )
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
+
+
+def test_tokenizer_folder_and_metadata(tokenizer_dir: Path) -> None:
+    meta = json.loads((tokenizer_dir / "tokenizer_meta.json").read_text())
+    assert meta["vocab_size"] == 600 and meta["model_type"] == "bpe" and meta["byte_fallback"]
+    assert (meta["bos_id"], meta["eos_id"]) == (1, 2)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    assert sp.decode(sp.encode("Zebra ünïcode ☃")) == "Zebra ünïcode ☃"  # byte fallback: nothing is <unk>
+
+
+def test_unigram_and_refusals(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"body": t}) + "\n" for t in generate_stories(800, seed=1)))
+    tok = train_tokenizer_from_sources(
+        [str(corpus)], output_dir=tmp_path / "uni", vocab_size=500, model_type="unigram", text_field="body"
+    )
+    assert tok.vocab_size == 500
+    with pytest.raises(DataError, match="already exists"):
+        train_tokenizer_from_sources([str(corpus)], output_dir=tmp_path / "uni", vocab_size=500, text_field="body")
+    with pytest.raises(DataError, match="has no field 'text'"):
+        train_tokenizer_from_sources([str(corpus)], output_dir=tmp_path / "t2", vocab_size=500)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        train_tokenizer_from_sources([str(tmp_path / "empty.txt")], output_dir=tmp_path / "t3", vocab_size=500)
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    with pytest.raises(DataError, match="no text"):
+        train_tokenizer_from_sources([str(tmp_path / "blank.txt")], output_dir=tmp_path / "t4", vocab_size=500)
+    with pytest.raises(DataError, match="does not exist"):
+        train_tokenizer_from_sources([str(tmp_path / "none.jsonl")], output_dir=tmp_path / "t5", vocab_size=500)
+    assert not any((tmp_path / n).exists() for n in ("t2", "t3", "t4", "t5"))
+
+
+def test_token_counts_match_an_independent_encoding(tmp_path: Path, tokenizer_dir: Path) -> None:
+    docs = stdlib_documents()
+    assert len(docs) > 100
+    corpus = tmp_path / "stdlib.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir), show_progress=False)
+    index = result.index
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    expected = {"train": [], "val": []}
+    for number, doc in enumerate(docs):
+        split = "val" if is_validation_document(number, seed=0, val_fraction=0.1) else "train"
+        expected[split].append(sp.encode(doc) + [sp.eos_id()])
+    for split in ("train", "val"):
+        flat = np.concatenate(
+            [np.fromfile(tmp_path / "out" / s.file, dtype=index.np_dtype) for s in index.splits[split].shards]
+        )
+        want = np.concatenate([np.asarray(ids) for ids in expected[split]])
+        assert index.splits[split].tokens == sum(map(len, expected[split])) == flat.size
+        assert index.splits[split].documents == len(expected[split])
+        assert np.array_equal(flat, want)
+    assert 0 < index.splits["val"].documents < index.splits["train"].documents
+    assert result.text_bytes == sum(len(d.encode()) for d in docs)
+
+
+def test_formats_and_workers_give_identical_shards(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import datasets
+
+    docs = list(generate_stories(600, seed=9))
+    (tmp_path / "a.txt").write_text("\n".join(docs) + "\n")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    reference = prepare_dataset(opts(tmp_path, [tmp_path / "a.txt"], tokenizer_dir, "txt"), show_progress=False)
+    assert len(reference.index.splits["train"].shards) > 3
+    for name, inputs, workers in (
+        ("jsonl", [tmp_path / "a.jsonl"], 1),
+        ("parquet", [tmp_path / "a.parquet"], 1),
+        ("from_saved", [tmp_path / "saved"], 1),
+        ("workers", [tmp_path / "a.jsonl"], 2),
+    ):
+        prepare_dataset(opts(tmp_path, inputs, tokenizer_dir, name, workers=workers), show_progress=False)
+        assert shard_bytes(tmp_path / name) == shard_bytes(tmp_path / "txt"), name
+
+
+def test_resume_after_a_crash_is_byte_identical(tmp_path: Path, tokenizer_dir: Path, monkeypatch) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(1500, seed=2)) + "\n")
+    prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "whole"), show_progress=False)
+
+    real_flush = ShardWriter.flush
+    flushes = {"n": 0}
+
+    def crashing_flush(self: ShardWriter) -> bool:
+        flushes["n"] += 1
+        if flushes["n"] == 6:
+            # Die while the 6th shard is half written, as a killed process would.
+            (self.root / f".{self.split}-{self.next_index:05d}.bin.tmp").write_bytes(b"\x01\x02")
+            raise KeyboardInterrupt
+        return real_flush(self)
+
+    monkeypatch.setattr(ShardWriter, "flush", crashing_flush)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "crash"), show_progress=False)
+    monkeypatch.setattr(ShardWriter, "flush", real_flush)
+    crashed = tmp_path / "crash"
+    assert not (crashed / "index.json").exists()
+    with pytest.raises(DataError, match="no index.json"):
+        read_index(crashed)  # the trainer refuses the incomplete folder
+    state = json.loads((crashed / prepare_mod.STATE_FILE).read_text())
+    assert state["splits"]["train"]["shards"]
+
+    result = prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "crash"), show_progress=False)
+    assert result.resumed and result.skipped_documents > 0
+    assert shard_bytes(crashed) == shard_bytes(tmp_path / "whole")
+    assert read_index(crashed).splits == read_index(tmp_path / "whole").splits
+    assert not list(crashed.glob(".*"))
+    again = prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "crash"), show_progress=False)
+    assert again.already_complete
+
+
+def test_prepare_refusals(tmp_path: Path, tokenizer_dir: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(100, seed=2)) + "\n")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_dataset(opts(tmp_path, [tmp_path / "missing.txt"], tokenizer_dir), show_progress=False)
+    with pytest.raises(DataError, match="no tokenizer"):
+        prepare_dataset(opts(tmp_path, [corpus], tmp_path / "nowhere"), show_progress=False)
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="no non-empty document"):
+        prepare_dataset(opts(tmp_path, [tmp_path / "blank.txt"], tokenizer_dir, "b"), show_progress=False)
+    assert not list((tmp_path / "b").glob("*.bin"))
+    prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "done"), show_progress=False)
+    with pytest.raises(DataError, match="other settings"):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "done", val_fraction=0.2), show_progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(DataError, match="not an interrupted preparation"):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "mine"), show_progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_dtype_choice() -> None:
+    assert prepare_mod.choose_token_dtype(32000, "auto").itemsize == 2
+    assert prepare_mod.choose_token_dtype(70000, "auto").itemsize == 4
+    assert prepare_mod.choose_token_dtype(32000, "uint32").itemsize == 4
+    with pytest.raises(DataError, match="too many for uint16"):
+        prepare_mod.choose_token_dtype(70000, "uint16")
