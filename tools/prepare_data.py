@@ -19,18 +19,38 @@ from megatron_pept.cli import run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text sources (files, globs, folders, datasets names)")
-    parser.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (or .model file) from train_tokenizer.py")
+    parser.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE", help="text sources (files, globs, folders, datasets names)"
+    )
+    parser.add_argument(
+        "--tokenizer", required=True, metavar="DIR", help="tokenizer folder (or .model file) from train_tokenizer.py"
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="shard folder to create (or to resume)")
     parser.add_argument("--text-field", default="text", help="field holding the text (default text)")
     parser.add_argument("--split", default="train", help="split of a datasets source (default train)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard, closed at a document boundary (default 134M)")
-    parser.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out for validation (default 0.005)")
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=1 << 27,
+        help="tokens per shard, closed at a document boundary (default 134M)",
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.005, help="share of documents held out for validation (default 0.005)"
+    )
     parser.add_argument("--add-bos", action="store_true", help="start each document with BOS (EOS always ends it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out (default 0)")
-    parser.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto", help="token dtype (auto: uint16 when the vocabulary fits)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
-    parser.add_argument("--batch-documents", type=int, default=256, help="documents per batch sent to a worker (default 256)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "uint16", "uint32"),
+        default="auto",
+        help="token dtype (auto: uint16 when the vocabulary fits)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)"
+    )
+    parser.add_argument(
+        "--batch-documents", type=int, default=256, help="documents per batch sent to a worker (default 256)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return parser
 

@@ -18,16 +18,33 @@ from megatron_pept.cli import run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train_tokenizer.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text sources (files, globs, folders, datasets names)")
+    parser.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE", help="text sources (files, globs, folders, datasets names)"
+    )
     parser.add_argument("--vocab-size", type=int, required=True, help="number of pieces, e.g. 32000")
     parser.add_argument("--output", required=True, metavar="DIR", help="new folder for the tokenizer")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm (default bpe)")
-    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets (default text)")
+    parser.add_argument(
+        "--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm (default bpe)"
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets (default text)"
+    )
     parser.add_argument("--split", default="train", help="split of a datasets source (default train)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads (default: all cores)")
-    parser.add_argument("--no-byte-fallback", action="store_true", help="map unseen characters to <unk> instead of UTF-8 bytes")
-    parser.add_argument("--max-sentences", type=int, default=5_000_000, help="lines sampled for training, 0 for all (default 5M)")
-    parser.add_argument("--character-coverage", type=float, default=0.9995, help="share of characters covered by pieces (default 0.9995)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--no-byte-fallback", action="store_true", help="map unseen characters to <unk> instead of UTF-8 bytes"
+    )
+    parser.add_argument(
+        "--max-sentences", type=int, default=5_000_000, help="lines sampled for training, 0 for all (default 5M)"
+    )
+    parser.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of characters covered by pieces (default 0.9995)",
+    )
     return parser
 
 

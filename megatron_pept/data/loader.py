@@ -150,9 +150,7 @@ class DistributedBatchLoader:
         if len({d.seq_len for d in self.datasets}) != 1:
             raise DataError("blended datasets must use the same seq_len")
         if len({d.index.tokenizer_sha256 for d in self.datasets}) != 1:
-            raise DataError(
-                "blended datasets were tokenized with different tokenizers; prepare them with the same one"
-            )
+            raise DataError("blended datasets were tokenized with different tokenizers; prepare them with the same one")
         self.micro_batch_size = micro_batch_size
         self.seed = seed
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size

@@ -208,7 +208,9 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
 
             index = read_index(out)
             logger.info("%s is already complete; nothing to do", out)
-            return PrepareResult(index=index, documents=0, text_bytes=0, seconds=0.0, resumed=False, already_complete=True)
+            return PrepareResult(
+                index=index, documents=0, text_bytes=0, seconds=0.0, resumed=False, already_complete=True
+            )
         raise DataError(f"{out} already holds a prepared dataset made with other settings; choose a new --output")
     if out.exists() and not state_path.is_file() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise DataError(f"output folder {out} exists and is not an interrupted preparation; choose a new --output")
@@ -239,7 +241,9 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         dtype=dtype.str,
         counters=counters,
     )
-    pool = mp.get_context("spawn").Pool(opts.workers, _worker_init, (str(tokenizer.path),)) if opts.workers > 1 else None
+    pool = (
+        mp.get_context("spawn").Pool(opts.workers, _worker_init, (str(tokenizer.path),)) if opts.workers > 1 else None
+    )
     if pool is None:
         _worker_init(str(tokenizer.path))
     text_bytes = documents = 0

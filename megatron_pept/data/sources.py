@@ -100,9 +100,7 @@ def iter_documents(source: TextSource, *, text_field: str = "text", split: str =
             yield text
 
 
-def iter_corpus(
-    specs: list[str], *, text_field: str = "text", split: str = "train", skip: int = 0
-) -> Iterator[str]:
+def iter_corpus(specs: list[str], *, text_field: str = "text", split: str = "train", skip: int = 0) -> Iterator[str]:
     """Documents of several sources, one after another, skipping the first ``skip`` non-empty ones."""
     if not specs:
         raise DataError("no input given; pass at least one --input")

@@ -1,0 +1,160 @@
+"""Benchmark CLI: training throughput of our LLaMA against transformers' LlamaForCausalLM of the same shape.
+
+``python tools/bench.py --model 60m`` (``--help`` for every option). The measurement itself lives in
+:mod:`megatron_pept.bench`; this file only parses arguments, prints the table and writes the optional JSON.
+Mistakes in the input are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+try:
+    import megatron_pept  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_pept.bench import DEVICES, DTYPES, HF_ATTENTION, BenchSettings, format_result, run_benchmark
+from megatron_pept.errors import UserError
+from megatron_pept.models import MODEL_SHAPES
+
+PROG = "tools/bench.py"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (no usage dump) and exit code 2, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = BenchSettings()
+    parser = _OneLineParser(
+        prog=PROG,
+        description=(
+            "Measure forward+backward training throughput (tokens/s) of megatron_pept's LlamaForCausalLM "
+            "and of transformers' LlamaForCausalLM of the same shape, in one process on one device, with the "
+            "same weights (ours loaded into transformers' model) and the same random batch. The loss is the "
+            "trainer's mean next-token cross-entropy, computed from each model's logits the same way "
+            "(transformers' labels path is not used). Gradients are reset (set_to_none) between iterations; "
+            "no optimizer step. After warm-up, the timed iterations of the two models alternate round by "
+            "round (order flipped each round) and the median per-iteration time of each is reported, so "
+            "machine noise hits both alike. transformers runs with attn_implementation=sdpa (the same torch "
+            "kernel ours uses, is_causal=True, no mask) and use_cache=False. Before timing, an fp32 check "
+            "reports the largest difference of the two models' logits, losses and gradients on the batch."
+        ),
+        epilog="Example: python tools/bench.py --model 60m --threads 2 --json bench-60m.json",
+    )
+    parser.add_argument(
+        "--model",
+        default=defaults.model,
+        choices=list(MODEL_SHAPES),
+        metavar="NAME",
+        help=f"named model size, one of: {', '.join(MODEL_SHAPES)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=defaults.vocab_size, help="vocabulary size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="sequences per iteration (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=defaults.warmup,
+        help="untimed iterations per model before timing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="timed rounds; each round times one iteration of each model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default=defaults.device,
+        choices=DEVICES,
+        help="auto (default) picks CUDA when one is visible",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=defaults.dtype,
+        choices=DTYPES,
+        help="fp32, or bf16 autocast over fp32 weights; auto (default): bf16 on CUDA, fp32 on CPU",
+    )
+    parser.add_argument(
+        "--hf-attn",
+        default=defaults.hf_attn,
+        choices=HF_ATTENTION,
+        help="transformers' attention implementation: sdpa (torch scaled_dot_product_attention) or eager "
+        "(plain matmul + softmax); default: %(default)s",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch.set_num_threads(N) for the run (default: leave torch's setting as is)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed of the weights and the batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the result (settings, versions, checks, every timing) as JSON",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UserError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        settings = BenchSettings(
+            model=args.model,
+            vocab_size=args.vocab_size,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            device=args.device,
+            dtype=args.dtype,
+            hf_attn=args.hf_attn,
+            seed=args.seed,
+        )
+        settings.validate()  # before the slow transformers import, so mistakes are reported at once
+        result = run_benchmark(settings)
+    except UserError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    print(format_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
