@@ -34,6 +34,7 @@ from torch import nn
 from megatron_pept.config import ModelConfig
 from megatron_pept.errors import ConfigError, UserError
 from megatron_pept.models import MODEL_SHAPES, build_model, llama_args
+from megatron_pept.models.hf import to_hf_model
 from megatron_pept.models.llama import LlamaArgs, LlamaForCausalLM
 from megatron_pept.trainer import cross_entropy_loss
 
@@ -184,29 +185,8 @@ def _import_transformers() -> Any:
 
 def build_hf_twin(model: LlamaForCausalLM, *, attn_implementation: str) -> nn.Module:
     """transformers' ``LlamaForCausalLM`` of the same shape holding a copy of ``model``'s weights."""
-    transformers = _import_transformers()
-    args = model.args
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads,
-        rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta,
-        max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=args.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        use_cache=False,
-        attn_implementation=attn_implementation,
-    )
-    device = model.lm_head.weight.device
-    with torch.device(device):
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=True)
-    assert not missing and not unexpected, (missing, unexpected)
+    _import_transformers()  # the benchmark's own message when transformers is missing
+    hf = to_hf_model(model, attn_implementation=attn_implementation)
     assert hf.config._attn_implementation == attn_implementation, hf.config._attn_implementation
     return hf.train()
 

@@ -19,6 +19,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_pept.bench import DEVICES, DTYPES, HF_ATTENTION, BenchSettings, format_result, run_benchmark
+from megatron_pept.bench_data import DataBenchSettings, format_data_result, run_data_benchmark
+from megatron_pept.cli import run_cli
 from megatron_pept.errors import UserError
 from megatron_pept.models import MODEL_SHAPES
 
@@ -50,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Example: python tools/bench.py --model 60m --threads 2 --json bench-60m.json",
     )
+    parser.add_argument(
+        "--suite",
+        choices=("model", "data"),
+        default="model",
+        help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
+        "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...)",
+    )
+    data = DataBenchSettings()
+    parser.add_argument("--corpus-mb", type=float, default=data.corpus_mb, help="data suite: MB of text to prepare")
+    parser.add_argument(
+        "--tokenizer-vocab", type=int, default=data.tokenizer_vocab, help="data suite: tokenizer vocabulary size"
+    )
+    parser.add_argument("--workers", type=int, default=data.workers, help="data suite: tokenizer processes")
+    parser.add_argument("--steps", type=int, default=data.steps, help="data suite: timed training steps")
     parser.add_argument(
         "--model",
         default=defaults.model,
@@ -125,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.suite == "data":
+        return run_cli(lambda: _data_suite(args), prog=PROG)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -153,6 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _data_suite(args: argparse.Namespace) -> int:
+    result = run_data_benchmark(
+        DataBenchSettings(
+            corpus_mb=args.corpus_mb, tokenizer_vocab=args.tokenizer_vocab, workers=args.workers, steps=args.steps
+        )
+    )
+    print(format_data_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return 0
 
 

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9995,
         help="share of characters covered by pieces (default 0.9995)",
     )
+    parser.add_argument("--seed", type=int, default=0, help="seed of SentencePiece's sentence sampling (default 0)")
     return parser
 
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             byte_fallback=not args.no_byte_fallback,
             max_sentences=args.max_sentences,
             character_coverage=args.character_coverage,
+            seed=args.seed,
         )
         print(f"wrote {tok.path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:16]}...)")
         return 0

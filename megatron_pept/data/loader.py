@@ -31,6 +31,7 @@ from megatron_pept.data.shards import DataIndex, open_shard, verify_shards
 from megatron_pept.errors import DataError
 
 _GOLDEN = 0.6180339887498949  # the Weyl sequence frac(g * golden) is evenly spread for every prefix
+_PERMUTATION_BLOCK = 8192  # stream positions whose window ids are computed together
 
 
 class WindowDataset:
@@ -158,23 +159,37 @@ class DistributedBatchLoader:
         self.allow_reshard = allow_reshard
         self.samples_seen = 0
         self.per_dataset_seen = np.zeros(len(self.datasets), dtype=np.int64)
+        self._perm_cache_key: tuple[int, int, int, int] | None = None
+        self._perm_cache = np.empty(0, dtype=np.int64)
 
     @property
     def global_micro_batch(self) -> int:
         return self.micro_batch_size * self.dp_world_size
 
     def _window_ids(self, dataset: int, positions: np.ndarray) -> np.ndarray:
-        """Window ids of the dataset's own stream positions ``positions``."""
+        """Window ids of the dataset's own stream positions ``positions`` (consecutive, ascending)."""
         n = self.datasets[dataset].num_windows
         epochs, offsets = np.divmod(positions, n)
         if not self.shuffle:
             return offsets
         out = np.empty_like(offsets)
         for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            key = (self.seed * 1_000_003 + dataset) * 65_537 + int(epoch)
-            out[sel] = feistel_permutation(offsets[sel], n=n, key=key)
+            sel = np.flatnonzero(epochs == epoch)
+            out[sel] = self._permuted(dataset, int(epoch), offsets[sel])
         return out
+
+    def _permuted(self, dataset: int, epoch: int, offsets: np.ndarray) -> np.ndarray:
+        """``perm_epoch(offsets)``, computed a block of positions at a time: numpy's per-call overhead would
+        otherwise dominate for micro-batch-sized requests."""
+        block = _PERMUTATION_BLOCK
+        first, last = int(offsets[0]) // block, int(offsets[-1]) // block
+        key = (dataset, epoch, first, last)
+        if self._perm_cache_key != key:
+            n = self.datasets[dataset].num_windows
+            span = np.arange(first * block, min((last + 1) * block, n), dtype=np.int64)
+            seed_key = (self.seed * 1_000_003 + dataset) * 65_537 + epoch
+            self._perm_cache_key, self._perm_cache = key, feistel_permutation(span, n=n, key=seed_key)
+        return self._perm_cache[offsets - first * block]
 
     def take_global(self, count: int) -> list[tuple[int, int]]:
         """The next ``count`` samples of the global stream as (dataset, window id); advances the stream."""

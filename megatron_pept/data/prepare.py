@@ -100,11 +100,13 @@ def is_validation_document(doc_number: int, *, seed: int, val_fraction: float) -
 # Worker side: one SentencePiece processor per process.
 
 _WORKER_TOKENIZER = None
+_WORKER_THREADS = -1
 
 
-def _worker_init(model_path: str) -> None:
-    global _WORKER_TOKENIZER
+def _worker_init(model_path: str, threads: int) -> None:
+    global _WORKER_TOKENIZER, _WORKER_THREADS
     _WORKER_TOKENIZER = load_tokenizer(model_path)
+    _WORKER_THREADS = threads
 
 
 def _encode_batch(job: tuple[list[str], bool, str]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -112,11 +114,17 @@ def _encode_batch(job: tuple[list[str], bool, str]) -> tuple[np.ndarray, np.ndar
     texts, add_bos, dtype = job
     tok = _WORKER_TOKENIZER
     assert tok is not None
-    pieces = tok.encode(texts)
-    prefix = [tok.bos_id] if add_bos else []
-    docs = [prefix + ids + [tok.eos_id] for ids in pieces]
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    flat = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
+    pieces = tok.encode(texts, num_threads=_WORKER_THREADS)
+    extra = 2 if add_bos else 1
+    lengths = np.fromiter((len(ids) + extra for ids in pieces), dtype=np.int64, count=len(pieces))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    start = 0
+    for ids, length in zip(pieces, lengths.tolist()):
+        if add_bos:
+            flat[start] = tok.bos_id
+        flat[start + extra - 1 : start + length - 1] = ids
+        flat[start + length - 1] = tok.eos_id
+        start += length
     return flat, lengths, sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -241,11 +249,12 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         dtype=dtype.str,
         counters=counters,
     )
+    # Several processes, one SentencePiece thread each; or this process alone, encoding on every core.
     pool = (
-        mp.get_context("spawn").Pool(opts.workers, _worker_init, (str(tokenizer.path),)) if opts.workers > 1 else None
+        mp.get_context("spawn").Pool(opts.workers, _worker_init, (str(tokenizer.path), 1)) if opts.workers > 1 else None
     )
     if pool is None:
-        _worker_init(str(tokenizer.path))
+        _worker_init(str(tokenizer.path), -1)
     text_bytes = documents = 0
     bar = _progress_bar(show_progress)
 

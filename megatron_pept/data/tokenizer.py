@@ -43,8 +43,9 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self.processor.eos_id()
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.processor.encode(texts, out_type=int)
+    def encode(self, texts: list[str], *, num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text; SentencePiece encodes a batch on ``num_threads`` threads (-1: all cores)."""
+        return self.processor.encode(texts, out_type=int, num_threads=num_threads)
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)
@@ -76,11 +77,13 @@ def train_sentencepiece(
     max_sentence_length: int = 1 << 14,
     input_sentence_size: int = 0,
     seed_sentencepiece_size: int = 1_000_000,
+    seed: int = 0,
 ) -> Tokenizer:
     """Train a SentencePiece model on ``texts`` (one document each) and write it with its metadata.
 
     Ids follow LLaMA: 0 unk, 1 bos, 2 eos, no pad. Byte fallback (default on) makes every string encodable. The
-    folder is written atomically: a partially trained tokenizer never appears at ``output_dir``.
+    folder is written atomically: a partially trained tokenizer never appears at ``output_dir``. The same texts,
+    settings and ``seed`` give a byte-identical model file.
     """
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"tokenizer model type must be bpe or unigram; got {model_type!r}")
@@ -99,8 +102,9 @@ def train_sentencepiece(
                 num_docs += 1
                 yield text
 
+    spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles training sentences
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp") as tmp:
-        prefix = os.path.join(tmp, "tokenizer")
+        prefix = os.path.join(tmp, "spm")
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(sentences()),
@@ -126,7 +130,8 @@ def train_sentencepiece(
                 raise DataError("no text to train the tokenizer on: every input document was empty") from None
             msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise DataError(f"SentencePiece training failed: {msg}") from None
-        os.replace(f"{prefix}.model", os.path.join(tmp, MODEL_FILE))
+        _write_portable_model(f"{prefix}.model", os.path.join(tmp, MODEL_FILE))
+        os.remove(f"{prefix}.model")
         os.remove(f"{prefix}.vocab")
         tok = load_tokenizer(os.path.join(tmp, MODEL_FILE))
         meta = {
@@ -143,6 +148,20 @@ def train_sentencepiece(
         os.replace(tmp, output_dir)
         os.makedirs(tmp)  # TemporaryDirectory removes its path on exit, so leave an empty one behind
     return load_tokenizer(output_dir)
+
+
+def _write_portable_model(src: str, dst: str) -> None:
+    """Copy a trained model without the temporary path and thread count SentencePiece records in it, so its
+    sha256 depends only on the training data and the settings that shape the vocabulary."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(src, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = "tokenizer"
+    proto.trainer_spec.num_threads = 1  # the pieces do not depend on it (a test checks)
+    with open(dst, "wb") as f:
+        f.write(proto.SerializeToString())
 
 
 def tokenizer_sentences(documents: Iterable[str], *, max_chars: int = 4096) -> Iterable[str]:
@@ -170,6 +189,7 @@ def train_tokenizer_from_sources(
     byte_fallback: bool = True,
     max_sentences: int = 5_000_000,
     character_coverage: float = 0.9995,
+    seed: int = 0,
 ) -> Tokenizer:
     """Train a SentencePiece tokenizer on text files or a ``datasets`` source (see ``data.sources``).
 
@@ -191,4 +211,5 @@ def train_tokenizer_from_sources(
         byte_fallback=byte_fallback,
         input_sentence_size=max_sentences,
         character_coverage=character_coverage,
+        seed=seed,
     )

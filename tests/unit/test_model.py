@@ -9,6 +9,7 @@ import transformers
 from megatron_pept.config import ModelConfig
 from megatron_pept.errors import ConfigError
 from megatron_pept.models import MODEL_SHAPES, build_model, llama_args
+from megatron_pept.models.hf import to_hf_model
 from megatron_pept.models.llama import LlamaArgs, LlamaForCausalLM
 
 
@@ -19,25 +20,8 @@ def make_model(args: LlamaArgs, seed: int = 0) -> LlamaForCausalLM:
     return model.eval()
 
 
-def hf_twin(args: LlamaArgs, model: LlamaForCausalLM) -> transformers.LlamaForCausalLM:
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads,
-        rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta,
-        max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=args.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    result = hf.load_state_dict(model.state_dict(), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    return hf
+def hf_twin(model: LlamaForCausalLM) -> transformers.LlamaForCausalLM:
+    return to_hf_model(model, attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize(
@@ -59,7 +43,8 @@ def test_logits_equal_transformers(num_heads: int, num_kv_heads: int, tie: bool,
         tie_embeddings=tie,
     )
     model = make_model(args)
-    hf = hf_twin(args, model)
+    hf = hf_twin(model)
+    assert isinstance(hf, transformers.LlamaForCausalLM)
     ids = torch.randint(0, args.vocab_size, (3, 48))
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits

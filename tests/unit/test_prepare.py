@@ -67,6 +67,18 @@ def test_tokenizer_folder_and_metadata(tokenizer_dir: Path) -> None:
     assert sp.decode(sp.encode("Zebra ünïcode ☃")) == "Zebra ünïcode ☃"  # byte fallback: nothing is <unk>
 
 
+def test_tokenizer_training_is_reproducible(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(1500, seed=8)) + "\n")
+    shas = {
+        train_tokenizer_from_sources(
+            [str(corpus)], output_dir=tmp_path / f"t{i}", vocab_size=500, max_sentences=2000, num_threads=threads
+        ).sha256
+        for i, threads in enumerate((1, 2, 2))
+    }
+    assert len(shas) == 1  # sampled sentences, threads and temporary paths leave no trace in the model file
+
+
 def test_unigram_and_refusals(tmp_path: Path) -> None:
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"body": t}) + "\n" for t in generate_stories(800, seed=1)))
