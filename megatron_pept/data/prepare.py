@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -324,20 +325,34 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
     )
 
 
-class _NoBar:
+class _LogProgress:
+    """Progress for logs (no terminal): one line every ``interval_s`` seconds."""
+
+    def __init__(self, *, enabled: bool, interval_s: float = 30.0) -> None:
+        self.enabled, self.interval_s = enabled, interval_s
+        self.started = self.last = time.perf_counter()
+        self.total = 0
+
     def update(self, n: int) -> None:
-        pass
+        self.total += n
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.interval_s:
+            self.last = now
+            logger.info(
+                "tokenized %.1f MB of text (%.2f MB/s)", self.total / 1e6, self.total / 1e6 / (now - self.started)
+            )
 
     def close(self) -> None:
         pass
 
 
 def _progress_bar(enabled: bool):  # noqa: ANN202 - tqdm or a stand-in
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
+    """A tqdm bar on a terminal; periodic log lines otherwise (SLURM logs, CI)."""
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=2.0, disable=None)
+        return tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=2.0)
+    return _LogProgress(enabled=enabled)
 
 
 __all__ = ["PrepareOptions", "PrepareResult", "SplitInfo", "is_validation_document", "prepare_dataset"]
