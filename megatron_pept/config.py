@@ -148,13 +148,40 @@ class OptimConfig:
     """Step each parameter inside backward and free its gradient at once (per-layer weight updates)."""
 
 
+LOWRANK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class MethodConfig:
     name: str = "full"
     """Training method: full, lora, relora, redora, repissa, reloqra, galore, galore_ef, galore_dynamic,
     galore_dynamic_ef, galore_8bit, galore_adafactor, adam_mini."""
-    base_dtype: Literal["bf16", "int8", "nf4"] = "bf16"
-    """Storage of frozen base weights in low-rank methods (ignored by methods that train every weight)."""
+    base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4"] = "auto"
+    """Storage of the frozen base weights of low-rank methods; auto keeps them like the other master weights
+    (fp32). bf16 halves their memory but rounds every merge. Ignored by methods that train every weight."""
+    rank: int = 128
+    """Rank r of the low-rank adapters (ReLoRA: 128; the Approximations paper: 256)."""
+    alpha: float = 32.0
+    """Adapter scale numerator: the adapter adds (alpha / rank) * B @ A (ReLoRA's code uses alpha 32)."""
+    dropout: float = 0.0
+    """Dropout on the adapter branch's input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LOWRANK_TARGETS))
+    """Linear layers that get adapters: glob patterns matched against the module's name or its last component;
+    embeddings, norms and the LM head always train full-rank."""
+    reset_every: int = 5000
+    """Steps between merge-and-reinit restarts (ReLoRA family; lora never restarts)."""
+    warm_start_steps: int = 0
+    """Full-rank steps before the low-rank phase begins (ReLoRA's warm start); 0 starts low-rank."""
+    restart_warmup_steps: int = 100
+    """After each restart (and the warm-start switch) the learning rate restarts from 0 and rises linearly back
+    onto the schedule over this many steps (the jagged schedule)."""
+    optimizer_reset: Literal["magnitude", "random", "full", "none"] = "magnitude"
+    """What a restart does to the adapters' Adam moments: prune the smallest, prune at random, zero them all."""
+    prune_ratio: float = 0.99
+    """Fraction of each adapter moment tensor zeroed by a magnitude or random reset."""
+    qr_residual: bool = False
+    """reloqra only: subtract the QR factors from the base (function-preserving) instead of the paper's literal
+    eq. 5, which adds them to the weight at every restart."""
 
 
 @dataclass
@@ -514,6 +541,15 @@ def validate(cfg: Config) -> None:
         value = getattr(m, name)
         _require(value is None or value >= 1, f"model.{name} must be >= 1 (or null); got {value}")
     _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3; got {p.zero_stage}")
+    me = cfg.method
+    _require(me.rank >= 1, f"method.rank must be >= 1; got {me.rank}")
+    _require(me.alpha > 0, f"method.alpha must be > 0; got {me.alpha}")
+    _require(0.0 <= me.dropout < 1.0, f"method.dropout must be in [0, 1); got {me.dropout}")
+    _require(me.reset_every >= 1, f"method.reset_every must be >= 1; got {me.reset_every}")
+    _require(me.warm_start_steps >= 0, f"method.warm_start_steps must be >= 0; got {me.warm_start_steps}")
+    _require(me.restart_warmup_steps >= 0, f"method.restart_warmup_steps must be >= 0; got {me.restart_warmup_steps}")
+    _require(0.0 <= me.prune_ratio <= 1.0, f"method.prune_ratio must be in [0, 1]; got {me.prune_ratio}")
+    _require(bool(me.target_modules), "method.target_modules is empty; name at least one linear layer pattern")
     if m.name not in MODEL_SIZES:  # pragma: no cover - Literal already guards it
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_SIZES)}")
     if cfg.method.name not in METHOD_NAMES:

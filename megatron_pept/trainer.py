@@ -115,7 +115,7 @@ class Trainer:
                 f"model.vocab_size={self.model_args.vocab_size} is smaller than the data's tokenizer vocabulary "
                 f"({index.vocab_size} ids, {data_path}); set model.vocab_size >= {index.vocab_size} or null"
             )
-        self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps)
+        self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps, seed=t.seed)
         model = build_model(self.model_args)
         self.method.convert(model)
         model = parallelize(model, self.dims)
@@ -248,9 +248,11 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm if max_norm > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        method_scalars = self.method.on_step_end(step=step, model=self.model, optimizer=self.optimizer)
-        if method_scalars:
-            self.writer.scalars(step + 1, {f"{self.method.name}/{k}": v for k, v in method_scalars.items()})
+        end = self.method.on_step_end(step=step, model=self.model, optimizer=self.optimizer)
+        if end.optimizer is not None:
+            self.optimizer = end.optimizer
+        if end.scalars:
+            self.writer.scalars(step + 1, end.scalars)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
         return loss_sum.item(), grad_norm.item(), lr

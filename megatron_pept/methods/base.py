@@ -7,6 +7,7 @@ learning-rate schedule, reacts at the end of each optimizer step, and saves and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,15 +17,26 @@ from megatron_pept.config import MethodConfig, OptimConfig
 from megatron_pept.optim import Schedule, build_adamw, decay_param_groups
 
 
+@dataclass
+class StepEnd:
+    """What a method reports after an optimizer step."""
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    """Values to log, under their full TensorBoard tags (e.g. ``relora/restarts``)."""
+    optimizer: torch.optim.Optimizer | None = None
+    """A new optimizer the trainer must use from the next step on (e.g. after a warm-start phase switch)."""
+
+
 class Method:
     """Base class; its defaults are full-rank training with AdamW."""
 
     name: ClassVar[str]
 
-    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         self.cfg = cfg
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
+        self.seed = seed
 
     def convert(self, model: nn.Module) -> None:
         """Rewrite the model in place before it is parallelised or materialised (swap in adapters, freeze)."""
@@ -43,9 +55,9 @@ class Method:
         """The schedule this method trains with, given the configured one."""
         return base
 
-    def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Called after optimizer step ``step`` (0-based); returns scalars to log under ``<method>/``."""
-        return {}
+    def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
+        """Called after optimizer step ``step`` (0-based)."""
+        return StepEnd()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -9,7 +9,7 @@ from torch import nn
 
 from megatron_pept.config import OptimConfig
 from megatron_pept.optim.adamw import LowPrecisionAdamW
-from megatron_pept.optim.schedules import Schedule, WarmupDecaySchedule
+from megatron_pept.optim.schedules import JaggedSchedule, Schedule, WarmupDecaySchedule
 
 
 def decay_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], *, weight_decay: float) -> list[dict]:
@@ -42,6 +42,7 @@ def build_schedule(cfg: OptimConfig, *, total_steps: int) -> Schedule:
 
 
 __all__ = [
+    "JaggedSchedule",
     "LowPrecisionAdamW",
     "Schedule",
     "WarmupDecaySchedule",

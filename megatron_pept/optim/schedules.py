@@ -46,3 +46,25 @@ class WarmupDecaySchedule:
             return warmup_multiplier(step, warmup_steps=self.warmup_steps)
         span = max(1, self.total_steps - self.warmup_steps)
         return decay_multiplier((step - self.warmup_steps) / span, kind=self.kind, min_ratio=self.min_ratio)
+
+
+@dataclass(frozen=True)
+class JaggedSchedule:
+    """ReLoRA's jagged schedule: the ``base`` envelope, except that at each restart step the rate drops to zero
+    and rises linearly over ``restart_warmup_steps`` back onto the envelope (reaching ``base(r + warmup)``).
+
+    ``restart_steps`` are the first steps trained with freshly re-initialised adapters.
+    """
+
+    base: Schedule
+    restart_steps: tuple[int, ...]
+    restart_warmup_steps: int
+
+    def __call__(self, step: int) -> float:
+        last = None
+        for restart in self.restart_steps:
+            if restart <= step:
+                last = restart
+        if last is None or self.restart_warmup_steps <= 0 or step - last >= self.restart_warmup_steps:
+            return self.base(step)
+        return (step - last) / self.restart_warmup_steps * self.base(last + self.restart_warmup_steps)

@@ -1,0 +1,233 @@
+"""The ReLoRA family: LoRA, ReLoRA, ReDoRA, RePiSSA, ReLoQRa.
+
+All share one driver, :class:`LowRankMethod`:
+
+* ``convert`` swaps the targeted ``nn.Linear`` layers (default: every attention and MLP projection) for
+  :class:`LowRankLinear` of the method's kind; embeddings, norms and the LM head train full-rank.
+* **Warm start** (``method.warm_start_steps = N > 0``) is a phase of the same run: for N steps the layers act as
+  plain linear layers whose weights train; after step N the weights freeze, the adapters are initialised from
+  them (by kind), and the optimizer is rebuilt keeping the moments of the parameters that still train
+  (embeddings, norms, LM head) and dropping those of the now-frozen weights.
+* **Restarts** (every method but ``lora``): every ``reset_every`` steps after the low-rank phase began, each
+  layer merges its adapter into its weight and re-initialises from the merged weight (ReLoRA Algorithm 1 and its
+  variants), and the adapters' Adam moments are pruned (``optimizer_reset``, ``prune_ratio``).
+* The **jagged schedule**: at the warm-start switch and at each restart the learning rate drops to zero and
+  warms up linearly over ``restart_warmup_steps`` back onto the configured schedule.
+
+Scalars under ``relora/``: ``restarts``, ``phase`` (0 warm start, 1 low-rank), ``adapter_norm`` (global norm of
+the adapter parameters), and at each restart ``pruned_fraction`` (share of adapter moment entries that are zero
+afterwards) and ``merged_update_norm`` (global Frobenius norm of the update the restart merged, i.e. how far the
+effective weights moved during the cycle).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from megatron_pept.config import MethodConfig, OptimConfig
+from megatron_pept.errors import ConfigError
+from megatron_pept.methods.base import Method, StepEnd
+from megatron_pept.methods.lowrank import LowRankLinear
+from megatron_pept.optim import JaggedSchedule, Schedule
+from megatron_pept.optim.pruning import reset_optimizer_state
+
+_BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matches_target(name: str, patterns: list[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+
+def lowrank_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+
+
+class LowRankMethod(Method):
+    """Shared driver of the ReLoRA family; subclasses set the kind and whether restarts happen."""
+
+    kind: ClassVar[str]
+    restarts: ClassVar[bool]
+    metric_prefix: ClassVar[str] = "relora"
+
+    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
+        super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
+        if cfg.base_dtype in ("int8", "nf4"):
+            raise ConfigError(
+                f"method.base_dtype={cfg.base_dtype} (quantised frozen weights) is not available in this version; "
+                "use auto, fp32 or bf16"
+            )
+        self.base_dtype = _BASE_DTYPES[cfg.base_dtype]
+        self.restart_count = 0
+        self.lowrank_phase = cfg.warm_start_steps == 0
+
+    # -- model ------------------------------------------------------------------------------------------------
+
+    def convert(self, model: nn.Module) -> None:
+        targets = [
+            (name, module)
+            for name, module in model.named_modules()
+            if type(module) is nn.Linear and name != "lm_head" and matches_target(name, self.cfg.target_modules)
+        ]
+        if not targets:
+            raise ConfigError(
+                f"method.target_modules={self.cfg.target_modules} matches no linear layer; use names such as "
+                "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+            )
+        for name, linear in targets:
+            parent_name, _, leaf = name.rpartition(".")
+            layer = LowRankLinear.from_linear(
+                linear,
+                rank=self.cfg.rank,
+                alpha=self.cfg.alpha,
+                kind=self.kind,
+                dropout=self.cfg.dropout,
+                qr_residual=self.cfg.qr_residual,
+                base_dtype=self.base_dtype,
+            )
+            layer.set_lowrank_active(self.lowrank_phase)
+            setattr(model.get_submodule(parent_name), leaf, layer)
+
+    def _generator(self, device: torch.device, salt: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed * 7919 + salt)
+
+    def after_init(self, model: nn.Module) -> None:
+        """Initialise the adapters from the freshly initialised weights (also during a warm start, so every
+        tensor holds defined values; they are re-made from the warmed-up weights at the switch)."""
+        for i, (_, layer) in enumerate(lowrank_layers(model)):
+            gen = self._generator(layer.weight.device, 1_000_003 * i)
+            if self.lowrank_phase:
+                layer.decompose(layer.weight, generator=gen)
+            else:
+                layer.init_adapters_only(generator=gen)
+
+    # -- schedule ---------------------------------------------------------------------------------------------
+
+    def restart_steps(self) -> tuple[int, ...]:
+        """First steps trained with fresh adapters: the warm-start switch, then every ``reset_every`` steps."""
+        warm = self.cfg.warm_start_steps
+        steps = [warm] if warm > 0 else []
+        if self.restarts:
+            steps += list(range(warm + self.cfg.reset_every, self.total_steps, self.cfg.reset_every))
+        return tuple(s for s in steps if s < self.total_steps)
+
+    def lr_schedule(self, base: Schedule) -> Schedule:
+        return JaggedSchedule(base, self.restart_steps(), self.cfg.restart_warmup_steps)
+
+    # -- step end ---------------------------------------------------------------------------------------------
+
+    def _switch_to_lowrank(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        for i, (_, layer) in enumerate(lowrank_layers(model)):
+            layer.set_lowrank_active(True)
+            layer.decompose(layer.weight, generator=self._generator(layer.weight.device, 1_000_003 * i + 17))
+        self.lowrank_phase = True
+        new = self.build_optimizer(model)
+        for group in new.param_groups:
+            for p in group["params"]:
+                if p in optimizer.state:
+                    new.state[p] = optimizer.state[p]
+        return new
+
+    def _restart(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        self.restart_count += 1
+        update_sq = 0.0
+        adapters: list[torch.Tensor] = []
+        for i, (_, layer) in enumerate(lowrank_layers(model)):
+            gen = self._generator(layer.weight.device, 1_000_003 * i + 31 * self.restart_count)
+            update_sq += layer.restart(generator=gen)
+            adapters.extend(layer.adapter_parameters())
+        gen = self._generator(torch.device("cpu"), 97 * self.restart_count)
+        reset_optimizer_state(
+            optimizer, adapters, mode=self.cfg.optimizer_reset, ratio=self.cfg.prune_ratio, generator=gen
+        )
+        zeros = total = 0
+        for p in adapters:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.numel() > 1:
+                    zeros += int((value == 0).sum())
+                    total += value.numel()
+        return {
+            f"{self.metric_prefix}/merged_update_norm": update_sq**0.5,
+            f"{self.metric_prefix}/pruned_fraction": zeros / total if total else 0.0,
+        }
+
+    def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
+        next_step = step + 1
+        end = StepEnd()
+        if not self.lowrank_phase and next_step == self.cfg.warm_start_steps:
+            end.optimizer = self._switch_to_lowrank(model, optimizer)
+        elif self.lowrank_phase and self.restarts and next_step in self.restart_steps():
+            end.scalars.update(self._restart(model, optimizer))
+        prefix = self.metric_prefix
+        with torch.no_grad():
+            norms = [p.float().norm() for _, layer in lowrank_layers(model) for p in layer.adapter_parameters()]
+            adapter_norm = float(torch.linalg.vector_norm(torch.stack(norms)))  # one device sync
+        end.scalars.update(
+            {
+                f"{prefix}/restarts": float(self.restart_count),
+                f"{prefix}/phase": float(self.lowrank_phase),
+                f"{prefix}/adapter_norm": adapter_norm,
+            }
+        )
+        return end
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"restarts": torch.tensor(self.restart_count), "phase": torch.tensor(int(self.lowrank_phase))}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.restart_count = int(state["restarts"])
+        self.lowrank_phase = bool(int(state["phase"]))
+
+    def apply_phase(self, model: nn.Module) -> None:
+        """Put the layers in the phase this method is in (after :meth:`load_state_dict`)."""
+        for _, layer in lowrank_layers(model):
+            layer.set_lowrank_active(self.lowrank_phase)
+
+
+class LoRA(LowRankMethod):
+    """LoRA over frozen weights, no restarts (a baseline; with warm_start_steps it is 'LoRA + warm start')."""
+
+    name = "lora"
+    kind = "lora"
+    restarts = False
+
+
+class ReLoRA(LowRankMethod):
+    """LoRA with merge-and-reinit restarts, optimizer pruning and the jagged schedule (Lialin et al.)."""
+
+    name = "relora"
+    kind = "lora"
+    restarts = True
+
+
+class ReDoRA(LowRankMethod):
+    """DoRA re-decomposed from the merged weight at each restart (Approximations paper)."""
+
+    name = "redora"
+    kind = "dora"
+    restarts = True
+
+
+class RePiSSA(LowRankMethod):
+    """PiSSA: the top-r singular part trains, the residual is frozen; re-decomposed at each restart."""
+
+    name = "repissa"
+    kind = "pissa"
+    restarts = True
+
+
+class ReLoQRa(LowRankMethod):
+    """Adapters from the QR decomposition of the current weight (Approximations paper, eq. 5)."""
+
+    name = "reloqra"
+    kind = "qr"
+    restarts = True
+
+
+LOWRANK_METHODS = (LoRA, ReLoRA, ReDoRA, RePiSSA, ReLoQRa)

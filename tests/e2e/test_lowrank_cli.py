@@ -1,0 +1,81 @@
+"""Every ReLoRA-family method trains the debug and 60m shapes through the public CLI, and logs under relora/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = ["lora", "relora", "redora", "repissa", "reloqra"]
+
+
+def train(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_pept.train",
+            "--config",
+            "configs/quickstart.yaml",
+            f"run_dir={run_dir}",
+            f"data.path={data}",
+            "data.seq_len=32",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=4",
+            "train.eval_batches=1",
+            "train.log_interval=1",
+            "method.rank=8",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("method", VARIANTS)
+def test_variant_trains_debug_with_restarts(method: str, quickstart_data: Path, tmp_path: Path) -> None:
+    proc = train(
+        tmp_path,
+        quickstart_data,
+        f"method.name={method}",
+        "train.steps=7",
+        "method.reset_every=3",
+        "method.warm_start_steps=2",
+        "method.restart_warmup_steps=1",
+        "train.eval_interval=7",
+    )
+    assert proc.returncode == 0, proc.stderr
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"relora/restarts", "relora/phase", "relora/adapter_norm", "train/loss", "val/loss"} <= tags
+    restarts = [e.value for e in acc.Scalars("relora/restarts")]
+    assert restarts[-1] == (0 if method == "lora" else 1)  # switch at 2, restart at 5 (not at 8 > steps)
+    assert [e.value for e in acc.Scalars("relora/phase")][:2] == [0.0, 1.0]
+    if method != "lora":
+        assert {"relora/pruned_fraction", "relora/merged_update_norm"} <= tags
+        assert acc.Scalars("relora/pruned_fraction")[0].value == pytest.approx(0.99, abs=0.005)
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    assert lr[3] == 0.0  # step index 2 (logged as 3) is the first low-rank step: the jagged schedule restarts at 0
+
+
+@pytest.mark.parametrize("method", VARIANTS)
+def test_variant_trains_60m(method: str, quickstart_data: Path, tmp_path: Path) -> None:
+    proc = train(
+        tmp_path,
+        quickstart_data,
+        f"method.name={method}",
+        "model.name=60m",
+        "train.steps=2",
+        "method.reset_every=1",
+        "train.eval_interval=0",
+        "metrics.tensorboard=false",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "step 2/2" in proc.stdout and f"method {method}" in proc.stdout

@@ -1,0 +1,221 @@
+"""The ReLoRA family: restarts preserve the function, pruning zeroes the configured share, the jagged schedule,
+and LoRA / DoRA / PiSSA agree with peft on the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
+from megatron_pept.methods import build_method
+from megatron_pept.methods.lowrank import LowRankLinear
+from megatron_pept.methods.relora import LowRankMethod, lowrank_layers
+from megatron_pept.models import build_model, llama_args
+from megatron_pept.optim import build_schedule
+from megatron_pept.optim.pruning import prune_random_, prune_smallest_, reset_optimizer_state
+
+peft = pytest.importorskip("peft")
+
+
+def lowrank_model(method_name: str, *, rank: int = 4, seed: int = 0, **method_kw):
+    args = llama_args(ModelConfig(name="debug"), vocab_size=97, max_seq_len=32)
+    cfg = MethodConfig(name=method_name, rank=rank, alpha=8.0, **method_kw)
+    method = build_method(cfg, optim_cfg=OptimConfig(), total_steps=100, seed=seed)
+    model = build_model(args)
+    method.convert(model)
+    model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    method.after_init(model)
+    return model.eval(), method
+
+
+@torch.no_grad()
+def perturb_adapters(model: torch.nn.Module, *, seed: int = 1) -> None:
+    """Stand-in for training: move every adapter away from its initial value."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in lowrank_layers(model):
+        for p in layer.adapter_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize(
+    "method_name,kw", [("relora", {}), ("redora", {}), ("repissa", {}), ("reloqra", {"qr_residual": True})]
+)
+def test_merge_and_reinit_preserves_the_function(method_name: str, kw: dict) -> None:
+    model, method = lowrank_model(method_name, **kw)
+    perturb_adapters(model)
+    ids = torch.randint(0, 97, (2, 24))
+    before = model(ids)
+    opt = method.build_optimizer(model)
+    scalars = method._restart(model, opt)
+    after = model(ids)
+    assert (after - before).abs().max().item() <= 2e-5 * before.abs().max().item()
+    assert scalars["relora/merged_update_norm"] > 0
+    # The adapters really were re-made (not merely left in place).
+    layer = lowrank_layers(model)[0][1]
+    if method_name in ("relora", "redora"):
+        assert torch.count_nonzero(layer.lora_B) == 0
+
+
+def test_reloqra_literal_adds_the_qr_factors() -> None:
+    """The paper's eq. 5 taken literally: a restart adds Q_r R_r to the merged weight (the function changes)."""
+    model, method = lowrank_model("reloqra")
+    perturb_adapters(model)
+    layer = lowrank_layers(model)[0][1]
+    merged = layer.merged_weight()
+    q, r = torch.linalg.qr(merged)
+    method._restart(model, method.build_optimizer(model))
+    expected = merged + q[:, : layer.rank] @ r[: layer.rank]
+    assert torch.allclose(layer.merged_weight(), expected, atol=1e-5)
+    assert torch.allclose(layer.weight.float(), merged, atol=1e-6)  # the base is the merged weight
+
+
+def test_pruning_zeroes_exactly_the_configured_share() -> None:
+    t = torch.randn(1000)
+    smallest = t.abs().sort().values[:990]
+    kept = t.clone()
+    assert prune_smallest_(kept, ratio=0.99) == 990
+    assert torch.count_nonzero(kept) == 10
+    assert kept[kept != 0].abs().min() >= smallest.max()  # the survivors are the largest
+    r = torch.randn(1000)
+    assert prune_random_(r, ratio=0.3, generator=torch.Generator().manual_seed(0)) == 300
+    assert torch.count_nonzero(r) == 700
+
+
+@pytest.mark.parametrize("mode,ratio,expected", [("magnitude", 0.99, 0.99), ("random", 0.5, 0.5), ("full", 0.0, 1.0)])
+def test_restart_prunes_adapter_moments(mode: str, ratio: float, expected: float) -> None:
+    model, method = lowrank_model("relora", optimizer_reset=mode, prune_ratio=ratio)
+    perturb_adapters(model)  # B != 0, so every adapter entry gets a gradient and non-zero moments
+    opt = method.build_optimizer(model)
+    ids = torch.randint(0, 97, (2, 24))
+    model(ids).square().mean().backward()
+    opt.step()
+    embed_state = opt.state[model.model.embed_tokens.weight]["exp_avg"].clone()
+    scalars = method._restart(model, opt)
+    adapters = [p for _, layer in lowrank_layers(model) for p in layer.adapter_parameters()]
+    zeros = sum(int((opt.state[p][k] == 0).sum()) for p in adapters for k in ("exp_avg", "exp_avg_sq"))
+    total = sum(opt.state[p][k].numel() for p in adapters for k in ("exp_avg", "exp_avg_sq"))
+    assert zeros / total == pytest.approx(expected, abs=1e-3)
+    assert scalars["relora/pruned_fraction"] == pytest.approx(zeros / total)
+    assert torch.equal(opt.state[model.model.embed_tokens.weight]["exp_avg"], embed_state)  # full-rank untouched
+    reset_optimizer_state(opt, adapters, mode="none", ratio=0.5)
+    with pytest.raises(ValueError, match="unknown optimizer reset"):
+        reset_optimizer_state(opt, adapters, mode="bogus", ratio=0.5)
+
+
+def test_jagged_schedule_values() -> None:
+    cfg = MethodConfig(name="relora", reset_every=100, warm_start_steps=50, restart_warmup_steps=10)
+    method = build_method(cfg, optim_cfg=OptimConfig(), total_steps=400)
+    assert method.restart_steps() == (50, 150, 250, 350)
+    base = build_schedule(OptimConfig(warmup_steps=20, min_lr_ratio=0.1), total_steps=400)
+    sched = method.lr_schedule(base)
+    for step in (0, 10, 19, 49, 60, 149, 160, 399):
+        assert sched(step) == pytest.approx(base(step))  # on the envelope outside re-warmups
+    for restart in (50, 150, 250, 350):
+        assert sched(restart) == 0.0
+        assert sched(restart + 5) == pytest.approx(0.5 * base(restart + 10))
+        assert sched(restart + 9) == pytest.approx(0.9 * base(restart + 10))
+    lora = build_method(MethodConfig(name="lora", warm_start_steps=50), optim_cfg=OptimConfig(), total_steps=400)
+    assert lora.restart_steps() == (50,)  # LoRA re-warms only at the warm-start switch
+
+
+def _peft_twin(model: torch.nn.Module, *, rank: int, alpha: float, **lora_kw) -> torch.nn.Module:
+    """peft's LoRA over a plain copy of our model's dense weights."""
+    args = model.args
+    plain = build_model(args)
+    plain.to_empty(device="cpu")
+    plain.init_rope()
+    state = {k: v for k, v in model.state_dict().items() if "lora_" not in k and "magnitude" not in k}
+    plain.load_state_dict(state)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, **lora_kw)
+    return peft.get_peft_model(plain, config).eval()
+
+
+@pytest.mark.parametrize("method_name,use_dora", [("lora", False), ("relora", False), ("redora", True)])
+def test_forward_equals_peft(method_name: str, use_dora: bool) -> None:
+    model, _ = lowrank_model(method_name, rank=4)
+    perturb_adapters(model)
+    twin = _peft_twin(model, rank=4, alpha=8.0, use_dora=use_dora)
+    with torch.no_grad():
+        for name, layer in lowrank_layers(model):
+            peft_layer = twin.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+            if use_dora:
+                peft_layer.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        ours, theirs = model(ids), twin(ids)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    for _, layer in lowrank_layers(model):
+        layer.lowrank_active = False
+    with torch.no_grad():
+        assert (ours - model(ids)).abs().max() > 1e-3  # the adapters do contribute: the check is not vacuous
+
+
+def test_pissa_initialisation_equals_peft() -> None:
+    dense, _ = lowrank_model("relora", rank=4)  # any model: we only need its initial dense weights
+    twin = _peft_twin(dense, rank=4, alpha=8.0, init_lora_weights="pissa")
+    model, _ = lowrank_model("repissa", rank=4)  # same seed: same initial weights, then PiSSA-decomposed
+    for name, layer in lowrank_layers(model):
+        peft_layer = twin.base_model.model.get_submodule(name)
+        assert torch.allclose(layer.lora_A, peft_layer.lora_A["default"].weight, atol=1e-6), name
+        assert torch.allclose(layer.lora_B, peft_layer.lora_B["default"].weight, atol=1e-6), name
+        assert torch.allclose(layer.weight, peft_layer.base_layer.weight, atol=1e-6), name
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        assert (model(ids) - dense(ids)).abs().max() <= 1e-5  # PiSSA's split keeps the function
+
+
+# ReLoRA Table 2: trainable parameters of the low-rank runs (r = 128, T5 vocabulary of 32,100).
+@pytest.mark.parametrize("size,millions", [("60m", 43), ("130m", 72), ("250m", 99), ("350m", 125), ("1b", 250)])
+def test_trainable_parameter_counts_match_relora_table_2(size: str, millions: float) -> None:
+    args = llama_args(ModelConfig(name=size), vocab_size=32100)
+    method = build_method(MethodConfig(name="relora", rank=128), optim_cfg=OptimConfig(), total_steps=10)
+    model = build_model(args)
+    method.convert(model)
+    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
+    assert trainable / 1e6 == pytest.approx(millions, rel=0.02)
+
+
+def test_warm_start_switch_keeps_function_and_full_rank_moments() -> None:
+    model, method = lowrank_model("relora", warm_start_steps=2)
+    layers = lowrank_layers(model)
+    assert not any(layer.lowrank_active for _, layer in layers)
+    assert all(layer.weight.requires_grad and not layer.lora_A.requires_grad for _, layer in layers)
+    opt = method.build_optimizer(model)
+    ids = torch.randint(0, 97, (2, 24))
+    for _ in range(2):
+        model(ids).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    before = model(ids)
+    assert method.on_step_end(step=0, model=model, optimizer=opt).optimizer is None
+    end = method.on_step_end(step=1, model=model, optimizer=opt)
+    new = end.optimizer
+    assert new is not None and end.scalars["relora/phase"] == 1.0
+    assert (model(ids) - before).abs().max() <= 1e-6  # B = 0: the switch keeps the function
+    assert all(layer.lowrank_active and not layer.weight.requires_grad for _, layer in layers)
+    embed = model.model.embed_tokens.weight
+    assert new.state[embed] is opt.state[embed]  # moments of parameters that still train are kept
+    frozen = layers[0][1].weight
+    assert frozen not in new.state and all(frozen is not p for g in new.param_groups for p in g["params"])
+    state = method.state_dict()
+    fresh = build_method(method.cfg, optim_cfg=OptimConfig(), total_steps=100)
+    fresh.load_state_dict(copy.deepcopy(state))
+    assert fresh.state_dict()["phase"].item() == 1 and fresh.restart_count == 0
+
+
+def test_rank_and_target_errors() -> None:
+    from megatron_pept.errors import ConfigError
+
+    with pytest.raises(ValueError, match="rank 100 must be between 1 and min"):
+        LowRankLinear(64, 32, rank=100, alpha=1.0)
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        lowrank_model("relora", target_modules=["nope_proj"])
+    with pytest.raises(ConfigError, match="not available in this version"):
+        lowrank_model("relora", base_dtype="nf4")
+    assert isinstance(build_method(MethodConfig(name="repissa"), optim_cfg=OptimConfig(), total_steps=1), LowRankMethod)
