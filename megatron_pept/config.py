@@ -182,6 +182,27 @@ class MethodConfig:
     qr_residual: bool = False
     """reloqra only: subtract the QR factors from the base (function-preserving) instead of the paper's literal
     eq. 5, which adds them to the weight at every restart."""
+    galore_scale: float = 0.25
+    """GaLore family: the projected-back update is multiplied by this (GaLore's alpha)."""
+    update_proj_gap: int = 200
+    """GaLore family: steps between projector refreshes (galore, galore_ef, galore_8bit, galore_adafactor)."""
+    ef_weight: float = 0.2
+    """galore_ef, galore_dynamic_ef: weight of the residual G - P P^T G fed back into the next step's gradient
+    (the Approximations paper uses 0.1 and 0.2)."""
+    dynamic_first: int = 200
+    """galore_dynamic(_ef): step of the first projector refresh after the initial one."""
+    dynamic_growth: float = 1.5
+    """galore_dynamic(_ef): each gap between refreshes is this many times the previous one."""
+    dynamic_cap: int = 2500
+    """galore_dynamic(_ef): the largest gap between refreshes."""
+    svd: Literal["full", "randomized"] = "full"
+    """GaLore family: projector from a full SVD, or from a randomized range finder (far cheaper on big matrices)."""
+    svd_oversample: int = 8
+    """Randomized range finder: extra sketch columns beyond the rank."""
+    svd_power_iters: int = 2
+    """Randomized range finder: power iterations (each sharpens the subspace at the cost of two matmuls)."""
+    adafactor_beta1: float | None = None
+    """galore_adafactor: first-moment decay, or null for none (Adafactor's default)."""
 
 
 @dataclass
@@ -550,6 +571,16 @@ def validate(cfg: Config) -> None:
     _require(me.restart_warmup_steps >= 0, f"method.restart_warmup_steps must be >= 0; got {me.restart_warmup_steps}")
     _require(0.0 <= me.prune_ratio <= 1.0, f"method.prune_ratio must be in [0, 1]; got {me.prune_ratio}")
     _require(bool(me.target_modules), "method.target_modules is empty; name at least one linear layer pattern")
+    _require(me.galore_scale > 0, f"method.galore_scale must be > 0; got {me.galore_scale}")
+    _require(me.update_proj_gap >= 1, f"method.update_proj_gap must be >= 1; got {me.update_proj_gap}")
+    _require(me.ef_weight >= 0, f"method.ef_weight must be >= 0; got {me.ef_weight}")
+    _require(me.dynamic_first >= 1, f"method.dynamic_first must be >= 1; got {me.dynamic_first}")
+    _require(me.dynamic_growth >= 1.0, f"method.dynamic_growth must be >= 1; got {me.dynamic_growth}")
+    _require(me.dynamic_cap >= 1, f"method.dynamic_cap must be >= 1; got {me.dynamic_cap}")
+    _require(me.svd_oversample >= 0, f"method.svd_oversample must be >= 0; got {me.svd_oversample}")
+    _require(me.svd_power_iters >= 0, f"method.svd_power_iters must be >= 0; got {me.svd_power_iters}")
+    if me.adafactor_beta1 is not None:
+        _require(0 <= me.adafactor_beta1 < 1, f"method.adafactor_beta1 must be in [0, 1); got {me.adafactor_beta1}")
     if m.name not in MODEL_SIZES:  # pragma: no cover - Literal already guards it
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_SIZES)}")
     if cfg.method.name not in METHOD_NAMES:

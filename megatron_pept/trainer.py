@@ -28,6 +28,7 @@ from megatron_pept.metrics import (
 )
 from megatron_pept.models import build_model, llama_args
 from megatron_pept.optim import build_schedule
+from megatron_pept.optim.per_layer import PerLayerOptimizer
 
 logger = logging.getLogger("megatron_pept")
 
@@ -38,12 +39,18 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
+    last_grad_norm: float = -1.0  # of the previous step; per-layer clipping uses it (-1: none yet)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"step": torch.tensor(self.step), "tokens_seen": torch.tensor(self.tokens_seen)}
+        return {
+            "step": torch.tensor(self.step),
+            "tokens_seen": torch.tensor(self.tokens_seen),
+            "last_grad_norm": torch.tensor(self.last_grad_norm, dtype=torch.float64),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.last_grad_norm = float(state["last_grad_norm"])
 
 
 @dataclass
@@ -128,7 +135,7 @@ class Trainer:
                 layer.compile()
         self.model = model
 
-        self.optimizer = self.method.build_optimizer(model)
+        self.optimizer = self._per_layer(self.method.build_optimizer(model))
         self.schedule = self.method.lr_schedule(build_schedule(cfg.optim, total_steps=t.steps))
         self.state = TrainState()
         self.tokens_per_step = t.global_batch_size * d.seq_len
@@ -206,6 +213,15 @@ class Trainer:
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.method.trainable_parameters(self.model)]
 
+    def _per_layer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | PerLayerOptimizer:
+        return PerLayerOptimizer(optimizer) if self.cfg.optim.per_layer else optimizer
+
+    def _stale_clip_coef(self) -> float:
+        max_norm, last = self.cfg.train.max_grad_norm, self.state.last_grad_norm
+        if max_norm <= 0 or last < 0:
+            return 1.0
+        return min(1.0, max_norm / (last + 1e-6))
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches."""
@@ -235,27 +251,36 @@ class Trainer:
         lr = self.cfg.optim.lr * self.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        per_layer = isinstance(self.optimizer, PerLayerOptimizer)
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum_steps):
+        for micro in range(self.grad_accum_steps):
             inputs, targets = self.loader.next_batch()
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self._autocast():
                 loss = cross_entropy_loss(self.model(inputs), targets) / self.grad_accum_steps
+            if per_layer and micro == self.grad_accum_steps - 1:
+                self.optimizer.arm(clip_coef=self._stale_clip_coef())  # step inside this backward
             loss.backward()
             loss_sum += loss.detach()
-        max_norm = self.cfg.train.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
+        if per_layer:
+            grad_norm = self.optimizer.disarm()
+        else:
+            max_norm = self.cfg.train.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm if max_norm > 0 else float("inf"))
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.state.last_grad_norm = grad_norm.item()
         end = self.method.on_step_end(step=step, model=self.model, optimizer=self.optimizer)
         if end.optimizer is not None:
-            self.optimizer = end.optimizer
+            if per_layer:
+                self.optimizer.remove_hooks()
+            self.optimizer = self._per_layer(end.optimizer)
         if end.scalars:
             self.writer.scalars(step + 1, end.scalars)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return loss_sum.item(), grad_norm.item(), lr
+        return loss_sum.item(), self.state.last_grad_norm, lr
 
     def train(self) -> TrainResult:
         cfg = self.cfg.train

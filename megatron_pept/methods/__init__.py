@@ -9,9 +9,12 @@ from megatron_pept.config import METHOD_NAMES, MethodConfig, OptimConfig
 from megatron_pept.errors import ConfigError
 from megatron_pept.methods.base import Method
 from megatron_pept.methods.full import FullRank
+from megatron_pept.methods.galore import GALORE_METHODS
 from megatron_pept.methods.relora import LOWRANK_METHODS
 
-METHODS: Mapping[str, type[Method]] = MappingProxyType({cls.name: cls for cls in (FullRank, *LOWRANK_METHODS)})
+METHODS: Mapping[str, type[Method]] = MappingProxyType(
+    {cls.name: cls for cls in (FullRank, *LOWRANK_METHODS, *GALORE_METHODS)}
+)
 
 
 def build_method(cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> Method:

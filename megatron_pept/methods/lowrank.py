@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_pept.errors import ConfigError
+
 LOWRANK_KINDS = ("lora", "dora", "pissa", "qr")
 
 
@@ -82,7 +84,7 @@ class LowRankLinear(nn.Linear):
         if kind not in LOWRANK_KINDS:
             raise ValueError(f"unknown low-rank kind {kind!r}; choose one of {', '.join(LOWRANK_KINDS)}")
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(
+            raise ConfigError(
                 f"rank {rank} must be between 1 and min(in, out) = {min(in_features, out_features)} for a "
                 f"{out_features}x{in_features} layer; lower method.rank"
             )

@@ -14,7 +14,27 @@ from typing import Any
 import torch
 
 
-class LowPrecisionAdamW(torch.optim.Optimizer):
+class KeepStateDtypes:
+    """Mixin for optimizers whose state dtypes differ from their parameters'.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to the parameter's dtype,
+    which would turn bf16 moments into fp32, 8-bit codes into floats and integer counters and seeds into float32.
+    This keeps each tensor's saved dtype and only moves it to the parameter's device.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]  # type: ignore[attr-defined]
+        by_id = dict(zip(ids, params))
+        for param_id, saved in state_dict["state"].items():
+            param = by_id[param_id]
+            for key, value in saved.items():
+                if torch.is_tensor(value):
+                    self.state[param][key] = value.to(device=param.device, copy=True)  # type: ignore[attr-defined]
+
+
+class LowPrecisionAdamW(KeepStateDtypes, torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

@@ -69,9 +69,16 @@ def test_clipping_caps_the_update(quickstart_data: Path, tmp_path: Path) -> None
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_every_public_method_name_is_registered() -> None:
+    from megatron_pept.config import METHOD_NAMES
+    from megatron_pept.methods import METHODS
+
+    assert set(METHOD_NAMES) <= set(METHODS)
+
+
 def test_config_and_data_mistakes(quickstart_data: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not available in this version"):
-        Trainer(tiny(quickstart_data, tmp_path / "m", "method.name=relora"))
+    with pytest.raises(ConfigError, match="rank 1000 must be between 1 and min"):
+        Trainer(tiny(quickstart_data, tmp_path / "m", "method.name=relora", "method.rank=1000"))
     with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size"):
         Trainer(tiny(quickstart_data, tmp_path / "b", "train.global_batch_size=10"))
     with pytest.raises(DataError, match="smaller than the data's tokenizer vocabulary"):

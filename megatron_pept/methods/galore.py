@@ -1,0 +1,181 @@
+"""The GaLore family and Adam-mini: every weight trains; only the optimizer changes.
+
+| method | optimizer |
+|---|---|
+| ``galore`` | GaLore-AdamW: Adam moments in the rank-``r`` projection, refreshed every ``update_proj_gap`` steps |
+| ``galore_ef`` | + error feedback: the residual ``G - P P^T G`` (times ``ef_weight``) joins the next gradient |
+| ``galore_dynamic`` | refresh at 0, ``dynamic_first``, then gaps growing x``dynamic_growth`` up to ``dynamic_cap`` |
+| ``galore_dynamic_ef`` | both |
+| ``galore_8bit`` | GaLore-AdamW with 8-bit moments (bitsandbytes blockwise quantisation) |
+| ``galore_adafactor`` | GaLore with Adafactor (factored second moments) in the projection |
+| ``adam_mini`` | Adam-mini: one second moment per head (queries, keys), per row (values, outputs, MLP), full Adam for
+  the embedding and the LM head |
+
+GaLore projects the targeted matrices (``method.target_modules``, default every attention and MLP projection);
+embeddings, norms and the LM head use the same optimizer unprojected, as galore-torch does.
+
+Scalars under ``galore/``: ``refreshes`` (projector refreshes so far, all matrices), ``svd_seconds`` (time spent
+computing projectors so far), ``subspace_overlap`` (mean ``||P_old^T P_new||_F^2 / r`` over the matrices refreshed
+in a step; 1 = same subspace), ``ef_residual_norm`` (global norm of the error-feedback residuals).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from megatron_pept.config import MethodConfig, OptimConfig
+from megatron_pept.methods.base import Method, StepEnd
+from megatron_pept.methods.relora import matches_target
+from megatron_pept.optim.adam_mini import AdamMini
+from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer
+
+
+class GaLoreMethod(Method):
+    optimizer_kind: ClassVar[str] = "adamw"
+    error_feedback: ClassVar[bool] = False
+    dynamic: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
+        super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
+        self.refreshes = 0
+        self.svd_seconds = 0.0
+
+    def galore_targets(self, model: nn.Module) -> set[nn.Parameter]:
+        return {
+            module.weight
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+            and name != "lm_head"
+            and module.weight.requires_grad
+            and matches_target(name, self.cfg.target_modules)
+        }
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        c, wd = self.cfg, self.optim_cfg.weight_decay
+        targets = self.galore_targets(model)
+        projected, decay, no_decay = [], [], []
+        for _, p in self.trainable_parameters(model):
+            if p in targets:
+                projected.append(p)
+            elif p.ndim >= 2:
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        galore = dict(
+            rank=c.rank,
+            update_proj_gap=c.update_proj_gap,
+            scale=c.galore_scale,
+            proj_type="std",
+            dynamic_gap=self.dynamic,
+            dynamic_first=c.dynamic_first,
+            dynamic_growth=c.dynamic_growth,
+            dynamic_cap=c.dynamic_cap,
+            ef_weight=c.ef_weight if self.error_feedback else 0.0,
+            svd=c.svd,
+            svd_oversample=c.svd_oversample,
+            svd_power_iters=c.svd_power_iters,
+            seed=self.seed,
+            weight_decay=wd,
+        )
+        groups = [
+            {"params": decay, "weight_decay": wd},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": projected, **galore},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.optim_cfg
+        groups = self.param_groups(model)
+        if self.optimizer_kind == "adafactor":
+            return GaLoreAdafactor(groups, lr=o.lr, beta1=self.cfg.adafactor_beta1, weight_decay=o.weight_decay)
+        cls = GaLoreAdamW8bit if self.optimizer_kind == "adamw8bit" else GaLoreAdamW
+        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
+        stats = optimizer if isinstance(optimizer, GaLoreOptimizer) else getattr(optimizer, "galore_stats", None)
+        end = StepEnd()
+        if stats is None:
+            return end
+        self.refreshes += stats.last_refreshes
+        self.svd_seconds += stats.last_svd_seconds
+        end.scalars["galore/refreshes"] = float(self.refreshes)
+        end.scalars["galore/svd_seconds"] = self.svd_seconds
+        if stats.last_overlaps:
+            end.scalars["galore/subspace_overlap"] = sum(stats.last_overlaps) / len(stats.last_overlaps)
+        if self.error_feedback:
+            end.scalars["galore/ef_residual_norm"] = stats.last_ef_residual_sq**0.5
+        return end
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"refreshes": torch.tensor(self.refreshes), "svd_seconds": torch.tensor(self.svd_seconds)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.refreshes, self.svd_seconds = int(state["refreshes"]), float(state["svd_seconds"])
+
+
+class GaLore(GaLoreMethod):
+    name = "galore"
+
+
+class GaLoreEF(GaLoreMethod):
+    name = "galore_ef"
+    error_feedback = True
+
+
+class GaLoreDynamic(GaLoreMethod):
+    name = "galore_dynamic"
+    dynamic = True
+
+
+class GaLoreDynamicEF(GaLoreMethod):
+    name = "galore_dynamic_ef"
+    dynamic = True
+    error_feedback = True
+
+
+class GaLore8bit(GaLoreMethod):
+    name = "galore_8bit"
+    optimizer_kind = "adamw8bit"
+
+
+class GaLoreAdafactorMethod(GaLoreMethod):
+    name = "galore_adafactor"
+    optimizer_kind = "adafactor"
+
+
+class AdamMiniMethod(Method):
+    """Adam-mini over every parameter, partitioned as the paper does (see :mod:`megatron_pept.optim.adam_mini`)."""
+
+    name = "adam_mini"
+    QUERY_KEY = ("q_proj", "k_proj")
+    FULL_ADAM = ("embed_tokens", "lm_head")
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        args = model.args
+        head_numel = args.hidden_size * args.head_dim  # one head's rows of q_proj / k_proj
+        wd = self.optim_cfg.weight_decay
+        groups = []
+        for name, p in self.trainable_parameters(model):
+            leaf = name.rsplit(".", 2)[-2] if "." in name else name
+            if any(key in name for key in self.FULL_ADAM):
+                block = {"block": "adam"}
+            elif leaf in self.QUERY_KEY:
+                block = {"block": "head", "head_numel": head_numel}
+            elif p.ndim >= 2:
+                block = {"block": "row"}
+            else:
+                block = {"block": "tensor"}
+            decay = 0.0 if ("norm" in name or p.ndim < 2) else wd
+            groups.append({"params": [p], "name": name, "weight_decay": decay, **block})
+        return groups
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.optim_cfg
+        return AdamMini(self.param_groups(model), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+GALORE_METHODS = (GaLore, GaLoreEF, GaLoreDynamic, GaLoreDynamicEF, GaLore8bit, GaLoreAdafactorMethod, AdamMiniMethod)

@@ -1,0 +1,102 @@
+"""Adam-mini (Zhang et al. 2024): Adam with one second-moment value per block of parameters.
+
+The partition follows the paper: queries and keys get one value per attention head, the embedding and the output
+layer keep full Adam (one value per entry), values, attention outputs and MLP matrices get one value per output
+neuron (row), and any other tensor (norm weights) one value for the whole tensor. Each parameter group carries its
+``block`` kind (``adam``, ``head``, ``row`` or ``tensor``) and, for heads, ``head_numel``.
+
+The update for a block ``B`` with gradient entries ``g``: ``m <- beta1 m + (1 - beta1) g`` per entry,
+``v_B <- beta2 v_B + (1 - beta2) mean(g^2 over B)``, ``p <- p (1 - lr wd) - lr m / (1 - beta1^t) /
+(sqrt(v_B / (1 - beta2^t)) + eps)``: the adam-mini package's arithmetic, step for step (tested).
+
+Under data parallelism each rank holds the whole gradient (DDP), so block means are local; ``reduce_sum`` lets a
+sharded run sum the partial sums of blocks that span shards before dividing by the block's global size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+BLOCK_KINDS = ("adam", "head", "row", "tensor")
+
+
+class AdamMini(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block="adam"))
+        for group in self.param_groups:
+            if group["block"] not in BLOCK_KINDS:
+                raise ValueError(f"unknown Adam-mini block kind {group['block']!r}")
+            if group["block"] == "head" and not group.get("head_numel"):
+                raise ValueError("an Adam-mini 'head' group needs head_numel")
+        self.reduce_sum = reduce_sum
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd, kind = group["lr"], group["eps"], group["weight_decay"], group["block"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p) if kind == "adam" else self._block_zeros(p, group)
+                state["step"] += 1
+                step = float(state["step"])
+                if wd > 0:
+                    p.mul_(1 - lr * wd)
+                state["m"].lerp_(grad, 1 - beta1)
+                if kind == "adam":
+                    state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                else:
+                    state["v"].mul_(beta2).add_(self._block_mean_sq(grad, group), alpha=1 - beta2)
+                bias_correction1 = 1 - beta1**step
+                h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                if kind == "adam":
+                    p.addcdiv_(state["m"], h, value=-lr / bias_correction1)
+                else:
+                    stepsize = (1 / bias_correction1) / h
+                    m = state["m"].view(stepsize.shape[0], -1) if kind != "tensor" else state["m"]
+                    p.add_(-(m * stepsize).view(p.shape) * lr)
+        return loss
+
+    @staticmethod
+    def _block_zeros(p: torch.Tensor, group: dict) -> torch.Tensor:
+        kind = group["block"]
+        if kind == "head":
+            return torch.zeros(p.numel() // group["head_numel"], 1, dtype=p.dtype, device=p.device)
+        if kind == "row":
+            return torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+        return torch.zeros((), dtype=p.dtype, device=p.device)
+
+    def _block_mean_sq(self, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        kind = group["block"]
+        if kind == "head":
+            return torch.mean(grad.view(-1, group["head_numel"]).square(), dim=1, keepdim=True)
+        if kind == "row":
+            return torch.mean(grad.view(grad.shape[0], -1).square(), dim=1, keepdim=True)
+        total = grad.square().sum()
+        numel = torch.tensor(float(grad.numel()), device=grad.device)
+        if self.reduce_sum is not None:
+            total, numel = self.reduce_sum(total), self.reduce_sum(numel)
+        return total / numel

@@ -1,0 +1,341 @@
+"""GaLore optimizers: AdamW, 8-bit AdamW and Adafactor whose states live in a low-rank projection of the gradient.
+
+Parameter groups carrying ``rank`` are projected (see :mod:`megatron_pept.optim.projector`); the others get the
+same optimizer unprojected. A projected step, for a weight ``W`` with gradient ``G`` (step ``t``, 0-based):
+
+1. error feedback (``ef_weight = w > 0``): ``G <- G + w * S`` with ``S`` the residual kept from the last step;
+2. on a refresh step (fixed gap or the dynamic schedule) the projector ``P`` becomes the top-``rank`` singular
+   subspace of ``G`` (full SVD, or a randomized range finder seeded per parameter and refresh);
+3. ``R = project(G)``; with error feedback the new residual is ``S = G - project_back(R)``;
+4. the inner optimizer turns ``R`` into a low-rank update ``U`` (its moments have ``R``'s shape);
+5. ``W <- W - lr_t * scale * project_back(U)``, and decoupled weight decay on the full weight.
+
+The AdamW update is galore-torch's (Hugging Face AdamW form: ``denom = sqrt(v) + eps``, bias corrections folded
+into the step size, weight decay applied after the update), so with a full SVD it reproduces galore-torch's
+``GaLoreAdamW`` step for step; tested. Every piece of state, the projector and its refresh count and seed
+included, is a tensor in ``state_dict()``, so checkpoints load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from megatron_pept.optim.adamw import KeepStateDtypes
+from megatron_pept.optim.projector import (
+    RefreshSchedule,
+    project,
+    project_back,
+    projection_side,
+    randomized_basis,
+    subspace_overlap,
+    svd_basis,
+)
+
+GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
+    rank=128,
+    update_proj_gap=200,
+    scale=0.25,
+    proj_type="std",
+    dynamic_gap=False,
+    dynamic_first=200,
+    dynamic_growth=1.5,
+    dynamic_cap=2500,
+    ef_weight=0.0,
+    svd="full",
+    svd_oversample=8,
+    svd_power_iters=2,
+    seed=0,
+)
+
+
+class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
+    """Projection machinery shared by the GaLore optimizers; subclasses give the inner update."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if "rank" in group:
+                for key, value in GALORE_GROUP_DEFAULTS.items():
+                    group.setdefault(key, value)
+                if group["proj_type"] != "std":
+                    raise ValueError(f"proj_type {group['proj_type']!r} is not supported; only 'std'")
+                if group["svd"] not in ("full", "randomized"):
+                    raise ValueError(f"svd must be 'full' or 'randomized'; got {group['svd']!r}")
+        # A stable number per parameter: seeds its randomized sketches (kept when split for per-layer updates).
+        self.param_index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        # Statistics of the refreshes made in the last step() (read by the training method for logging).
+        self.last_refreshes = 0
+        self.last_svd_seconds = 0.0
+        self.last_overlaps: list[float] = []
+        self.last_ef_residual_sq = 0.0
+
+    # -- to be provided by subclasses --------------------------------------------------------------------------
+
+    def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
+        """Return ``(update, step_size)``: the parameter moves by ``-step_size * project_back(update)``."""
+        raise NotImplementedError
+
+    def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    # -- projection --------------------------------------------------------------------------------------------
+
+    def _schedule(self, group: dict) -> RefreshSchedule:
+        return RefreshSchedule(
+            gap=group["update_proj_gap"],
+            dynamic=group["dynamic_gap"],
+            first=group["dynamic_first"],
+            growth=group["dynamic_growth"],
+            cap=group["dynamic_cap"],
+        )
+
+    def _refresh(self, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str) -> None:
+        start = time.perf_counter()
+        if group["svd"] == "full":
+            basis = svd_basis(grad, rank=group["rank"], side=side)
+        else:
+            gen = torch.Generator().manual_seed(int(state["seed"]) * 1_000_003 + int(state["refreshes"]))
+            basis = randomized_basis(
+                grad,
+                rank=group["rank"],
+                side=side,
+                generator=gen,
+                oversample=group["svd_oversample"],
+                power_iters=group["svd_power_iters"],
+            )
+        if grad.is_cuda:
+            torch.cuda.synchronize(grad.device)
+        self.last_svd_seconds += time.perf_counter() - start
+        basis = basis.to(grad.dtype)
+        if int(state["refreshes"]) > 0:
+            self.last_overlaps.append(subspace_overlap(state["projector"], basis, side=side))
+        state["projector"] = basis
+        state["refreshes"] += 1
+        self.last_refreshes += 1
+
+    def _projected_step(self, p: torch.Tensor, group: dict, index: int) -> None:
+        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        if grad.dim() != 2:
+            raise ValueError(f"GaLore projects matrices; a parameter of shape {tuple(grad.shape)} was given a rank")
+        side = projection_side(grad.shape)
+        rank = min(group["rank"], *grad.shape)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["refreshes"] = torch.tensor(0)
+            state["seed"] = torch.tensor(group["seed"] * 100_003 + index)
+            shape = (grad.shape[0], rank) if side == "right" else (rank, grad.shape[1])
+            self._init_inner_state(state, torch.Size(shape), grad, group)
+            if group["ef_weight"] > 0:
+                state["ef_residual"] = torch.zeros_like(grad)
+        if group["ef_weight"] > 0:
+            grad = grad + group["ef_weight"] * state["ef_residual"]
+        step = int(state["step"])
+        if step == 0 or self._schedule(group).is_refresh(step):
+            self._refresh(state, grad, {**group, "rank": rank}, side)
+        basis = state["projector"]
+        low = project(grad, basis, side=side)
+        if group["ef_weight"] > 0:
+            residual = grad - project_back(low, basis, side=side)
+            state["ef_residual"].copy_(residual)
+            self.last_ef_residual_sq += float(residual.square().sum())
+        state["step"] += 1
+        update, step_size = self._inner_update(state, low, group, p)
+        full = project_back(update, basis, side=side) * group["scale"]
+        p.add_(full.to(p.dtype), alpha=-step_size)
+        self._decay(p, group, step_size)
+
+    def _plain_step(self, p: torch.Tensor, group: dict) -> None:
+        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            self._init_inner_state(state, grad.shape, grad, group)
+        state["step"] += 1
+        update, step_size = self._inner_update(state, grad, group, p)
+        p.add_(update.to(p.dtype), alpha=-step_size)
+        self._decay(p, group, step_size)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_refreshes, self.last_svd_seconds, self.last_overlaps = 0, 0.0, []
+        self.last_ef_residual_sq = 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if "rank" in group:
+                    self._projected_step(p, group, self.param_index[p])
+                else:
+                    self._plain_step(p, group)
+        return loss
+
+
+class GaLoreAdamW(GaLoreOptimizer):
+    """GaLore with AdamW moments in the projected space (fp32)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
+
+    def _adam_direction(
+        self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, group: dict, step: float
+    ) -> tuple[torch.Tensor, float]:
+        beta1, beta2 = group["betas"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        return exp_avg / denom, step_size
+
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
+        return self._adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group, float(state["step"]))
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLore AdamW whose moments are stored in 8 bits (bitsandbytes' blockwise dynamic quantisation: a signed map
+    for the first moment, an unsigned one for the second), dequantised for the update and re-quantised after.
+    Runs on CPU and GPU (bitsandbytes >= 0.46)."""
+
+    block_size = 256
+    min_8bit_numel = 4096  # smaller states stay fp32, as in bitsandbytes' 8-bit optimizers
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        try:
+            import bitsandbytes.functional as bnbf
+        except Exception as err:
+            raise ImportError(
+                f"galore_8bit needs bitsandbytes ({type(err).__name__}: {err}); pip install 'megatron_pept[quant]'"
+            ) from None
+        self._bnbf = bnbf
+        self._signed_map = bnbf.create_dynamic_map(signed=True)
+        self._unsigned_map = bnbf.create_dynamic_map(signed=False)
+        super().__init__(params, **kwargs)
+
+    def _quantize(self, x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        code = (self._signed_map if signed else self._unsigned_map).to(x.device)
+        q, qstate = self._bnbf.quantize_blockwise(x.contiguous(), code=code, blocksize=self.block_size)
+        return q, qstate.absmax
+
+    def _dequantize(self, q: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, *, signed: bool) -> torch.Tensor:
+        code = (self._signed_map if signed else self._unsigned_map).to(q.device)
+        out = self._bnbf.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=self.block_size)
+        return out.view(shape).float()
+
+    def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
+        if shape.numel() < self.min_8bit_numel:
+            super()._init_inner_state(state, shape, like, group)
+            return
+        zeros = torch.zeros(shape, dtype=torch.float32, device=like.device)
+        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(zeros, signed=True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(zeros, signed=False)
+
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
+        if "exp_avg" in state:
+            return super()._inner_update(state, grad, group, param)
+        exp_avg = self._dequantize(state["exp_avg_q"], state["exp_avg_absmax"], grad.shape, signed=True)
+        exp_avg_sq = self._dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], grad.shape, signed=False)
+        direction, step_size = self._adam_direction(exp_avg, exp_avg_sq, grad, group, float(state["step"]))
+        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(exp_avg, signed=True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(exp_avg_sq, signed=False)
+        return direction, step_size
+
+
+class GaLoreAdafactor(GaLoreOptimizer):
+    """GaLore with Adafactor in the projected space: factored second moments (row and column means) for matrices,
+    optional first moment (``beta1``), update clipping by RMS, the learning rate from the schedule (no relative
+    step or parameter scaling unless asked), as transformers' and galore-torch's Adafactor."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        lr: float = 1e-3,
+        beta1: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = False,
+        relative_step: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            beta1=beta1,
+            eps=tuple(eps),
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+        )
+        super().__init__(params, defaults)
+
+    def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
+        if len(shape) >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=like.device)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=like.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
+
+    @staticmethod
+    def _rms(t: torch.Tensor) -> torch.Tensor:
+        return t.norm(2) / (t.numel() ** 0.5)
+
+    def _lr(self, group: dict, step: float, param: torch.Tensor) -> float:
+        lr = group["lr"]
+        if group["relative_step"]:
+            lr = min(1e-2, 1.0 / math.sqrt(step))
+        if group["scale_parameter"]:
+            lr *= max(group["eps"][1], float(self._rms(param.float())))
+        return lr
+
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
+        step = float(state["step"])
+        lr = self._lr(group, step, param)
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        squared = grad.square() + group["eps"][0]
+        if "exp_avg_sq_row" in state:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            update = r_factor * col.unsqueeze(-2).rsqrt() * grad
+        else:
+            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+            update = state["exp_avg_sq"].rsqrt() * grad
+        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        if group["beta1"] is not None:
+            state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
+            update = state["exp_avg"].clone()
+        return update, lr
+
+    def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["weight_decay"] * step_size)

@@ -1,0 +1,142 @@
+"""GaLore's gradient projection as pure functions: which side to project, the top singular subspace (full SVD or a
+randomized range finder), projecting and projecting back, the refresh schedule, and subspace statistics.
+
+Shapes. A gradient ``G`` is ``m x n`` (``out x in`` for a linear weight). The projection keeps the *larger*
+dimension and compresses the smaller one to ``r`` (GaLore's rule, galore-torch's ``proj_type="std"``):
+
+* ``m >= n`` (tall or square): **right** projection, ``R = G P^T`` with ``P: r x n`` (the top right singular
+  vectors); ``R`` is ``m x r``; back: ``R P``.
+* ``m < n`` (wide): **left** projection, ``R = P^T G`` with ``P: m x r`` (the top left singular vectors); ``R`` is
+  ``r x n``; back: ``P R``.
+
+So the projector costs ``min(m, n) * r`` and the optimizer state ``max(m, n) * r``, the smaller of the two
+layouts' projector, and for a weight sharded by rows (FSDP2, dim 0) the common tall/square case projects on the
+right, which is local to each row shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+SIDES = ("left", "right")
+
+
+def projection_side(shape: torch.Size | tuple[int, ...]) -> str:
+    m, n = shape[0], shape[1]
+    return "right" if m >= n else "left"
+
+
+def projected_shape(shape: tuple[int, int], *, rank: int) -> tuple[int, int]:
+    m, n = shape
+    return (m, rank) if projection_side(shape) == "right" else (rank, n)
+
+
+def projector_shape(shape: tuple[int, int], *, rank: int) -> tuple[int, int]:
+    m, n = shape
+    return (rank, n) if projection_side(shape) == "right" else (m, rank)
+
+
+@torch.no_grad()
+def svd_basis(grad: torch.Tensor, *, rank: int, side: str) -> torch.Tensor:
+    """The top-``rank`` singular subspace of ``grad`` by a full SVD, in fp32 (right: ``r x n``; left: ``m x r``)."""
+    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    return _compact(vh[:rank] if side == "right" else u[:, :rank])
+
+
+def _compact(basis: torch.Tensor) -> torch.Tensor:
+    """A compact copy in the column-major layout LAPACK returns: slices of the SVD factors would keep the whole
+    factor alive, and a row-major copy would change the matmul kernels (and results, in the last bit) compared
+    with projecting through the slice itself, as galore-torch does."""
+    return basis.T.clone(memory_format=torch.contiguous_format).T
+
+
+@torch.no_grad()
+def randomized_basis(
+    grad: torch.Tensor,
+    *,
+    rank: int,
+    side: str,
+    generator: torch.Generator,
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> torch.Tensor:
+    """The top-``rank`` singular subspace by a randomized range finder (Halko, Martinsson and Tropp 2011, with
+    power iterations): sketch ``G`` with a Gaussian test matrix of ``rank + oversample`` columns drawn from
+    ``generator``, orthonormalise, refine with ``power_iters`` passes of ``G G^T``, and take the top singular
+    vectors of the small projected matrix. Costs O(m n (r + p)) instead of a full SVD's O(m n min(m, n))."""
+    g = grad.float()
+    if side == "right":
+        g = g.T  # work on the side being compressed: columns of g live in the space we need a basis for
+    m, n = g.shape
+    k = min(rank + oversample, n, m)
+    omega = torch.randn(n, k, generator=generator, device="cpu").to(g.device)
+    q, _ = torch.linalg.qr(g @ omega)
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(g.T @ q)
+        q, _ = torch.linalg.qr(g @ q)
+    u_small, _, _ = torch.linalg.svd(q.T @ g, full_matrices=False)
+    basis = (q @ u_small[:, :rank]).contiguous()  # m x r (of g)
+    return basis.T.contiguous() if side == "right" else basis
+
+
+def project(grad: torch.Tensor, basis: torch.Tensor, *, side: str) -> torch.Tensor:
+    return grad @ basis.T if side == "right" else basis.T @ grad
+
+
+def project_back(low: torch.Tensor, basis: torch.Tensor, *, side: str) -> torch.Tensor:
+    return low @ basis if side == "right" else basis @ low
+
+
+def subspace_overlap(old: torch.Tensor, new: torch.Tensor, *, side: str) -> float:
+    """``||P_old^T P_new||_F^2 / r``: 1 for the same subspace, about ``r / dim`` for unrelated ones."""
+    if side == "right":
+        old, new = old.T, new.T
+    rank = old.shape[1]
+    return float((old.T.float() @ new.float()).square().sum()) / rank
+
+
+def captured_energy(grad: torch.Tensor, basis: torch.Tensor, *, side: str) -> float:
+    """Share of the gradient's squared Frobenius norm inside the subspace."""
+    g = grad.float()
+    return float(project(g, basis.float(), side=side).square().sum() / g.square().sum().clamp_min(1e-30))
+
+
+@functools.lru_cache(maxsize=16)
+def _dynamic_head(first: int, growth: float, cap: int) -> tuple[frozenset[int], int]:
+    """Dynamic refresh steps while the gap still grows, and the last of them (after it: every ``cap`` steps)."""
+    steps, at, gap = [0], 0, min(first, cap)
+    while True:
+        at += gap
+        steps.append(at)
+        if gap >= cap:
+            return frozenset(steps), at
+        gap = min(cap, int(math.floor(gap * growth)))
+
+
+@dataclass(frozen=True)
+class RefreshSchedule:
+    """When projectors are recomputed, as a pure function of the optimizer step (0-based).
+
+    Fixed: every ``gap`` steps (0, gap, 2 gap, ...), as GaLore. Dynamic (GaLore-dynamic, Approximations paper
+    section 4.2): at step 0, then after ``first`` steps, with each later gap ``growth`` times the previous one
+    (rounded down), capped at ``cap``: 0, 200, 500, 950, 1625, ... with the defaults.
+    """
+
+    gap: int = 200
+    dynamic: bool = False
+    first: int = 200
+    growth: float = 1.5
+    cap: int = 2500
+
+    def is_refresh(self, step: int) -> bool:
+        if not self.dynamic:
+            return step % self.gap == 0
+        head, last = _dynamic_head(self.first, self.growth, self.cap)
+        return step in head or (step > last and (step - last) % self.cap == 0)
+
+    def refresh_steps(self, total_steps: int) -> list[int]:
+        return [s for s in range(total_steps) if self.is_refresh(s)]
