@@ -175,8 +175,10 @@ class MethodConfig:
     restart_warmup_steps: int = 100
     """After each restart (and the warm-start switch) the learning rate restarts from 0 and rises linearly back
     onto the schedule over this many steps (the jagged schedule)."""
-    optimizer_reset: Literal["magnitude", "random", "full", "none"] = "magnitude"
-    """What a restart does to the adapters' Adam moments: prune the smallest, prune at random, zero them all."""
+    optimizer_reset: Literal["magnitude", "magnitude_joint", "random", "full", "none"] = "magnitude_joint"
+    """What a restart does to the adapters' Adam moments: magnitude_joint zeroes the entries with the smallest
+    second moment in both moments (one mask); magnitude prunes each moment on its own (ReLoRA's code; unstable:
+    see docs/methods.md); random prunes at random; full zeroes them all; none keeps them."""
     prune_ratio: float = 0.99
     """Fraction of each adapter moment tensor zeroed by a magnitude or random reset."""
     qr_residual: bool = False

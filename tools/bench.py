@@ -54,11 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data"),
+        choices=("model", "data", "optim"),
         default="model",
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
-        "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...)",
+        "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
+        "GaLore optimizer-state bytes, step time vs galore-torch, projector refresh (full vs randomized SVD), "
+        "GaLore's overhead in a 60m training step, per-layer update memory (see --optim-bench)",
     )
+    parser.add_argument(
+        "--optim-bench",
+        default="state_bytes,step_time,refresh,overhead,per_layer_memory",
+        help="optim suite: comma-separated measurements to run (default: all)",
+    )
+    parser.add_argument("--rank", type=int, default=256, help="optim suite: GaLore rank (default 256)")
+    parser.add_argument(
+        "--optim-model", default="350m", choices=list(MODEL_SHAPES), help="optim suite: model shapes (default 350m)"
+    )
+    parser.add_argument("--blocks", type=int, default=2, help="optim suite: transformer blocks of matrices (default 2)")
     data = DataBenchSettings()
     parser.add_argument("--corpus-mb", type=float, default=data.corpus_mb, help="data suite: MB of text to prepare")
     parser.add_argument(
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.suite == "data":
         return run_cli(lambda: _data_suite(args), prog=PROG)
+    if args.suite == "optim":
+        return run_cli(lambda: _optim_suite(args), prog=PROG)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -171,6 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _optim_suite(args: argparse.Namespace) -> int:
+    from megatron_pept.bench_optim import BENCHES, OptimBenchSettings, run_optim_benchmarks
+
+    which = [name.strip() for name in args.optim_bench.split(",") if name.strip()]
+    unknown = [name for name in which if name not in BENCHES]
+    if unknown:
+        raise UserError(f"unknown --optim-bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    settings = OptimBenchSettings(model=args.optim_model, rank=args.rank, blocks=args.blocks, rounds=args.rounds)
+    result = run_optim_benchmarks(settings, which=which)
+    print(json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

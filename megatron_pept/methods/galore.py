@@ -48,7 +48,7 @@ class GaLoreMethod(Method):
             module.weight
             for name, module in model.named_modules()
             if isinstance(module, nn.Linear)
-            and name != "lm_head"
+            and (name != "lm_head" or "lm_head" in self.cfg.target_modules)  # only when named explicitly
             and module.weight.requires_grad
             and matches_target(name, self.cfg.target_modules)
         }

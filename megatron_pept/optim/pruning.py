@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-RESET_MODES = ("magnitude", "random", "full", "none")
+RESET_MODES = ("magnitude", "magnitude_joint", "random", "full", "none")
 
 
 @torch.no_grad()
@@ -41,6 +41,22 @@ def prune_random_(t: torch.Tensor, *, ratio: float, generator: torch.Generator |
 
 
 @torch.no_grad()
+def prune_joint_(first: torch.Tensor, second: torch.Tensor, *, ratio: float) -> int:
+    """Zero the same ``round(ratio * numel)`` entries in both moments: those with the smallest second moment.
+
+    Pruning each moment on its own can keep an entry's first moment while zeroing its second, and Adam then
+    divides a surviving momentum by ``eps``; with one mask an entry keeps both or neither.
+    """
+    k = int(round(ratio * second.numel()))
+    if k <= 0:
+        return 0
+    idx = torch.topk(second.reshape(-1).abs().float(), min(k, second.numel()), largest=False, sorted=False).indices
+    first.view(-1)[idx] = 0
+    second.view(-1)[idx] = 0
+    return 2 * idx.numel()
+
+
+@torch.no_grad()
 def reset_optimizer_state(
     optimizer: torch.optim.Optimizer,
     params: Iterable[torch.Tensor],
@@ -55,14 +71,19 @@ def reset_optimizer_state(
         raise ValueError(f"unknown optimizer reset {mode!r}; choose one of {', '.join(RESET_MODES)}")
     zeroed = total = 0
     for p in params:
-        for value in optimizer.state.get(p, {}).values():
+        state = optimizer.state.get(p, {})
+        if mode == "magnitude_joint" and "exp_avg" in state and "exp_avg_sq" in state:
+            total += state["exp_avg"].numel() + state["exp_avg_sq"].numel()
+            zeroed += prune_joint_(state["exp_avg"], state["exp_avg_sq"], ratio=ratio)
+            continue
+        for value in state.values():
             if not torch.is_tensor(value) or value.numel() <= 1:
                 continue  # the step counter
             total += value.numel()
             if mode == "full":
                 value.zero_()
                 zeroed += value.numel()
-            elif mode == "magnitude":
+            elif mode in ("magnitude", "magnitude_joint"):
                 zeroed += prune_smallest_(value, ratio=ratio)
             elif mode == "random":
                 zeroed += prune_random_(value, ratio=ratio, generator=generator)

@@ -58,7 +58,7 @@ def test_control_shape_tool() -> None:
                 warm_start_steps=5000,
                 prune_ratio=0.99,
                 restart_warmup_steps=100,
-                optimizer_reset="magnitude",
+                optimizer_reset="magnitude_joint",
             ),
         ),
         (

@@ -84,7 +84,10 @@ def test_pruning_zeroes_exactly_the_configured_share() -> None:
     assert torch.count_nonzero(r) == 700
 
 
-@pytest.mark.parametrize("mode,ratio,expected", [("magnitude", 0.99, 0.99), ("random", 0.5, 0.5), ("full", 0.0, 1.0)])
+@pytest.mark.parametrize(
+    "mode,ratio,expected",
+    [("magnitude", 0.99, 0.99), ("magnitude_joint", 0.99, 0.99), ("random", 0.5, 0.5), ("full", 0.0, 1.0)],
+)
 def test_restart_prunes_adapter_moments(mode: str, ratio: float, expected: float) -> None:
     model, method = lowrank_model("relora", optimizer_reset=mode, prune_ratio=ratio)
     perturb_adapters(model)  # B != 0, so every adapter entry gets a gradient and non-zero moments
@@ -103,6 +106,26 @@ def test_restart_prunes_adapter_moments(mode: str, ratio: float, expected: float
     reset_optimizer_state(opt, adapters, mode="none", ratio=0.5)
     with pytest.raises(ValueError, match="unknown optimizer reset"):
         reset_optimizer_state(opt, adapters, mode="bogus", ratio=0.5)
+
+
+def test_joint_pruning_never_leaves_momentum_without_scale() -> None:
+    """Independent pruning keeps some first moments whose second moment it zeroed (Adam then divides by eps);
+    joint pruning keeps both or neither."""
+    gen = torch.Generator().manual_seed(0)
+    for mode, orphans_expected in (("magnitude", True), ("magnitude_joint", False)):
+        p = torch.nn.Parameter(torch.zeros(64, 64))
+        opt = torch.optim.AdamW([p])
+        g1, g2 = torch.randn(64, 64, generator=gen), torch.randn(64, 64, generator=gen)
+        opt.state[p] = {"step": torch.tensor(10.0), "exp_avg": g1.clone(), "exp_avg_sq": g2.square()}
+        zeroed, total = reset_optimizer_state(opt, [p], mode=mode, ratio=0.9)
+        state = opt.state[p]
+        orphans = int(((state["exp_avg"] != 0) & (state["exp_avg_sq"] == 0)).sum())
+        assert (orphans > 0) == orphans_expected, mode
+        assert zeroed / total == pytest.approx(0.9, abs=1e-3)
+        if mode == "magnitude_joint":
+            kept = state["exp_avg_sq"] != 0
+            assert torch.equal(kept, state["exp_avg"] != 0)
+            assert state["exp_avg_sq"][kept].min() >= g2.square()[~kept].max()  # the largest scales survive
 
 
 def test_jagged_schedule_values() -> None:

@@ -1,0 +1,295 @@
+"""Optimizer benchmarks for the GaLore family and per-layer updates (``tools/bench.py --suite optim``).
+
+Each measurement is a ratio against a baseline taken in the same process (or, for peak memory, in fresh
+processes launched by the same script), because these machines are noisy:
+
+* ``state_bytes``: optimizer-state bytes (moments, projectors, everything in ``optimizer.state``) of GaLore-AdamW
+  after one step on the shapes of a named model, against torch's AdamW on the same parameters;
+* ``step_time``: one optimizer step (no projector refresh) of our GaLore-AdamW against galore-torch's
+  ``GaLoreAdamW`` and torch's AdamW on the matrices of ``blocks`` transformer blocks, timings interleaved;
+* ``refresh``: computing the rank-``r`` projectors of those matrices from real gradients (a freshly initialised
+  model on built-in text) by full SVD and by the randomized range finder, with the gradient energy each captures;
+* ``overhead``: a whole training step of the ``60m`` model with ``galore`` against ``full`` (projector refresh
+  amortised over the gap);
+* ``per_layer_memory``: peak resident memory of a few training steps with and without per-layer updates.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
+from megatron_pept.methods import build_method
+from megatron_pept.models import build_model, llama_args
+from megatron_pept.optim.galore import GaLoreAdamW
+from megatron_pept.optim.projector import captured_energy, projection_side, randomized_basis, svd_basis
+
+
+@dataclass(frozen=True)
+class OptimBenchSettings:
+    model: str = "350m"
+    rank: int = 256
+    blocks: int = 2
+    rounds: int = 7
+    vocab_size: int = 32000
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def _materialised(model_name: str, *, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=vocab_size, max_seq_len=128))
+    model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def bench_state_bytes(s: OptimBenchSettings) -> dict[str, Any]:
+    """GaLore vs AdamW optimizer-state bytes after one step with random gradients."""
+    model = _materialised(s.model, vocab_size=s.vocab_size)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    adamw.step()
+    out: dict[str, Any] = {"adamw_bytes": state_bytes(adamw)}
+    del adamw
+    for label, targets in (
+        ("galore", None),
+        (
+            "galore_with_lm_head",
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        ),
+    ):
+        cfg = MethodConfig(name="galore", rank=s.rank, **({"target_modules": targets} if targets else {}))
+        opt = build_method(cfg, optim_cfg=OptimConfig(), total_steps=10).build_optimizer(model)
+        opt.step()
+        out[f"{label}_bytes"] = state_bytes(opt)
+        out[f"{label}_ratio"] = out[f"{label}_bytes"] / out["adamw_bytes"]
+        # The same, counting only the projected matrices on both sides.
+        projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+        ours = sum(v.numel() * v.element_size() for p in projected for v in opt.state[p].values() if torch.is_tensor(v))
+        full = sum(2 * p.numel() * 4 for p in projected)
+        out[f"{label}_matrices_ratio"] = ours / full
+        del opt
+    return out
+
+
+def _block_matrices(s: OptimBenchSettings) -> list[torch.nn.Parameter]:
+    args = llama_args(ModelConfig(name=s.model), vocab_size=s.vocab_size)
+    h, kv, ff = args.hidden_size, args.num_kv_heads * args.head_dim, args.intermediate_size
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (ff, h), (ff, h), (h, ff)] * s.blocks
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02) for shape in shapes]
+
+
+def bench_step_time(s: OptimBenchSettings) -> dict[str, Any]:
+    """Median step time (after the initial refresh) of ours vs galore-torch vs AdamW on the same matrices."""
+    galore_torch = _import_galore_torch()
+    params = {name: _block_matrices(s) for name in ("ours", "galore_torch", "adamw")}
+    group = dict(rank=s.rank, update_proj_gap=10**9, scale=0.25, proj_type="std")
+    optimizers = {
+        "ours": GaLoreAdamW([{"params": params["ours"], **group}], lr=1e-3, eps=1e-6),
+        "galore_torch": galore_torch.GaLoreAdamW(
+            [{"params": params["galore_torch"], **group}], lr=1e-3, eps=1e-6, no_deprecation_warning=True
+        ),
+        "adamw": torch.optim.AdamW(params["adamw"], lr=1e-3),
+    }
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params["ours"]]
+
+    def step(name: str) -> float:
+        for p, g in zip(params[name], grads):
+            p.grad = g.clone()
+        start = time.perf_counter()
+        optimizers[name].step()
+        return time.perf_counter() - start
+
+    for name in optimizers:  # first step: projectors are computed here, not timed
+        step(name)
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for r in range(s.rounds):
+        order = list(optimizers) if r % 2 == 0 else list(reversed(optimizers))
+        for name in order:
+            times[name].append(step(name))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "median_seconds": med,
+        "ours_vs_galore_torch": med["ours"] / med["galore_torch"],
+        "ours_vs_adamw": med["ours"] / med["adamw"],
+        "galore_torch_vs_adamw": med["galore_torch"] / med["adamw"],
+    }
+
+
+def _real_gradients(s: OptimBenchSettings) -> list[torch.Tensor]:
+    """Gradients of the first ``blocks`` blocks' matrices of a freshly initialised model on built-in text."""
+    from megatron_pept.data.corpus import generate_stories
+
+    model = _materialised(s.model, vocab_size=s.vocab_size)
+    text = " ".join(generate_stories(64, seed=0)).encode()
+    ids = torch.tensor(list(text[: 4 * 129]), dtype=torch.long).view(4, 129) % s.vocab_size
+    loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    grads = []
+    for i in range(s.blocks):
+        layer = model.model.layers[str(i)]
+        for mod in (
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+            layer.mlp.down_proj,
+        ):
+            grads.append(mod.weight.grad.clone())
+    return grads
+
+
+def bench_refresh(s: OptimBenchSettings) -> dict[str, Any]:
+    grads = _real_gradients(s)
+    full_t, rand_t, e_full, e_rand = [], [], 0.0, 0.0
+    total = sum(float(g.square().sum()) for g in grads)
+    for _ in range(s.rounds):
+        t_full = t_rand = 0.0
+        ef = er = 0.0
+        for i, g in enumerate(grads):
+            side = projection_side(g.shape)
+            start = time.perf_counter()
+            exact = svd_basis(g, rank=s.rank, side=side)
+            t_full += time.perf_counter() - start
+            start = time.perf_counter()
+            approx = randomized_basis(g, rank=s.rank, side=side, generator=torch.Generator().manual_seed(i))
+            t_rand += time.perf_counter() - start
+            sq = float(g.square().sum())
+            ef += captured_energy(g, exact, side=side) * sq
+            er += captured_energy(g, approx, side=side) * sq
+        full_t.append(t_full)
+        rand_t.append(t_rand)
+        e_full, e_rand = ef / total, er / total
+    med_full, med_rand = statistics.median(full_t), statistics.median(rand_t)
+    return {
+        "full_svd_seconds": med_full,
+        "randomized_seconds": med_rand,
+        "speedup": med_full / med_rand,
+        "energy_full": e_full,
+        "energy_randomized": e_rand,
+        "energy_relative_gap": (e_full - e_rand) / e_full,
+    }
+
+
+def bench_overhead(s: OptimBenchSettings, *, gap: int = 200) -> dict[str, Any]:
+    """Training step of the 60m model: full vs galore between refreshes, plus a refresh amortised over ``gap``."""
+    from megatron_pept.trainer import cross_entropy_loss
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (8, 257), generator=gen)
+    runs = {}
+    for name in ("full", "galore"):
+        model = _materialised("60m", vocab_size=1024)
+        method = build_method(
+            MethodConfig(name=name, rank=128, update_proj_gap=gap), optim_cfg=OptimConfig(), total_steps=10**6
+        )
+        runs[name] = (model, method.build_optimizer(model))
+
+    def train_step(name: str) -> tuple[float, float]:
+        model, opt = runs[name]
+        start = time.perf_counter()
+        cross_entropy_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        return end - start, getattr(opt, "last_svd_seconds", 0.0)
+
+    refresh_seconds = train_step("galore")[1]  # step 0 computes every projector
+    train_step("full")
+    times: dict[str, list[float]] = {"full": [], "galore": []}
+    for r in range(s.rounds):
+        for name in ("full", "galore") if r % 2 == 0 else ("galore", "full"):
+            times[name].append(train_step(name)[0])
+    full_t, galore_t = statistics.median(times["full"]), statistics.median(times["galore"])
+    amortised = galore_t + refresh_seconds / gap
+    return {
+        "full_step_seconds": full_t,
+        "galore_step_seconds": galore_t,
+        "refresh_seconds": refresh_seconds,
+        "gap": gap,
+        "overhead": amortised / full_t - 1.0,
+    }
+
+
+_MEMORY_SCRIPT = r"""
+import json, resource, sys, torch
+from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
+from megatron_pept.methods import build_method
+from megatron_pept.models import build_model, llama_args
+from megatron_pept.optim.per_layer import PerLayerOptimizer
+from megatron_pept.trainer import cross_entropy_loss
+model_name, method_name, per_layer = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=1024, max_seq_len=128))
+model.to_empty(device="cpu"); model.init_weights(generator=torch.Generator().manual_seed(0))
+method = build_method(MethodConfig(name=method_name, rank=128), optim_cfg=OptimConfig(), total_steps=10)
+opt = method.build_optimizer(model)
+if per_layer:
+    opt = PerLayerOptimizer(opt)
+ids = torch.randint(0, 1024, (2, 129), generator=torch.Generator().manual_seed(0))
+for _ in range(3):
+    if per_layer:
+        opt.arm()
+    cross_entropy_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+    if per_layer:
+        opt.disarm()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def bench_per_layer_memory(s: OptimBenchSettings, *, model: str = "130m") -> dict[str, Any]:
+    out: dict[str, Any] = {"model": model}
+    for method in ("full", "galore"):
+        for per_layer in (False, True):
+            proc = subprocess.run(
+                [sys.executable, "-c", _MEMORY_SCRIPT, model, method, "1" if per_layer else "0"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+            out[f"{method}_{'per_layer' if per_layer else 'global'}_peak_gb"] = peak / 1e9
+        out[f"{method}_ratio"] = out[f"{method}_per_layer_peak_gb"] / out[f"{method}_global_peak_gb"]
+    return out
+
+
+def _import_galore_torch() -> Any:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import galore_torch
+    except ImportError:
+        raise ImportError("the step-time benchmark compares with galore-torch: pip install galore-torch") from None
+    return galore_torch
+
+
+BENCHES = {
+    "state_bytes": bench_state_bytes,
+    "step_time": bench_step_time,
+    "refresh": bench_refresh,
+    "overhead": bench_overhead,
+    "per_layer_memory": bench_per_layer_memory,
+}
+
+
+def run_optim_benchmarks(settings: OptimBenchSettings, *, which: list[str]) -> dict[str, Any]:
+    return {name: BENCHES[name](settings) for name in which}
