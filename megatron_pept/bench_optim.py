@@ -48,8 +48,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-def _materialised(model_name: str, *, vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=vocab_size, max_seq_len=128))
+def _materialised(model_name: str, *, vocab_size: int, seed: int = 0, max_seq_len: int = 256) -> torch.nn.Module:
+    model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=vocab_size, max_seq_len=max_seq_len))
     model.to_empty(device="cpu")
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     return model
@@ -230,7 +230,12 @@ def bench_overhead(s: OptimBenchSettings, *, gap: int = 200) -> dict[str, Any]:
 
 
 _MEMORY_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys
+try:  # the peak RSS a forked child inherits from a big parent: reset it (Linux)
+    open("/proc/self/clear_refs", "w").write("5")
+except OSError:
+    pass
+import torch
 from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
 from megatron_pept.methods import build_method
 from megatron_pept.models import build_model, llama_args
@@ -253,7 +258,8 @@ for _ in range(3):
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"peak_rss_bytes": int(hwm) * 1024}))
 """
 
 

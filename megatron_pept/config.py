@@ -201,7 +201,7 @@ class MethodConfig:
     """GaLore family: projector from a full SVD, or from a randomized range finder (far cheaper on big matrices)."""
     svd_oversample: int = 8
     """Randomized range finder: extra sketch columns beyond the rank."""
-    svd_power_iters: int = 2
+    svd_power_iters: int = 1
     """Randomized range finder: power iterations (each sharpens the subspace at the cost of two matmuls)."""
     adafactor_beta1: float | None = None
     """galore_adafactor: first-moment decay, or null for none (Adafactor's default)."""

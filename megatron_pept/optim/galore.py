@@ -48,7 +48,7 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
     ef_weight=0.0,
     svd="full",
     svd_oversample=8,
-    svd_power_iters=2,
+    svd_power_iters=1,
     seed=0,
 )
 

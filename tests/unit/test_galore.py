@@ -176,11 +176,17 @@ def test_randomized_projector_is_close_to_the_svd() -> None:
     for side in ("right", "left"):
         g = grad if side == "right" else grad.T.contiguous()
         exact = svd_basis(g, rank=16, side=side)
-        approx = randomized_basis(g, rank=16, side=side, generator=torch.Generator().manual_seed(1))
-        assert approx.shape == exact.shape
-        e_exact, e_approx = captured_energy(g, exact, side=side), captured_energy(g, approx, side=side)
-        assert e_approx <= e_exact + 1e-6
-        assert e_approx >= e_exact * (1 - 1e-3)
+        energies = []
+        for power_iters in (0, 1, 2):
+            approx = randomized_basis(
+                g, rank=16, side=side, generator=torch.Generator().manual_seed(1), power_iters=power_iters
+            )
+            assert approx.shape == exact.shape
+            energies.append(captured_energy(g, approx, side=side))
+        e_exact = captured_energy(g, exact, side=side)
+        assert energies[0] < energies[1] < energies[2] <= e_exact + 1e-6  # power iterations sharpen the subspace
+        # This spectrum decays slowly (3 decades over 128 values, rank 16): two power iterations reach 0.1%.
+        assert energies[2] >= e_exact * (1 - 1e-3)
         assert subspace_overlap(exact, exact, side=side) == pytest.approx(1.0, abs=1e-5)
         assert subspace_overlap(exact, approx, side=side) > 0.95
 
