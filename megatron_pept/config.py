@@ -585,6 +585,12 @@ def validate(cfg: Config) -> None:
         _require(0 <= me.adafactor_beta1 < 1, f"method.adafactor_beta1 must be in [0, 1); got {me.adafactor_beta1}")
     if m.name not in MODEL_SIZES:  # pragma: no cover - Literal already guards it
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_SIZES)}")
+    if p.backend == "fsdp2" and cfg.method.name == "galore_adafactor":
+        raise ConfigError(
+            "method.name=galore_adafactor cannot run with parallel.backend=fsdp2 in this version: Adafactor's "
+            "factored second moments and update clipping need row, column and RMS statistics over the whole "
+            "matrix, which are not reduced across shards yet; use parallel.backend=ddp or method.name=galore"
+        )
     if cfg.method.name not in METHOD_NAMES:
         close = difflib.get_close_matches(cfg.method.name, METHOD_NAMES, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHOD_NAMES)}"

@@ -11,12 +11,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from megatron_pept.config import Config, save_config
 from megatron_pept.data.builtin import ensure_builtin_dataset
 from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
 from megatron_pept.data.shards import DataIndex, read_index
-from megatron_pept.distributed import ParallelDims, init_parallel, parallelize, resolve_device
+from megatron_pept.distributed import (
+    ParallelDims,
+    all_reduce_mean,
+    barrier,
+    grad_all_reduce_mean,
+    init_parallel,
+    parallelize,
+    resolve_device,
+)
 from megatron_pept.errors import ConfigError, DataError
 from megatron_pept.methods import build_method
 from megatron_pept.metrics import (
@@ -72,7 +81,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         t, d = cfg.train, cfg.data
-        self.dims: ParallelDims = init_parallel(cfg.parallel)
+        self.dims: ParallelDims = init_parallel(cfg.parallel, train=t)
         setup_console_logging(is_main=self.dims.is_main)
         self.device = resolve_device(t, local_rank=self.dims.local_rank)
         self.compute_dtype = (
@@ -125,7 +134,7 @@ class Trainer:
         self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps, seed=t.seed)
         model = build_model(self.model_args)
         self.method.convert(model)
-        model = parallelize(model, self.dims)
+        # Every rank initialises the full model from the same seed, so the weights do not depend on the layout.
         model.to_empty(device=self.device)
         init_gen = torch.Generator(device=self.device).manual_seed(t.seed)
         model.init_weights(generator=init_gen)
@@ -133,7 +142,8 @@ class Trainer:
         if t.compile:
             for layer in model.model.layers.values():
                 layer.compile()
-        self.model = model
+        self.raw_model = model  # what methods, optimizers and checkpoints see (sharded in place by FSDP2)
+        self.model = parallelize(model, self.dims, device=self.device, per_layer=cfg.optim.per_layer)
 
         self.optimizer = self._per_layer(self.method.build_optimizer(model))
         self.schedule = self.method.lr_schedule(build_schedule(cfg.optim, total_steps=t.steps))
@@ -170,14 +180,14 @@ class Trainer:
         primary = Path(d.path) if d.path else (Path(d.blend[0].path) if d.blend else run_dir / "data")
         if d.builtin is not None and self.dims.is_main:
             ensure_builtin_dataset(d.builtin, primary)
+        barrier(self.dims)
         cache = run_dir / ".verified_shards.json"
+        checksums = d.verify_checksums and self.dims.is_main  # one rank hashes (shared storage); all check sizes
         sources = [(Path(s.path), s.weight) for s in d.blend] or [(primary, 1.0)]
         train = []
         for path, weight in sources:
             index = read_index(path)
-            ds = WindowDataset(
-                index, split="train", seq_len=d.seq_len, verify_checksums=d.verify_checksums, verify_cache=cache
-            )
+            ds = WindowDataset(index, split="train", seq_len=d.seq_len, verify_checksums=checksums, verify_cache=cache)
             train.append((ds, weight))
         primary_index = read_index(primary)
         for ds, _ in train:
@@ -192,7 +202,7 @@ class Trainer:
                 primary_index,
                 split="val",
                 seq_len=d.seq_len,
-                verify_checksums=d.verify_checksums,
+                verify_checksums=checksums,
                 verify_cache=cache,
             )
         else:
@@ -211,10 +221,20 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self.method.trainable_parameters(self.model)]
+        return [p for _, p in self.method.trainable_parameters(self.raw_model)]
 
     def _per_layer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | PerLayerOptimizer:
-        return PerLayerOptimizer(optimizer) if self.cfg.optim.per_layer else optimizer
+        if not self.cfg.optim.per_layer:
+            return optimizer
+        return PerLayerOptimizer(optimizer, grad_reduce=grad_all_reduce_mean(self.dims))
+
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Skip the data-parallel gradient reduction on all but the last micro-batch of a step."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if enabled else self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
 
     def _stale_clip_coef(self) -> float:
         max_norm, last = self.cfg.train.max_grad_norm, self.state.last_grad_norm
@@ -234,7 +254,7 @@ class Trainer:
             with self._autocast():
                 total += cross_entropy_loss(self.model(inputs), targets)
         self.model.train()
-        return (total / len(self.val_batches)).item()
+        return all_reduce_mean(total / len(self.val_batches), self.dims).item()
 
     def _log_eval(self, step: int, result: TrainResult) -> None:
         val_loss = self.evaluate()
@@ -259,9 +279,11 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             with self._autocast():
                 loss = cross_entropy_loss(self.model(inputs), targets) / self.grad_accum_steps
-            if per_layer and micro == self.grad_accum_steps - 1:
+            last = micro == self.grad_accum_steps - 1
+            if per_layer and last:
                 self.optimizer.arm(clip_coef=self._stale_clip_coef())  # step inside this backward
-            loss.backward()
+            with self._gradient_sync(last):
+                loss.backward()
             loss_sum += loss.detach()
         if per_layer:
             grad_norm = self.optimizer.disarm()
@@ -269,18 +291,23 @@ class Trainer:
             max_norm = self.cfg.train.max_grad_norm
             grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm if max_norm > 0 else float("inf"))
             self.optimizer.step()
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.last_grad_norm = grad_norm.item()
-        end = self.method.on_step_end(step=step, model=self.model, optimizer=self.optimizer)
+        end = self.method.on_step_end(step=step, model=self.raw_model, optimizer=self.optimizer)
         if end.optimizer is not None:
             if per_layer:
                 self.optimizer.remove_hooks()
             self.optimizer = self._per_layer(end.optimizer)
+            if self.dims.backend == "ddp" and not per_layer:
+                # DDP fixes the set of parameters it reduces when it wraps the model: wrap again.
+                self.model = parallelize(self.raw_model, self.dims, device=self.device)
         if end.scalars:
             self.writer.scalars(step + 1, end.scalars)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return loss_sum.item(), self.state.last_grad_norm, lr
+        return all_reduce_mean(loss_sum, self.dims).item(), self.state.last_grad_norm, lr
 
     def train(self) -> TrainResult:
         cfg = self.cfg.train

@@ -181,7 +181,7 @@ def verify_shards(
         verified[key], changed = stamp, True
     if changed and cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(verified))
         os.replace(tmp, cache_path)
 

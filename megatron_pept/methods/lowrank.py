@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_pept.distributed.dtensor import assign_, full
 from megatron_pept.errors import ConfigError
 
 LOWRANK_KINDS = ("lora", "dora", "pissa", "qr")
@@ -37,10 +38,14 @@ LOWRANK_KINDS = ("lora", "dora", "pissa", "qr")
 
 @torch.no_grad()
 def kaiming_lora_init(a: torch.Tensor, b: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
-    """LoRA's initialisation: ``A`` as nn.Linear's default (Kaiming-uniform, a=sqrt(5)), ``B`` zeros."""
+    """LoRA's initialisation: ``A`` as nn.Linear's default (Kaiming-uniform, a=sqrt(5)), ``B`` zeros.
+
+    The values are drawn for the whole matrix (then sharded), so they do not depend on how ``A`` is sharded."""
     bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a [r, in] matrix
-    a.uniform_(-bound, bound, generator=generator)
-    b.zero_()
+    device = generator.device if generator is not None else a.device
+    values = torch.empty(a.shape, dtype=torch.float32, device=device).uniform_(-bound, bound, generator=generator)
+    assign_(a, values)
+    assign_(b, torch.zeros(b.shape, dtype=torch.float32))
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -135,23 +140,23 @@ class LowRankLinear(nn.Linear):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The dense weight this layer currently applies, in fp32."""
-        weight = self.weight.float()
+        """The dense weight this layer currently applies, in fp32 (whole, also when the layer is sharded)."""
+        weight = full(self.weight).float()
         if not self.lowrank_active:
             return weight.clone()
-        merged = weight + self.scale * (self.lora_B.float() @ self.lora_A.float())
+        merged = weight + self.scale * (full(self.lora_B).float() @ full(self.lora_A).float())
         if self.magnitude is not None:
-            merged = self.magnitude.float()[:, None] * merged / row_norms(merged)[:, None]
+            merged = full(self.magnitude).float()[:, None] * merged / row_norms(merged)[:, None]
         return merged
 
     @torch.no_grad()
     def decompose(self, weight: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
         """Set base and adapters from the dense ``weight`` according to the kind (see the module docstring)."""
-        base = weight.float()
+        base = full(weight).float()
         if self.kind in ("lora", "dora"):
             kaiming_lora_init(self.lora_A, self.lora_B, generator=generator)
             if self.magnitude is not None:
-                self.magnitude.copy_(row_norms(base))
+                assign_(self.magnitude, row_norms(base))
         elif self.kind == "pissa":
             a, b = pissa_factors(base, rank=self.rank, scale=self.scale)
             base = base - self.scale * (b @ a)
@@ -161,26 +166,26 @@ class LowRankLinear(nn.Linear):
                 base = base - self.scale * (b @ a)
         if self.kind in ("pissa", "qr"):
             for param, buffer, value in ((self.lora_A, self.lora_A0, a), (self.lora_B, self.lora_B0, b)):
-                param.copy_(value)
-                buffer.copy_(value)
-        self.weight.copy_(base.to(self.weight.dtype))
+                assign_(param, value)
+                assign_(buffer, value)
+        assign_(self.weight, base)
 
     @torch.no_grad()
     def init_adapters_only(self, *, generator: torch.Generator | None = None) -> None:
         """Give the adapters defined values without touching the base (full-rank phase: they are unused)."""
         kaiming_lora_init(self.lora_A, self.lora_B, generator=generator)
         if self.magnitude is not None:
-            self.magnitude.copy_(row_norms(self.weight))
+            assign_(self.magnitude, row_norms(full(self.weight)))
         if self.kind in ("pissa", "qr"):
-            self.lora_A0.copy_(self.lora_A)
-            self.lora_B0.copy_(self.lora_B)
+            assign_(self.lora_A0, full(self.lora_A))
+            assign_(self.lora_B0, full(self.lora_B))
 
     @torch.no_grad()
     def cycle_update(self, merged: torch.Tensor | None = None) -> torch.Tensor:
         """How much the effective weight moved since the last (re)initialisation (fp32, dense)."""
-        start = self.weight.float()
+        start = full(self.weight).float()
         if self.kind in ("pissa", "qr"):
-            start = start + self.scale * (self.lora_B0 @ self.lora_A0)
+            start = start + self.scale * (full(self.lora_B0) @ full(self.lora_A0))
         return (self.merged_weight() if merged is None else merged) - start
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from megatron_pept.config import MethodConfig, OptimConfig
+from megatron_pept.distributed.dtensor import full
 from megatron_pept.errors import ConfigError
 from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.lowrank import LowRankLinear
@@ -148,7 +149,7 @@ class LowRankMethod(Method):
         for p in adapters:
             for value in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(value) and value.numel() > 1:
-                    zeros += int((value == 0).sum())
+                    zeros += int((full(value) == 0).sum())
                     total += value.numel()
         return {
             f"{self.metric_prefix}/merged_update_norm": update_sq**0.5,
@@ -164,7 +165,7 @@ class LowRankMethod(Method):
             end.scalars.update(self._restart(model, optimizer))
         prefix = self.metric_prefix
         with torch.no_grad():
-            norms = [p.float().norm() for _, layer in lowrank_layers(model) for p in layer.adapter_parameters()]
+            norms = [full(p).float().norm() for _, layer in lowrank_layers(model) for p in layer.adapter_parameters()]
             adapter_norm = float(torch.linalg.vector_norm(torch.stack(norms)))  # one device sync
         end.scalars.update(
             {

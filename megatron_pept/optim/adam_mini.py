@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 BLOCK_KINDS = ("adam", "head", "row", "tensor")
 
@@ -55,48 +57,80 @@ class AdamMini(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
+                # Under FSDP2 each rank updates its own rows; block statistics that span ranks are summed.
+                shard = _Rows(p) if isinstance(p, DTensor) else None
+                param = p.to_local() if shard else p
+                grad = p.grad.to_local() if shard else p.grad
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["m"] = torch.zeros_like(p)
-                    state["v"] = torch.zeros_like(p) if kind == "adam" else self._block_zeros(p, group)
+                    state["m"] = torch.zeros_like(param)
+                    state["v"] = torch.zeros_like(param) if kind == "adam" else self._block_zeros(p, param, group)
                 state["step"] += 1
                 step = float(state["step"])
                 if wd > 0:
-                    p.mul_(1 - lr * wd)
+                    param.mul_(1 - lr * wd)
                 state["m"].lerp_(grad, 1 - beta1)
                 if kind == "adam":
                     state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 else:
-                    state["v"].mul_(beta2).add_(self._block_mean_sq(grad, group), alpha=1 - beta2)
+                    state["v"].mul_(beta2).add_(self._block_mean_sq(p, grad, group, shard), alpha=1 - beta2)
                 bias_correction1 = 1 - beta1**step
                 h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
                 if kind == "adam":
-                    p.addcdiv_(state["m"], h, value=-lr / bias_correction1)
-                else:
-                    stepsize = (1 / bias_correction1) / h
-                    m = state["m"].view(stepsize.shape[0], -1) if kind != "tensor" else state["m"]
-                    p.add_(-(m * stepsize).view(p.shape) * lr)
+                    param.addcdiv_(state["m"], h, value=-lr / bias_correction1)
+                    continue
+                stepsize = (1 / bias_correction1) / h
+                if kind == "head" and shard is not None:
+                    stepsize = stepsize[shard.head_of_rows(p, group["head_numel"])]  # one row per local row
+                m = state["m"].view(stepsize.shape[0], -1) if kind != "tensor" else state["m"]
+                param.add_(-(m * stepsize).view(param.shape) * lr)
         return loss
 
     @staticmethod
-    def _block_zeros(p: torch.Tensor, group: dict) -> torch.Tensor:
+    def _block_zeros(p: torch.Tensor, local: torch.Tensor, group: dict) -> torch.Tensor:
         kind = group["block"]
         if kind == "head":
-            return torch.zeros(p.numel() // group["head_numel"], 1, dtype=p.dtype, device=p.device)
+            return torch.zeros(p.numel() // group["head_numel"], 1, dtype=local.dtype, device=local.device)
         if kind == "row":
-            return torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
-        return torch.zeros((), dtype=p.dtype, device=p.device)
+            return torch.zeros(local.shape[0], 1, dtype=local.dtype, device=local.device)
+        return torch.zeros((), dtype=local.dtype, device=local.device)
 
-    def _block_mean_sq(self, grad: torch.Tensor, group: dict) -> torch.Tensor:
+    def _block_mean_sq(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shard: _Rows | None) -> torch.Tensor:
         kind = group["block"]
         if kind == "head":
-            return torch.mean(grad.view(-1, group["head_numel"]).square(), dim=1, keepdim=True)
+            if shard is None:
+                return torch.mean(grad.view(-1, group["head_numel"]).square(), dim=1, keepdim=True)
+            heads = p.numel() // group["head_numel"]
+            sums = torch.zeros(heads, dtype=grad.dtype, device=grad.device)
+            rows_sq = grad.view(grad.shape[0], -1).square().sum(dim=1)
+            sums.index_add_(0, shard.head_of_rows(p, group["head_numel"]), rows_sq)
+            return (shard.all_reduce(sums) / group["head_numel"]).view(heads, 1)
         if kind == "row":
             return torch.mean(grad.view(grad.shape[0], -1).square(), dim=1, keepdim=True)
         total = grad.square().sum()
-        numel = torch.tensor(float(grad.numel()), device=grad.device)
+        numel = torch.tensor(float(p.numel()), device=grad.device)
+        if shard is not None:
+            total = shard.all_reduce(total)
         if self.reduce_sum is not None:
             total, numel = self.reduce_sum(total), self.reduce_sum(numel)
         return total / numel
+
+
+class _Rows:
+    """The rows a rank holds of a parameter sharded by FSDP2 on dim 0 (``torch.chunk`` layout)."""
+
+    def __init__(self, dt: DTensor) -> None:
+        self.group = dt.device_mesh.get_group()
+        world, rank = dt.device_mesh.size(), dt.device_mesh.get_local_rank()
+        chunk = -(-dt.shape[0] // world)
+        self.start = min(rank * chunk, dt.shape[0])
+        self.stop = min(self.start + chunk, dt.shape[0])
+
+    def head_of_rows(self, p: torch.Tensor, head_numel: int) -> torch.Tensor:
+        rows_per_head = head_numel // (p.numel() // p.shape[0])
+        return torch.arange(self.start, self.stop, device=p.to_local().device) // rows_per_head
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t

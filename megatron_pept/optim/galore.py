@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from megatron_pept.optim.adamw import KeepStateDtypes
 from megatron_pept.optim.projector import (
@@ -98,14 +100,17 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
             cap=group["dynamic_cap"],
         )
 
-    def _refresh(self, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str) -> None:
+    def _refresh(
+        self, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str, shard: _RowShard | None
+    ) -> None:
+        whole = shard.gather(grad) if shard else grad  # sharded: the whole gradient, on refresh steps only
         start = time.perf_counter()
         if group["svd"] == "full":
-            basis = svd_basis(grad, rank=group["rank"], side=side)
+            basis = svd_basis(whole, rank=group["rank"], side=side)
         else:
             gen = torch.Generator().manual_seed(int(state["seed"]) * 1_000_003 + int(state["refreshes"]))
             basis = randomized_basis(
-                grad,
+                whole,
                 rank=group["rank"],
                 side=side,
                 generator=gen,
@@ -116,18 +121,31 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
             torch.cuda.synchronize(grad.device)
         self.last_svd_seconds += time.perf_counter() - start
         basis = basis.to(grad.dtype)
+        if shard and side == "left":
+            basis = shard.rows(basis)  # this rank's rows of the m x r projector
         if int(state["refreshes"]) > 0:
-            self.last_overlaps.append(subspace_overlap(state["projector"], basis, side=side))
+            old = state["projector"]
+            if shard and side == "left":
+                product = shard.all_reduce(old.T.float() @ basis.float())
+                self.last_overlaps.append(float(product.square().sum()) / basis.shape[1])
+            else:
+                self.last_overlaps.append(subspace_overlap(old, basis, side=side))
         state["projector"] = basis
         state["refreshes"] += 1
         self.last_refreshes += 1
 
     def _projected_step(self, p: torch.Tensor, group: dict, index: int) -> None:
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        if grad.dim() != 2:
-            raise ValueError(f"GaLore projects matrices; a parameter of shape {tuple(grad.shape)} was given a rank")
-        side = projection_side(grad.shape)
-        rank = min(group["rank"], *grad.shape)
+        """One projected step. Under FSDP2 (``p`` a DTensor sharded by rows) everything runs on this rank's rows:
+        a right projection ``G P^T`` is local, a left one ``P^T G`` is summed over the ranks (one all-reduce of
+        ``r x n``), and the whole gradient is gathered only on refresh steps, to compute the projector."""
+        shard = _RowShard.of(p)
+        param = shard.local(p) if shard else p
+        grad = shard.local(p.grad) if shard else p.grad
+        grad = grad if grad.dtype == torch.float32 else grad.float()
+        if p.dim() != 2:
+            raise ValueError(f"GaLore projects matrices; a parameter of shape {tuple(p.shape)} was given a rank")
+        side = projection_side(p.shape)
+        rank = min(group["rank"], *p.shape)
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
@@ -141,29 +159,35 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
             grad = grad + group["ef_weight"] * state["ef_residual"]
         step = int(state["step"])
         if step == 0 or self._schedule(group).is_refresh(step):
-            self._refresh(state, grad, {**group, "rank": rank}, side)
+            self._refresh(state, grad, {**group, "rank": rank}, side, shard)
         basis = state["projector"]
         low = project(grad, basis, side=side)
+        if shard and side == "left":
+            shard.all_reduce(low)
         if group["ef_weight"] > 0:
             residual = grad - project_back(low, basis, side=side)
             state["ef_residual"].copy_(residual)
-            self.last_ef_residual_sq += float(residual.square().sum())
+            residual_sq = residual.square().sum()
+            self.last_ef_residual_sq += float(shard.all_reduce(residual_sq) if shard else residual_sq)
         state["step"] += 1
-        update, step_size = self._inner_update(state, low, group, p)
-        full = project_back(update, basis, side=side) * group["scale"]
-        p.add_(full.to(p.dtype), alpha=-step_size)
-        self._decay(p, group, step_size)
+        update, step_size = self._inner_update(state, low, group, param)
+        full_update = project_back(update, basis, side=side) * group["scale"]
+        param.add_(full_update.to(param.dtype), alpha=-step_size)
+        self._decay(param, group, step_size)
 
     def _plain_step(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        shard = _RowShard.of(p)
+        param = shard.local(p) if shard else p  # element-wise updates are the same on each rank's rows
+        grad = shard.local(p.grad) if shard else p.grad
+        grad = grad if grad.dtype == torch.float32 else grad.float()
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             self._init_inner_state(state, grad.shape, grad, group)
         state["step"] += 1
-        update, step_size = self._inner_update(state, grad, group, p)
-        p.add_(update.to(p.dtype), alpha=-step_size)
-        self._decay(p, group, step_size)
+        update, step_size = self._inner_update(state, grad, group, param)
+        param.add_(update.to(param.dtype), alpha=-step_size)
+        self._decay(param, group, step_size)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -339,3 +363,39 @@ class GaLoreAdafactor(GaLoreOptimizer):
     def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["weight_decay"] * step_size)
+
+
+class _RowShard:
+    """This rank's rows of a parameter sharded by FSDP2 on dim 0 (``torch.chunk`` layout), with the collectives
+    the projected step needs."""
+
+    def __init__(self, dt: DTensor) -> None:
+        from torch.distributed.tensor import Shard
+
+        if len(dt.placements) != 1 or dt.placements[0] != Shard(0):
+            raise ValueError(f"GaLore supports parameters sharded by rows (Shard(0)); got {dt.placements}")
+        self.mesh, self.placements, self.shape, self.stride = dt.device_mesh, dt.placements, dt.shape, dt.stride()
+        self.group = self.mesh.get_group()
+        world, rank = self.mesh.size(), self.mesh.get_local_rank()
+        chunk = -(-dt.shape[0] // world)
+        self.start = min(rank * chunk, dt.shape[0])
+        self.stop = min(self.start + chunk, dt.shape[0])
+
+    @staticmethod
+    def of(t: torch.Tensor) -> _RowShard | None:
+        return _RowShard(t) if isinstance(t, DTensor) else None
+
+    @staticmethod
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        dt = DTensor.from_local(local, self.mesh, self.placements, shape=self.shape, stride=self.stride)
+        return dt.full_tensor()
+
+    def rows(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole[self.start : self.stop].contiguous()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t

@@ -20,7 +20,7 @@ parameter (same class, same hyper-parameters, same group dictionaries, so learni
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -60,8 +60,11 @@ class _GaLoreStats:
 class PerLayerOptimizer:
     """Looks like an optimizer to the trainer and the methods; does its work in backward hooks."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, grad_reduce: Callable[[torch.Tensor], None] | None = None
+    ) -> None:
         self.inner_type = type(optimizer)
+        self.grad_reduce = grad_reduce  # e.g. an all-reduce over data-parallel ranks (DDP without its wrapper)
         self.optimizers = split_per_parameter(optimizer)
         self.param_groups = [g for sub in self.optimizers.values() for g in sub.param_groups]
         self.armed = False
@@ -74,6 +77,8 @@ class PerLayerOptimizer:
         if not self.armed or p.grad is None:
             return
         grad = p.grad
+        if self.grad_reduce is not None:
+            self.grad_reduce(grad)
         sq = grad.detach().float().square().sum()
         self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
         if self.clip_coef != 1.0:

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import torch
 
+from megatron_pept.distributed.dtensor import assign_, full
+
 RESET_MODES = ("magnitude", "magnitude_joint", "random", "full", "none")
 
 
@@ -73,18 +75,24 @@ def reset_optimizer_state(
     for p in params:
         state = optimizer.state.get(p, {})
         if mode == "magnitude_joint" and "exp_avg" in state and "exp_avg_sq" in state:
-            total += state["exp_avg"].numel() + state["exp_avg_sq"].numel()
-            zeroed += prune_joint_(state["exp_avg"], state["exp_avg_sq"], ratio=ratio)
+            # Sharded moments (FSDP2) are pruned as whole tensors, so the result does not depend on the layout.
+            first, second = full(state["exp_avg"]).clone(), full(state["exp_avg_sq"]).clone()
+            total += first.numel() + second.numel()
+            zeroed += prune_joint_(first, second, ratio=ratio)
+            assign_(state["exp_avg"], first)
+            assign_(state["exp_avg_sq"], second)
             continue
-        for value in state.values():
+        for key, value in state.items():
             if not torch.is_tensor(value) or value.numel() <= 1:
                 continue  # the step counter
-            total += value.numel()
+            whole = full(value).clone()
+            total += whole.numel()
             if mode == "full":
-                value.zero_()
-                zeroed += value.numel()
+                whole.zero_()
+                zeroed += whole.numel()
             elif mode in ("magnitude", "magnitude_joint"):
-                zeroed += prune_smallest_(value, ratio=ratio)
+                zeroed += prune_smallest_(whole, ratio=ratio)
             elif mode == "random":
-                zeroed += prune_random_(value, ratio=ratio, generator=generator)
+                zeroed += prune_random_(whole, ratio=ratio, generator=generator)
+            assign_(state[key], whole)
     return zeroed, total

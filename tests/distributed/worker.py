@@ -1,0 +1,46 @@
+"""Run several small trainings in one multi-process job (launched by torchrun) and save what rank 0 sees.
+
+    torchrun --nproc_per_node 2 tests/distributed/worker.py RUNS.json OUT.pt
+
+``RUNS.json`` is a list of {"name": ..., "overrides": [...]}; for each, the losses and the full (gathered)
+final parameters go into ``OUT.pt`` (a dict name -> {"losses": [...], "params": {name: tensor}}).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from megatron_pept.config import load_config
+from megatron_pept.trainer import Trainer
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        out[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu().clone()
+    return out
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        runs = json.load(f)
+    results = {}
+    for run in runs:
+        trainer = Trainer(load_config(None, run["overrides"]))
+        result = trainer.train()
+        results[run["name"]] = {"losses": result.train_losses, "params": full_params(trainer.raw_model)}
+        del trainer
+    if dist.get_rank() == 0:
+        torch.save(results, sys.argv[2])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
