@@ -1,0 +1,72 @@
+"""The launchers for real: two torchrun "nodes" on one machine (c10d rendezvous on 127.0.0.1) train and match one
+process; the SLURM script is checked for what it runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_pept.config import load_config
+from megatron_pept.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(data: Path, run_dir: Path) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        "data.seq_len=32",
+        "train.steps=3",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "train.eval_interval=0",
+        "train.eval_at_start=false",
+        "train.log_interval=1",
+        "metrics.tensorboard=false",
+        "data.verify_checksums=false",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=1",
+    ]
+
+
+def test_two_node_torchrun_matches_one_process(quickstart_data: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+        "RDZV_ID": "test",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [str(REPO / "launch/torchrun.sh"), *overrides(quickstart_data, tmp_path / "run"), "parallel.backend=ddp"]
+    nodes = [
+        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    logged = [float(x) for o in outputs for x in re.findall(r"step +\d+/3 \| loss ([0-9.]+)", o)]
+    assert len(logged) == 3  # rank 0 logs, on whichever node it landed
+    reference = Trainer(load_config(None, overrides(quickstart_data, tmp_path / "single"))).train().train_losses
+    assert logged == pytest.approx(reference, abs=2e-4)  # the console prints 4 decimals
+
+
+def test_slurm_script_runs_one_torchrun_per_node() -> None:
+    script = (REPO / "launch/slurm.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=1" in script
+    assert "scontrol show hostnames" in script and "--rdzv_backend c10d" in script
+    assert subprocess.run(["bash", "-n", str(REPO / "launch/slurm.sbatch")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(REPO / "launch/torchrun.sh")]).returncode == 0
