@@ -213,6 +213,9 @@ class ParallelConfig:
     """How the model is spread over processes."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (1, 2 or 3); used with backend=deepspeed."""
+    deepspeed_config: str | None = None
+    """JSON or YAML file merged over the DeepSpeed config generated from this one (offload, buckets, overlap ...);
+    batch sizes, accumulation, clipping, optimizer and scheduler stay ours."""
 
 
 @dataclass
@@ -585,6 +588,25 @@ def validate(cfg: Config) -> None:
         _require(0 <= me.adafactor_beta1 < 1, f"method.adafactor_beta1 must be in [0, 1); got {me.adafactor_beta1}")
     if m.name not in MODEL_SIZES:  # pragma: no cover - Literal already guards it
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_SIZES)}")
+    if p.backend == "deepspeed":
+        _require(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 with deepspeed; got {p.zero_stage}")
+        if cfg.method.name.startswith("galore") or cfg.method.name == "adam_mini":
+            raise ConfigError(
+                f"method.name={cfg.method.name} cannot run with parallel.backend=deepspeed in this version: ZeRO hands "
+                "the optimizer flat 1-D partitions, and this optimizer needs whole matrices (projections, per-head "
+                "blocks); use parallel.backend=fsdp2 or ddp"
+            )
+        if o.per_layer:
+            raise ConfigError(
+                "optim.per_layer=true cannot run with parallel.backend=deepspeed: DeepSpeed owns the optimizer step; "
+                "use parallel.backend=fsdp2 or ddp"
+            )
+        if cfg.method.warm_start_steps > 0:
+            raise ConfigError(
+                "method.warm_start_steps > 0 cannot run with parallel.backend=deepspeed in this version: the "
+                "switch changes which parameters train, and a DeepSpeed engine is built for a fixed set; use "
+                "parallel.backend=fsdp2 or ddp"
+            )
     if p.backend == "fsdp2" and cfg.method.name == "galore_adafactor":
         raise ConfigError(
             "method.name=galore_adafactor cannot run with parallel.backend=fsdp2 in this version: Adafactor's "

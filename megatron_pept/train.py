@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved configuration and exit without training",
     )
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment (LOCAL_RANK) anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
     return parser
 

@@ -21,6 +21,7 @@ from megatron_pept.distributed import (
     ParallelDims,
     all_reduce_mean,
     barrier,
+    deepspeed_backend,
     grad_all_reduce_mean,
     init_parallel,
     parallelize,
@@ -146,6 +147,17 @@ class Trainer:
         self.model = parallelize(model, self.dims, device=self.device, per_layer=cfg.optim.per_layer)
 
         self.optimizer = self._per_layer(self.method.build_optimizer(model))
+        self.engine = None
+        if self.dims.backend == "deepspeed":
+            ds_config = deepspeed_backend.deepspeed_config(
+                cfg,
+                grad_accum_steps=self.grad_accum_steps,
+                world_size=self.dims.world_size,
+                cuda=self.device.type == "cuda",
+            )
+            self.engine = deepspeed_backend.initialize(model, self.optimizer, ds_config)
+            self.model = self.engine
+            self.method.set_param_access(model, deepspeed_backend.DeepSpeedAccess(self.engine.optimizer))
         self.schedule = self.method.lr_schedule(build_schedule(cfg.optim, total_steps=t.steps))
         self.state = TrainState()
         self.tokens_per_step = t.global_batch_size * d.seq_len
@@ -271,6 +283,8 @@ class Trainer:
         lr = self.cfg.optim.lr * self.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.engine is not None:
+            return self._deepspeed_step(step, lr)
         per_layer = isinstance(self.optimizer, PerLayerOptimizer)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum_steps):
@@ -308,6 +322,28 @@ class Trainer:
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
         return all_reduce_mean(loss_sum, self.dims).item(), self.state.last_grad_norm, lr
+
+    def _deepspeed_step(self, step: int, lr: float) -> tuple[float, float, float]:
+        """The DeepSpeed engine scales the loss for accumulation, clips, and steps at the accumulation boundary."""
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum_steps):
+            inputs, targets = self.loader.next_batch()
+            with self._autocast():
+                loss = cross_entropy_loss(self.engine(inputs.to(self.device)), targets.to(self.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach() / self.grad_accum_steps
+        grad_norm = self.engine.get_global_grad_norm()
+        self.state.last_grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self._finish_step(step)
+        return all_reduce_mean(loss_sum, self.dims).item(), self.state.last_grad_norm, lr
+
+    def _finish_step(self, step: int) -> None:
+        end = self.method.on_step_end(step=step, model=self.raw_model, optimizer=self.optimizer)
+        if end.scalars:
+            self.writer.scalars(step + 1, end.scalars)
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
 
     def train(self) -> TrainResult:
         cfg = self.cfg.train

@@ -13,7 +13,8 @@ Backends:
   rows (dim 0). The model is initialised in full on every rank and then sharded, so a run's weights do not depend
   on the number of ranks (a 7B model needs its full fp32 weights in CPU memory once per rank while starting). On
   GPU a mixed-precision policy computes in bf16 and reduces gradients in fp32.
-* ``deepspeed``: not available in this version (refused when the run starts).
+* ``deepspeed``: DeepSpeed ZeRO stage 1, 2 or 3 (``parallel.zero_stage``) with our optimizer as its client
+  optimizer; see :mod:`megatron_pept.distributed.deepspeed_backend`.
 """
 
 from __future__ import annotations
@@ -74,13 +75,17 @@ def init_parallel(cfg: ParallelConfig, *, train: TrainConfig | None = None) -> P
                 "set parallel.backend to ddp or fsdp2"
             )
         return ParallelDims(backend="single")
-    if cfg.backend == "deepspeed":
-        raise ConfigError(
-            "parallel.backend=deepspeed is not available in this version; use parallel.backend=ddp or fsdp2"
-        )
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     device = resolve_device(train or TrainConfig(), local_rank=local_rank)
+    if cfg.backend == "deepspeed":
+        import deepspeed
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -100,8 +105,8 @@ def init_parallel(cfg: ParallelConfig, *, train: TrainConfig | None = None) -> P
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, device: torch.device, per_layer: bool = False) -> nn.Module:
     """Wrap or shard a materialised, initialised ``model`` for the backend; returns the module to train."""
-    if dims.backend == "single" or (dims.backend == "ddp" and per_layer):
-        return model
+    if dims.backend in ("single", "deepspeed") or (dims.backend == "ddp" and per_layer):
+        return model  # DeepSpeed wraps the model with its optimizer (megatron_pept.distributed.deepspeed_backend)
     if dims.backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

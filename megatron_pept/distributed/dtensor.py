@@ -28,3 +28,32 @@ def assign_(target: torch.Tensor, value: torch.Tensor) -> None:
         target.to_local().copy_(local.to_local())
     else:
         target.copy_(value)
+
+
+class ParamAccess:
+    """Read and write whole parameters and their optimizer state, whatever holds them.
+
+    The methods' restarts and resets go through this: plain tensors and FSDP2 DTensors are handled here;
+    :class:`megatron_pept.distributed.deepspeed_backend.DeepSpeedAccess` reaches into DeepSpeed ZeRO's partitioned
+    fp32 master weights and optimizer state.
+    """
+
+    def get(self, t: torch.Tensor) -> torch.Tensor:
+        return full(t)
+
+    def set(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        assign_(t, value)
+
+    def get_state(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+        value = optimizer.state.get(p, {}).get(key)
+        return full(value) if torch.is_tensor(value) else None
+
+    def set_state(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
+        assign_(optimizer.state[p][key], value)
+
+    def state_keys(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[str]:
+        """Keys of the per-element state tensors of ``p`` (not the step counter)."""
+        return [k for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.numel() > 1]
+
+
+LOCAL_ACCESS = ParamAccess()

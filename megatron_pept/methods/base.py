@@ -41,6 +41,10 @@ class Method:
     def convert(self, model: nn.Module) -> None:
         """Rewrite the model in place before it is parallelised or materialised (swap in adapters, freeze)."""
 
+    def set_param_access(self, model: nn.Module, access: object) -> None:
+        """Route the method's whole-tensor reads and writes through ``access`` (DeepSpeed ZeRO); most methods
+        never touch weights outside the optimizer and ignore it."""
+
     def after_init(self, model: nn.Module) -> None:
         """Called once the model's weights hold their initial values (e.g. to decompose them)."""
 

@@ -30,22 +30,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_pept.distributed.dtensor import assign_, full
+from megatron_pept.distributed.dtensor import LOCAL_ACCESS, ParamAccess
 from megatron_pept.errors import ConfigError
 
 LOWRANK_KINDS = ("lora", "dora", "pissa", "qr")
 
 
 @torch.no_grad()
-def kaiming_lora_init(a: torch.Tensor, b: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
+def kaiming_lora_init(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    access: ParamAccess = LOCAL_ACCESS,
+) -> None:
     """LoRA's initialisation: ``A`` as nn.Linear's default (Kaiming-uniform, a=sqrt(5)), ``B`` zeros.
 
     The values are drawn for the whole matrix (then sharded), so they do not depend on how ``A`` is sharded."""
     bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a [r, in] matrix
     device = generator.device if generator is not None else a.device
     values = torch.empty(a.shape, dtype=torch.float32, device=device).uniform_(-bound, bound, generator=generator)
-    assign_(a, values)
-    assign_(b, torch.zeros(b.shape, dtype=torch.float32))
+    access.set(a, values)
+    access.set(b, torch.zeros(b.shape, dtype=torch.float32))
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -107,6 +113,8 @@ class LowRankLinear(nn.Linear):
             self.register_buffer("lora_B0", torch.empty(out_features, rank, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lowrank_active = True
+        # How whole tensors are read and written (plain, FSDP2 shards, DeepSpeed ZeRO partitions).
+        self.param_access: ParamAccess = LOCAL_ACCESS
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LowRankLinear:
@@ -141,22 +149,24 @@ class LowRankLinear(nn.Linear):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The dense weight this layer currently applies, in fp32 (whole, also when the layer is sharded)."""
-        weight = full(self.weight).float()
+        weight = self.param_access.get(self.weight).float()
         if not self.lowrank_active:
             return weight.clone()
-        merged = weight + self.scale * (full(self.lora_B).float() @ full(self.lora_A).float())
+        merged = weight + self.scale * (
+            self.param_access.get(self.lora_B).float() @ self.param_access.get(self.lora_A).float()
+        )
         if self.magnitude is not None:
-            merged = full(self.magnitude).float()[:, None] * merged / row_norms(merged)[:, None]
+            merged = self.param_access.get(self.magnitude).float()[:, None] * merged / row_norms(merged)[:, None]
         return merged
 
     @torch.no_grad()
     def decompose(self, weight: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
         """Set base and adapters from the dense ``weight`` according to the kind (see the module docstring)."""
-        base = full(weight).float()
+        base = self.param_access.get(weight).float()
         if self.kind in ("lora", "dora"):
-            kaiming_lora_init(self.lora_A, self.lora_B, generator=generator)
+            kaiming_lora_init(self.lora_A, self.lora_B, generator=generator, access=self.param_access)
             if self.magnitude is not None:
-                assign_(self.magnitude, row_norms(base))
+                self.param_access.set(self.magnitude, row_norms(base))
         elif self.kind == "pissa":
             a, b = pissa_factors(base, rank=self.rank, scale=self.scale)
             base = base - self.scale * (b @ a)
@@ -166,26 +176,26 @@ class LowRankLinear(nn.Linear):
                 base = base - self.scale * (b @ a)
         if self.kind in ("pissa", "qr"):
             for param, buffer, value in ((self.lora_A, self.lora_A0, a), (self.lora_B, self.lora_B0, b)):
-                assign_(param, value)
-                assign_(buffer, value)
-        assign_(self.weight, base)
+                self.param_access.set(param, value)
+                self.param_access.set(buffer, value)
+        self.param_access.set(self.weight, base)
 
     @torch.no_grad()
     def init_adapters_only(self, *, generator: torch.Generator | None = None) -> None:
         """Give the adapters defined values without touching the base (full-rank phase: they are unused)."""
-        kaiming_lora_init(self.lora_A, self.lora_B, generator=generator)
+        kaiming_lora_init(self.lora_A, self.lora_B, generator=generator, access=self.param_access)
         if self.magnitude is not None:
-            assign_(self.magnitude, row_norms(full(self.weight)))
+            self.param_access.set(self.magnitude, row_norms(self.param_access.get(self.weight)))
         if self.kind in ("pissa", "qr"):
-            assign_(self.lora_A0, full(self.lora_A))
-            assign_(self.lora_B0, full(self.lora_B))
+            self.param_access.set(self.lora_A0, self.param_access.get(self.lora_A))
+            self.param_access.set(self.lora_B0, self.param_access.get(self.lora_B))
 
     @torch.no_grad()
     def cycle_update(self, merged: torch.Tensor | None = None) -> torch.Tensor:
         """How much the effective weight moved since the last (re)initialisation (fp32, dense)."""
-        start = full(self.weight).float()
+        start = self.param_access.get(self.weight).float()
         if self.kind in ("pissa", "qr"):
-            start = start + self.scale * (full(self.lora_B0) @ full(self.lora_A0))
+            start = start + self.scale * (self.param_access.get(self.lora_B0) @ self.param_access.get(self.lora_A0))
         return (self.merged_weight() if merged is None else merged) - start
 
     @torch.no_grad()

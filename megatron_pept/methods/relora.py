@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from megatron_pept.config import MethodConfig, OptimConfig
-from megatron_pept.distributed.dtensor import full
+from megatron_pept.distributed.dtensor import LOCAL_ACCESS, ParamAccess
 from megatron_pept.errors import ConfigError
 from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.lowrank import LowRankLinear
@@ -65,6 +65,13 @@ class LowRankMethod(Method):
         self.base_dtype = _BASE_DTYPES[cfg.base_dtype]
         self.restart_count = 0
         self.lowrank_phase = cfg.warm_start_steps == 0
+        self.param_access: ParamAccess = LOCAL_ACCESS
+
+    def set_param_access(self, model: nn.Module, access: ParamAccess) -> None:
+        """Route whole-tensor reads and writes through ``access`` (e.g. DeepSpeed ZeRO partitions)."""
+        self.param_access = access
+        for _, layer in lowrank_layers(model):
+            layer.param_access = access
 
     # -- model ------------------------------------------------------------------------------------------------
 
@@ -142,15 +149,21 @@ class LowRankMethod(Method):
             update_sq += layer.restart(generator=gen)
             adapters.extend(layer.adapter_parameters())
         gen = self._generator(torch.device("cpu"), 97 * self.restart_count)
+        access = self.param_access
         reset_optimizer_state(
-            optimizer, adapters, mode=self.cfg.optimizer_reset, ratio=self.cfg.prune_ratio, generator=gen
+            optimizer,
+            adapters,
+            mode=self.cfg.optimizer_reset,
+            ratio=self.cfg.prune_ratio,
+            generator=gen,
+            access=access,
         )
         zeros = total = 0
         for p in adapters:
-            for value in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.numel() > 1:
-                    zeros += int((full(value) == 0).sum())
-                    total += value.numel()
+            for key in access.state_keys(optimizer, p):
+                value = access.get_state(optimizer, p, key)
+                zeros += int((value == 0).sum())
+                total += value.numel()
         return {
             f"{self.metric_prefix}/merged_update_norm": update_sq**0.5,
             f"{self.metric_prefix}/pruned_fraction": zeros / total if total else 0.0,
@@ -165,7 +178,11 @@ class LowRankMethod(Method):
             end.scalars.update(self._restart(model, optimizer))
         prefix = self.metric_prefix
         with torch.no_grad():
-            norms = [full(p).float().norm() for _, layer in lowrank_layers(model) for p in layer.adapter_parameters()]
+            norms = [
+                layer.param_access.get(p).float().norm()
+                for _, layer in lowrank_layers(model)
+                for p in layer.adapter_parameters()
+            ]
             adapter_norm = float(torch.linalg.vector_norm(torch.stack(norms)))  # one device sync
         end.scalars.update(
             {

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from megatron_pept.distributed.dtensor import assign_, full
+from megatron_pept.distributed.dtensor import LOCAL_ACCESS, ParamAccess
 
 RESET_MODES = ("magnitude", "magnitude_joint", "random", "full", "none")
 
@@ -66,26 +66,27 @@ def reset_optimizer_state(
     mode: str,
     ratio: float,
     generator: torch.Generator | None = None,
+    access: ParamAccess = LOCAL_ACCESS,
 ) -> tuple[int, int]:
     """Reset the moment tensors of ``params`` in ``optimizer``: ``magnitude`` / ``random`` zero a ``ratio`` of
-    each tensor's entries, ``full`` zeroes them all, ``none`` does nothing. Returns (entries zeroed, entries)."""
+    each tensor's entries, ``magnitude_joint`` the same entries of both moments, ``full`` all of them, ``none``
+    nothing. Works on whole tensors (gathered from shards or partitions by ``access``), so the result does not
+    depend on the layout. Returns (entries zeroed, entries)."""
     if mode not in RESET_MODES:
         raise ValueError(f"unknown optimizer reset {mode!r}; choose one of {', '.join(RESET_MODES)}")
     zeroed = total = 0
     for p in params:
-        state = optimizer.state.get(p, {})
-        if mode == "magnitude_joint" and "exp_avg" in state and "exp_avg_sq" in state:
-            # Sharded moments (FSDP2) are pruned as whole tensors, so the result does not depend on the layout.
-            first, second = full(state["exp_avg"]).clone(), full(state["exp_avg_sq"]).clone()
+        keys = access.state_keys(optimizer, p)
+        if mode == "magnitude_joint" and "exp_avg" in keys and "exp_avg_sq" in keys:
+            first = access.get_state(optimizer, p, "exp_avg").clone()
+            second = access.get_state(optimizer, p, "exp_avg_sq").clone()
             total += first.numel() + second.numel()
             zeroed += prune_joint_(first, second, ratio=ratio)
-            assign_(state["exp_avg"], first)
-            assign_(state["exp_avg_sq"], second)
+            access.set_state(optimizer, p, "exp_avg", first)
+            access.set_state(optimizer, p, "exp_avg_sq", second)
             continue
-        for key, value in state.items():
-            if not torch.is_tensor(value) or value.numel() <= 1:
-                continue  # the step counter
-            whole = full(value).clone()
+        for key in keys:
+            whole = access.get_state(optimizer, p, key).clone()
             total += whole.numel()
             if mode == "full":
                 whole.zero_()
@@ -94,5 +95,5 @@ def reset_optimizer_state(
                 zeroed += prune_smallest_(whole, ratio=ratio)
             elif mode == "random":
                 zeroed += prune_random_(whole, ratio=ratio, generator=generator)
-            assign_(state[key], whole)
+            access.set_state(optimizer, p, key, whole)
     return zeroed, total

@@ -28,16 +28,18 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    with open(sys.argv[1]) as f:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    with open(args[0]) as f:
         runs = json.load(f)
     results = {}
     for run in runs:
+        print(f"worker: run {run['name']}", flush=True)
         trainer = Trainer(load_config(None, run["overrides"]))
         result = trainer.train()
         results[run["name"]] = {"losses": result.train_losses, "params": full_params(trainer.raw_model)}
         del trainer
     if dist.get_rank() == 0:
-        torch.save(results, sys.argv[2])
+        torch.save(results, args[1])
     dist.barrier()
     dist.destroy_process_group()
 

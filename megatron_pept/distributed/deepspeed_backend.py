@@ -1,0 +1,140 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3) as a backend: the config generated from ours, the engine, and access to the
+partitioned fp32 master weights and optimizer state for methods that rewrite weights (ReLoRA's restarts).
+
+The DeepSpeed config is generated from ours (micro-batch, accumulation, clipping, ZeRO stage, bf16 on GPU); a
+JSON or YAML file named by ``parallel.deepspeed_config`` is merged over it for advanced keys (offload, buckets,
+communication overlap ...). Keys that must agree with our config (batch sizes, accumulation, clipping) are
+refused there, with the key to set instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from megatron_pept.config import Config
+from megatron_pept.distributed.dtensor import ParamAccess
+from megatron_pept.errors import ConfigError
+
+OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x ranks)",
+    "gradient_clipping": "train.max_grad_norm",
+    "optimizer": "method.name / optim.*",
+    "scheduler": "optim.schedule",
+}
+
+
+def deepspeed_config(cfg: Config, *, grad_accum_steps: int, world_size: int, cuda: bool) -> dict[str, Any]:
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cuda and t.dtype in ("auto", "bf16"):
+        ds["bf16"] = {"enabled": True}
+    extra_path = cfg.parallel.deepspeed_config
+    if extra_path:
+        path = Path(extra_path)
+        if not path.is_file():
+            raise ConfigError(f"parallel.deepspeed_config {path} does not exist")
+        text = path.read_text()
+        extra = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(extra, dict):
+            raise ConfigError(f"parallel.deepspeed_config {path} must hold a mapping")
+        for key in extra:
+            if key in OWNED_KEYS:
+                raise ConfigError(f"parallel.deepspeed_config sets {key!r}; set {OWNED_KEYS[key]} instead")
+        ds = _merge(ds, extra)
+    return ds
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
+    """The DeepSpeed engine around ``model`` with our optimizer as its client optimizer."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+class DeepSpeedAccess(ParamAccess):
+    """Whole parameters and optimizer state through DeepSpeed's safe accessors (ZeRO 1, 2 and 3).
+
+    A write goes both to the fp32 master partition (what the next step starts from) and to the module's own
+    parameter (what the next forward uses; gathered and re-partitioned under ZeRO-3).
+    """
+
+    def __init__(self, engine_optimizer: Any = None) -> None:
+        self.engine_optimizer = engine_optimizer  # the ZeRO optimizer wrapping ours
+
+    def get(self, t: torch.Tensor) -> torch.Tensor:
+        if not _is_ds_param(t):
+            return super().get(t)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(t) if t.requires_grad else None
+        if value is not None:
+            return value
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], enabled=hasattr(t, "ds_tensor")):  # a frozen ZeRO-3 weight
+            return t.data.detach().float().clone()
+
+    def set(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        if not _is_ds_param(t):
+            return super().set(t, value)
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if t.requires_grad:
+            safe_set_full_fp32_param(t, value.float())
+        # Every rank computed the same value; rank 0's copy is the one re-partitioned under ZeRO-3.
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=0, enabled=hasattr(t, "ds_tensor")):
+            t.data.copy_(value.to(t.dtype))
+
+    def get_state(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.Tensor | None:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        try:
+            return safe_get_full_optimizer_state(p, key)
+        except ValueError:
+            # ZeRO-1/2 link parameters to their optimizer-state fragments once, after the first step of the first
+            # parameter group, before torch's optimizer has created the state of the other groups: link again.
+            self._relink()
+            return safe_get_full_optimizer_state(p, key)
+
+    def _relink(self) -> None:
+        zero = self.engine_optimizer
+        if zero is not None and hasattr(zero, "_hp_optimizer_states_linked"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def set_state(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        safe_set_full_optimizer_state(p, value, key)
+
+    def state_keys(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"] if p.requires_grad else []
+
+
+def _is_ds_param(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.nn.Parameter) and (hasattr(t, "ds_id") or hasattr(t, "_hp_mapping"))
