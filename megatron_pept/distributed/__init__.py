@@ -81,8 +81,16 @@ def init_parallel(cfg: ParallelConfig, *, train: TrainConfig | None = None) -> P
     if cfg.backend == "deepspeed":
         import deepspeed
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # A complete torch-style environment keeps DeepSpeed from falling back to MPI discovery (mpi4py) when
+        # the entry point is started as one plain process.
+        for key, value in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("RANK", str(rank)),
+            ("WORLD_SIZE", str(world_size)),
+            ("LOCAL_RANK", str(local_rank)),
+        ):
+            os.environ.setdefault(key, value)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,43 @@ def test_two_node_torchrun_matches_one_process(quickstart_data: Path, tmp_path: 
     assert logged == pytest.approx(reference, abs=2e-4)  # the console prints 4 decimals
 
 
+def test_two_node_deepspeed_no_ssh_matches_one_process(quickstart_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two "nodes" on this machine
+    port = str(free_port())
+    args = [
+        str(REPO / "launch/deepspeed.sh"),
+        *overrides(quickstart_data, tmp_path / "run"),
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=2",
+    ]
+    nodes = []
+    for node_rank in (0, 1):
+        env = {
+            **os.environ,
+            "HOSTFILE": str(hostfile),
+            "NO_SSH": "1",
+            "NODE_RANK": str(node_rank),
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable,
+        }
+        nodes.append(
+            subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    logged = [float(x) for o in outputs for x in re.findall(r"step +\d+/3 \| loss ([0-9.]+)", o)]
+    assert len(logged) == 3
+    reference = Trainer(load_config(None, overrides(quickstart_data, tmp_path / "single"))).train().train_losses
+    assert logged == pytest.approx(reference, abs=2e-4)
+
+
 def test_slurm_script_runs_one_torchrun_per_node() -> None:
     script = (REPO / "launch/slurm.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=1" in script
     assert "scontrol show hostnames" in script and "--rdzv_backend c10d" in script
     assert subprocess.run(["bash", "-n", str(REPO / "launch/slurm.sbatch")]).returncode == 0
-    assert subprocess.run(["bash", "-n", str(REPO / "launch/torchrun.sh")]).returncode == 0
+    for script in ("torchrun.sh", "deepspeed.sh"):
+        assert subprocess.run(["bash", "-n", str(REPO / "launch" / script)]).returncode == 0

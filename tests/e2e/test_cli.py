@@ -110,3 +110,34 @@ def test_console_script_is_installed() -> None:
         [str(Path(sys.executable).with_name("megatron-pept-train")), "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "--config" in proc.stdout
+
+
+def test_deepspeed_backend_runs_as_one_plain_process(quickstart_data: Path, tmp_path: Path) -> None:
+    """``python -m megatron_pept.train parallel.backend=deepspeed`` without any launcher: DeepSpeed must not fall
+    back to MPI discovery (mpi4py is not a dependency) and one ZeRO rank trains like the single backend."""
+    import os
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["MASTER_PORT"] = "29561"
+    common = ["--config", "configs/quickstart.yaml", "train.steps=3", f"data.path={quickstart_data}"]
+    losses = {}
+    for backend in ("single", "deepspeed"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_pept.train",
+                *common,
+                f"run_dir={tmp_path / backend}",
+                f"parallel.backend={backend}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses[backend] = float(re.search(r"step 3/3 \| loss ([0-9.]+)", proc.stdout).group(1))
+    assert losses["deepspeed"] == pytest.approx(losses["single"], abs=2e-4)

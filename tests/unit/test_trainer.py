@@ -85,5 +85,5 @@ def test_config_and_data_mistakes(quickstart_data: Path, tmp_path: Path) -> None
         Trainer(tiny(quickstart_data, tmp_path / "v", "model.vocab_size=100"))
     with pytest.raises(DataError, match="does not exist"):
         Trainer(tiny(tmp_path / "missing", tmp_path / "d"))
-    with pytest.raises(ConfigError, match="parallel.backend=deepspeed is not available"):
-        Trainer(tiny(quickstart_data, tmp_path / "p", "parallel.backend=deepspeed"))
+    with pytest.raises(ConfigError, match="cannot run with parallel.backend=deepspeed"):
+        Trainer(tiny(quickstart_data, tmp_path / "p", "parallel.backend=deepspeed", "method.name=galore"))
