@@ -590,12 +590,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_SIZES)}")
     if p.backend == "deepspeed":
         _require(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 with deepspeed; got {p.zero_stage}")
-        if cfg.method.name.startswith("galore") or cfg.method.name == "adam_mini":
-            raise ConfigError(
-                f"method.name={cfg.method.name} cannot run with parallel.backend=deepspeed in this version: ZeRO hands "
-                "the optimizer flat 1-D partitions, and this optimizer needs whole matrices (projections, per-head "
-                "blocks); use parallel.backend=fsdp2 or ddp"
-            )
         if o.per_layer:
             raise ConfigError(
                 "optim.per_layer=true cannot run with parallel.backend=deepspeed: DeepSpeed owns the optimizer step; "

@@ -157,6 +157,8 @@ class Trainer:
             )
             self.engine = deepspeed_backend.initialize(model, self.optimizer, ds_config)
             self.model = self.engine
+            if hasattr(self.optimizer, "attach_zero"):  # matrix-aware optimizers work on ZeRO's fragments
+                self.optimizer.attach_zero(deepspeed_backend.zero_layout(self.engine.optimizer))
             self.method.set_param_access(model, deepspeed_backend.DeepSpeedAccess(self.engine.optimizer))
         self.schedule = self.method.lr_schedule(build_schedule(cfg.optim, total_steps=t.steps))
         self.state = TrainState()

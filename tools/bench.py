@@ -54,23 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data", "optim"),
+        choices=("model", "data", "optim", "comm"),
         default="model",
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
         "GaLore optimizer-state bytes, step time vs galore-torch, projector refresh (full vs randomized SVD), "
-        "GaLore's overhead in a 60m training step, per-layer update memory (see --optim-bench)",
+        "GaLore's overhead in a 60m training step, per-layer update memory (see --optim-bench); comm: bytes "
+        "communicated per step by 2 gloo ranks, each method against full on the same backend (see --comm-*)",
     )
     parser.add_argument(
         "--optim-bench",
         default="state_bytes,step_time,refresh,overhead,per_layer_memory",
         help="optim suite: comma-separated measurements to run (default: all)",
     )
-    parser.add_argument("--rank", type=int, default=256, help="optim suite: GaLore rank (default 256)")
+    parser.add_argument("--rank", type=int, default=256, help="optim and comm suites: GaLore rank (default 256)")
     parser.add_argument(
         "--optim-model", default="350m", choices=list(MODEL_SHAPES), help="optim suite: model shapes (default 350m)"
     )
     parser.add_argument("--blocks", type=int, default=2, help="optim suite: transformer blocks of matrices (default 2)")
+    parser.add_argument("--comm-model", default="60m", choices=list(MODEL_SHAPES), help="comm suite: model size")
+    parser.add_argument(
+        "--comm-methods", default="full,galore", help="comm suite: comma-separated methods (full is the baseline)"
+    )
+    parser.add_argument(
+        "--comm-backends",
+        default="fsdp2,deepspeed",
+        help="comm suite: comma-separated backends (ddp, fsdp2, deepspeed)",
+    )
+    parser.add_argument("--zero-stage", type=int, default=2, help="comm suite: ZeRO stage for deepspeed (default 2)")
     data = DataBenchSettings()
     parser.add_argument("--corpus-mb", type=float, default=data.corpus_mb, help="data suite: MB of text to prepare")
     parser.add_argument(
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(lambda: _data_suite(args), prog=PROG)
     if args.suite == "optim":
         return run_cli(lambda: _optim_suite(args), prog=PROG)
+    if args.suite == "comm":
+        return run_cli(lambda: _comm_suite(args), prog=PROG)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -185,6 +198,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _comm_suite(args: argparse.Namespace) -> int:
+    from megatron_pept.bench_comm import CommBenchSettings, format_comm_result, run_comm_benchmark
+
+    methods = tuple(m.strip() for m in args.comm_methods.split(",") if m.strip())
+    backends = tuple(b.strip() for b in args.comm_backends.split(",") if b.strip())
+    bad = [b for b in backends if b not in ("ddp", "fsdp2", "deepspeed")]
+    if bad:
+        raise UserError(f"unknown --comm-backends {', '.join(bad)}; choose from ddp, fsdp2, deepspeed")
+    if "full" not in methods:
+        methods = ("full", *methods)
+    settings = CommBenchSettings(
+        model=args.comm_model, rank=args.rank, methods=methods, backends=backends, zero_stage=args.zero_stage
+    )
+    result = run_comm_benchmark(settings)
+    print(format_comm_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -19,6 +19,7 @@ import yaml
 from megatron_pept.config import Config
 from megatron_pept.distributed.dtensor import ParamAccess
 from megatron_pept.errors import ConfigError
+from megatron_pept.optim.fragments import FlatFragment
 
 OWNED_KEYS = {
     "train_batch_size": "train.global_batch_size",
@@ -138,3 +139,42 @@ class DeepSpeedAccess(ParamAccess):
 
 def _is_ds_param(t: torch.Tensor) -> bool:
     return isinstance(t, torch.nn.Parameter) and (hasattr(t, "ds_id") or hasattr(t, "_hp_mapping"))
+
+
+def zero_layout(engine_optimizer: Any) -> dict[int, list[tuple[torch.nn.Parameter, FlatFragment]]]:
+    """For each flat fp32 partition ZeRO hands the client optimizer (keyed by ``id``), the model parameters it holds
+    pieces of, in ZeRO's order (the same on every rank), each with this rank's :class:`FlatFragment` of it.
+
+    Stages 1 and 2: a group's parameters are concatenated and the concatenation cut into equal partitions, so a
+    parameter may be split across ranks anywhere (DeepSpeed's own ``_hp_mapping`` gives where). Stage 3: each
+    parameter is cut into equal partitions of its own, and a sub-group's flat tensor concatenates them."""
+    zero = engine_optimizer
+    layout: dict[int, list[tuple[torch.nn.Parameter, FlatFragment]]] = {}
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+            group = zero.real_dp_process_group[i]
+            pieces = []
+            for p in zero.bit16_groups[i]:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:  # no piece of p on this rank; it still joins the collectives
+                    frag = FlatFragment(p.shape, lo=0, numel=0, offset=0, group=group)
+                else:
+                    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                    frag = FlatFragment(p.shape, lo=lp.start, numel=lp.numel, offset=hp.start, group=group)
+                pieces.append((p, frag))
+            layout[id(flat)] = pieces
+    elif hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        import torch.distributed as dist
+
+        for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+            pieces = []
+            for p in zero.fp16_groups[i]:
+                group = zero._get_param_partition_group(p)
+                _, offset, size = zero.grad_position[zero.get_param_id(p)]
+                lo = dist.get_rank(group=group) * size
+                numel = max(0, min(size, p.ds_numel - lo))
+                pieces.append((p, FlatFragment(p.ds_shape, lo=lo, numel=numel, offset=offset, group=group)))
+            layout[id(flat)] = pieces
+    else:  # pragma: no cover - a DeepSpeed version with another optimizer layout
+        raise RuntimeError(f"unknown ZeRO optimizer layout: {type(zero).__name__}")
+    return layout

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from megatron_pept.optim.fragments import FlatFragment
+
 BLOCK_KINDS = ("adam", "head", "row", "tensor")
 
 
@@ -44,6 +46,50 @@ class AdamMini(torch.optim.Optimizer):
             if group["block"] == "head" and not group.get("head_numel"):
                 raise ValueError("an Adam-mini 'head' group needs head_numel")
         self.reduce_sum = reduce_sum
+        self._zero_layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]] | None = None
+
+    def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
+        """Run inside DeepSpeed ZeRO (see :meth:`megatron_pept.optim.galore.GaLoreOptimizer.attach_zero`): each
+        model parameter is stepped on this rank's fragment, its block statistics summed over the ranks."""
+        self._zero_layout = layout
+
+    def _fragment_step(
+        self, p: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, frag: FlatFragment, group: dict
+    ) -> None:
+        """One step of the fragment ``param`` of ``p``: element ``e`` of the flattening belongs to block
+        ``e // block_numel`` (a head's rows, a row, or the whole tensor), so the blocks' mean squares are per-block
+        sums over every rank's fragment, and the update of each element uses its block's value."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, kind = group["lr"], group["eps"], group["weight_decay"], group["block"]
+        numel = frag.shape.numel()
+        block_numel = {"head": group.get("head_numel"), "row": numel // max(1, frag.shape[0]), "tensor": numel}
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["m"] = torch.zeros_like(param)
+            if kind == "adam":
+                state["v"] = torch.zeros_like(param)
+            else:
+                blocks = numel // block_numel[kind]
+                state["v"] = param.new_zeros(()) if kind == "tensor" else param.new_zeros(blocks, 1)
+        state["step"] += 1
+        step = float(state["step"])
+        if wd > 0:
+            param.mul_(1 - lr * wd)
+        state["m"].lerp_(grad, 1 - beta1)
+        bias_correction1 = 1 - beta1**step
+        if kind == "adam":
+            state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            param.addcdiv_(state["m"], h, value=-lr / bias_correction1)
+            return
+        size = block_numel[kind]
+        ids = frag.block_ids(size, grad.device)
+        mean_sq = frag.block_sums(grad.square(), ids, numel // size) / size
+        state["v"].mul_(beta2).add_(mean_sq.view(state["v"].shape), alpha=1 - beta2)
+        h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        stepsize = ((1 / bias_correction1) / h).reshape(-1)
+        param.add_(-(state["m"] * stepsize[ids]) * lr)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -56,6 +102,10 @@ class AdamMini(torch.optim.Optimizer):
             lr, eps, wd, kind = group["lr"], group["eps"], group["weight_decay"], group["block"]
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                if self._zero_layout is not None:
+                    for q, frag in self._zero_layout[id(p)]:
+                        self._fragment_step(q, frag.view(p), frag.view(p.grad), frag, group)
                     continue
                 # Under FSDP2 each rank updates its own rows; block statistics that span ranks are summed.
                 shard = _Rows(p) if isinstance(p, DTensor) else None

@@ -28,10 +28,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.optim.adamw import KeepStateDtypes
+from megatron_pept.optim.fragments import FlatFragment
 from megatron_pept.optim.projector import (
     RefreshSchedule,
     project,
     project_back,
+    projected_shape,
     projection_side,
     randomized_basis,
     subspace_overlap,
@@ -75,14 +77,17 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
         self.last_svd_seconds = 0.0
         self.last_overlaps: list[float] = []
         self.last_ef_residual_sq = 0.0
+        self._zero_layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]] | None = None
+        self._zero_first: int | None = None
 
     # -- to be provided by subclasses --------------------------------------------------------------------------
 
     def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
 
-    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
-        """Return ``(update, step_size)``: the parameter moves by ``-step_size * project_back(update)``."""
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
+        """Return ``(update, step_size)``: the parameter moves by ``-step_size * project_back(update)``. ``param``
+        is the view of the parameter being stepped (``param.value``: this rank's part of it)."""
         raise NotImplementedError
 
     def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
@@ -100,10 +105,8 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
             cap=group["dynamic_cap"],
         )
 
-    def _refresh(
-        self, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str, shard: _RowShard | None
-    ) -> None:
-        whole = shard.gather(grad) if shard else grad  # sharded: the whole gradient, on refresh steps only
+    def _refresh(self, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str, view: _View) -> None:
+        whole = view.gather(grad)  # sharded: the whole gradient, on refresh steps only
         start = time.perf_counter()
         if group["svd"] == "full":
             basis = svd_basis(whole, rank=group["rank"], side=side)
@@ -120,74 +123,71 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
         if grad.is_cuda:
             torch.cuda.synchronize(grad.device)
         self.last_svd_seconds += time.perf_counter() - start
-        basis = basis.to(grad.dtype)
-        if shard and side == "left":
-            basis = shard.rows(basis)  # this rank's rows of the m x r projector
+        basis = view.local_basis(basis.to(grad.dtype), side)
         if int(state["refreshes"]) > 0:
-            old = state["projector"]
-            if shard and side == "left":
-                product = shard.all_reduce(old.T.float() @ basis.float())
-                self.last_overlaps.append(float(product.square().sum()) / basis.shape[1])
-            else:
-                self.last_overlaps.append(subspace_overlap(old, basis, side=side))
+            self.last_overlaps.append(view.overlap(state["projector"], basis, side))
         state["projector"] = basis
         state["refreshes"] += 1
         self.last_refreshes += 1
 
-    def _projected_step(self, p: torch.Tensor, group: dict, index: int) -> None:
-        """One projected step. Under FSDP2 (``p`` a DTensor sharded by rows) everything runs on this rank's rows:
-        a right projection ``G P^T`` is local, a left one ``P^T G`` is summed over the ranks (one all-reduce of
-        ``r x n``), and the whole gradient is gathered only on refresh steps, to compute the projector."""
-        shard = _RowShard.of(p)
-        param = shard.local(p) if shard else p
-        grad = shard.local(p.grad) if shard else p.grad
+    def _projected_step(self, p: torch.Tensor, group: dict, index: int, view: _View) -> None:
+        """One projected step on whatever part of ``p`` this rank holds (see :class:`_View`): the whole matrix, its
+        FSDP2 rows (a right projection is local, a left one needs one all-reduce of ``r x n``), or a ZeRO fragment
+        (the projected gradient is summed over the ranks: one all-reduce of the low-rank size). The whole gradient
+        is gathered only on refresh steps, to compute the projector."""
+        param, grad = view.param(p), view.grad(p)
         grad = grad if grad.dtype == torch.float32 else grad.float()
-        if p.dim() != 2:
-            raise ValueError(f"GaLore projects matrices; a parameter of shape {tuple(p.shape)} was given a rank")
-        side = projection_side(p.shape)
-        rank = min(group["rank"], *p.shape)
+        if len(view.shape) != 2:
+            raise ValueError(f"GaLore projects matrices; a parameter of shape {tuple(view.shape)} was given a rank")
+        side = projection_side(view.shape)
+        rank = min(group["rank"], *view.shape)
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["refreshes"] = torch.tensor(0)
             state["seed"] = torch.tensor(group["seed"] * 100_003 + index)
-            shape = (grad.shape[0], rank) if side == "right" else (rank, grad.shape[1])
-            self._init_inner_state(state, torch.Size(shape), grad, group)
+            self._init_inner_state(state, view.low_shape(grad, side, rank), grad, group)
             if group["ef_weight"] > 0:
                 state["ef_residual"] = torch.zeros_like(grad)
         if group["ef_weight"] > 0:
             grad = grad + group["ef_weight"] * state["ef_residual"]
         step = int(state["step"])
         if step == 0 or self._schedule(group).is_refresh(step):
-            self._refresh(state, grad, {**group, "rank": rank}, side, shard)
+            self._refresh(state, grad, {**group, "rank": rank}, side, view)
         basis = state["projector"]
-        low = project(grad, basis, side=side)
-        if shard and side == "left":
-            shard.all_reduce(low)
+        low = view.project(grad, basis, side)
         if group["ef_weight"] > 0:
-            residual = grad - project_back(low, basis, side=side)
+            residual = grad - view.back(low, basis, side)
             state["ef_residual"].copy_(residual)
-            residual_sq = residual.square().sum()
-            self.last_ef_residual_sq += float(shard.all_reduce(residual_sq) if shard else residual_sq)
+            self.last_ef_residual_sq += float(view.sum_all(residual.square().sum()))
         state["step"] += 1
-        update, step_size = self._inner_update(state, low, group, param)
-        full_update = project_back(update, basis, side=side) * group["scale"]
+        update, step_size = self._inner_update(state, low, group, view.with_param(param))
+        full_update = view.back(update, basis, side) * group["scale"]
         param.add_(full_update.to(param.dtype), alpha=-step_size)
         self._decay(param, group, step_size)
 
-    def _plain_step(self, p: torch.Tensor, group: dict) -> None:
-        shard = _RowShard.of(p)
-        param = shard.local(p) if shard else p  # element-wise updates are the same on each rank's rows
-        grad = shard.local(p.grad) if shard else p.grad
+    def _plain_step(self, p: torch.Tensor, group: dict, view: _View) -> None:
+        param, grad = view.param(p), view.grad(p)  # element-wise updates are the same on any part of p
         grad = grad if grad.dtype == torch.float32 else grad.float()
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             self._init_inner_state(state, grad.shape, grad, group)
         state["step"] += 1
-        update, step_size = self._inner_update(state, grad, group, param)
+        update, step_size = self._inner_update(state, grad, group, view.with_param(param))
         param.add_(update.to(param.dtype), alpha=-step_size)
         self._decay(param, group, step_size)
+
+    # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------
+
+    def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
+        """Run inside DeepSpeed ZeRO: ``layout`` maps each flat fp32 partition ZeRO gives this optimizer (by
+        ``id``) to the model parameters it holds pieces of, in ZeRO's order (the same on every rank), with the
+        piece this rank holds (:func:`megatron_pept.distributed.deepspeed_backend.zero_layout`). State is then
+        kept per model parameter: projected-space moments whole (every rank computes the same ones from the
+        all-reduced low-rank gradient), error-feedback buffers and element-wise moments per fragment."""
+        self._zero_layout = layout
+        self._zero_first = next(iter(layout), None)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -195,16 +195,21 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.last_refreshes, self.last_svd_seconds, self.last_overlaps = 0, 0.0, []
-        self.last_ef_residual_sq = 0.0
+        layout = self._zero_layout
+        # ZeRO steps one parameter group per call: statistics restart with the first group of an optimizer step.
+        if layout is None or any(id(f) == self._zero_first for g in self.param_groups for f in g["params"]):
+            self.last_refreshes, self.last_svd_seconds, self.last_overlaps = 0, 0.0, []
+            self.last_ef_residual_sq = 0.0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if "rank" in group:
-                    self._projected_step(p, group, self.param_index[p])
-                else:
-                    self._plain_step(p, group)
+                pieces = [(p, _view_of(p))] if layout is None else [(q, _ZeroView(f, p)) for q, f in layout[id(p)]]
+                for q, view in pieces:
+                    if "rank" in group:
+                        self._projected_step(q, group, self.param_index[q], view)
+                    else:
+                        self._plain_step(q, group, view)
         return loss
 
 
@@ -236,7 +241,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         step_size = group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
         return exp_avg / denom, step_size
 
-    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
         return self._adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group, float(state["step"]))
 
 
@@ -278,7 +283,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(zeros, signed=True)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(zeros, signed=False)
 
-    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
         if "exp_avg" in state:
             return super()._inner_update(state, grad, group, param)
         exp_avg = self._dequantize(state["exp_avg_q"], state["exp_avg_absmax"], grad.shape, signed=True)
@@ -332,15 +337,59 @@ class GaLoreAdafactor(GaLoreOptimizer):
     def _rms(t: torch.Tensor) -> torch.Tensor:
         return t.norm(2) / (t.numel() ** 0.5)
 
-    def _lr(self, group: dict, step: float, param: torch.Tensor) -> float:
+    def _lr(self, group: dict, step: float, view: _View) -> float:
         lr = group["lr"]
         if group["relative_step"]:
             lr = min(1e-2, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            lr *= max(group["eps"][1], float(self._rms(param.float())))
+            value = view.value.float()
+            rms = (view.sum_all(value.square().sum()) / view.shape.numel()).sqrt()
+            lr *= max(group["eps"][1], float(rms))
         return lr
 
-    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: torch.Tensor) -> tuple:
+    def _plain_step(self, p: torch.Tensor, group: dict, view: _View) -> None:
+        if isinstance(view, _ZeroView):
+            return self._fragment_step(p, group, view)
+        return super()._plain_step(p, group, view)
+
+    def _fragment_step(self, p: torch.Tensor, group: dict, view: _ZeroView) -> None:
+        """The unprojected update of a tensor this rank holds a ZeRO fragment of: for a matrix, the row and column
+        sums of the squared gradient are summed over the ranks (factored second moment); for any tensor, so is
+        the update's sum of squares (RMS clipping). The step equals the whole-tensor one."""
+        f = view.frag
+        param, grad = view.param(p), view.grad(p).float()
+        factored = len(view.shape) == 2
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            self._init_inner_state(state, view.shape if factored else grad.shape, grad, group)
+            if "exp_avg" in state:
+                state["exp_avg"] = torch.zeros_like(grad)  # element-wise: kept per fragment
+        state["step"] += 1
+        step = float(state["step"])
+        lr = self._lr(group, step, view.with_param(param))
+        beta2t = 1.0 - math.pow(step, group["decay_rate"])
+        squared = grad.square() + group["eps"][0]
+        if factored:
+            m, n = view.shape
+            index = f.indices(grad.device)
+            rows, cols = index // n, index % n
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(f.block_sums(squared, rows, m) / n, alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(f.block_sums(squared, cols, n) / m, alpha=1.0 - beta2t)
+            update = (row / row.mean()).rsqrt()[rows] * col.rsqrt()[cols] * grad
+        else:
+            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+            update = state["exp_avg_sq"].rsqrt() * grad
+        rms = (f.all_reduce(update.square().sum()) / view.shape.numel()).sqrt()
+        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
+        if group["beta1"] is not None:
+            state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
+            update = state["exp_avg"].clone()
+        param.add_(update.to(param.dtype), alpha=-lr)
+        self._decay(param, group, lr)
+
+    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
         step = float(state["step"])
         lr = self._lr(group, step, param)
         beta2t = 1.0 - math.pow(step, group["decay_rate"])
@@ -365,37 +414,132 @@ class GaLoreAdafactor(GaLoreOptimizer):
             p.add_(p, alpha=-group["weight_decay"] * step_size)
 
 
-class _RowShard:
-    """This rank's rows of a parameter sharded by FSDP2 on dim 0 (``torch.chunk`` layout), with the collectives
-    the projected step needs."""
+class _View:
+    """The part of a parameter this rank steps, and how projections and statistics over the whole parameter are
+    computed from it. This base class is the whole parameter (one process, DDP)."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.shape = p.shape
+        self.value: torch.Tensor | None = None  # set by with_param: this rank's part of the parameter
+
+    def with_param(self, value: torch.Tensor) -> _View:
+        self.value = value
+        return self
+
+    def param(self, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def grad(self, p: torch.Tensor) -> torch.Tensor:
+        return p.grad
+
+    def low_shape(self, grad: torch.Tensor, side: str, rank: int) -> torch.Size:
+        return torch.Size((grad.shape[0], rank) if side == "right" else (rank, grad.shape[1]))
+
+    def gather(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def local_basis(self, basis: torch.Tensor, side: str) -> torch.Tensor:
+        return basis
+
+    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> float:
+        return subspace_overlap(old, new, side=side)
+
+    def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        return project(grad, basis, side=side)
+
+    def back(self, low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        return project_back(low, basis, side=side)
+
+    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class _RowShard(_View):
+    """This rank's rows of a parameter sharded by FSDP2 on dim 0 (``torch.chunk`` layout): a right projection is
+    local to the rows; a left projection sums ``P_rows^T G_rows`` over the ranks; the projector of a left
+    projection is kept by rows."""
 
     def __init__(self, dt: DTensor) -> None:
         from torch.distributed.tensor import Shard
 
+        super().__init__(dt)
         if len(dt.placements) != 1 or dt.placements[0] != Shard(0):
             raise ValueError(f"GaLore supports parameters sharded by rows (Shard(0)); got {dt.placements}")
-        self.mesh, self.placements, self.shape, self.stride = dt.device_mesh, dt.placements, dt.shape, dt.stride()
+        self.mesh, self.placements, self.stride = dt.device_mesh, dt.placements, dt.stride()
         self.group = self.mesh.get_group()
         world, rank = self.mesh.size(), self.mesh.get_local_rank()
         chunk = -(-dt.shape[0] // world)
         self.start = min(rank * chunk, dt.shape[0])
         self.stop = min(self.start + chunk, dt.shape[0])
 
-    @staticmethod
-    def of(t: torch.Tensor) -> _RowShard | None:
-        return _RowShard(t) if isinstance(t, DTensor) else None
+    def param(self, p: torch.Tensor) -> torch.Tensor:
+        return p.to_local()
 
-    @staticmethod
-    def local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if isinstance(t, DTensor) else t
+    def grad(self, p: torch.Tensor) -> torch.Tensor:
+        return p.grad.to_local()
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         dt = DTensor.from_local(local, self.mesh, self.placements, shape=self.shape, stride=self.stride)
         return dt.full_tensor()
 
-    def rows(self, whole: torch.Tensor) -> torch.Tensor:
-        return whole[self.start : self.stop].contiguous()
+    def local_basis(self, basis: torch.Tensor, side: str) -> torch.Tensor:
+        return basis[self.start : self.stop].contiguous() if side == "left" else basis  # this rank's rows of m x r
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> float:
+        if side == "right":
+            return subspace_overlap(old, new, side=side)
+        product = self.sum_all(old.T.float() @ new.float())
+        return float(product.square().sum()) / new.shape[1]
+
+    def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        low = project(grad, basis, side=side)
+        return self.sum_all(low) if side == "left" else low
+
+    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
+
+
+class _ZeroView(_View):
+    """A ZeRO fragment (:class:`~megatron_pept.optim.fragments.FlatFragment`) of a matrix: the projected gradient
+    is the sum over ranks of each fragment's zero-padded rows projected (one all-reduce of the low-rank size),
+    the projector and the projected-space state are whole on every rank, and the update is computed for the
+    fragment's rows only."""
+
+    def __init__(self, frag: FlatFragment, flat: torch.Tensor) -> None:
+        self.shape, self.value = frag.shape, None
+        self.frag, self.flat = frag, flat
+
+    def param(self, p: torch.Tensor) -> torch.Tensor:
+        return self.frag.view(self.flat)
+
+    def grad(self, p: torch.Tensor) -> torch.Tensor:
+        return self.frag.view(self.flat.grad)
+
+    def low_shape(self, grad: torch.Tensor, side: str, rank: int) -> torch.Size:
+        return torch.Size(projected_shape(tuple(self.shape), rank=rank))
+
+    def gather(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.frag.gather(grad)
+
+    def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        f = self.frag
+        block = f.rows_block(grad)
+        if side == "right":
+            low = grad.new_zeros(self.shape[0], basis.shape[0])
+            low[f.r0 : f.r1] = block @ basis.T
+        else:
+            low = basis[f.r0 : f.r1].T @ block
+        return f.all_reduce(low.contiguous())
+
+    def back(self, low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+        f = self.frag
+        rows = low[f.r0 : f.r1] @ basis if side == "right" else basis[f.r0 : f.r1] @ low
+        return f.from_rows(rows)
+
+    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
+        return self.frag.all_reduce(t)
+
+
+def _view_of(p: torch.Tensor) -> _View:
+    return _RowShard(p) if isinstance(p, DTensor) else _View(p)

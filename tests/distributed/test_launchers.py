@@ -105,3 +105,23 @@ def test_slurm_script_runs_one_torchrun_per_node() -> None:
     assert subprocess.run(["bash", "-n", str(REPO / "launch/slurm.sbatch")]).returncode == 0
     for script in ("torchrun.sh", "deepspeed.sh"):
         assert subprocess.run(["bash", "-n", str(REPO / "launch" / script)]).returncode == 0
+
+
+def test_comm_benchmark_counts_the_collectives_of_each_backend(quickstart_data: Path) -> None:
+    """tools/bench.py --suite comm on the debug model: ZeRO-2 all-gathers the updated parameters once per step
+        (half of the fp32 parameter bytes sent per rank with 2 ranks), FSDP2 reduce-scatters each gradient once and
+    gathers the blocks' parameters for forward and again for backward,
+        and GaLore adds its low-rank all-reduces on top of full's traffic, more on the refresh step."""
+    from megatron_pept.bench_comm import CommBenchSettings, run_comm_benchmark
+
+    result = run_comm_benchmark(CommBenchSettings(model="debug", rank=8, steps=2, data=str(quickstart_data)))
+    runs = result["runs"]
+    param_mb = runs["deepspeed/full"]["param_mb"]  # fp32 parameters
+    ds_gather = runs["deepspeed/full"]["step_wire_by_kind_mb"]["all_gather"]
+    assert ds_gather == pytest.approx(param_mb / 2, rel=0.02)
+    fsdp = runs["fsdp2/full"]["step_wire_by_kind_mb"]
+    assert fsdp["reduce_scatter"] == pytest.approx(param_mb / 2, rel=0.02)  # each gradient once
+    assert param_mb / 2 < fsdp["all_gather"] < param_mb  # blocks gathered for forward and again for backward
+    for backend in ("fsdp2", "deepspeed"):
+        galore = runs[f"{backend}/galore"]
+        assert 1.0 < galore["step_wire_ratio_vs_full"] < galore["refresh_step_wire_ratio_vs_full"]

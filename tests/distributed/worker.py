@@ -36,7 +36,14 @@ def main() -> None:
         print(f"worker: run {run['name']}", flush=True)
         trainer = Trainer(load_config(None, run["overrides"]))
         result = trainer.train()
-        results[run["name"]] = {"losses": result.train_losses, "params": full_params(trainer.raw_model)}
+        layout = getattr(trainer.optimizer, "_zero_layout", None) or {}
+        # Parameters whose ZeRO partition boundary falls inside them (this rank holds part, not all, of them).
+        split = sum(0 < f.numel < f.shape.numel() for pieces in layout.values() for _, f in pieces)
+        results[run["name"]] = {
+            "losses": result.train_losses,
+            "params": full_params(trainer.raw_model),
+            "split": torch.tensor(split),
+        }
         del trainer
     if dist.get_rank() == 0:
         torch.save(results, args[1])
