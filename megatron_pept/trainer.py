@@ -140,6 +140,7 @@ class Trainer:
         init_gen = torch.Generator(device=self.device).manual_seed(t.seed)
         model.init_weights(generator=init_gen)
         self.method.after_init(model)
+        model.model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
             for layer in model.model.layers.values():
                 layer.compile()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from megatron_pept.models.attention import build_core_attention
@@ -172,6 +173,8 @@ class LlamaModel(nn.Module):
         # Rotary tables are derived, not learned: non-persistent so checkpoints and exports omit them.
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+        # Recompute each block's activations during backward instead of keeping them (train.activation_checkpointing).
+        self.activation_checkpointing = False
 
     def forward(self, input_ids_bs: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids_bs.shape[1]
@@ -179,8 +182,12 @@ class LlamaModel(nn.Module):
             raise ValueError(f"sequence of {seq_len} tokens exceeds the model's max_seq_len {self.args.max_seq_len}")
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         x = self.embed_tokens(input_ids_bs)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers.values():
-            x = layer(x, cos, sin)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.norm(x)
 
 

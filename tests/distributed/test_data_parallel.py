@@ -109,6 +109,13 @@ def two_rank_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFac
                     "overrides": base(quickstart_data, run_dir, 2) + overrides + ["train.max_grad_norm=0", *extra],
                 }
             )
+    runs.append(
+        {
+            "name": "fsdp2-full-checkpointed-compiled",
+            "overrides": base(quickstart_data, tmp / "fsdp2-ckpt", 2)
+            + ["parallel.backend=fsdp2", "train.activation_checkpointing=true", "train.compile=true"],
+        }
+    )
     return launch(runs, tmp)
 
 
@@ -156,6 +163,15 @@ def test_per_layer_under_data_parallel_matches_one_process(
     ]
     losses, params = single(overrides)
     compare(two_rank_results[f"{backend}-per_layer-{method}"], losses, params, weight_tol=WEIGHT_TOL)
+
+
+def test_fsdp2_with_activation_checkpointing_and_compile_matches_one_process(
+    two_rank_results, quickstart_data, tmp_path
+) -> None:
+    """Each block recomputed in backward and compiled by torch.compile, under FSDP2: the same training as one
+    eager process without recomputation."""
+    losses, params = single(base(quickstart_data, tmp_path, 2))
+    compare(two_rank_results["fsdp2-full-checkpointed-compiled"], losses, params, weight_tol=WEIGHT_TOL)
 
 
 DEEPSPEED_METHODS = list(METHODS)  # every method, on ZeRO-1/2/3
