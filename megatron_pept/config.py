@@ -605,12 +605,6 @@ def validate(cfg: Config) -> None:
                 "switch changes which parameters train, and a DeepSpeed engine is built for a fixed set; use "
                 "parallel.backend=fsdp2 or ddp"
             )
-    if p.backend == "fsdp2" and cfg.method.name == "galore_adafactor":
-        raise ConfigError(
-            "method.name=galore_adafactor cannot run with parallel.backend=fsdp2 in this version: Adafactor's "
-            "factored second moments and update clipping need row, column and RMS statistics over the whole "
-            "matrix, which are not reduced across shards yet; use parallel.backend=ddp or method.name=galore"
-        )
     if cfg.method.name not in METHOD_NAMES:
         close = difflib.get_close_matches(cfg.method.name, METHOD_NAMES, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHOD_NAMES)}"

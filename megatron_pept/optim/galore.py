@@ -178,6 +178,9 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
         param.add_(update.to(param.dtype), alpha=-step_size)
         self._decay(param, group, step_size)
 
+    def _view_of(self, p: torch.Tensor) -> _View:
+        return _RowShard(p) if isinstance(p, DTensor) else _View(p)
+
     # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------
 
     def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
@@ -204,7 +207,10 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                pieces = [(p, _view_of(p))] if layout is None else [(q, _ZeroView(f, p)) for q, f in layout[id(p)]]
+                if layout is None:
+                    pieces = [(p, self._view_of(p))]
+                else:
+                    pieces = [(q, _ZeroView(f, p, p.grad)) for q, f in layout[id(p)]]
                 for q, view in pieces:
                     if "rank" in group:
                         self._projected_step(q, group, self.param_index[q], view)
@@ -346,6 +352,11 @@ class GaLoreAdafactor(GaLoreOptimizer):
             rms = (view.sum_all(value.square().sum()) / view.shape.numel()).sqrt()
             lr *= max(group["eps"][1], float(rms))
         return lr
+
+    def _view_of(self, p: torch.Tensor) -> _View:
+        # Factored statistics need whole rows and columns: an FSDP2 row shard is handled as a fragment, with the
+        # projected gradient made whole on every rank (one all-reduce of the low-rank size per matrix).
+        return _ZeroView.of_row_shard(p) if isinstance(p, DTensor) else _View(p)
 
     def _plain_step(self, p: torch.Tensor, group: dict, view: _View) -> None:
         if isinstance(view, _ZeroView):
@@ -501,20 +512,29 @@ class _RowShard(_View):
 
 
 class _ZeroView(_View):
-    """A ZeRO fragment (:class:`~megatron_pept.optim.fragments.FlatFragment`) of a matrix: the projected gradient
-    is the sum over ranks of each fragment's zero-padded rows projected (one all-reduce of the low-rank size),
-    the projector and the projected-space state are whole on every rank, and the update is computed for the
-    fragment's rows only."""
+    """A fragment (:class:`~megatron_pept.optim.fragments.FlatFragment`) of a matrix: a piece of a ZeRO partition,
+    or an FSDP2 row shard seen as one. The projected gradient is the sum over ranks of each fragment's zero-padded
+    rows projected (one all-reduce of the low-rank size), the projector and the projected-space state are whole on
+    every rank, and the update is computed for the fragment's elements only. ``flat``/``flat_grad``: the 1-D
+    tensors the fragment's offset points into."""
 
-    def __init__(self, frag: FlatFragment, flat: torch.Tensor) -> None:
+    def __init__(self, frag: FlatFragment, flat: torch.Tensor, flat_grad: torch.Tensor) -> None:
         self.shape, self.value = frag.shape, None
-        self.frag, self.flat = frag, flat
+        self.frag, self.flat, self.flat_grad = frag, flat, flat_grad
+
+    @classmethod
+    def of_row_shard(cls, p: DTensor) -> _ZeroView:
+        rows = _RowShard(p)
+        cols = p.shape.numel() // max(1, p.shape[0])
+        numel = (rows.stop - rows.start) * cols
+        frag = FlatFragment(p.shape, lo=rows.start * cols, numel=numel, offset=0, group=rows.group)
+        return cls(frag, p.to_local().view(-1), p.grad.to_local().reshape(-1))
 
     def param(self, p: torch.Tensor) -> torch.Tensor:
         return self.frag.view(self.flat)
 
     def grad(self, p: torch.Tensor) -> torch.Tensor:
-        return self.frag.view(self.flat.grad)
+        return self.frag.view(self.flat_grad)
 
     def low_shape(self, grad: torch.Tensor, side: str, rank: int) -> torch.Size:
         return torch.Size(projected_shape(tuple(self.shape), rank=rank))
@@ -539,7 +559,3 @@ class _ZeroView(_View):
 
     def sum_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.frag.all_reduce(t)
-
-
-def _view_of(p: torch.Tensor) -> _View:
-    return _RowShard(p) if isinstance(p, DTensor) else _View(p)

@@ -90,8 +90,6 @@ def two_rank_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFac
     runs = []
     for backend in ("ddp", "fsdp2"):
         for method, extra in METHODS.items():
-            if backend == "fsdp2" and method == "galore_adafactor":
-                continue  # refused by validation (tested below)
             runs.append(
                 {
                     "name": f"{backend}-{method}",
@@ -144,8 +142,6 @@ def compare(two: dict, losses: list[float], params: dict, *, weight_tol: float) 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_ranks_match_one_process(method, backend, two_rank_results, quickstart_data, tmp_path) -> None:
-    if backend == "fsdp2" and method == "galore_adafactor":
-        pytest.skip("refused by config validation")
     losses, params = single(base(quickstart_data, tmp_path, 2) + [f"method.name={method}", *METHODS[method]])
     tol = WEIGHT_TOL_8BIT if method == "galore_8bit" else WEIGHT_TOL
     compare(two_rank_results[f"{backend}-{method}"], losses, params, weight_tol=tol)
@@ -217,10 +213,6 @@ def test_deepspeed_zero_matches_one_process(method, stage, deepspeed_results, qu
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (
-            ["parallel.backend=fsdp2", "method.name=galore_adafactor"],
-            "galore_adafactor cannot run with parallel.backend=fsdp2",
-        ),
         (["parallel.backend=deepspeed", "optim.per_layer=true"], "DeepSpeed owns the optimizer step"),
         (["parallel.backend=deepspeed", "method.name=relora", "method.warm_start_steps=5"], "fixed set"),
     ],

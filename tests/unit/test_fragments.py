@@ -21,7 +21,7 @@ def pieces(shape: tuple[int, int], cuts: list[int], grad: torch.Tensor) -> list[
         flat.grad = torch.zeros_like(flat)
         frag = FlatFragment(shape, lo=lo, numel=hi - lo, offset=3)
         frag.view(flat.grad).copy_(grad.reshape(-1)[lo:hi])
-        views.append(_ZeroView(frag, flat))
+        views.append(_ZeroView(frag, flat, flat.grad))
     return views
 
 
