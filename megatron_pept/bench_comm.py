@@ -1,5 +1,8 @@
-"""Bytes communicated per training step, by method and backend (``tools/bench.py --suite comm``).
+"""Benchmarks of data-parallel training with two gloo processes: bytes communicated per step by method and
+backend (``tools/bench.py --suite comm``), and live gradient memory with and without per-layer updates
+(``tools/bench.py --suite grad_memory``).
 
+Bytes communicated.
 Two processes on gloo train the same model with ``full`` (AdamW) and with a GaLore method under each backend
 asked for; every collective the step issues (torch.distributed's and the functional collectives DTensor uses) is
 counted. For each run the result gives the bytes of the first step (which computes GaLore's projectors: the
@@ -174,26 +177,7 @@ def _worker(settings_json: str, out: str) -> None:
 def run_comm_benchmark(s: CommBenchSettings) -> dict[str, Any]:
     from dataclasses import asdict
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "comm.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "megatron_pept.bench_comm",
-            json.dumps(asdict(s)),
-            str(out),
-        ]
-        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"comm benchmark workers failed:\n{proc.stderr[-4000:]}")
-        raw = json.loads(out.read_text())
+    raw = _launch("comm", asdict(s))
     summary: dict[str, Any] = {"settings": asdict(s), "runs": {}}
     for key, run in raw.items():
         steps = run["steps"]
@@ -230,6 +214,151 @@ def format_comm_result(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class GradMemorySettings:
+    model: str = "60m"
+    methods: tuple[str, ...] = ("full", "galore")
+    backends: tuple[str, ...] = ("ddp", "fsdp2")
+    rank: int = 128
+    steps: int = 2
+    seq_len: int = 128
+    data: str = "data/generated/quickstart"
+
+
+def _local_bytes(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def track_gradient_peak(model: torch.nn.Module) -> dict[str, int]:
+    """Record the most gradient bytes alive at once on this rank during backward (local shards under FSDP2).
+
+    A post-accumulate-grad hook on every parameter sums the bytes of all ``.grad`` alive. Hooks registered earlier
+    (per-layer updates) may already have stepped and freed this parameter's gradient, so its own size is added
+    back: the peak is the moment just before that free. ``stats["peak"]`` is reset by the caller per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = {"peak": 0}
+
+    def hook(p: torch.Tensor) -> None:
+        alive = sum(_local_bytes(q.grad) for q in params)
+        if p.grad is None:
+            alive += _local_bytes(p) if p.dtype.is_floating_point else 0
+        stats["peak"] = max(stats["peak"], alive)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+    return stats
+
+
+def _grad_worker(settings_json: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from megatron_pept.config import load_config
+    from megatron_pept.trainer import Trainer
+
+    s = GradMemorySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings_json).items()})
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in s.backends:
+            for method in s.methods:
+                for per_layer in (False, True):
+                    overrides = [
+                        f"run_dir={tmp}/{backend}-{method}-{per_layer}",
+                        f"model.name={s.model}",
+                        f"data.path={s.data}",
+                        "data.builtin=quickstart",
+                        f"data.seq_len={s.seq_len}",
+                        f"train.steps={s.steps}",
+                        "train.global_batch_size=2",  # one micro-batch per rank: per-layer frees as it goes
+                        "train.micro_batch_size=1",
+                        "train.eval_interval=0",
+                        "train.eval_at_start=false",
+                        "train.max_grad_norm=0",
+                        "metrics.tensorboard=false",
+                        "metrics.peak_tflops=1",
+                        f"method.name={method}",
+                        f"method.rank={s.rank}",
+                        f"parallel.backend={backend}",
+                        f"optim.per_layer={str(per_layer).lower()}",
+                    ]
+                    trainer = Trainer(load_config(None, overrides))
+                    stats = track_gradient_peak(trainer.raw_model)
+                    peaks = []
+                    for _ in range(s.steps):
+                        stats["peak"] = 0
+                        trainer.train_step()
+                        peaks.append(stats["peak"])
+                    trainable = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+                    results[f"{backend}/{method}/{'per_layer' if per_layer else 'global'}"] = {
+                        "peak_grad_bytes": max(peaks),
+                        "all_grads_bytes": sum(_local_bytes(p) for p in trainable),
+                        "largest_param_bytes": max(_local_bytes(p) for p in trainable),
+                    }
+                    del trainer
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_grad_memory_benchmark(s: GradMemorySettings) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    raw = _launch("grad", asdict(s))
+    runs = {}
+    for key, r in raw.items():
+        runs[key] = {
+            "peak_grad_mb": r["peak_grad_bytes"] / 1e6,
+            "all_grads_mb": r["all_grads_bytes"] / 1e6,
+            "largest_param_mb": r["largest_param_bytes"] / 1e6,
+            "peak_vs_all_grads": r["peak_grad_bytes"] / r["all_grads_bytes"],
+        }
+    return {"settings": asdict(s), "runs": runs}
+
+
+def format_grad_memory_result(summary: dict[str, Any]) -> str:
+    s = summary["settings"]
+    lines = [
+        f"live gradient bytes per rank during a step, {s['model']} model, 2 ranks (gloo), one micro-batch per rank",
+        f"{'run':<30}{'peak MB':>10}{'all grads MB':>14}{'peak / all':>12}{'largest param MB':>18}",
+    ]
+    for key, r in summary["runs"].items():
+        lines.append(
+            f"{key:<30}{r['peak_grad_mb']:>10.1f}{r['all_grads_mb']:>14.1f}{r['peak_vs_all_grads']:>12.3f}"
+            f"{r['largest_param_mb']:>18.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _launch(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Run this module's ``kind`` worker in two torchrun processes and return rank 0's JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "megatron_pept.bench_comm",
+            kind,
+            json.dumps(settings),
+            str(out),
+        ]
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark workers failed:\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
 def _free_port() -> int:
     import socket
 
@@ -239,4 +368,4 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    {"comm": _worker, "grad": _grad_worker}[sys.argv[1]](sys.argv[2], sys.argv[3])

@@ -54,13 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data", "optim", "comm"),
+        choices=("model", "data", "optim", "comm", "grad_memory"),
         default="model",
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
         "GaLore optimizer-state bytes, step time vs galore-torch, projector refresh (full vs randomized SVD), "
         "GaLore's overhead in a 60m training step, per-layer update memory (see --optim-bench); comm: bytes "
-        "communicated per step by 2 gloo ranks, each method against full on the same backend (see --comm-*)",
+        "communicated per step by 2 gloo ranks, each method against full on the same backend (see --comm-*); "
+        "grad_memory: live gradient bytes per rank with and without per-layer updates under ddp and fsdp2",
     )
     parser.add_argument(
         "--optim-bench",
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(lambda: _data_suite(args), prog=PROG)
     if args.suite == "optim":
         return run_cli(lambda: _optim_suite(args), prog=PROG)
-    if args.suite == "comm":
+    if args.suite in ("comm", "grad_memory"):
         return run_cli(lambda: _comm_suite(args), prog=PROG)
     try:
         if args.threads is not None:
@@ -202,20 +203,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _comm_suite(args: argparse.Namespace) -> int:
-    from megatron_pept.bench_comm import CommBenchSettings, format_comm_result, run_comm_benchmark
+    from megatron_pept import bench_comm as bc
 
     methods = tuple(m.strip() for m in args.comm_methods.split(",") if m.strip())
-    backends = tuple(b.strip() for b in args.comm_backends.split(",") if b.strip())
-    bad = [b for b in backends if b not in ("ddp", "fsdp2", "deepspeed")]
+    default_backends = "fsdp2,deepspeed" if args.suite == "comm" else "ddp,fsdp2"
+    backends = tuple(b.strip() for b in (args.comm_backends or default_backends).split(",") if b.strip())
+    allowed = ("ddp", "fsdp2", "deepspeed") if args.suite == "comm" else ("ddp", "fsdp2")
+    bad = [b for b in backends if b not in allowed]
     if bad:
-        raise UserError(f"unknown --comm-backends {', '.join(bad)}; choose from ddp, fsdp2, deepspeed")
-    if "full" not in methods:
-        methods = ("full", *methods)
-    settings = CommBenchSettings(
-        model=args.comm_model, rank=args.rank, methods=methods, backends=backends, zero_stage=args.zero_stage
-    )
-    result = run_comm_benchmark(settings)
-    print(format_comm_result(result))
+        raise UserError(
+            f"--comm-backends {', '.join(bad)} not available for --suite {args.suite}; choose from {', '.join(allowed)}"
+        )
+    if args.suite == "comm":
+        if "full" not in methods:
+            methods = ("full", *methods)
+        settings = bc.CommBenchSettings(
+            model=args.comm_model, rank=args.rank, methods=methods, backends=backends, zero_stage=args.zero_stage
+        )
+        result = bc.run_comm_benchmark(settings)
+        print(bc.format_comm_result(result))
+    else:
+        grad = bc.GradMemorySettings(model=args.comm_model, rank=args.rank, methods=methods, backends=backends)
+        result = bc.run_grad_memory_benchmark(grad)
+        print(bc.format_grad_memory_result(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -125,3 +125,17 @@ def test_comm_benchmark_counts_the_collectives_of_each_backend(quickstart_data: 
     for backend in ("fsdp2", "deepspeed"):
         galore = runs[f"{backend}/galore"]
         assert 1.0 < galore["step_wire_ratio_vs_full"] < galore["refresh_step_wire_ratio_vs_full"]
+
+
+def test_per_layer_updates_bound_live_gradients_by_one_parameter(quickstart_data: Path) -> None:
+    """tools/bench.py --suite grad_memory on the debug model: with a global step every gradient is alive at the
+    end of backward; with per-layer updates under DDP and FSDP2 at most the largest (local) parameter's."""
+    from megatron_pept.bench_comm import GradMemorySettings, run_grad_memory_benchmark
+
+    runs = run_grad_memory_benchmark(GradMemorySettings(model="debug", rank=8, data=str(quickstart_data)))["runs"]
+    for backend in ("ddp", "fsdp2"):
+        for method in ("full", "galore"):
+            whole, per_layer = runs[f"{backend}/{method}/global"], runs[f"{backend}/{method}/per_layer"]
+            assert whole["peak_grad_mb"] == pytest.approx(whole["all_grads_mb"])
+            assert per_layer["peak_grad_mb"] == pytest.approx(per_layer["largest_param_mb"], rel=0.01)
+            assert per_layer["peak_grad_mb"] < 0.5 * whole["peak_grad_mb"]
