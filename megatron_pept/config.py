@@ -231,6 +231,37 @@ class MetricsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Steps between checkpoints; 0 saves none (a SIGTERM/SIGUSR1 still saves one before exiting)."""
+    resume: str = "auto"
+    """auto: resume from the newest complete checkpoint in checkpoint.dir, if any; none: start fresh (refused when
+    checkpoints exist, so nothing is overwritten by accident); or the path of a checkpoint folder to resume from."""
+    dir: str | None = None
+    """Folder of the checkpoints; default run_dir/checkpoints."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted only after a newer one is complete."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none kept beyond keep_last)."""
+    async_save: bool = False
+    """Write checkpoints in the background (dcp.async_save on its own process group); the commit happens at the
+    next save or the end of the run, so a crash before that loses only the newest checkpoint."""
+    save_on_signal: bool = True
+    """On SIGTERM or SIGUSR1 (SLURM pre-emption) finish the current step, save a checkpoint and exit cleanly."""
+    verify_checksums: bool = True
+    """Check every file's sha256 against the completion marker before resuming (size checks always run)."""
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True
+    """Skip the update of a step whose loss or gradient norm is not finite (logged under guard/ and counted)."""
+    rollback_after: int = 3
+    """After this many skipped steps in a row, reload the last checkpoint and go on with the data after the bad
+    batches (0: never roll back). Needs checkpoint.interval > 0."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     """Where checkpoints, TensorBoard events and the resolved config.yaml go."""
@@ -241,6 +272,8 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -559,6 +592,12 @@ def validate(cfg: Config) -> None:
     _require(t.eval_batches >= 1, f"train.eval_batches must be >= 1; got {t.eval_batches}")
     _require(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping); got {t.max_grad_norm}")
     _require(d.seq_len >= 2, f"data.seq_len must be >= 2; got {d.seq_len}")
+    c, g = cfg.checkpoint, cfg.guard
+    _require(c.interval >= 0, f"checkpoint.interval must be >= 0 (0: no periodic checkpoints); got {c.interval}")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1; got {c.keep_last}")
+    _require(c.keep_every >= 0, f"checkpoint.keep_every must be >= 0; got {c.keep_every}")
+    _require(bool(c.resume), "checkpoint.resume is empty; use auto, none or the path of a checkpoint folder")
+    _require(g.rollback_after >= 0, f"guard.rollback_after must be >= 0 (0: never roll back); got {g.rollback_after}")
     _require(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {o.warmup_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from megatron_pept.checkpoint import Checkpointer
 from megatron_pept.config import Config, save_config
 from megatron_pept.data.builtin import ensure_builtin_dataset
 from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
@@ -27,7 +30,7 @@ from megatron_pept.distributed import (
     parallelize,
     resolve_device,
 )
-from megatron_pept.errors import ConfigError, DataError
+from megatron_pept.errors import ConfigError, DataError, UserError
 from megatron_pept.methods import build_method
 from megatron_pept.metrics import (
     MetricsWriter,
@@ -50,17 +53,23 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     last_grad_norm: float = -1.0  # of the previous step; per-layer clipping uses it (-1: none yet)
+    skipped_steps: int = 0  # updates skipped by the non-finite guard, over the whole run
+    rollbacks: int = 0  # reloads of the last checkpoint after guard.rollback_after bad steps in a row
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             "step": torch.tensor(self.step),
             "tokens_seen": torch.tensor(self.tokens_seen),
             "last_grad_norm": torch.tensor(self.last_grad_norm, dtype=torch.float64),
+            "skipped_steps": torch.tensor(self.skipped_steps),
+            "rollbacks": torch.tensor(self.rollbacks),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.last_grad_norm = float(state["last_grad_norm"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
 
 
 @dataclass
@@ -71,6 +80,10 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     steps: int = 0
     tokens_seen: int = 0
+    resumed_from: str | None = None
+    interrupted: bool = False  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint
+    skipped_steps: int = 0
+    rollbacks: int = 0
 
 
 def cross_entropy_loss(logits_bsv: torch.Tensor, targets_bs: torch.Tensor) -> torch.Tensor:
@@ -171,6 +184,13 @@ class Trainer:
         if self.dims.is_main:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, run_dir=cfg.run_dir, rank=self.dims.rank, world_size=self.dims.world_size
+        )
+        self.bad_steps_in_a_row = 0
+        self.resumed_from: Path | None = self.checkpointer.resolve_resume()
+        if self.resumed_from is not None:
+            self._load_checkpoint(self.resumed_from)
         trainable = sum(p.numel() for _, p in self.method.trainable_parameters(model))
         total = sum(p.numel() for p in model.parameters())
         logger.info(
@@ -225,6 +245,87 @@ class Trainer:
         return train, val, primary_index
 
     # ------------------------------------------------------------------------------------------------------
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def _checkpoint_parts(self) -> dict:
+        return {"train": self.state, "method": self.method, "loader": self.loader}
+
+    def save_checkpoint(self) -> None:
+        """Save the state after ``self.state.step`` steps (every rank calls this)."""
+        method_state = self.method.state_dict()
+        meta = {
+            "tokens_seen": self.state.tokens_seen,
+            "method": self.method.name,
+            "phase": int(method_state["phase"]) if "phase" in method_state else None,
+            "backend": self.dims.backend,
+            "model": self.cfg.model.name,
+            "total_steps": self.cfg.train.steps,
+        }
+        self.checkpointer.save(
+            self.state.step,
+            model=self.raw_model,
+            optimizer=self.optimizer,
+            parts=self._checkpoint_parts(),
+            meta=meta,
+            engine=self.engine,
+        )
+        self._last_saved_step = self.state.step
+
+    def _load_checkpoint(self, path: Path) -> None:
+        def after_extra() -> None:
+            apply_phase = getattr(self.method, "apply_phase", None)
+            if apply_phase is not None and self.engine is None:
+                apply_phase(self.raw_model)
+
+        def optimizer_fn():
+            if self.engine is None and getattr(self.method, "apply_phase", None) is not None:
+                # The saved phase may train other parameters than the fresh one: build the optimizer again.
+                if isinstance(self.optimizer, PerLayerOptimizer):
+                    self.optimizer.remove_hooks()
+                self.optimizer = self._per_layer(self.method.build_optimizer(self.raw_model))
+                if self.dims.backend == "ddp" and not self.cfg.optim.per_layer:
+                    self.model = parallelize(self.raw_model, self.dims, device=self.device)
+            return self.optimizer
+
+        self.checkpointer.load(
+            path,
+            model=self.raw_model,
+            optimizer_fn=optimizer_fn,
+            parts=self._checkpoint_parts(),
+            after_extra=after_extra,
+            engine=self.engine,
+        )
+        self._last_saved_step = self.state.step
+
+    def _rollback(self) -> None:
+        """Reload the newest checkpoint and continue with the data after the bad batches."""
+        from megatron_pept.checkpoint import newest_complete
+
+        path = newest_complete(self.checkpointer.root, checksums=self.cfg.checkpoint.verify_checksums)
+        if path is None:
+            raise UserError(
+                f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient norm and there is no "
+                "checkpoint to roll back to; set checkpoint.interval, lower optim.lr or check the data"
+            )
+        data_position = self.loader.state_dict()
+        skipped, rollbacks = self.state.skipped_steps, self.state.rollbacks
+        logger.warning(
+            "%d non-finite steps in a row at step %d: rolling back to %s and skipping the batches since",
+            self.bad_steps_in_a_row,
+            self.state.step,
+            path.path,
+        )
+        self._load_checkpoint(path.path)
+        self.loader.load_state_dict(data_position)
+        self.state.skipped_steps, self.state.rollbacks = skipped, rollbacks + 1
+        self.bad_steps_in_a_row = 0
+
+    def _guard(self, loss: float, grad_norm: float) -> bool:
+        """True when the step's loss and gradient norm are finite (the update may proceed)."""
+        if not self.cfg.guard.enabled:
+            return True
+        return math.isfinite(loss) and math.isfinite(grad_norm)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype == torch.float32:
@@ -302,16 +403,24 @@ class Trainer:
             with self._gradient_sync(last):
                 loss.backward()
             loss_sum += loss.detach()
-        if per_layer:
+        loss_mean = all_reduce_mean(loss_sum, self.dims).item()
+        if per_layer:  # the update happened inside backward: a bad step is counted (and rolled back), not skipped
             grad_norm = self.optimizer.disarm()
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            ok = self._guard(loss_mean, grad_norm.item())
         else:
             max_norm = self.cfg.train.max_grad_norm
             grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm if max_norm > 0 else float("inf"))
-            self.optimizer.step()
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            ok = self._guard(loss_mean, grad_norm.item())
+            if ok:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.last_grad_norm = grad_norm.item()
+        self._count_guard(ok, step, loss_mean, grad_norm.item())
+        if ok or not self.cfg.guard.enabled:
+            self.state.last_grad_norm = grad_norm.item()
         end = self.method.on_step_end(step=step, model=self.raw_model, optimizer=self.optimizer)
         if end.optimizer is not None:
             if per_layer:
@@ -324,7 +433,23 @@ class Trainer:
             self.writer.scalars(step + 1, end.scalars)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return all_reduce_mean(loss_sum, self.dims).item(), self.state.last_grad_norm, lr
+        return loss_mean, grad_norm.item(), lr
+
+    def _count_guard(self, ok: bool, step: int, loss: float, grad_norm: float) -> None:
+        if ok:
+            self.bad_steps_in_a_row = 0
+            return
+        self.bad_steps_in_a_row += 1
+        self.state.skipped_steps += 1
+        logger.warning(
+            "step %d: loss %s, gradient norm %s: update %s (%d in a row)",
+            step + 1,
+            loss,
+            grad_norm,
+            "skipped" if self.cfg.guard.enabled else "applied",
+            self.bad_steps_in_a_row,
+        )
+        self.writer.scalars(step + 1, {"guard/skipped_steps": float(self.state.skipped_steps), "guard/nonfinite": 1.0})
 
     def _deepspeed_step(self, step: int, lr: float) -> tuple[float, float, float]:
         """The DeepSpeed engine scales the loss for accumulation, clips, and steps at the accumulation boundary."""
@@ -338,8 +463,11 @@ class Trainer:
             loss_sum += loss.detach() / self.grad_accum_steps
         grad_norm = self.engine.get_global_grad_norm()
         self.state.last_grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        loss_mean = all_reduce_mean(loss_sum, self.dims).item()
+        # DeepSpeed has stepped already (bf16/fp32 have no overflow skip): a bad step is counted and rolled back.
+        self._count_guard(self._guard(loss_mean, self.state.last_grad_norm), step, loss_mean, self.state.last_grad_norm)
         self._finish_step(step)
-        return all_reduce_mean(loss_sum, self.dims).item(), self.state.last_grad_norm, lr
+        return loss_mean, self.state.last_grad_norm, lr
 
     def _finish_step(self, step: int) -> None:
         end = self.method.on_step_end(step=step, model=self.raw_model, optimizer=self.optimizer)
@@ -354,58 +482,125 @@ class Trainer:
         if cfg.eval_at_start and self.state.step == 0:
             self._log_eval(0, result)
         self.model.train()
+        result.resumed_from = str(self.resumed_from) if self.resumed_from else None
         start_step = self.state.step
-        timed_since = time.perf_counter()
-        steps_timed = 0
-        interval_start = time.perf_counter()
-        for _ in range(start_step, cfg.steps):
-            loss, grad_norm, lr = self.train_step()
-            step = self.state.step
-            result.train_losses.append(loss)
-            self._sync()
-            now = time.perf_counter()
-            step_seconds = now - interval_start
-            interval_start = now
-            if step == start_step + 1:
-                timed_since, steps_timed = now, 0  # the first step pays for warm-up; keep it out of rates
-            else:
-                steps_timed += 1
-            tokens_per_sec = self.tokens_per_step / max(step_seconds, 1e-9)
-            mfu = tokens_per_sec * self.flops_per_token / self.peak_flops
-            mem_gb = peak_memory_gb(self.device)
-            self.writer.scalars(
-                step,
-                {
-                    "train/loss": loss,
-                    "train/lr": lr,
-                    "train/grad_norm": grad_norm,
-                    "perf/tokens_per_sec": tokens_per_sec,
-                    "perf/mfu": mfu,
-                    "mem/peak_gb": mem_gb,
-                },
-            )
-            if step % cfg.log_interval == 0 or step == cfg.steps:
-                mean_step = (now - timed_since) / steps_timed if steps_timed else step_seconds
-                logger.info(
-                    console_line(
-                        step=step,
-                        total_steps=cfg.steps,
-                        loss=loss,
-                        lr=lr,
-                        grad_norm=grad_norm,
-                        tokens_per_sec=self.tokens_per_step / max(mean_step, 1e-9),
-                        mfu=self.tokens_per_step / max(mean_step, 1e-9) * self.flops_per_token / self.peak_flops,
-                        mem_gb=mem_gb,
-                        eta_seconds=mean_step * (cfg.steps - step),
-                    )
-                )
-            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.steps:
-                self._log_eval(step, result)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss} at step {step}; lower optim.lr or enable clipping (train.max_grad_norm)"
-                )
+        ckpt = self.cfg.checkpoint
+        self._last_saved_step = getattr(self, "_last_saved_step", None)
+        now = time.perf_counter()
+        self._timing = {"since": now, "steps": 0, "interval_start": now}
+        with _StopSignals(enabled=ckpt.save_on_signal) as signals:
+            while self.state.step < cfg.steps:
+                self._train_one(result, signals, start_step)
+                if result.interrupted:
+                    break
+            if ckpt.interval > 0 and self._last_saved_step != self.state.step and not result.interrupted:
+                self.save_checkpoint()  # the final state, so a finished run can be exported or extended
+            self.checkpointer.finish_pending()
         self.writer.close()
         result.steps, result.tokens_seen = self.state.step, self.state.tokens_seen
-        logger.info("done: %d steps, %d tokens", result.steps, result.tokens_seen)
+        result.skipped_steps, result.rollbacks = self.state.skipped_steps, self.state.rollbacks
+        logger.info(
+            "%s: %d steps, %d tokens", "stopped" if result.interrupted else "done", result.steps, result.tokens_seen
+        )
         return result
+
+    def _train_one(self, result: TrainResult, signals: _StopSignals, start_step: int) -> None:
+        """One step with its logging, validation, guard, checkpoint and stop-signal handling."""
+        cfg, ckpt, timing = self.cfg.train, self.cfg.checkpoint, self._timing
+        loss, grad_norm, lr = self.train_step()
+        step = self.state.step
+        result.train_losses.append(loss)
+        self._sync()
+        now = time.perf_counter()
+        step_seconds = now - timing["interval_start"]
+        timing["interval_start"] = now
+        if step == start_step + 1:
+            timing["since"], timing["steps"] = now, 0  # the first step pays for warm-up; keep it out of rates
+        else:
+            timing["steps"] += 1
+        tokens_per_sec = self.tokens_per_step / max(step_seconds, 1e-9)
+        mfu = tokens_per_sec * self.flops_per_token / self.peak_flops
+        mem_gb = peak_memory_gb(self.device)
+        self.writer.scalars(
+            step,
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "perf/tokens_per_sec": tokens_per_sec,
+                "perf/mfu": mfu,
+                "mem/peak_gb": mem_gb,
+            },
+        )
+        if step % cfg.log_interval == 0 or step == cfg.steps:
+            mean_step = (now - timing["since"]) / timing["steps"] if timing["steps"] else step_seconds
+            logger.info(
+                console_line(
+                    step=step,
+                    total_steps=cfg.steps,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    tokens_per_sec=self.tokens_per_step / max(mean_step, 1e-9),
+                    mfu=self.tokens_per_step / max(mean_step, 1e-9) * self.flops_per_token / self.peak_flops,
+                    mem_gb=mem_gb,
+                    eta_seconds=mean_step * (cfg.steps - step),
+                )
+            )
+        if not math.isfinite(loss) and not self.cfg.guard.enabled:
+            raise FloatingPointError(
+                f"loss became {loss} at step {step}; lower optim.lr or enable clipping (train.max_grad_norm)"
+            )
+        guard = self.cfg.guard
+        if guard.enabled and guard.rollback_after and self.bad_steps_in_a_row >= guard.rollback_after:
+            self._rollback()
+            self.writer.scalars(self.state.step, {"guard/rollbacks": float(self.state.rollbacks)})
+            return
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.steps:
+            self._log_eval(step, result)
+        if ckpt.interval > 0 and step % ckpt.interval == 0 and self.bad_steps_in_a_row == 0:
+            self.save_checkpoint()
+        if signals.requested(self.dims):
+            logger.warning("stop signal received: saving a checkpoint at step %d and exiting", step)
+            if self._last_saved_step != step:
+                self.save_checkpoint()
+            result.interrupted = True
+
+
+class _StopSignals:
+    """SIGTERM and SIGUSR1 (SLURM's pre-emption warning) ask the run to save and stop at the end of the step.
+
+    The flag is reduced over the ranks each step, so all of them stop at the same step even if the signal
+    reached only some. Handlers are installed only in the main thread and restored afterwards."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if self.enabled:
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def requested(self, dims: ParallelDims) -> bool:
+        if not self.enabled:
+            return False
+        flag = torch.tensor(1.0 if self.received else 0.0)
+        if dims.distributed and torch.distributed.is_initialized():
+            device = dims.mesh.device_type if dims.mesh is not None else "cpu"
+            flag = flag.to(device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)

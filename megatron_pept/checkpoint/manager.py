@@ -1,0 +1,214 @@
+"""Saving and resuming a run: the one place that knows what a checkpoint holds (see :mod:`.state`) and how it
+commits (see :mod:`.store`).
+
+Every rank writes its own shards with DCP (single process, DDP, FSDP2); rank 0 then checksums the folder,
+writes the completion marker, renames it into place, moves ``latest`` and prunes old checkpoints. Each rank's
+RNG states go in a small tensor file of their own. Under DeepSpeed the engine's own checkpoint format holds the
+model and optimizer (ZeRO partitions); our train, method and loader state go beside it in DCP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from megatron_pept.checkpoint import state as cs
+from megatron_pept.checkpoint import store
+from megatron_pept.config import CheckpointConfig
+from megatron_pept.errors import UserError
+
+logger = logging.getLogger("megatron_pept")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _broadcast_str(value: str | None) -> str | None:
+    """Rank 0's value on every rank (a short string; the object broadcast is internal, nothing is loaded)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, *, run_dir: str | Path, rank: int, world_size: int) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.rank, self.world_size = rank, world_size
+        self._pending: tuple[Future, Path, int] | None = None
+        self._async_group = None
+        if cfg.async_save and _distributed():
+            self._async_group = dist.new_group(backend="gloo")  # the background save's own process group
+
+    # -- finding the checkpoint to resume ---------------------------------------------------------------------
+
+    def resolve_resume(self) -> Path | None:
+        """The checkpoint folder to resume from, decided on rank 0 and shared; None to start fresh."""
+        choice = None
+        error = None
+        if self.rank == 0:
+            try:
+                choice = self._resolve_on_rank0()
+            except UserError as err:
+                error = str(err)
+        error = _broadcast_str(error)
+        if error:
+            raise UserError(error)
+        choice = _broadcast_str(str(choice) if choice else None)
+        return Path(choice) if choice else None
+
+    def _resolve_on_rank0(self) -> Path | None:
+        store.clean_temporary(self.root)
+        resume = self.cfg.resume
+        checks = self.cfg.verify_checksums
+        if resume == "none":
+            if store.list_checkpoints(self.root):
+                raise UserError(
+                    f"checkpoint.resume=none but {self.root} already holds checkpoints; resume with "
+                    "checkpoint.resume=auto, or use another run_dir / checkpoint.dir"
+                )
+            return None
+        if resume == "auto":
+            found = store.newest_complete(self.root, checksums=checks)
+            return found.path if found else None
+        path = Path(resume)
+        if not path.exists():
+            raise UserError(f"checkpoint.resume={resume}: no such checkpoint folder")
+        if not (path / store.MARKER).exists() and store.list_checkpoints(path):
+            found = store.newest_complete(path, checksums=checks)  # a checkpoints folder: its newest complete one
+            if found is None:
+                raise UserError(f"checkpoint.resume={resume}: no complete checkpoint in that folder")
+            return found.path
+        problem = store.verify(path, checksums=checks)
+        if problem:
+            raise UserError(f"checkpoint.resume={resume}: {problem}")
+        return path
+
+    # -- saving -----------------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: nn.Module,
+        optimizer: Any,
+        parts: dict[str, Any],
+        meta: dict[str, Any],
+        engine: Any = None,
+    ) -> None:
+        """Write the checkpoint of ``step`` (every rank calls this). Synchronous unless checkpoint.async_save."""
+        self.finish_pending()
+        tmp = self.root / store.tmp_dir_name(step)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        torch.save(cs.rng_state(), tmp / "rng" / f"rank{self.rank:05d}.pt")
+        state = cs.extra_state(parts)
+        if engine is not None:  # DeepSpeed: its own format for the ZeRO-partitioned model and optimizer
+            engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        else:
+            state.update(cs.model_state(model))
+            state.update(cs.optimizer_state(model, optimizer))
+        full_meta = {
+            **meta,
+            "step": step,
+            "world_size": self.world_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "format": "megatron_pept-checkpoint-1",
+        }
+        if self.rank == 0:
+            (tmp / store.META).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        if self.cfg.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp / "state"), process_group=self._async_group)
+            self._pending = (future, tmp, step)
+            return
+        dcp.save(state, checkpoint_id=str(tmp / "state"))
+        self._commit(tmp, step)
+
+    def finish_pending(self) -> None:
+        """Wait for a background save and commit it (every rank calls this)."""
+        if self._pending is None:
+            return
+        future, tmp, step = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, step)
+
+    def _commit(self, tmp: Path, step: int) -> None:
+        _barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            final = store.commit(self.root, tmp, step)
+            removed = store.prune(self.root, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every)
+            logger.info("checkpoint saved: %s%s", final, f" (pruned {len(removed)} older)" if removed else "")
+        _barrier()
+
+    # -- loading ----------------------------------------------------------------------------------------------
+
+    def load(
+        self,
+        path: Path,
+        *,
+        model: nn.Module,
+        optimizer_fn: Callable[[], Any],
+        parts: dict[str, Any],
+        after_extra: Callable[[], None] | None = None,
+        engine: Any = None,
+    ) -> None:
+        """Put the state of checkpoint ``path`` back: first the train/method/loader state (so the method can put
+        the model in its saved phase: ``after_extra``), then the model and the optimizer ``optimizer_fn()``
+        returns at that point."""
+        reader = dcp.FileSystemReader(str(path / "state"))
+        saved = reader.read_metadata().state_dict_metadata
+        extra = cs.extra_state(parts)
+        missing = [k for k in extra if k not in saved]
+        if missing:
+            raise UserError(
+                f"{path} does not hold {missing[0]} (saved by another method or version?); resume with the config "
+                "it was saved with"
+            )
+        for key, value in extra.items():
+            saved_size = tuple(saved[key].size)
+            if saved_size != tuple(value.shape):  # e.g. another number of blended datasets
+                extra[key] = torch.empty(saved_size, dtype=saved[key].properties.dtype)
+        dcp.load(extra, checkpoint_id=str(path / "state"))
+        cs.load_extra(parts, extra)
+        if after_extra is not None:
+            after_extra()
+        rng_file = path / "rng" / f"rank{self.rank:05d}.pt"
+        if rng_file.is_file():
+            cs.set_rng_state(torch.load(rng_file, weights_only=True))
+        if engine is not None:
+            engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=True)
+            return
+        optimizer = optimizer_fn()
+        model_sd = cs.model_state(model)
+        unknown = [k for k in model_sd if k not in saved]
+        if unknown:
+            raise UserError(f"{path} has no {unknown[0]}: it was saved from another model or method")
+        dcp.load(model_sd, checkpoint_id=str(path / "state"))
+        model.load_state_dict({k[len("model.") :]: v for k, v in model_sd.items()})
+        optim_sd = cs.optimizer_destinations(model, optimizer, saved)
+        if optim_sd:
+            dcp.load(optim_sd, checkpoint_id=str(path / "state"))
+            cs.install_optimizer_state(model, optimizer, optim_sd)
+        logger.info("resumed from %s", path)

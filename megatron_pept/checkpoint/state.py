@@ -1,0 +1,174 @@
+"""What goes into a checkpoint, as one flat dict of tensors for DCP, and how it is put back.
+
+Keys: ``model.<name>`` (the module's ``state_dict``: DTensor shards under FSDP2, adapters and quantised bases
+included), ``optim.<parameter name>.<state key>`` (every tensor of the optimizer's per-parameter state: Adam
+moments, GaLore projectors, counters, seeds and error-feedback buffers, 8-bit codes), ``extra.<part>.<key>``
+(train state, method state, data loader position). Hyper-parameters are not saved: they are rebuilt from the
+config, and the learning rate is a function of the step.
+
+Under FSDP2 a state tensor that follows its parameter's rows is saved as a DTensor sharded like the parameter,
+so DCP can load it on another number of ranks; state that every rank holds whole is saved once; state that is
+specific to a rank's shard but not by rows (8-bit quantisation blocks) is saved per rank (``.rank<r>`` keys) and
+loads only on the same number of ranks. An optimizer says which is which with ``state_layout(param, key)``
+returning ``"rows"``, ``"replicated"`` or ``"local"``; without it a tensor shaped like the local shard is
+``rows`` and anything else ``replicated``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from megatron_pept.errors import UserError
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _owner(optimizer: Any, p: torch.Tensor) -> Any:
+    per_param = getattr(optimizer, "optimizers", None)  # PerLayerOptimizer: one optimizer per parameter
+    return per_param[p] if isinstance(per_param, dict) and p in per_param else optimizer
+
+
+def _layout(optimizer: Any, p: torch.Tensor, key: str, local_shape: torch.Size | None) -> str:
+    if not isinstance(p, DTensor):
+        return "replicated"
+    rule: Callable[[torch.Tensor, str], str] | None = getattr(_owner(optimizer, p), "state_layout", None)
+    if rule is not None:
+        return rule(p, key)
+    return "rows" if local_shape is not None and local_shape == p.to_local().shape else "replicated"
+
+
+def _rows_dtensor(p: DTensor, local: torch.Tensor) -> DTensor:
+    shape = torch.Size((p.shape[0], *local.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    return {f"model.{k}": v for k, v in model.state_dict().items()}
+
+
+def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    names = {p: n for n, p in model.named_parameters()}
+    out: dict[str, Any] = {}
+    for p, state in optimizer.state.items():
+        if p not in names:
+            raise RuntimeError("optimizer holds state for a tensor that is not a parameter of the model")
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                raise RuntimeError(f"optimizer state {names[p]}.{key} is not a tensor ({type(value).__name__})")
+            kind = _layout(optimizer, p, key, value.shape)
+            name = f"optim.{names[p]}.{key}"
+            if kind == "rows":
+                out[name] = _rows_dtensor(p, value)
+            elif kind == "local":
+                out[f"{name}.rank{_rank()}"] = value
+            else:
+                out[name] = value
+    return out
+
+
+def extra_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``extra.<part>.<key>`` for objects with a tensor ``state_dict()`` (train state, method, loader)."""
+    return {f"extra.{part}.{k}": v for part, obj in parts.items() for k, v in obj.state_dict().items()}
+
+
+def load_extra(parts: dict[str, Any], loaded: dict[str, torch.Tensor]) -> None:
+    for part, obj in parts.items():
+        prefix = f"extra.{part}."
+        obj.load_state_dict({k[len(prefix) :]: v for k, v in loaded.items() if k.startswith(prefix)})
+
+
+def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
+    """Empty tensors to load the saved optimizer state into (a fresh optimizer has no state to load in place).
+
+    ``saved`` maps each checkpoint key to its ``TensorStorageMetadata`` (global size and dtype)."""
+    params = dict(model.named_parameters())
+    trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    out: dict[str, Any] = {}
+    rank = _rank()
+    for key, meta in saved.items():
+        if not key.startswith("optim."):
+            continue
+        rest = key[len("optim.") :]
+        name, state_key = _split_param_key(rest, params)
+        if name is None:
+            raise UserError(f"the checkpoint has optimizer state for {rest!r}, a parameter this model does not have")
+        p = params[name]
+        if id(p) not in trainable:
+            continue  # state of a parameter this phase does not train (kept in the checkpoint, not loaded)
+        if _is_rank_key(state_key):
+            base, owner = state_key.rsplit(".", 1)
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            prefix = f"optim.{name}.{base}.rank"
+            ranks = {k[len(prefix) :] for k in saved if k.startswith(prefix)}
+            if ranks != {str(r) for r in range(world)}:
+                raise UserError(
+                    f"optimizer state {name}.{base} is specific to each rank's shard (8-bit blocks) and was saved "
+                    f"on {len(ranks)} ranks; this run has {world}: resume on the same number of ranks"
+                )
+            if owner == f"rank{rank}":
+                out[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=_device(p))
+            continue
+        kind = _layout(optimizer, p, state_key, None)
+        if kind == "rows" and isinstance(p, DTensor) and len(meta.size) >= 1 and meta.size[0] == p.shape[0]:
+            local_rows = p.to_local().shape[0]
+            local = torch.empty((local_rows, *meta.size[1:]), dtype=meta.properties.dtype, device=_device(p))
+            out[key] = _rows_dtensor(p, local)
+        elif kind == "local":
+            raise UserError(
+                f"optimizer state {name}.{state_key} is specific to each rank but was saved without rank keys; "
+                "resume with the configuration it was saved with"
+            )
+        else:
+            out[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=_device(p))
+    return out
+
+
+def install_optimizer_state(model: nn.Module, optimizer: Any, loaded: dict[str, Any]) -> None:
+    params = dict(model.named_parameters())
+    for key, value in loaded.items():
+        name, state_key = _split_param_key(key[len("optim.") :], params)
+        if _is_rank_key(state_key):
+            state_key = state_key.rsplit(".", 1)[0]
+        p = params[name]
+        local = value.to_local() if isinstance(value, DTensor) else value
+        _owner(optimizer, p).state[p][state_key] = local
+
+
+def _is_rank_key(state_key: str) -> bool:
+    last = state_key.rsplit(".", 1)
+    return len(last) == 2 and last[1].startswith("rank") and last[1][4:].isdigit()
+
+
+def _split_param_key(rest: str, params: dict[str, Any]) -> tuple[str | None, str]:
+    """``<param name>.<state key>`` where both may contain dots: the longest parameter name that prefixes it."""
+    best = None
+    for name in params:
+        if rest.startswith(name + ".") and (best is None or len(name) > len(best)):
+            best = name
+    return best, rest[len(best) + 1 :] if best else rest
+
+
+def _device(p: torch.Tensor) -> torch.device:
+    return p.to_local().device if isinstance(p, DTensor) else p.device
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

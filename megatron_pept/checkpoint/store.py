@@ -1,0 +1,175 @@
+"""Where checkpoints live and how they commit: atomic folders, completion markers with checksums, ``latest``,
+retention, and finding the newest complete checkpoint.
+
+Layout of ``checkpoint.dir`` (default ``run_dir/checkpoints``)::
+
+    step_00000100/            a complete checkpoint (renamed into place only once everything is written)
+        state/                DCP shards of model, optimizer and train state (one file per writing rank)
+        rng/rank00000.pt      each rank's RNG states (tensors; loaded with weights_only=True)
+        meta.json             step, tokens, method, phase, backend, world size, file sizes
+        COMPLETE.json         sha256 and size of every file above; written last, before the rename
+    latest                    the name of the newest complete checkpoint (replaced atomically)
+    .tmp-step_00000200/       a checkpoint being written (ignored, removed on the next start)
+
+A folder without ``COMPLETE.json`` or whose files do not match it is incomplete or corrupted and never resumed
+from; ``checkpoint.resume=auto`` then falls back to the previous complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("megatron_pept")
+
+MARKER = "COMPLETE.json"
+META = "meta.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def tmp_dir_name(step: int) -> str:
+    return f".tmp-{step_dir_name(step)}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_marker(folder: Path) -> None:
+    """Checksum every file of a fully written checkpoint folder and write the completion marker (last)."""
+    files = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(folder)}
+    write_json_atomic(folder / MARKER, {"files": files})
+    _fsync_dir(folder)
+
+
+def verify(folder: Path, *, checksums: bool = True) -> str | None:
+    """None when ``folder`` is a complete, intact checkpoint; otherwise why not (one line)."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return f"{folder} is not a complete checkpoint (no {MARKER}; it was interrupted while being written)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"{folder}/{MARKER} is unreadable ({err})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{folder} is missing {name}"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{folder}/{name} has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
+        if checksums and _sha256(path) != expected["sha256"]:
+            return f"{folder}/{name} does not match its sha256 (corrupted)"
+    return None
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path
+    step: int
+
+
+def list_checkpoints(root: Path) -> list[Found]:
+    """Committed checkpoint folders (complete or not), newest first."""
+    if not root.is_dir():
+        return []
+    found = [Found(p, int(m.group(1))) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found, key=lambda f: f.step, reverse=True)
+
+
+def newest_complete(root: Path, *, checksums: bool = True) -> Found | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for found in list_checkpoints(root):
+        problem = verify(found.path, checksums=checksums)
+        if problem is None:
+            return found
+        logger.warning("skipping checkpoint: %s", problem)
+    return None
+
+
+def commit(root: Path, tmp: Path, step: int) -> Path:
+    """Mark ``tmp`` complete, rename it to its final name and point ``latest`` at it."""
+    write_marker(tmp)
+    final = root / step_dir_name(step)
+    if final.exists():  # the same step saved again (after a rollback): replace it only now that tmp is complete
+        stale = root / f".old-{final.name}"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    tmp_latest = root / f".{LATEST}.tmp"
+    tmp_latest.write_text(final.name + "\n")
+    os.replace(tmp_latest, root / LATEST)
+    _fsync_dir(root)
+    return final
+
+
+def prune(root: Path, *, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last``, keeping every ``keep_every``-th step.
+
+    Only runs after a newer checkpoint committed; incomplete folders older than the newest complete one go too."""
+    found = list_checkpoints(root)
+    complete = [f for f in found if (f.path / MARKER).is_file()]
+    if not complete:
+        return []
+    newest = complete[0].step
+    keep = {f.path for f in complete[: max(1, keep_last)]}
+    removed = []
+    for f in found:
+        if f.path in keep or (keep_every > 0 and f.step % keep_every == 0 and (f.path / MARKER).is_file()):
+            continue
+        if f.step >= newest:
+            continue
+        shutil.rmtree(f.path, ignore_errors=True)
+        removed.append(f.path)
+    return removed
+
+
+def clean_temporary(root: Path) -> None:
+    """Remove folders left by saves that never committed (a crash during a save)."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+                shutil.rmtree(p, ignore_errors=True)
