@@ -36,6 +36,10 @@ def _owner(optimizer: Any, p: torch.Tensor) -> Any:
     return per_param[p] if isinstance(per_param, dict) and p in per_param else optimizer
 
 
+def _has_layout(optimizer: Any, p: torch.Tensor) -> bool:
+    return getattr(_owner(optimizer, p), "state_layout", None) is not None
+
+
 def _layout(optimizer: Any, p: torch.Tensor, key: str, local_shape: torch.Size | None) -> str:
     if not isinstance(p, DTensor):
         return "replicated"
@@ -64,8 +68,11 @@ def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
         for key, value in state.items():
             if not torch.is_tensor(value):
                 raise RuntimeError(f"optimizer state {names[p]}.{key} is not a tensor ({type(value).__name__})")
-            kind = _layout(optimizer, p, key, value.shape)
             name = f"optim.{names[p]}.{key}"
+            if isinstance(value, DTensor):  # an optimizer stepping DTensors directly keeps DTensor state
+                out[name] = value
+                continue
+            kind = _layout(optimizer, p, key, value.shape)
             if kind == "rows":
                 out[name] = _rows_dtensor(p, value)
             elif kind == "local":
@@ -117,6 +124,12 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
             if owner == f"rank{rank}":
                 out[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=_device(p))
             continue
+        if isinstance(p, DTensor) and not _has_layout(optimizer, p) and tuple(meta.size) == tuple(p.shape):
+            local = torch.empty(p.to_local().shape, dtype=meta.properties.dtype, device=_device(p))
+            out[key] = DTensor.from_local(
+                local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+            continue
         kind = _layout(optimizer, p, state_key, None)
         if kind == "rows" and isinstance(p, DTensor) and len(meta.size) >= 1 and meta.size[0] == p.shape[0]:
             local_rows = p.to_local().shape[0]
@@ -139,8 +152,9 @@ def install_optimizer_state(model: nn.Module, optimizer: Any, loaded: dict[str, 
         if _is_rank_key(state_key):
             state_key = state_key.rsplit(".", 1)[0]
         p = params[name]
-        local = value.to_local() if isinstance(value, DTensor) else value
-        _owner(optimizer, p).state[p][state_key] = local
+        if isinstance(value, DTensor) and _has_layout(optimizer, p):
+            value = value.to_local()  # our sharded optimizers keep their rows as plain tensors
+        _owner(optimizer, p).state[p][state_key] = value
 
 
 def _is_rank_key(state_key: str) -> bool:

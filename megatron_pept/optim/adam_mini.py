@@ -48,6 +48,14 @@ class AdamMini(torch.optim.Optimizer):
         self.reduce_sum = reduce_sum
         self._zero_layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]] | None = None
 
+    def state_layout(self, p: torch.Tensor, key: str) -> str:
+        """Checkpoint layout of a state tensor of an FSDP2 (row-sharded) parameter: see
+        :meth:`megatron_pept.optim.galore.GaLoreOptimizer.state_layout`."""
+        kind = next(g["block"] for g in self.param_groups if any(p is q for q in g["params"]))
+        if key == "m" or (key == "v" and kind in ("adam", "row")):
+            return "rows"
+        return "replicated"
+
     def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
         """Run inside DeepSpeed ZeRO (see :meth:`megatron_pept.optim.galore.GaLoreOptimizer.attach_zero`): each
         model parameter is stepped on this rank's fragment, its block statistics summed over the ranks."""

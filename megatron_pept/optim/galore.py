@@ -181,6 +181,22 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
     def _view_of(self, p: torch.Tensor) -> _View:
         return _RowShard(p) if isinstance(p, DTensor) else _View(p)
 
+    def state_layout(self, p: torch.Tensor, key: str) -> str:
+        """How a state tensor of an FSDP2 (row-sharded) parameter is laid out across ranks, for checkpoints:
+        ``rows`` (this rank's rows, reshardable), ``replicated`` (whole on every rank) or ``local`` (rank-specific
+        but not by rows: 8-bit quantisation blocks; reloads on the same number of ranks only)."""
+        if key in ("step", "refreshes", "seed"):
+            return "replicated"
+        if key.endswith(("_q", "_absmax")):
+            return "local"
+        projected = any(p is q for g in self.param_groups if "rank" in g for q in g["params"])
+        if key == "ef_residual" or not projected:
+            return "rows"
+        side = projection_side(p.shape)
+        if key == "projector":
+            return "rows" if side == "left" else "replicated"
+        return "rows" if side == "right" else "replicated"  # projected-space moments: m x r or r x n
+
     # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------
 
     def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
@@ -352,6 +368,14 @@ class GaLoreAdafactor(GaLoreOptimizer):
             rms = (view.sum_all(value.square().sum()) / view.shape.numel()).sqrt()
             lr *= max(group["eps"][1], float(rms))
         return lr
+
+    def state_layout(self, p: torch.Tensor, key: str) -> str:
+        # Under FSDP2 this optimizer keeps projected state and factored statistics whole on every rank, and
+        # element-wise state per fragment (flattened rows): the latter reloads on the same number of ranks only.
+        if key in ("step", "refreshes", "seed", "exp_avg_sq_row", "exp_avg_sq_col"):
+            return "replicated"
+        projected = any(p is q for g in self.param_groups if "rank" in g for q in g["params"])
+        return "replicated" if projected and key != "ef_residual" else "local"
 
     def _view_of(self, p: torch.Tensor) -> _View:
         # Factored statistics need whole rows and columns: an FSDP2 row shard is handled as a fragment, with the

@@ -3,15 +3,11 @@ global batch: equal losses and final weights within a stated tolerance."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import LOSS_TOL, WEIGHT_TOL, WEIGHT_TOL_8BIT, base, launch
 
 from megatron_pept.config import load_config
 from megatron_pept.trainer import Trainer
@@ -32,50 +28,6 @@ METHODS = {
     "adam_mini": [],
 }
 PER_LAYER = {"full": [], "galore_dynamic_ef": ["method.dynamic_first=2"], "adam_mini": []}
-# Losses agree to float rounding (different reduction order); weights after 4 steps to 1e-4 (8-bit: quantisation
-# blocks differ with the shard layout).
-LOSS_TOL, WEIGHT_TOL, WEIGHT_TOL_8BIT = 1e-4, 1e-4, 2e-3
-
-
-def base(data: Path, run_dir: Path, micro: int) -> list[str]:
-    return [
-        f"run_dir={run_dir}",
-        f"data.path={data}",
-        "data.seq_len=32",
-        "train.steps=4",
-        "train.global_batch_size=8",
-        f"train.micro_batch_size={micro}",
-        "train.eval_interval=0",
-        "train.eval_at_start=false",
-        "metrics.tensorboard=false",
-        "metrics.peak_tflops=1",
-        "method.rank=8",
-        "method.update_proj_gap=2",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=1",
-        "train.max_grad_norm=1.0",
-        "data.verify_checksums=false",
-    ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun") -> dict:
-    (tmp / "runs.json").write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(free_port())
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    else:
-        command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", port]
-    worker = [str(REPO / "tests/distributed/worker.py"), str(tmp / "runs.json"), str(tmp / "out.pt")]
-    proc = subprocess.run([*command, *worker], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return torch.load(tmp / "out.pt", weights_only=True)
 
 
 def single(overrides: list[str]):

@@ -35,6 +35,13 @@ def main() -> None:
     for run in runs:
         print(f"worker: run {run['name']}", flush=True)
         trainer = Trainer(load_config(None, run["overrides"]))
+        if "stop_after" in run:  # an interrupted run: some steps, a checkpoint, no more
+            for _ in range(run["stop_after"]):
+                trainer.train_step()
+            trainer.save_checkpoint()
+            results[run["name"]] = {"losses": [], "params": {}, "split": torch.tensor(0)}
+            del trainer
+            continue
         result = trainer.train()
         layout = getattr(trainer.optimizer, "_zero_layout", None) or {}
         # Parameters whose ZeRO partition boundary falls inside them (this rank holds part, not all, of them).

@@ -1,0 +1,78 @@
+"""Checkpoints under FSDP2 with 2 gloo ranks: an interrupted run resumed on 2 ranks ends bit-identical to an
+uninterrupted one; the same checkpoint resumed on 1 process (resharded model, optimizer and GaLore state) trains
+on like the 2-rank run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import LOSS_TOL, WEIGHT_TOL, base, launch
+
+from megatron_pept.config import load_config
+from megatron_pept.trainer import Trainer
+
+METHODS = {
+    "full": [],
+    "relora": ["method.reset_every=3"],
+    "galore_dynamic_ef": ["method.dynamic_first=2", "method.dynamic_cap=3"],
+}
+STEPS, STOP = 8, 5
+
+
+def overrides(data: Path, run_dir: Path, method: str) -> list[str]:
+    return base(data, run_dir, 2) + [
+        f"train.steps={STEPS}",
+        "parallel.backend=fsdp2",
+        f"method.name={method}",
+        "checkpoint.interval=100",
+        "data.allow_reshard=true",
+        *METHODS[method],
+    ]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("ckpt")
+    runs = []
+    for method in METHODS:
+        runs.append(
+            {"name": f"whole-{method}", "overrides": overrides(quickstart_data, tmp / f"whole-{method}", method)}
+        )
+        cut = overrides(quickstart_data, tmp / f"cut-{method}", method)
+        runs.append({"name": f"stop-{method}", "overrides": cut, "stop_after": STOP})
+        runs.append({"name": f"resume-{method}", "overrides": cut})
+    for method in METHODS:  # checkpoints for the resharding test: 2 ranks save at STOP, 1 process resumes
+        runs.append(
+            {
+                "name": f"reshard-{method}",
+                "overrides": overrides(quickstart_data, tmp / f"reshard-{method}", method),
+                "stop_after": STOP,
+            }
+        )
+    return launch(runs, tmp), tmp
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fsdp2_resume_is_bit_identical(method: str, fsdp2_runs) -> None:
+    results, _ = fsdp2_runs
+    whole, resumed = results[f"whole-{method}"], results[f"resume-{method}"]
+    assert resumed["losses"] == whole["losses"][STOP:]
+    for name, value in whole["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fsdp2_checkpoint_resumes_on_one_process(method: str, fsdp2_runs, quickstart_data: Path) -> None:
+    results, tmp = fsdp2_runs
+    run_dir = tmp / f"reshard-{method}"
+    cfg = load_config(None, [*overrides(quickstart_data, run_dir, method), "parallel.backend=single"])
+    trainer = Trainer(cfg)
+    assert trainer.resumed_from is not None and trainer.state.step == STOP
+    result = trainer.train()
+    whole = results[f"whole-{method}"]
+    assert result.train_losses == pytest.approx(whole["losses"][STOP:], abs=LOSS_TOL)
+    params = dict(trainer.raw_model.named_parameters())
+    for name, value in whole["params"].items():
+        assert torch.allclose(params[name].detach(), value, atol=WEIGHT_TOL), name
