@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -47,6 +48,9 @@ def _broadcast_str(value: str | None) -> str | None:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 
 class Checkpointer:

@@ -155,6 +155,11 @@ def install_optimizer_state(model: nn.Module, optimizer: Any, loaded: dict[str, 
         if isinstance(value, DTensor) and _has_layout(optimizer, p):
             value = value.to_local()  # our sharded optimizers keep their rows as plain tensors
         _owner(optimizer, p).state[p][state_key] = value
+    for name in {_split_param_key(key[len("optim.") :], params)[0] for key in loaded}:
+        p = params[name]
+        restore = getattr(_owner(optimizer, p), "restore_loaded_state", None)
+        if restore is not None:
+            restore(p)  # e.g. memory layouts the optimizer's arithmetic depends on, bit for bit
 
 
 def _is_rank_key(state_key: str) -> bool:

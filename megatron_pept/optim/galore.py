@@ -31,6 +31,7 @@ from megatron_pept.optim.adamw import KeepStateDtypes
 from megatron_pept.optim.fragments import FlatFragment
 from megatron_pept.optim.projector import (
     RefreshSchedule,
+    column_major,
     project,
     project_back,
     projected_shape,
@@ -180,6 +181,18 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
 
     def _view_of(self, p: torch.Tensor) -> _View:
         return _RowShard(p) if isinstance(p, DTensor) else _View(p)
+
+    def restore_loaded_state(self, p: torch.Tensor) -> None:
+        """After a checkpoint load: give a full-SVD projector back the column-major layout LAPACK produced (a
+        loaded tensor is row-major, and the projection matmuls would then differ in the last bit, breaking
+        bit-exact resume). Row shards of a left projector are row-major in training too."""
+        state = self.state[p]
+        group = next((g for g in self.param_groups if any(p is q for q in g["params"])), None)
+        if group is None or "projector" not in state or group.get("svd") != "full":
+            return
+        if isinstance(p, DTensor) and projection_side(p.shape) == "left" and not isinstance(self, GaLoreAdafactor):
+            return
+        state["projector"] = column_major(state["projector"])
 
     def state_layout(self, p: torch.Tensor, key: str) -> str:
         """How a state tensor of an FSDP2 (row-sharded) parameter is laid out across ranks, for checkpoints:

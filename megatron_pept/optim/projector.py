@@ -44,10 +44,10 @@ def projector_shape(shape: tuple[int, int], *, rank: int) -> tuple[int, int]:
 def svd_basis(grad: torch.Tensor, *, rank: int, side: str) -> torch.Tensor:
     """The top-``rank`` singular subspace of ``grad`` by a full SVD, in fp32 (right: ``r x n``; left: ``m x r``)."""
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    return _compact(vh[:rank] if side == "right" else u[:, :rank])
+    return column_major(vh[:rank] if side == "right" else u[:, :rank])
 
 
-def _compact(basis: torch.Tensor) -> torch.Tensor:
+def column_major(basis: torch.Tensor) -> torch.Tensor:
     """A compact copy in the column-major layout LAPACK returns: slices of the SVD factors would keep the whole
     factor alive, and a row-major copy would change the matmul kernels (and results, in the last bit) compared
     with projecting through the slice itself, as galore-torch does."""

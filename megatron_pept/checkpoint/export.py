@@ -1,0 +1,57 @@
+"""Reading a checkpoint outside training: its metadata, and whole (unsharded) tensors on CPU for export."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from megatron_pept.checkpoint import store
+from megatron_pept.errors import UserError
+
+
+def resolve_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
+    """A checkpoint folder, or the newest complete one in a run's checkpoints folder / run_dir; verified."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    for candidate in (path, path / "checkpoints"):
+        if not (candidate / store.MARKER).exists() and store.list_checkpoints(candidate):
+            found = store.newest_complete(candidate, checksums=checksums)
+            if found is None:
+                raise UserError(f"no complete checkpoint in {candidate}")
+            return found.path
+    problem = store.verify(path, checksums=checksums)
+    if problem:
+        raise UserError(problem)
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta = path / store.META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def load_full_tensors(path: Path, *, prefix: str) -> dict[str, torch.Tensor]:
+    """Every saved tensor whose key starts with ``prefix`` (prefix removed), whole, on CPU, from the DCP shards
+    of any number of ranks. Under DeepSpeed checkpoints the model comes from DeepSpeed's own files instead."""
+    state_dir = path / "state"
+    if not (state_dir / ".metadata").is_file():
+        raise UserError(f"{path} has no DCP state folder (a DeepSpeed checkpoint? see tools/convert_to_hf.py)")
+    metadata = dcp.FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+    out = {
+        key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not out:
+        raise UserError(f"{path} holds no tensors under {prefix!r}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(out, checkpoint_id=str(state_dir))
+    return {key[len(prefix) :]: value for key, value in out.items()}
