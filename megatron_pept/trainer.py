@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.checkpoint import Checkpointer
-from megatron_pept.config import Config, save_config
+from megatron_pept.config import Config, save_config, to_dict
 from megatron_pept.data.builtin import ensure_builtin_dataset
 from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
 from megatron_pept.data.shards import DataIndex, read_index
@@ -116,6 +117,7 @@ class Trainer:
 
         # Data.
         self.train_data, self.val_data, index = self._build_data()
+        self.data_index = index
         self.loader = DistributedBatchLoader(
             [ds for ds, _ in self.train_data],
             weights=[w for _, w in self.train_data],
@@ -261,7 +263,11 @@ class Trainer:
             "backend": self.dims.backend,
             "model": self.cfg.model.name,
             "total_steps": self.cfg.train.steps,
+            "model_args": dataclasses.asdict(self.model_args),
+            "config": to_dict(self.cfg),
+            "tokenizer": {"eos_id": self.data_index.eos_id, "bos_id": self.data_index.bos_id},
         }
+        tokenizer = Path(self.data_index.root) / "tokenizer.model"
         self.checkpointer.save(
             self.state.step,
             model=self.raw_model,
@@ -269,6 +275,7 @@ class Trainer:
             parts=self._checkpoint_parts(),
             meta=meta,
             engine=self.engine,
+            files={"tokenizer/tokenizer.model": tokenizer} if tokenizer.is_file() else {},
         )
         self._last_saved_step = self.state.step
 

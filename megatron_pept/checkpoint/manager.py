@@ -118,8 +118,10 @@ class Checkpointer:
         parts: dict[str, Any],
         meta: dict[str, Any],
         engine: Any = None,
+        files: dict[str, Path] | None = None,
     ) -> None:
-        """Write the checkpoint of ``step`` (every rank calls this). Synchronous unless checkpoint.async_save."""
+        """Write the checkpoint of ``step`` (every rank calls this). Synchronous unless checkpoint.async_save.
+        ``files``: extra files copied in by rank 0 (the tokenizer), under their given relative names."""
         self.finish_pending()
         tmp = self.root / store.tmp_dir_name(step)
         if self.rank == 0:
@@ -142,6 +144,9 @@ class Checkpointer:
         }
         if self.rank == 0:
             (tmp / store.META).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+            for name, source in (files or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, tmp / name)
         if self.cfg.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp / "state"), process_group=self._async_group)
             self._pending = (future, tmp, step)

@@ -76,3 +76,19 @@ def test_fsdp2_checkpoint_resumes_on_one_process(method: str, fsdp2_runs, quicks
     params = dict(trainer.raw_model.named_parameters())
     for name, value in whole["params"].items():
         assert torch.allclose(params[name].detach(), value, atol=WEIGHT_TOL), name
+
+
+def test_fsdp2_checkpoint_exports_to_hf(fsdp2_runs, quickstart_data: Path) -> None:
+    """The 2-rank FSDP2 ReLoRA checkpoint, exported: transformers' logits equal our model loaded from it."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    _, tmp = fsdp2_runs
+    run_dir = tmp / "whole-relora"
+    out = export_to_hf(run_dir, tmp / "hf-relora")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = Trainer(load_config(None, [*overrides(quickstart_data, run_dir, "relora"), "parallel.backend=single"]))
+    assert ours.state.step == STEPS
+    ids = torch.randint(0, ours.model_args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.raw_model.eval()(ids), atol=1e-5, rtol=1e-5)
