@@ -132,6 +132,8 @@ class Checkpointer:
         state = cs.extra_state(parts)
         if engine is not None:  # DeepSpeed: its own format for the ZeRO-partitioned model and optimizer
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            if cs.zero_sharded(optimizer):  # our optimizer's own state, kept per model parameter
+                state.update(cs.optimizer_state(model, optimizer))
         else:
             state.update(cs.model_state(model))
             state.update(cs.optimizer_state(model, optimizer))
@@ -207,7 +209,16 @@ class Checkpointer:
         if rng_file.is_file():
             cs.set_rng_state(torch.load(rng_file, weights_only=True))
         if engine is not None:
-            engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=True)
+            from megatron_pept.distributed.deepspeed_backend import load_checkpoint
+
+            load_checkpoint(engine, path / "deepspeed")
+            optimizer = optimizer_fn()
+            if cs.zero_sharded(optimizer):
+                optim_sd = cs.optimizer_destinations(model, optimizer, saved)
+                if optim_sd:
+                    dcp.load(optim_sd, checkpoint_id=str(path / "state"))
+                    cs.install_optimizer_state(model, optimizer, optim_sd)
+            logger.info("resumed from %s", path)
             return
         optimizer = optimizer_fn()
         model_sd = cs.model_state(model)

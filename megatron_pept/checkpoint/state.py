@@ -40,7 +40,14 @@ def _has_layout(optimizer: Any, p: torch.Tensor) -> bool:
     return getattr(_owner(optimizer, p), "state_layout", None) is not None
 
 
+def zero_sharded(optimizer: Any) -> bool:
+    """Our optimizer stepping DeepSpeed ZeRO fragments (its state is keyed by model parameters)."""
+    return getattr(optimizer, "_zero_layout", None) is not None
+
+
 def _layout(optimizer: Any, p: torch.Tensor, key: str, local_shape: torch.Size | None) -> str:
+    if zero_sharded(optimizer):
+        return optimizer.state_layout(p, key)
     if not isinstance(p, DTensor):
         return "replicated"
     rule: Callable[[torch.Tensor, str], str] | None = getattr(_owner(optimizer, p), "state_layout", None)
@@ -63,6 +70,8 @@ def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     names = {p: n for n, p in model.named_parameters()}
     out: dict[str, Any] = {}
     for p, state in optimizer.state.items():
+        if not state:
+            continue  # e.g. the empty entries DeepSpeed creates for its flat partitions
         if p not in names:
             raise RuntimeError("optimizer holds state for a tensor that is not a parameter of the model")
         for key, value in state.items():
@@ -98,7 +107,10 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
 
     ``saved`` maps each checkpoint key to its ``TensorStorageMetadata`` (global size and dtype)."""
     params = dict(model.named_parameters())
-    trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if zero_sharded(optimizer):
+        trainable = {id(q) for pieces in optimizer._zero_layout.values() for q, _ in pieces}
+    else:
+        trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
     out: dict[str, Any] = {}
     rank = _rank()
     for key, meta in saved.items():

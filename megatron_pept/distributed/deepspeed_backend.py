@@ -178,3 +178,33 @@ def zero_layout(engine_optimizer: Any) -> dict[int, list[tuple[torch.nn.Paramete
     else:  # pragma: no cover - a DeepSpeed version with another optimizer layout
         raise RuntimeError(f"unknown ZeRO optimizer layout: {type(zero).__name__}")
     return layout
+
+
+def load_checkpoint(engine: Any, folder: Path) -> None:
+    """Load a checkpoint DeepSpeed saved, without executing pickled code: DeepSpeed's own loader unpickles with
+    ``weights_only=False``; here its files are read with ``weights_only=True`` and only the few DeepSpeed
+    classes its optimizer files hold (loss scaler, ZeRO stage enum, fragment addresses) are allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    checkpoint_engine = engine.checkpoint_engine
+
+    def safe_load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as err:
+                raise ConfigError(
+                    f"{path} holds objects a safe load does not allow ({str(err).splitlines()[-1][:200]})"
+                ) from None
+
+    original = checkpoint_engine.load
+    checkpoint_engine.load = safe_load
+    try:
+        path, _ = engine.load_checkpoint(str(folder), tag="state", load_module_strict=True)
+    finally:
+        checkpoint_engine.load = original
+    if path is None:
+        raise ConfigError(f"DeepSpeed found no checkpoint in {folder}")

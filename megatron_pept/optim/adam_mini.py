@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from megatron_pept.optim.fragments import FlatFragment
+from megatron_pept.optim.fragments import FlatFragment, ZeroStateDict
 
 BLOCK_KINDS = ("adam", "head", "row", "tensor")
 
 
-class AdamMini(torch.optim.Optimizer):
+class AdamMini(ZeroStateDict, torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
@@ -46,12 +46,16 @@ class AdamMini(torch.optim.Optimizer):
             if group["block"] == "head" and not group.get("head_numel"):
                 raise ValueError("an Adam-mini 'head' group needs head_numel")
         self.reduce_sum = reduce_sum
+        # Group of each parameter, fixed at construction (DeepSpeed later swaps ``params`` for flat partitions).
+        self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._zero_layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]] | None = None
 
     def state_layout(self, p: torch.Tensor, key: str) -> str:
         """Checkpoint layout of a state tensor of an FSDP2 (row-sharded) parameter: see
         :meth:`megatron_pept.optim.galore.GaLoreOptimizer.state_layout`."""
-        kind = next(g["block"] for g in self.param_groups if any(p is q for q in g["params"]))
+        kind = self.param_groups[self._group_index[id(p)]]["block"]
+        if self._zero_layout is not None:  # ZeRO: element-wise state per fragment, block statistics whole
+            return "local" if key == "m" or (key == "v" and kind == "adam") else "replicated"
         if key == "m" or (key == "v" and kind in ("adam", "row")):
             return "rows"
         return "replicated"

@@ -19,6 +19,9 @@ is empty: the optimizers iterate the group's parameters in ZeRO's order on every
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -73,3 +76,22 @@ class FlatFragment:
         sums = values.new_zeros(blocks)
         sums.index_add_(0, ids, values)
         return self.all_reduce(sums)
+
+
+class ZeroStateDict:
+    """Mixin for optimizers that, under ZeRO, keep their state per model parameter (not per flat partition):
+    ``state_dict()`` (which DeepSpeed calls for its own checkpoint) then covers only the flat partitions in
+    ``param_groups``; the per-parameter state is checkpointed by megatron_pept.checkpoint beside it."""
+
+    _zero_layout: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._zero_layout is None:
+            return super().state_dict()  # type: ignore[misc]
+        in_groups = {id(p) for g in self.param_groups for p in g["params"]}  # type: ignore[attr-defined]
+        kept = self.state  # type: ignore[has-type]
+        self.state = defaultdict(dict, {k: v for k, v in kept.items() if id(k) in in_groups})
+        try:
+            return super().state_dict()  # type: ignore[misc]
+        finally:
+            self.state = kept

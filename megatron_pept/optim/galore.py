@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.optim.adamw import KeepStateDtypes
-from megatron_pept.optim.fragments import FlatFragment
+from megatron_pept.optim.fragments import FlatFragment, ZeroStateDict
 from megatron_pept.optim.projector import (
     RefreshSchedule,
     column_major,
@@ -58,7 +58,7 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
+class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
     """Projection machinery shared by the GaLore optimizers; subclasses give the inner update."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
@@ -73,6 +73,8 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
                     raise ValueError(f"svd must be 'full' or 'randomized'; got {group['svd']!r}")
         # A stable number per parameter: seeds its randomized sketches (kept when split for per-layer updates).
         self.param_index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        # Group of each parameter, fixed at construction (DeepSpeed later swaps ``params`` for flat partitions).
+        self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         # Statistics of the refreshes made in the last step() (read by the training method for logging).
         self.last_refreshes = 0
         self.last_svd_seconds = 0.0
@@ -187,7 +189,7 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
         loaded tensor is row-major, and the projection matmuls would then differ in the last bit, breaking
         bit-exact resume). Row shards of a left projector are row-major in training too."""
         state = self.state[p]
-        group = next((g for g in self.param_groups if any(p is q for q in g["params"])), None)
+        group = self.param_groups[self._group_index[id(p)]] if id(p) in self._group_index else None
         if group is None or "projector" not in state or group.get("svd") != "full":
             return
         if isinstance(p, DTensor) and projection_side(p.shape) == "left" and not isinstance(self, GaLoreAdafactor):
@@ -200,9 +202,12 @@ class GaLoreOptimizer(KeepStateDtypes, torch.optim.Optimizer):
         but not by rows: 8-bit quantisation blocks; reloads on the same number of ranks only)."""
         if key in ("step", "refreshes", "seed"):
             return "replicated"
+        if self._zero_layout is not None:  # ZeRO: projected state whole on every rank, the rest per fragment
+            projected = "rank" in self.param_groups[self._group_index[id(p)]]
+            return "replicated" if projected and key != "ef_residual" else "local"
         if key.endswith(("_q", "_absmax")):
             return "local"
-        projected = any(p is q for g in self.param_groups if "rank" in g for q in g["params"])
+        projected = "rank" in self.param_groups[self._group_index[id(p)]]
         if key == "ef_residual" or not projected:
             return "rows"
         side = projection_side(p.shape)
@@ -387,7 +392,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         # element-wise state per fragment (flattened rows): the latter reloads on the same number of ranks only.
         if key in ("step", "refreshes", "seed", "exp_avg_sq_row", "exp_avg_sq_col"):
             return "replicated"
-        projected = any(p is q for g in self.param_groups if "rank" in g for q in g["params"])
+        projected = "rank" in self.param_groups[self._group_index[id(p)]]
         return "replicated" if projected and key != "ef_residual" else "local"
 
     def _view_of(self, p: torch.Tensor) -> _View:
