@@ -43,6 +43,9 @@ def fsdp2_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) 
         cut = overrides(quickstart_data, tmp / f"cut-{method}", method)
         runs.append({"name": f"stop-{method}", "overrides": cut, "stop_after": STOP})
         runs.append({"name": f"resume-{method}", "overrides": cut})
+    cut = [*overrides(quickstart_data, tmp / "cut-async", "galore_dynamic_ef"), "checkpoint.async_save=true"]
+    runs.append({"name": "stop-async", "overrides": cut, "stop_after": STOP})
+    runs.append({"name": "resume-async", "overrides": cut})
     for method in METHODS:  # checkpoints for the resharding test: 2 ranks save at STOP, 1 process resumes
         runs.append(
             {
@@ -61,6 +64,18 @@ def test_fsdp2_resume_is_bit_identical(method: str, fsdp2_runs) -> None:
     assert resumed["losses"] == whole["losses"][STOP:]
     for name, value in whole["params"].items():
         assert torch.equal(resumed["params"][name], value), name
+
+
+def test_fsdp2_asynchronous_save_resumes_bit_identical(fsdp2_runs) -> None:
+    results, tmp = fsdp2_runs
+    whole, resumed = results["whole-galore_dynamic_ef"], results["resume-async"]
+    assert resumed["losses"] == whole["losses"][STOP:]
+    for name, value in whole["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    assert [f.name for f in sorted((tmp / "cut-async" / "checkpoints").glob("step_*"))] == [
+        "step_00000005",
+        "step_00000008",
+    ]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

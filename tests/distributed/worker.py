@@ -39,6 +39,7 @@ def main() -> None:
             for _ in range(run["stop_after"]):
                 trainer.train_step()
             trainer.save_checkpoint()
+            trainer.checkpointer.finish_pending()  # an asynchronous save commits here
             results[run["name"]] = {"losses": [], "params": {}, "split": torch.tensor(0)}
             del trainer
             continue

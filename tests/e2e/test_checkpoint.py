@@ -194,3 +194,13 @@ def test_retention_keeps_the_last_and_every_kth(quickstart_data: Path, tmp_path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [f.step for f in list_checkpoints(tmp_path / "checkpoints")] == [7, 6, 3]
+
+
+def test_asynchronous_saves_commit_and_resume(references, quickstart_data: Path, tmp_path: Path) -> None:
+    cmd = command(quickstart_data, tmp_path, "full", "checkpoint.async_save=true", "checkpoint.interval=5")
+    first = run([*cmd, "train.steps=12"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [f.step for f in list_checkpoints(tmp_path / "checkpoints")] == [12, 10, 5]
+    weights = final_weights(tmp_path)
+    for name, value in references["full"].items():
+        assert torch.equal(weights[name], value), name
