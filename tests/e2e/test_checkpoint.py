@@ -204,3 +204,23 @@ def test_asynchronous_saves_commit_and_resume(references, quickstart_data: Path,
     weights = final_weights(tmp_path)
     for name, value in references["full"].items():
         assert torch.equal(weights[name], value), name
+
+
+def test_inspect_and_convert_tools(quickstart_data: Path, tmp_path: Path) -> None:
+    proc = run(command(quickstart_data, tmp_path / "run", "relora", "train.steps=3", "checkpoint.interval=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").write_text("{}")  # damage one
+    shown = run([sys.executable, "tools/inspect_checkpoint.py", str(tmp_path / "run")])
+    assert shown.returncode == 0, shown.stderr
+    assert "step       3 of 3" in shown.stdout and "relora (phase: low rank)" in shown.stdout
+    assert "complete   yes" in shown.stdout and "complete   NO:" in shown.stdout and "latest     yes" in shown.stdout
+    out = tmp_path / "hf"
+    converted = run(
+        [sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "run"), "--output", str(out)]
+    )
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    again = run([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "run"), "--output", str(out)])
+    assert again.returncode == 2 and "not empty" in again.stderr and again.stderr.strip().count("\n") == 0
+    missing = run([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "nope"), "--output", "x"])
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
