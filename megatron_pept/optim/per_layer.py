@@ -43,6 +43,8 @@ def split_per_parameter(optimizer: torch.optim.Optimizer) -> dict[nn.Parameter, 
                 sub.state[p] = optimizer.state[p]  # e.g. moments carried over by a warm-start switch
             if index is not None:
                 sub.param_index = {p: index[p]}
+            if hasattr(optimizer, "_group_index"):
+                sub._group_index = {id(p): 0}  # its one group
             subs[p] = sub
     return subs
 
