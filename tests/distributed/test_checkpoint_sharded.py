@@ -32,6 +32,18 @@ def overrides(data: Path, run_dir: Path, method: str) -> list[str]:
     ]
 
 
+# Resume across ReLoRA's warm-start switch (DDP re-wraps the model for the new trainable set) and with per-layer
+# updates, on DDP and FSDP2: (backend, overrides, steps before the interruption).
+WARM = ["method.name=relora", "method.warm_start_steps=3", "method.reset_every=3"]
+PER_LAYER = ["optim.per_layer=true", "train.max_grad_norm=0"]
+MORE = {
+    "ddp-relora-warm": ("ddp", WARM, 2),
+    "fsdp2-relora-warm": ("fsdp2", WARM, 2),
+    "ddp-per-layer-galore": ("ddp", [*PER_LAYER, "method.name=galore_dynamic_ef", "method.dynamic_first=2"], 5),
+    "fsdp2-per-layer-adam_mini": ("fsdp2", [*PER_LAYER, "method.name=adam_mini"], 5),
+}
+
+
 @pytest.fixture(scope="module")
 def fsdp2_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     tmp = tmp_path_factory.mktemp("ckpt")
@@ -43,6 +55,14 @@ def fsdp2_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) 
         cut = overrides(quickstart_data, tmp / f"cut-{method}", method)
         runs.append({"name": f"stop-{method}", "overrides": cut, "stop_after": STOP})
         runs.append({"name": f"resume-{method}", "overrides": cut})
+    for name, (backend, extra, stop) in MORE.items():
+        common = [f"parallel.backend={backend}", *extra]
+        runs.append(
+            {"name": f"whole-{name}", "overrides": [*overrides(quickstart_data, tmp / f"w-{name}", "full"), *common]}
+        )
+        cut = [*overrides(quickstart_data, tmp / f"c-{name}", "full"), *common]
+        runs.append({"name": f"stop-{name}", "overrides": cut, "stop_after": stop})
+        runs.append({"name": f"resume-{name}", "overrides": cut})
     cut = [*overrides(quickstart_data, tmp / "cut-async", "galore_dynamic_ef"), "checkpoint.async_save=true"]
     runs.append({"name": "stop-async", "overrides": cut, "stop_after": STOP})
     runs.append({"name": "resume-async", "overrides": cut})
@@ -64,6 +84,15 @@ def test_fsdp2_resume_is_bit_identical(method: str, fsdp2_runs) -> None:
     assert resumed["losses"] == whole["losses"][STOP:]
     for name, value in whole["params"].items():
         assert torch.equal(resumed["params"][name], value), name
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_warm_start_and_per_layer_resume_bit_identical(name: str, fsdp2_runs) -> None:
+    results, _ = fsdp2_runs
+    whole, resumed = results[f"whole-{name}"], results[f"resume-{name}"]
+    assert resumed["losses"] == whole["losses"][MORE[name][2] :]
+    for key, value in whole["params"].items():
+        assert torch.equal(resumed["params"][key], value), key
 
 
 def test_fsdp2_asynchronous_save_resumes_bit_identical(fsdp2_runs) -> None:
