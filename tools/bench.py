@@ -54,14 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data", "optim", "comm", "grad_memory"),
+        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint"),
         default="model",
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
         "GaLore optimizer-state bytes, step time vs galore-torch, projector refresh (full vs randomized SVD), "
         "GaLore's overhead in a 60m training step, per-layer update memory (see --optim-bench); comm: bytes "
         "communicated per step by 2 gloo ranks, each method against full on the same backend (see --comm-*); "
-        "grad_memory: live gradient bytes per rank with and without per-layer updates under ddp and fsdp2",
+        "grad_memory: live gradient bytes per rank with and without per-layer updates under ddp and fsdp2; "
+        "checkpoint: save (sync and async) and load times against torch.save (--comm-model sets the size)",
     )
     parser.add_argument(
         "--optim-bench",
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(lambda: _optim_suite(args), prog=PROG)
     if args.suite in ("comm", "grad_memory"):
         return run_cli(lambda: _comm_suite(args), prog=PROG)
+    if args.suite == "checkpoint":
+        return run_cli(lambda: _checkpoint_suite(args), prog=PROG)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -226,6 +229,17 @@ def _comm_suite(args: argparse.Namespace) -> int:
         grad = bc.GradMemorySettings(model=args.comm_model, rank=args.rank, methods=methods, backends=backends)
         result = bc.run_grad_memory_benchmark(grad)
         print(bc.format_grad_memory_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _checkpoint_suite(args: argparse.Namespace) -> int:
+    from megatron_pept.bench_checkpoint import CheckpointBenchSettings, run_checkpoint_benchmark
+
+    result = run_checkpoint_benchmark(CheckpointBenchSettings(model=args.comm_model, rounds=args.rounds))
+    print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

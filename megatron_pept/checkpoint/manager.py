@@ -167,8 +167,13 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, step: int) -> None:
         _barrier()  # every rank's shards are on disk
+        files = store.checksum_files(tmp, rank=self.rank, world_size=self.world_size)  # hashed in parallel
+        if _distributed():
+            shares: list[dict] = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(shares, files)
+            files = {name: value for share in shares for name, value in share.items()}
         if self.rank == 0:
-            final = store.commit(self.root, tmp, step)
+            final = store.commit(self.root, tmp, step, files=files)
             removed = store.prune(self.root, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every)
             logger.info("checkpoint saved: %s%s", final, f" (pruned {len(removed)} older)" if removed else "")
         _barrier()

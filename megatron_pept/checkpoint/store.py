@@ -75,10 +75,20 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_marker(folder: Path) -> None:
-    """Checksum every file of a fully written checkpoint folder and write the completion marker (last)."""
-    files = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(folder)}
-    write_json_atomic(folder / MARKER, {"files": files})
+def checksum_files(folder: Path, *, rank: int = 0, world_size: int = 1) -> dict[str, dict]:
+    """sha256 and size of this rank's share of the folder's files (every ``world_size``-th, from ``rank``), so
+    the ranks of a job hash a large checkpoint in parallel."""
+    mine = _files(folder)[rank::world_size]
+    return {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in mine}
+
+
+def write_marker(folder: Path, files: dict[str, dict] | None = None) -> None:
+    """Write the completion marker (last) with every file's checksum (computed here unless given)."""
+    files = checksum_files(folder) if files is None else files
+    missing = {str(p.relative_to(folder)) for p in _files(folder)} - set(files)
+    if missing:
+        raise RuntimeError(f"no checksum for {sorted(missing)[0]} in {folder}")
+    write_json_atomic(folder / MARKER, {"files": dict(sorted(files.items()))})
     _fsync_dir(folder)
 
 
@@ -126,9 +136,10 @@ def newest_complete(root: Path, *, checksums: bool = True) -> Found | None:
     return None
 
 
-def commit(root: Path, tmp: Path, step: int) -> Path:
-    """Mark ``tmp`` complete, rename it to its final name and point ``latest`` at it."""
-    write_marker(tmp)
+def commit(root: Path, tmp: Path, step: int, *, files: dict[str, dict] | None = None) -> Path:
+    """Mark ``tmp`` complete (``files``: checksums computed by the ranks), rename it to its final name and point
+    ``latest`` at it."""
+    write_marker(tmp, files)
     final = root / step_dir_name(step)
     if final.exists():  # the same step saved again (after a rollback): replace it only now that tmp is complete
         stale = root / f".old-{final.name}"
