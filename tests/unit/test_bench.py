@@ -41,3 +41,13 @@ def test_benchmark_compares_identical_models() -> None:
 def test_bad_settings_are_one_line_errors(overrides: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         run_benchmark(BenchSettings(**overrides))
+
+
+def test_checkpoint_benchmark_runs_and_reports_ratios(quickstart_data) -> None:
+    from megatron_pept.bench_checkpoint import CheckpointBenchSettings, run_checkpoint_benchmark
+
+    result = run_checkpoint_benchmark(CheckpointBenchSettings(model="debug", rounds=1, data=str(quickstart_data)))
+    assert result["checkpoint_mb"] > 0
+    assert set(result["median_s"]) == {"save_s", "async_blocking_s", "async_total_s", "load_s", "torch_save_s"}
+    assert all(v > 0 for v in result["median_s"].values())
+    assert result["save_vs_torch_save"] > 0 and result["async_blocking_vs_sync_save"] > 0
