@@ -106,7 +106,10 @@ class DeepSpeedAccess(ParamAccess):
         from deepspeed.utils import safe_set_full_fp32_param
 
         if t.requires_grad:
-            safe_set_full_fp32_param(t, value.float())
+            if hasattr(t, "ds_tensor"):
+                _zero3_set_partition(t, value.float(), None)
+            else:
+                safe_set_full_fp32_param(t, value.float())
         # Every rank computed the same value; rank 0's copy is the one re-partitioned under ZeRO-3.
         with deepspeed.zero.GatheredParameters([t], modifier_rank=0, enabled=hasattr(t, "ds_tensor")):
             t.data.copy_(value.to(t.dtype))
@@ -131,10 +134,27 @@ class DeepSpeedAccess(ParamAccess):
     def set_state(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        safe_set_full_optimizer_state(p, value, key)
+        if hasattr(p, "ds_tensor"):
+            _zero3_set_partition(p, value, key)
+        else:
+            safe_set_full_optimizer_state(p, value, key)
 
     def state_keys(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[str]:
         return ["exp_avg", "exp_avg_sq"] if p.requires_grad else []
+
+
+def _zero3_set_partition(param: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """Write this rank's ZeRO-3 partition of ``value`` (the fp32 master when ``key`` is None, else that optimizer
+    state). DeepSpeed's ``set_full_hp_param`` reads past the end of the value for the last rank when the number
+    of elements does not divide by the ranks (e.g. a DoRA magnitude of 101 rows); the partition's padding is left
+    as it is here."""
+    zero = param._z3_optimizer
+    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    rank = zero._get_param_partition_rank(param)
+    flat = value.detach().flatten().to(part.dtype)
+    start = min(part.numel() * rank, flat.numel())
+    stop = min(start + part.numel(), flat.numel())
+    part.data[: stop - start].copy_(flat[start:stop])
 
 
 def _is_ds_param(t: torch.Tensor) -> bool:

@@ -64,6 +64,28 @@ class FlatFragment:
         whole[self.lo : self.hi] = frag
         return self.all_reduce(whole).view(self.shape)
 
+    def complete_edge_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` holds, for rows ``[r0, r1)``, sums over this fragment's elements only; rows that a partition
+        boundary cuts (at most the first and the last) get the other ranks' partial sums added: one all-gather of
+        two rows per rank. Every rank holding part of a cut row contributes it, so the sums are complete."""
+        partial = []
+        if self.numel:
+            for r in sorted({self.r0, self.r1 - 1}):
+                covered = min(self.hi, (r + 1) * self.cols) - max(self.lo, r * self.cols)
+                if covered < self.cols:
+                    partial.append(r)
+        if not (dist.is_available() and dist.is_initialized()):
+            return rows
+        edges = torch.full((2, rows.shape[1] + 1), -1.0, dtype=torch.float64, device=rows.device)
+        for slot, r in enumerate(partial):
+            edges[slot, 0], edges[slot, 1:] = r, rows[r - self.r0].double()
+        gathered = [torch.empty_like(edges) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, edges, group=self.group)
+        table = torch.cat(gathered)  # (2 x ranks, 1 + width): row index (-1: none), partial sums
+        for r in partial:
+            rows[r - self.r0] = table[table[:, 0] == r, 1:].sum(dim=0).to(rows.dtype)
+        return rows
+
     def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.arange(self.lo, self.hi, device=device)
 

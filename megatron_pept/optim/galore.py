@@ -61,6 +61,10 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
 class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
     """Projection machinery shared by the GaLore optimizers; subclasses give the inner update."""
 
+    # The inner update treats each entry of the projected gradient on its own (Adam): under ZeRO a right
+    # projection's state can then be kept by rows, per fragment (see _ZeroView).
+    elementwise_inner = True
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -204,6 +208,8 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
             return "replicated"
         if self._zero_layout is not None:  # ZeRO: projected state whole on every rank, the rest per fragment
             projected = "rank" in self.param_groups[self._group_index[id(p)]]
+            if projected and key != "ef_residual" and key != "projector" and self.elementwise_inner:
+                return "local" if projection_side(self._zero_shape(p)) == "right" else "replicated"
             return "replicated" if projected and key != "ef_residual" else "local"
         if key.endswith(("_q", "_absmax")):
             return "local"
@@ -216,6 +222,9 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
         return "rows" if side == "right" else "replicated"  # projected-space moments: m x r or r x n
 
     # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------
+
+    def _zero_shape(self, p: torch.Tensor) -> torch.Size:
+        return next(f.shape for pieces in self._zero_layout.values() for q, f in pieces if q is p)
 
     def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
         """Run inside DeepSpeed ZeRO: ``layout`` maps each flat fp32 partition ZeRO gives this optimizer (by
@@ -244,7 +253,8 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
                 if layout is None:
                     pieces = [(p, self._view_of(p))]
                 else:
-                    pieces = [(q, _ZeroView(f, p, p.grad)) for q, f in layout[id(p)]]
+                    local = self.elementwise_inner
+                    pieces = [(q, _ZeroView(f, p, p.grad, row_local=local)) for q, f in layout[id(p)]]
                 for q, view in pieces:
                     if "rank" in group:
                         self._projected_step(q, group, self.param_index[q], view)
@@ -338,6 +348,8 @@ class GaLoreAdafactor(GaLoreOptimizer):
     """GaLore with Adafactor in the projected space: factored second moments (row and column means) for matrices,
     optional first moment (``beta1``), update clipping by RMS, the learning rate from the schedule (no relative
     step or parameter scaling unless asked), as transformers' and galore-torch's Adafactor."""
+
+    elementwise_inner = False  # factored statistics need the whole projected gradient
 
     def __init__(
         self,
@@ -560,9 +572,17 @@ class _ZeroView(_View):
     every rank, and the update is computed for the fragment's elements only. ``flat``/``flat_grad``: the 1-D
     tensors the fragment's offset points into."""
 
-    def __init__(self, frag: FlatFragment, flat: torch.Tensor, flat_grad: torch.Tensor) -> None:
+    def __init__(
+        self, frag: FlatFragment, flat: torch.Tensor, flat_grad: torch.Tensor, *, row_local: bool = False
+    ) -> None:
         self.shape, self.value = frag.shape, None
         self.frag, self.flat, self.flat_grad = frag, flat, flat_grad
+        # Right projections with an element-wise inner optimizer (Adam): keep only this fragment's rows of the
+        # projected gradient and moments; only rows cut by a partition boundary are completed across ranks.
+        self.row_local = row_local
+
+    def _rows_of_right(self, side: str) -> bool:
+        return self.row_local and side == "right"
 
     @classmethod
     def of_row_shard(cls, p: DTensor) -> _ZeroView:
@@ -579,6 +599,8 @@ class _ZeroView(_View):
         return self.frag.view(self.flat_grad)
 
     def low_shape(self, grad: torch.Tensor, side: str, rank: int) -> torch.Size:
+        if self._rows_of_right(side):
+            return torch.Size((self.frag.r1 - self.frag.r0, rank))
         return torch.Size(projected_shape(tuple(self.shape), rank=rank))
 
     def gather(self, grad: torch.Tensor) -> torch.Tensor:
@@ -587,6 +609,8 @@ class _ZeroView(_View):
     def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
         f = self.frag
         block = f.rows_block(grad)
+        if self._rows_of_right(side):
+            return f.complete_edge_rows(block @ basis.T)
         if side == "right":
             low = grad.new_zeros(self.shape[0], basis.shape[0])
             low[f.r0 : f.r1] = block @ basis.T
@@ -596,6 +620,8 @@ class _ZeroView(_View):
 
     def back(self, low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
         f = self.frag
+        if self._rows_of_right(side):
+            return f.from_rows(low @ basis)
         rows = low[f.r0 : f.r1] @ basis if side == "right" else basis[f.r0 : f.r1] @ low
         return f.from_rows(rows)
 

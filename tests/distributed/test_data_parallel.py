@@ -125,7 +125,9 @@ def test_fsdp2_with_activation_checkpointing_and_compile_matches_one_process(
 DEEPSPEED_METHODS = list(METHODS)  # every method, on ZeRO-1/2/3
 # Three layers: ZeRO-1/2 cut each parameter group's concatenation in half, which then falls inside a matrix (with two
 # equal layers it falls between them and no matrix would be split across ranks).
-DEEPSPEED_MODEL = ["model.num_layers=3"]
+# An odd MLP width: ZeRO-3 halves each matrix, and the cut then falls inside a row of gate/up_proj (projected on the
+# right, whose boundary rows are completed across ranks).
+DEEPSPEED_MODEL = ["model.num_layers=3", "model.intermediate_size=101"]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +162,8 @@ def test_deepspeed_zero_matches_one_process(method, stage, deepspeed_results, qu
     compare(run, losses, params, weight_tol=tol)
     if method.startswith("galore") or method == "adam_mini":
         assert int(run["split"]) >= 1  # some matrix is cut between the ranks: the fragment collectives are exercised
+    if method.startswith("galore"):
+        assert int(run["midrow"]) >= 1  # a right-projected matrix is cut inside a row
 
 
 @pytest.mark.parametrize(

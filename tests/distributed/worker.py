@@ -40,17 +40,27 @@ def main() -> None:
                 trainer.train_step()
             trainer.save_checkpoint()
             trainer.checkpointer.finish_pending()  # an asynchronous save commits here
-            results[run["name"]] = {"losses": [], "params": {}, "split": torch.tensor(0)}
+            results[run["name"]] = {"losses": [], "params": {}, "split": torch.tensor(0), "midrow": torch.tensor(0)}
             del trainer
             continue
         result = trainer.train()
         layout = getattr(trainer.optimizer, "_zero_layout", None) or {}
         # Parameters whose ZeRO partition boundary falls inside them (this rank holds part, not all, of them).
         split = sum(0 < f.numel < f.shape.numel() for pieces in layout.values() for _, f in pieces)
+        # ... and tall/square matrices (projected on the right) cut in the middle of a row
+        midrow = sum(
+            0 < f.numel < f.shape.numel()
+            and len(f.shape) == 2
+            and f.shape[0] >= f.shape[1]
+            and (f.lo % f.cols or f.hi % f.cols)
+            for pieces in layout.values()
+            for _, f in pieces
+        )
         results[run["name"]] = {
             "losses": result.train_losses,
             "params": full_params(trainer.raw_model),
             "split": torch.tensor(split),
+            "midrow": torch.tensor(midrow),
         }
         del trainer
     if dist.get_rank() == 0:
