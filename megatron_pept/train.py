@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_pept.trainer import Trainer
 
         Trainer(cfg).train()
+        _shutdown_process_group(synchronize=True)
     except UserError as err:
         print(f"megatron_pept: error: {err}", file=sys.stderr)
         return 2
@@ -61,7 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("megatron_pept: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _shutdown_process_group(synchronize=False)  # after an error: no collective, the other ranks may be gone
     return 0
+
+
+def _shutdown_process_group(*, synchronize: bool) -> None:
+    """Tear the process group down before the interpreter exits (left to interpreter shutdown, the collective
+    library's threads can abort a process whose run succeeded: seen as 'terminate called without an active
+    exception' and exit code -6 under torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
