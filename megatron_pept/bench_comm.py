@@ -124,7 +124,8 @@ class CommBenchSettings:
     data: str = "data/generated/quickstart"
 
 
-def _overrides(s: CommBenchSettings, method: str, backend: str, run_dir: str) -> list[str]:
+def _overrides(s: CommBenchSettings | GradMemorySettings, *, run_dir: str, method: str, backend: str) -> list[str]:
+    """The small training run both benchmarks time: one micro-batch of one sequence per rank, no validation."""
     return [
         f"run_dir={run_dir}",
         f"model.name={s.model}",
@@ -132,7 +133,7 @@ def _overrides(s: CommBenchSettings, method: str, backend: str, run_dir: str) ->
         "data.builtin=quickstart",
         f"data.seq_len={s.seq_len}",
         f"train.steps={s.steps}",
-        "train.global_batch_size=2",
+        "train.global_batch_size=2",  # one micro-batch per rank: nothing accumulates
         "train.micro_batch_size=1",
         "train.eval_interval=0",
         "train.eval_at_start=false",
@@ -141,23 +142,35 @@ def _overrides(s: CommBenchSettings, method: str, backend: str, run_dir: str) ->
         f"method.name={method}",
         f"method.rank={s.rank}",
         f"parallel.backend={backend}",
-        f"parallel.zero_stage={s.zero_stage}",
     ]
+
+
+def _settings(cls: type, settings_json: str) -> Any:
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings_json).items()})
+
+
+def _write_and_exit(results: dict[str, Any], out: str) -> None:
+    """Rank 0 writes the results; every rank leaves the process group."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _worker(settings_json: str, out: str) -> None:
     """Runs inside each of the two processes (launched by :func:`run_comm_benchmark`)."""
-    import torch.distributed as dist
-
     from megatron_pept.config import load_config
     from megatron_pept.trainer import Trainer
 
-    s = CommBenchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings_json).items()})
+    s = _settings(CommBenchSettings, settings_json)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in s.backends:
             for method in s.methods:
-                trainer = Trainer(load_config(None, _overrides(s, method, backend, f"{tmp}/{backend}-{method}")))
+                overrides = _overrides(s, run_dir=f"{tmp}/{backend}-{method}", method=method, backend=backend)
+                trainer = Trainer(load_config(None, [*overrides, f"parallel.zero_stage={s.zero_stage}"]))
                 world = trainer.dims.world_size
                 steps = []
                 with count_collectives(world) as counter:
@@ -168,10 +181,7 @@ def _worker(settings_json: str, out: str) -> None:
                 param_bytes = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
                 results[f"{backend}/{method}"] = {"steps": steps, "param_bytes": param_bytes}
                 del trainer
-    if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    _write_and_exit(results, out)
 
 
 def run_comm_benchmark(s: CommBenchSettings) -> dict[str, Any]:
@@ -255,34 +265,18 @@ def track_gradient_peak(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _grad_worker(settings_json: str, out: str) -> None:
-    import torch.distributed as dist
-
     from megatron_pept.config import load_config
     from megatron_pept.trainer import Trainer
 
-    s = GradMemorySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings_json).items()})
+    s = _settings(GradMemorySettings, settings_json)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in s.backends:
             for method in s.methods:
                 for per_layer in (False, True):
                     overrides = [
-                        f"run_dir={tmp}/{backend}-{method}-{per_layer}",
-                        f"model.name={s.model}",
-                        f"data.path={s.data}",
-                        "data.builtin=quickstart",
-                        f"data.seq_len={s.seq_len}",
-                        f"train.steps={s.steps}",
-                        "train.global_batch_size=2",  # one micro-batch per rank: per-layer frees as it goes
-                        "train.micro_batch_size=1",
-                        "train.eval_interval=0",
-                        "train.eval_at_start=false",
+                        *_overrides(s, run_dir=f"{tmp}/{backend}-{method}-{per_layer}", method=method, backend=backend),
                         "train.max_grad_norm=0",
-                        "metrics.tensorboard=false",
-                        "metrics.peak_tflops=1",
-                        f"method.name={method}",
-                        f"method.rank={s.rank}",
-                        f"parallel.backend={backend}",
                         f"optim.per_layer={str(per_layer).lower()}",
                     ]
                     trainer = Trainer(load_config(None, overrides))
@@ -299,10 +293,7 @@ def _grad_worker(settings_json: str, out: str) -> None:
                         "largest_param_bytes": max(_local_bytes(p) for p in trainable),
                     }
                     del trainer
-    if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    _write_and_exit(results, out)
 
 
 def run_grad_memory_benchmark(s: GradMemorySettings) -> dict[str, Any]:

@@ -190,6 +190,7 @@ class Trainer:
             cfg.checkpoint, run_dir=cfg.run_dir, rank=self.dims.rank, world_size=self.dims.world_size
         )
         self.bad_steps_in_a_row = 0
+        self._last_saved_step: int | None = None  # the step of the newest checkpoint saved or loaded by this run
         self.resumed_from: Path | None = self.checkpointer.resolve_resume()
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
@@ -492,7 +493,6 @@ class Trainer:
         result.resumed_from = str(self.resumed_from) if self.resumed_from else None
         start_step = self.state.step
         ckpt = self.cfg.checkpoint
-        self._last_saved_step = getattr(self, "_last_saved_step", None)
         now = time.perf_counter()
         self._timing = {"since": now, "steps": 0, "interval_start": now}
         with _StopSignals(enabled=ckpt.save_on_signal) as signals:

@@ -15,23 +15,6 @@ from megatron_pept.checkpoint import store
 from megatron_pept.errors import UserError
 
 
-def resolve_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
-    """A checkpoint folder, or the newest complete one in a run's checkpoints folder / run_dir; verified."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    for candidate in (path, path / "checkpoints"):
-        if not (candidate / store.MARKER).exists() and store.list_checkpoints(candidate):
-            found = store.newest_complete(candidate, checksums=checksums)
-            if found is None:
-                raise UserError(f"no complete checkpoint in {candidate}")
-            return found.path
-    problem = store.verify(path, checksums=checksums)
-    if problem:
-        raise UserError(problem)
-    return path
-
-
 def read_meta(path: Path) -> dict[str, Any]:
     meta = path / store.META
     return json.loads(meta.read_text()) if meta.is_file() else {}

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from megatron_pept.checkpoint.export import load_full_tensors, read_meta, resolve_checkpoint
+from megatron_pept.checkpoint.export import load_full_tensors, read_meta
+from megatron_pept.checkpoint.store import resolve_checkpoint
 from megatron_pept.config import config_from_dict
 from megatron_pept.errors import UserError
 from megatron_pept.methods import build_method

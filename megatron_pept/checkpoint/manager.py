@@ -94,18 +94,10 @@ class Checkpointer:
         if resume == "auto":
             found = store.newest_complete(self.root, checksums=checks)
             return found.path if found else None
-        path = Path(resume)
-        if not path.exists():
-            raise UserError(f"checkpoint.resume={resume}: no such checkpoint folder")
-        if not (path / store.MARKER).exists() and store.list_checkpoints(path):
-            found = store.newest_complete(path, checksums=checks)  # a checkpoints folder: its newest complete one
-            if found is None:
-                raise UserError(f"checkpoint.resume={resume}: no complete checkpoint in that folder")
-            return found.path
-        problem = store.verify(path, checksums=checks)
-        if problem:
-            raise UserError(f"checkpoint.resume={resume}: {problem}")
-        return path
+        try:
+            return store.resolve_checkpoint(resume, checksums=checks)
+        except UserError as err:
+            raise UserError(f"checkpoint.resume={resume}: {err}") from None
 
     # -- saving -----------------------------------------------------------------------------------------------
 

@@ -159,16 +159,16 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
 
 def install_optimizer_state(model: nn.Module, optimizer: Any, loaded: dict[str, Any]) -> None:
     params = dict(model.named_parameters())
+    touched: dict[str, torch.Tensor] = {}
     for key, value in loaded.items():
         name, state_key = _split_param_key(key[len("optim.") :], params)
         if _is_rank_key(state_key):
             state_key = state_key.rsplit(".", 1)[0]
-        p = params[name]
+        p = touched[name] = params[name]
         if isinstance(value, DTensor) and _has_layout(optimizer, p):
             value = value.to_local()  # our sharded optimizers keep their rows as plain tensors
         _owner(optimizer, p).state[p][state_key] = value
-    for name in {_split_param_key(key[len("optim.") :], params)[0] for key in loaded}:
-        p = params[name]
+    for p in touched.values():
         restore = getattr(_owner(optimizer, p), "restore_loaded_state", None)
         if restore is not None:
             restore(p)  # e.g. memory layouts the optimizer's arithmetic depends on, bit for bit

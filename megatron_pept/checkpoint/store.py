@@ -26,6 +26,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_pept.errors import UserError
+
 logger = logging.getLogger("megatron_pept")
 
 MARKER = "COMPLETE.json"
@@ -184,3 +186,20 @@ def clean_temporary(root: Path) -> None:
         for p in root.iterdir():
             if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
+    """A checkpoint folder, or the newest complete one in a run's checkpoints folder / run_dir; verified."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    for candidate in (path, path / "checkpoints"):
+        if not (candidate / MARKER).exists() and list_checkpoints(candidate):
+            found = newest_complete(candidate, checksums=checksums)
+            if found is None:
+                raise UserError(f"no complete checkpoint in {candidate}")
+            return found.path
+    problem = verify(path, checksums=checksums)
+    if problem:
+        raise UserError(problem)
+    return path
