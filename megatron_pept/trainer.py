@@ -32,6 +32,7 @@ from megatron_pept.distributed import (
     resolve_device,
 )
 from megatron_pept.errors import ConfigError, DataError, UserError
+from megatron_pept.faults import fault_point
 from megatron_pept.methods import build_method
 from megatron_pept.metrics import (
     MetricsWriter,
@@ -554,6 +555,7 @@ class Trainer:
                     eta_seconds=mean_step * (cfg.steps - step),
                 )
             )
+        fault_point("step.end", step=step, rank=self.dims.rank)
         if not math.isfinite(loss) and not self.cfg.guard.enabled:
             raise FloatingPointError(
                 f"loss became {loss} at step {step}; lower optim.lr or enable clipping (train.max_grad_norm)"

@@ -28,6 +28,7 @@ from megatron_pept.checkpoint import state as cs
 from megatron_pept.checkpoint import store
 from megatron_pept.config import CheckpointConfig
 from megatron_pept.errors import UserError
+from megatron_pept.faults import fault_point
 
 logger = logging.getLogger("megatron_pept")
 
@@ -144,6 +145,7 @@ class Checkpointer:
         if self.cfg.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp / "state"), process_group=self._async_group)
             self._pending = (future, tmp, step)
+            fault_point("save.async", step=step, rank=self.rank)
             return
         dcp.save(state, checkpoint_id=str(tmp / "state"))
         self._commit(tmp, step)
@@ -158,6 +160,7 @@ class Checkpointer:
         self._commit(tmp, step)
 
     def _commit(self, tmp: Path, step: int) -> None:
+        fault_point("save.written", step=step, rank=self.rank)
         _barrier()  # every rank's shards are on disk
         files = store.checksum_files(tmp, rank=self.rank, world_size=self.world_size)  # hashed in parallel
         if _distributed():

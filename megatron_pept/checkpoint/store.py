@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_pept.errors import UserError
+from megatron_pept.faults import fault_point
 
 logger = logging.getLogger("megatron_pept")
 
@@ -142,6 +143,7 @@ def commit(root: Path, tmp: Path, step: int, *, files: dict[str, dict] | None = 
     """Mark ``tmp`` complete (``files``: checksums computed by the ranks), rename it to its final name and point
     ``latest`` at it."""
     write_marker(tmp, files)
+    fault_point("save.marked", step=step, rank=0)  # only rank 0 commits
     final = root / step_dir_name(step)
     if final.exists():  # the same step saved again (after a rollback): replace it only now that tmp is complete
         stale = root / f".old-{final.name}"
@@ -152,10 +154,12 @@ def commit(root: Path, tmp: Path, step: int, *, files: dict[str, dict] | None = 
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
+    fault_point("save.renamed", step=step, rank=0)
     tmp_latest = root / f".{LATEST}.tmp"
     tmp_latest.write_text(final.name + "\n")
     os.replace(tmp_latest, root / LATEST)
     _fsync_dir(root)
+    fault_point("save.committed", step=step, rank=0)
     return final
 
 

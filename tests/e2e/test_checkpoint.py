@@ -1,16 +1,17 @@
-"""Fault tolerance through the real entry point: kill -9 at random moments (during saves too) and resume, until
-the run ends with weights bit-identical to an uninterrupted run; SIGTERM saves and exits cleanly; a damaged
-checkpoint is skipped; retention; refusals."""
+"""Fault tolerance through the real entry point: kill -9 at seeded random points (step boundaries and every stage
+of a save, synchronous or in the background) and resume, until the run ends with weights bit-identical to an
+uninterrupted run; SIGTERM saves and exits cleanly; a damaged checkpoint is skipped; retention; refusals.
+
+Faults are injected on observed progress, never after a sleep: the run freezes itself at the named point
+(megatron_pept.faults) and the test acts once it has read that the run is there."""
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 
 from megatron_pept.checkpoint import list_checkpoints, newest_complete
 from megatron_pept.checkpoint.export import load_full_tensors
+from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {
@@ -66,33 +68,71 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_full_tensors(found.path, prefix="model.")
 
 
-def kill_at_random(cmd: list[str], rng: random.Random, *, kills: int) -> list[str]:
-    """Start ``cmd``, wait for its first logged step, then kill -9 its whole process group a random moment later,
-    ``kills`` times (each restart resumes from the newest complete checkpoint); return what happened."""
-    env = ENV
-    events = []
-    for _ in range(kills):
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        for line in proc.stdout:
-            if " | loss " in line:
-                break
-        time.sleep(rng.uniform(0.0, 1.5))  # steps and saves alternate: the kill lands in either
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            events.append("killed")
-        else:
-            events.append(f"finished before the kill ({proc.returncode})")
-        proc.wait()
-        proc.stdout.close()
-    return events
+# Where a kill may land in a synchronous run (a save after every step), and what the checkpoints folder must then
+# hold: the newest complete checkpoint (relative to the step of the fault) and the step `latest` names.
+SYNC_POINTS = {
+    "step.end": (-1, -1),  # the update of step s is done, its save has not begun
+    "save.written": (-1, -1),  # shards of step s on disk in .tmp-step_s, no marker
+    "save.marked": (-1, -1),  # marker written in .tmp-step_s, not renamed
+    "save.renamed": (0, -1),  # step_s complete, `latest` still names s - 1
+    "save.committed": (0, 0),  # `latest` names step_s
+}
+
+
+def start_frozen(cmd: list[str], fault: str) -> tuple[subprocess.Popen, list[str]]:
+    """Start ``cmd`` with the fault point ``fault`` (see megatron_pept.faults) and return once the run has printed
+    that it froze there. A run that ends before reaching the point fails the test's setup: that is a bug, never
+    the machine's speed."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**ENV, ENV_VAR: fault},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a kill reaches torchrun's workers too
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if FAULT_FROZEN_LINE in line:
+            return proc, lines
+    code = proc.wait()
+    proc.stdout.close()
+    pytest.fail(f"setup: the run ended (exit {code}) before reaching fault point {fault}:\n{''.join(lines[-30:])}")
+
+
+def kill_at(cmd: list[str], fault: str) -> None:
+    """kill -9 the run's whole process group while it is frozen at ``fault``."""
+    proc, _ = start_frozen(cmd, fault)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+
+def random_faults(rng: random.Random, points: list[str], *, ranks: int = 1) -> list[tuple[str, int, int]]:
+    """A (point, step, rank) for each of ``points``, at steps drawn from successive stretches of the run (so each
+    resumed run reaches the next one, and kills spread over restarts and refreshes)."""
+    faults = []
+    for k, point in enumerate(points):
+        step = rng.randint(2 + k * (STEPS - 2) // len(points), 1 + (k + 1) * (STEPS - 2) // len(points))
+        rank = rng.randrange(ranks) if point in ("step.end", "save.written") else 0  # only rank 0 commits
+        faults.append((point, step, rank))
+    return faults
+
+
+def check_killed_state(root: Path, point: str, step: int, rank: int = 0) -> None:
+    """The checkpoints folder shows the kill landed where it was injected (with rank ``rank`` frozen, rank 0 may
+    have gone on to begin the save of ``step``, never to mark it)."""
+    newest, latest = (step + d for d in SYNC_POINTS[point])
+    found = newest_complete(root)
+    assert found is not None and found.step == newest, f"{point}@{step}: newest complete {found}"
+    assert (root / "latest").read_text().strip() == f"step_{latest:08d}", point
+    tmp = root / f".tmp-step_{step:08d}"
+    if rank == 0:
+        assert tmp.is_dir() == (point in ("save.written", "save.marked")), point
+    if tmp.is_dir():
+        assert (tmp / "COMPLETE.json").is_file() == (point == "save.marked"), point
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +148,15 @@ def references(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_kill_9_and_resume_ends_bit_identical(method: str, references, quickstart_data: Path, tmp_path: Path):
-    rng = random.Random(f"kill-{method}")
+    """Two kills at seeded random points (a step boundary or any stage of a save), each resumed, then the run
+    finishes: its final weights equal the uninterrupted run's bit for bit."""
+    first = 2 * list(METHODS).index(method)  # the three methods' kills cover every point between them
+    points = [list(SYNC_POINTS)[(first + k) % len(SYNC_POINTS)] for k in range(2)]
+    events = random_faults(random.Random(f"kill-{method}"), points)
     cmd = command(quickstart_data, tmp_path, method)
-    events = kill_at_random(cmd, rng, kills=2)
-    assert "killed" in events
+    for point, step, rank in events:
+        kill_at(cmd, f"{point}@{step}@{rank}")
+        check_killed_state(tmp_path / "checkpoints", point, step, rank)
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = final_weights(tmp_path)
@@ -134,8 +179,11 @@ def test_two_fsdp2_ranks_killed_and_resumed_end_bit_identical(quickstart_data: P
     reference = run(command(quickstart_data, tmp_path / "whole", method, *extra, launcher=launcher))
     assert reference.returncode == 0, reference.stderr[-3000:]
     cut = command(quickstart_data, tmp_path / "cut", method, *extra, launcher=launcher)
-    events = kill_at_random(cut, random.Random("kill-fsdp2"), kills=1)
-    assert events == ["killed"]
+    rng = random.Random("kill-fsdp2")
+    events = random_faults(rng, [rng.choice(list(SYNC_POINTS))], ranks=2)
+    ((point, step, rank),) = events
+    kill_at(cut, f"{point}@{step}@{rank}")
+    check_killed_state(tmp_path / "cut" / "checkpoints", point, step, rank)
     proc = run(cut)
     assert proc.returncode == 0, proc.stderr[-3000:]
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
@@ -145,15 +193,15 @@ def test_two_fsdp2_ranks_killed_and_resumed_end_bit_identical(quickstart_data: P
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(references, quickstart_data: Path, tmp_path: Path) -> None:
     cmd = command(quickstart_data, tmp_path, "full", "checkpoint.interval=0")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # wait until training is under way, then pre-empt it
-        lines.append(line)
-        if re.search(r"step +3/", line):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, "".join(lines[-30:])
-    saved = list_checkpoints(tmp_path / "checkpoints")
-    assert len(saved) == 1 and 3 <= saved[0].step < STEPS, "".join(lines[-30:])
+    proc, lines = start_frozen(cmd, "step.end@3")  # frozen after step 3, before its stop-signal check
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # it has stopped (it is our child): signal it now
+    assert os.WIFSTOPPED(status)
+    proc.send_signal(signal.SIGTERM)  # pending while stopped, handled as soon as it continues
+    os.kill(proc.pid, signal.SIGCONT)
+    lines += proc.stdout.readlines()
+    proc.stdout.close()
+    assert proc.wait() == 0, "".join(lines[-30:])
+    assert [f.step for f in list_checkpoints(tmp_path / "checkpoints")] == [3], "".join(lines[-30:])
     assert any("stop signal received" in line for line in lines)
     resumed = run(command(quickstart_data, tmp_path, "full", "checkpoint.interval=100"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -194,6 +242,21 @@ def test_retention_keeps_the_last_and_every_kth(quickstart_data: Path, tmp_path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [f.step for f in list_checkpoints(tmp_path / "checkpoints")] == [7, 6, 3]
+
+
+def test_kill_during_an_asynchronous_save_resumes_bit_identical(references, quickstart_data: Path, tmp_path: Path):
+    """kill -9 while the background save of step 5 is in flight: the save of step 4 was committed when it began
+    (the commit happens at the next save), step 5's folder stays temporary, and the resumed run ends identical."""
+    cmd = command(quickstart_data, tmp_path, "full", "checkpoint.async_save=true")
+    kill_at(cmd, "save.async@5")
+    root = tmp_path / "checkpoints"
+    assert newest_complete(root).step == 4 and (root / ".tmp-step_00000005").is_dir()
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step_00000004" in proc.stdout + proc.stderr  # resumed from there
+    weights = final_weights(tmp_path)
+    for name, value in references["full"].items():
+        assert torch.equal(weights[name], value), name
 
 
 def test_asynchronous_saves_commit_and_resume(references, quickstart_data: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,10 @@ def test_checksum_cache_skips_verified_shards_but_not_changed_ones(tmp_path: Pat
     shard = folder / index.splits["train"].shards[0].file
     data = bytearray(shard.read_bytes())
     data[3] ^= 0x01
-    shard.write_bytes(bytes(data))  # same size, new modification time
+    shard.write_bytes(bytes(data))  # same size, new content
+    # The cache keys on size and modification time; filesystems stamp times in ticks of a few milliseconds, so a
+    # rewrite this soon after the check may keep the old time. Say what the test means: a later modification time.
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     with pytest.raises(DataError, match="sha256"):
         verify_shards(index, split="train", checksums=True, cache=cache)

@@ -1,0 +1,54 @@
+"""Fault injection for fault-tolerance tests: freeze a run at a named point so a test can kill or signal it there.
+
+A test that kills a run "at a random moment" after a guessed sleep passes or fails with the machine's speed (the
+run may already be over, or not yet saving). Instead, the test names the moment::
+
+    MEGATRON_PEPT_FAULT=save.marked@5        # rank 0, in the save of step 5, after the marker, before the rename
+    MEGATRON_PEPT_FAULT=step.end@3@1         # rank 1, after step 3's update and log line, before its save
+
+When the run reaches that point it prints ``FAULT_FROZEN_LINE`` (with the point and its pid) on stderr and stops
+itself with SIGSTOP. The test reads that line from the run's output (observed progress, not a clock), then sends
+SIGKILL (the kill lands exactly there) or, for a graceful signal, SIGTERM followed by SIGCONT. Without the
+variable every point is a no-op costing one environment lookup.
+
+Points (``POINTS``), in the order a step passes them:
+
+* ``step.end``: the step's update is done and logged; its validation, checkpoint and stop-signal check are not.
+* ``save.async``: an asynchronous save of the step is in flight in the background (not yet committed).
+* ``save.written``: this rank's shards of the step's checkpoint are on disk, nothing is committed.
+* ``save.marked``: the completion marker is written in the temporary folder, which is not renamed yet.
+* ``save.renamed``: the folder has its final name; ``latest`` still names the previous checkpoint.
+* ``save.committed``: ``latest`` names the new checkpoint; older ones are not pruned yet.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+ENV_VAR = "MEGATRON_PEPT_FAULT"
+FAULT_FROZEN_LINE = "megatron_pept fault injection: frozen at"
+POINTS = ("step.end", "save.async", "save.written", "save.marked", "save.renamed", "save.committed")
+
+
+def parse_fault(spec: str) -> tuple[str, int, int]:
+    """``POINT@STEP[@RANK]`` -> (point, step, rank); rank defaults to 0."""
+    parts = spec.split("@")
+    if len(parts) not in (2, 3) or parts[0] not in POINTS or not all(p.isdigit() for p in parts[1:]):
+        raise ValueError(f"{ENV_VAR}={spec!r}: expected POINT@STEP[@RANK] with POINT one of {', '.join(POINTS)}")
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+
+
+def fault_point(point: str, *, step: int, rank: int) -> None:
+    """Freeze this process here if ``MEGATRON_PEPT_FAULT`` names this point, step and rank."""
+    spec = os.environ.get(ENV_VAR)
+    if not spec:
+        return
+    assert point in POINTS, point
+    if parse_fault(spec) != (point, step, rank):
+        return
+    sys.stdout.flush()
+    sys.stderr.write(f"{FAULT_FROZEN_LINE} {point}@{step}@{rank} (pid {os.getpid()})\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGSTOP)  # every thread stops; SIGCONT resumes, SIGKILL ends it here
