@@ -5,6 +5,10 @@
 
 Inputs: .txt (a document per line), .jsonl/.json (a text field), .parquet, a folder of those, a folder saved
 with datasets' save_to_disk, or a Hugging Face datasets name. Writes tokenizer.model and tokenizer_meta.json.
+
+By default text is kept exactly, as LLaMA's tokenizer does (no normalisation; spaces, tabs and newlines survive,
+newlines as the byte piece <0x0A>; digits split): decode(encode(text)) == text. --normalization nfkc trains as
+earlier versions did.
 """
 
 from __future__ import annotations
@@ -46,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of characters covered by pieces (default 0.9995)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of SentencePiece's sentence sampling (default 0)")
+    parser.add_argument(
+        "--normalization",
+        choices=("identity", "nfkc"),  # megatron_pept.data.tokenizer.NORMALIZATIONS (a test checks)
+        default="identity",
+        help="identity (default, LLaMA's): text kept exactly, whitespace and newlines included, digits split; "
+        "nfkc: the earlier behaviour (SentencePiece's defaults): NFKC, newlines and tabs read as spaces, runs of "
+        "spaces collapsed, lines stripped, digits not split",
+    )
     return parser
 
 
@@ -67,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             max_sentences=args.max_sentences,
             character_coverage=args.character_coverage,
             seed=args.seed,
+            normalization=args.normalization,
         )
         print(f"wrote {tok.path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:16]}...)")
         return 0

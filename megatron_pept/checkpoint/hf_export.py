@@ -104,12 +104,41 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp
 
 
 def _save_tokenizer(transformers: Any, model_file: Path, folder: Path, *, bos_id: int | None) -> None:
-    """A Llama tokenizer converted from the run's SentencePiece model (kept beside it), adding BOS only if the
-    data did."""
-    import shutil
+    """Write the run's tokenizer for ``AutoTokenizer``: ``tokenizer.json`` (a ``tokenizers`` pipeline built from
+    the SentencePiece model, :func:`~megatron_pept.data.tokenizer.sentencepiece_to_hf`), ``tokenizer_config.json``
+    and a copy of ``tokenizer.model``. It adds BOS only if the data did (``bos_id``), never EOS.
 
-    shutil.copyfile(model_file, folder / "tokenizer.model")
-    tok = transformers.LlamaTokenizer.from_pretrained(
-        folder, add_bos_token=bos_id is not None, add_eos_token=False, legacy=False
+    With a tokenizer trained under the default ``identity`` normalisation with byte fallback, ``AutoTokenizer``
+    gives SentencePiece's ids for every text (BOS aside; text spelling "<s>" is read as the special token) and
+    ``decode(ids, skip_special_tokens=True)`` returns the text. Other tokenizers (``nfkc``: the normaliser is only
+    re-implemented, and its changes cannot be undone; unigram; no byte fallback) export with a warning naming what
+    may differ. The class recorded is ``PreTrainedTokenizerFast``, which transformers 4.x and 5.x both load from
+    ``tokenizer.json`` as written (transformers 5's ``LlamaTokenizer`` would rebuild its own pipeline, which drops
+    the dummy prefix before a leading space).
+    """
+    import json
+    import warnings
+
+    from megatron_pept.data.tokenizer import hf_conversion_caveats, load_tokenizer, sentencepiece_to_hf
+
+    sp = load_tokenizer(model_file).processor
+    caveats = hf_conversion_caveats(model_file)
+    if caveats:
+        warnings.warn(
+            "the exported tokenizer may not encode all text as the run's SentencePiece model did: "
+            + "; ".join(caveats),
+            stacklevel=2,
+        )
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=sentencepiece_to_hf(model_file, add_bos=bos_id is not None),
+        bos_token=sp.id_to_piece(sp.bos_id()),
+        eos_token=sp.id_to_piece(sp.eos_id()),
+        unk_token=sp.id_to_piece(sp.unk_id()),
+        clean_up_tokenization_spaces=False,  # it would delete spaces before punctuation when decoding
     )
     tok.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 5 writes TokenizersBackend, unknown to 4.x
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(model_file, folder / "tokenizer.model")

@@ -1,8 +1,13 @@
-"""SentencePiece tokenizers: training and loading.
+"""SentencePiece tokenizers: training, loading, and conversion to a Hugging Face ``tokenizers`` pipeline.
 
 A tokenizer folder holds ``tokenizer.model`` (SentencePiece) and ``tokenizer_meta.json`` (vocabulary size,
-special ids, the model file's sha256). Shard indexes record that checksum, so data made with one tokenizer is
-never silently read with another.
+special ids, normalisation settings, the model file's sha256). Shard indexes record that checksum, so data made
+with one tokenizer is never silently read with another.
+
+Text is kept as it is by default, as LLaMA's tokenizer does: no Unicode normalisation, spaces, tabs and newlines
+all survive, so ``decode(encode(text)) == text`` for every string (``normalization="identity"``). The earlier
+behaviour, SentencePiece's defaults (NFKC, newlines and tabs turned into spaces, runs of spaces collapsed), stays
+available as ``normalization="nfkc"``.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
 
 from megatron_pept.data.shards import sha256_file
 from megatron_pept.errors import DataError
 
+if TYPE_CHECKING:
+    import tokenizers  # a dependency of transformers, needed only to export
+
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"
+NORMALIZATIONS = ("identity", "nfkc")
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,39 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return Tokenizer(processor=processor, path=model_path, sha256=sha256_file(model_path))
 
 
+def sentencepiece_options(normalization: str, *, byte_fallback: bool) -> dict[str, Any]:
+    """The SentencePiece trainer settings that decide how text is normalised and split, for ``normalization``.
+
+    ``identity`` (default) is LLaMA's: no normaliser, whitespace kept (``remove_extra_whitespaces=False``, runs of
+    spaces may form pieces), digits split one per piece, a dummy space prefix (so a word reads the same at the start
+    of a text as after a space). ``nfkc`` passes nothing: SentencePiece's defaults, which this project used before
+    (NFKC, newlines and tabs to spaces, runs of spaces collapsed, leading and trailing spaces dropped), the same
+    trainer settings as before ``identity`` became the default.
+    """
+    if normalization == "nfkc":
+        return {}
+    if normalization != "identity":
+        raise DataError(f"tokenizer normalization must be one of {', '.join(NORMALIZATIONS)}; got {normalization!r}")
+    options: dict[str, Any] = {
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "allow_whitespace_only_pieces": True,
+        "split_digits": True,
+        "add_dummy_prefix": True,
+    }
+    # Newlines never reach the trainer (it learns from lines, see tokenizer_sentences), so no piece holds one and
+    # the encoder writes each "\n" as the byte piece <0x0A>, as LLaMA does: lossless, and no vocabulary slot spent.
+    # Measured on Python standard library text, a newline about every 40 characters (vocabularies 600 and 2000):
+    # training on whole 4 KB chunks instead, so pieces like ":\n" or "\n\n" form, gave 4% fewer tokens, but it
+    # cuts documents mid-word, makes --max-sentences count 4 KB chunks (memory) and departs from LLaMA's ids; a
+    # user-defined "\n" piece gave exactly the byte fallback's token count, spends a slot, and transformers splits
+    # text around such pieces before adding the dummy prefix, so the export would no longer match. Without byte
+    # fallback "\n" would be <unk>, so it is then made a required character (an ordinary one-character piece).
+    if not byte_fallback:
+        options["required_chars"] = "\n"
+    return options
+
+
 def train_sentencepiece(
     texts: Iterable[str],
     *,
@@ -78,15 +121,19 @@ def train_sentencepiece(
     input_sentence_size: int = 0,
     seed_sentencepiece_size: int = 1_000_000,
     seed: int = 0,
+    normalization: str = "identity",
 ) -> Tokenizer:
-    """Train a SentencePiece model on ``texts`` (one document each) and write it with its metadata.
+    """Train a SentencePiece model on ``texts`` (training sentences, e.g. from :func:`tokenizer_sentences`) and
+    write it with its metadata.
 
-    Ids follow LLaMA: 0 unk, 1 bos, 2 eos, no pad. Byte fallback (default on) makes every string encodable. The
-    folder is written atomically: a partially trained tokenizer never appears at ``output_dir``. The same texts,
-    settings and ``seed`` give a byte-identical model file.
+    Ids follow LLaMA: 0 unk, 1 bos, 2 eos, no pad. Byte fallback (default on) makes every string encodable.
+    ``normalization`` is ``identity`` (default: text kept exactly, LLaMA's settings) or ``nfkc`` (the earlier
+    behaviour); see :func:`sentencepiece_options`. The folder is written atomically: a partially trained tokenizer
+    never appears at ``output_dir``. The same texts, settings and ``seed`` give a byte-identical model file.
     """
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"tokenizer model type must be bpe or unigram; got {model_type!r}")
+    options = sentencepiece_options(normalization, byte_fallback=byte_fallback)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise DataError(f"tokenizer output {output_dir} already exists and is not empty; choose a new folder")
@@ -124,6 +171,7 @@ def train_sentencepiece(
                 pad_id=-1,
                 hard_vocab_limit=True,
                 minloglevel=2,
+                **options,
             )
         except RuntimeError as err:
             if num_docs == 0:
@@ -134,6 +182,7 @@ def train_sentencepiece(
         os.remove(f"{prefix}.model")
         os.remove(f"{prefix}.vocab")
         tok = load_tokenizer(os.path.join(tmp, MODEL_FILE))
+        proto = _read_model_proto(tok.path)
         meta = {
             "type": "sentencepiece",
             "model_type": model_type,
@@ -141,6 +190,16 @@ def train_sentencepiece(
             "bos_id": tok.bos_id,
             "eos_id": tok.eos_id,
             "byte_fallback": byte_fallback,
+            "normalization": normalization,
+            # As the model file records them (what SentencePiece applies when encoding).
+            "normalizer": {
+                "name": proto.normalizer_spec.name,
+                "add_dummy_prefix": proto.normalizer_spec.add_dummy_prefix,
+                "remove_extra_whitespaces": proto.normalizer_spec.remove_extra_whitespaces,
+                "escape_whitespaces": proto.normalizer_spec.escape_whitespaces,
+            },
+            "split_digits": proto.trainer_spec.split_digits,
+            "allow_whitespace_only_pieces": proto.trainer_spec.allow_whitespace_only_pieces,
             "documents": num_docs,
             "sha256": tok.sha256,
         }
@@ -150,29 +209,41 @@ def train_sentencepiece(
     return load_tokenizer(output_dir)
 
 
-def _write_portable_model(src: str, dst: str) -> None:
-    """Copy a trained model without the temporary path and thread count SentencePiece records in it, so its
-    sha256 depends only on the training data and the settings that shape the vocabulary."""
+def _read_model_proto(path: str | os.PathLike[str]) -> Any:
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
-    with open(src, "rb") as f:
+    with open(path, "rb") as f:
         proto.ParseFromString(f.read())
+    return proto
+
+
+def _write_portable_model(src: str, dst: str) -> None:
+    """Copy a trained model without the temporary path and thread count SentencePiece records in it, so its
+    sha256 depends only on the training data and the settings that shape the vocabulary."""
+    proto = _read_model_proto(src)
     proto.trainer_spec.model_prefix = "tokenizer"
     proto.trainer_spec.num_threads = 1  # the pieces do not depend on it (a test checks)
     with open(dst, "wb") as f:
         f.write(proto.SerializeToString())
 
 
-def tokenizer_sentences(documents: Iterable[str], *, max_chars: int = 4096) -> Iterable[str]:
+def tokenizer_sentences(
+    documents: Iterable[str], *, max_chars: int = 4096, normalization: str = "identity"
+) -> Iterable[str]:
     """Lines of documents for SentencePiece training, long lines cut into pieces of at most ``max_chars``.
 
     SentencePiece silently drops any training sentence longer than its ``max_sentence_length`` (bytes), so whole
-    web documents would vanish; paragraphs are the unit it is built for.
+    web documents would vanish; paragraphs are the unit it is built for. Under ``identity`` normalisation a line
+    keeps its leading, inner and trailing whitespace (indentation and runs of spaces are text the model must
+    learn); only the newline that ended it is gone (the encoder writes it as a byte piece, see
+    :func:`sentencepiece_options`). Under ``nfkc`` lines are stripped, as before.
     """
+    strip = normalization == "nfkc"
     for doc in documents:
         for line in doc.split("\n"):
-            line = line.strip()
+            if strip:
+                line = line.strip()
             for start in range(0, len(line), max_chars):
                 yield line[start : start + max_chars]
 
@@ -190,20 +261,24 @@ def train_tokenizer_from_sources(
     max_sentences: int = 5_000_000,
     character_coverage: float = 0.9995,
     seed: int = 0,
+    normalization: str = "identity",
 ) -> Tokenizer:
     """Train a SentencePiece tokenizer on text files or a ``datasets`` source (see ``data.sources``).
 
-    SentencePiece samples at most ``max_sentences`` lines (0: all) to bound its memory.
+    SentencePiece samples at most ``max_sentences`` lines (0: all) to bound its memory. ``normalization``:
+    ``identity`` (default, LLaMA's: text kept exactly, newlines as byte pieces, digits split) or ``nfkc`` (the
+    earlier behaviour: NFKC, whitespace collapsed, newlines read as spaces).
     """
     from megatron_pept.data.sources import iter_corpus, resolve_source
 
+    sentencepiece_options(normalization, byte_fallback=byte_fallback)  # refuse a bad name before reading input
     for spec in inputs:
         resolve_source(spec)
     if vocab_size < 2:
         raise DataError(f"vocabulary size must be >= 2; got {vocab_size}")
     documents = iter_corpus(list(inputs), text_field=text_field, split=split)
     return train_sentencepiece(
-        tokenizer_sentences(documents),
+        tokenizer_sentences(documents, normalization=normalization),
         output_dir=output_dir,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -212,4 +287,120 @@ def train_tokenizer_from_sources(
         input_sentence_size=max_sentences,
         character_coverage=character_coverage,
         seed=seed,
+        normalization=normalization,
     )
+
+
+# The score of pieces SentencePiece never matches against text (control, byte and unused ones); the Unigram model
+# of tokenizers matches every vocabulary entry, so these get a score no segmentation would choose.
+_UNMATCHABLE_SCORE = -1e9
+
+
+def hf_conversion_caveats(model_file: str | os.PathLike[str]) -> list[str]:
+    """Why :func:`sentencepiece_to_hf` may not encode some text exactly as ``model_file`` does (empty: it does,
+    apart from text spelling a special token, see there)."""
+    proto = _read_model_proto(model_file)
+    spec = proto.normalizer_spec
+    kinds = proto.SentencePiece
+    caveats = []
+    if spec.precompiled_charsmap or spec.remove_extra_whitespaces:
+        caveats.append(
+            f"the model normalises text ({spec.name or 'custom rules'}"
+            f"{', whitespace collapsed' if spec.remove_extra_whitespaces else ''}): tokenizers re-implements that "
+            "normaliser, so ids can differ on text it changes (combining accents after compatibility characters are "
+            "known cases) and decode returns the normalised text, not the input; retrain with "
+            "normalization=identity for an exact export"
+        )
+    if proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM:
+        caveats.append(
+            "unigram model: transformers' Viterbi search may pick a different segmentation of equal score "
+            "(seen on runs of spaces)"
+        )
+    if not proto.trainer_spec.byte_fallback:
+        caveats.append("no byte fallback: characters outside the vocabulary become <unk> and cannot be decoded")
+    if any(p.type == kinds.USER_DEFINED for p in proto.pieces):
+        caveats.append("user-defined pieces: transformers splits text around them before adding the dummy prefix")
+    return caveats
+
+
+def sentencepiece_to_hf(model_file: str | os.PathLike[str], *, add_bos: bool) -> tokenizers.Tokenizer:
+    """A ``tokenizers.Tokenizer`` that encodes and decodes like the SentencePiece model ``model_file``.
+
+    Built from the model's own pieces rather than by transformers' converter, whose output changes between
+    versions and drops the dummy prefix of text that starts with a space. BPE: the merges are every split of a piece
+    into two pieces, ranked by the piece's score (SentencePiece merges the adjacent pair whose join scores highest);
+    byte fallback and unknown-token fusing as SentencePiece. Normaliser: the model's character map (none under
+    ``identity``) and whitespace collapsing if it has them, then the dummy prefix "▁" and spaces as "▁"; no
+    pre-tokenizer, so the whole text is one word, as in SentencePiece. Decoder: "▁" back to spaces, byte pieces to
+    UTF-8, one leading space (the dummy prefix) removed. ``add_bos`` prepends BOS in ``encode(...,
+    add_special_tokens=True)``, as the training data did when prepared with BOS; EOS is never added.
+
+    For a model trained with ``normalization="identity"`` and byte fallback, ids and decoded text equal
+    SentencePiece's for every string, except that text spelling a special token ("<s>", "</s>", "<unk>") is read
+    as that token, as LLaMA's Hugging Face tokenizer does, where SentencePiece encodes the characters. Other models
+    convert with the limits :func:`hf_conversion_caveats` names.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE, Unigram
+
+    proto = _read_model_proto(model_file)
+    trainer, spec = proto.trainer_spec, proto.normalizer_spec
+    if not proto.pieces:
+        raise DataError(f"{model_file} holds no pieces; is it a SentencePiece model?")
+    if trainer.treat_whitespace_as_suffix:
+        raise DataError(f"{model_file}: SentencePiece models with whitespace as suffix cannot be exported")
+    kinds = proto.SentencePiece
+    pieces = list(proto.pieces)
+    ids = {p.piece: i for i, p in enumerate(pieces)}
+    unk = pieces[trainer.unk_id].piece
+    if trainer.model_type == trainer.BPE:
+        ranked = []
+        for i, p in enumerate(pieces):
+            if p.type != kinds.NORMAL:
+                continue
+            for cut in range(1, len(p.piece)):
+                left, right = ids.get(p.piece[:cut]), ids.get(p.piece[cut:])
+                if left is not None and right is not None and kinds.NORMAL == pieces[left].type == pieces[right].type:
+                    ranked.append((-p.score, i, left, right))
+        ranked.sort()
+        merges = [(pieces[left].piece, pieces[right].piece) for _, _, left, right in ranked]
+        model = BPE(ids, merges, unk_token=unk, fuse_unk=True, byte_fallback=trainer.byte_fallback)
+    elif trainer.model_type == trainer.UNIGRAM:
+        scored = [
+            (p.piece, p.score if p.type in (kinds.NORMAL, kinds.USER_DEFINED) else _UNMATCHABLE_SCORE) for p in pieces
+        ]
+        model = Unigram(scored, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback)
+    else:
+        raise DataError(f"{model_file}: only BPE and unigram SentencePiece models can be exported")
+    tok = Tokenizer(model)
+    steps = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex("^ | $"), "")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))  # always, also before a leading space (Metaspace would skip it)
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = None
+    undo = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.add_dummy_prefix:
+        undo.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(undo)
+    tok.add_special_tokens(
+        [
+            AddedToken(p.piece, special=True, normalized=False)
+            for p in pieces
+            if p.type in (kinds.CONTROL, kinds.UNKNOWN)
+        ]
+    )
+    tok.add_tokens([AddedToken(p.piece, normalized=False) for p in pieces if p.type == kinds.USER_DEFINED])
+    if add_bos:
+        if not 0 <= trainer.bos_id < len(pieces):
+            raise DataError(f"{model_file} has no BOS piece, but the data was prepared with BOS")
+        bos = pieces[trainer.bos_id].piece
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, trainer.bos_id)]
+        )
+    return tok

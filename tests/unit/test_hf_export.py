@@ -43,8 +43,9 @@ def test_exported_model_matches_ours(method: str, quickstart_data: Path, tmp_pat
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
     sp = spm.SentencePieceProcessor(model_file=str(quickstart_data / "tokenizer.model"))
-    text = "Once upon a time a small fox found a shiny stone."
-    assert tok(text)["input_ids"] == sp.encode(text)
+    for text in ("Once upon a time a small fox found a shiny stone.", " Two  spaces,\ta tab\n\nand 12345 ﬁ é 😀 "):
+        assert tok(text)["input_ids"] == sp.encode(text)  # the quickstart data has no BOS
+        assert tok.decode(tok(text)["input_ids"]) == text
 
 
 def test_export_refuses_to_overwrite_and_needs_a_checkpoint(quickstart_data: Path, tmp_path: Path) -> None:

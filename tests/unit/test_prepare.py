@@ -65,6 +65,9 @@ def test_tokenizer_folder_and_metadata(tokenizer_dir: Path) -> None:
     assert (meta["bos_id"], meta["eos_id"]) == (1, 2)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
     assert sp.decode(sp.encode("Zebra ünïcode ☃")) == "Zebra ünïcode ☃"  # byte fallback: nothing is <unk>
+    assert meta["normalization"] == "identity" and meta["normalizer"]["name"] == "identity"
+    text = "  Two\tcolumns\n\nand  a gap ﬁ\r\n"
+    assert sp.decode(sp.encode(text)) == text  # kept exactly, as the shards will hold it
 
 
 def test_tokenizer_training_is_reproducible(tmp_path: Path) -> None:
