@@ -1,5 +1,5 @@
 """The launchers for real: two torchrun "nodes" on one machine (c10d rendezvous on 127.0.0.1) train and match one
-process; the SLURM script is checked for what it runs."""
+process; every launch script parses (the SLURM one runs for real in tests/e2e/test_slurm.py)."""
 
 from __future__ import annotations
 
@@ -98,13 +98,12 @@ def test_two_node_deepspeed_no_ssh_matches_one_process(quickstart_data: Path, tm
     assert logged == pytest.approx(reference, abs=2e-4)
 
 
-def test_slurm_script_runs_one_torchrun_per_node() -> None:
-    script = (REPO / "launch/slurm.sbatch").read_text()
-    assert "#SBATCH --ntasks-per-node=1" in script
-    assert "scontrol show hostnames" in script and "--rdzv_backend c10d" in script
-    assert subprocess.run(["bash", "-n", str(REPO / "launch/slurm.sbatch")]).returncode == 0
-    for script in ("torchrun.sh", "deepspeed.sh"):
-        assert subprocess.run(["bash", "-n", str(REPO / "launch" / script)]).returncode == 0
+@pytest.mark.parametrize("script", [*sorted(p.name for p in (REPO / "launch").glob("*.sh")), "slurm.sbatch"])
+def test_launch_scripts_parse(script: str) -> None:
+    """Every launcher is valid bash (``bash -n``: parsed, not run). What the SLURM script runs is tested for real
+    with sbatch in tests/e2e/test_slurm.py (skipped without a SLURM controller), torchrun.sh and deepspeed.sh above."""
+    proc = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_comm_benchmark_counts_the_collectives_of_each_backend(quickstart_data: Path) -> None:

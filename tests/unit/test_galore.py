@@ -71,7 +71,8 @@ def test_galore_equals_galore_torch() -> None:
     data = batches(12)  # refreshes at steps 0, 5 and 10
     train_steps(ours_model, ours, data)
     train_steps(ref_model, ref, data)
-    assert max_diff(ours_model, ref_model) <= 1e-5
+    for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), name  # bit for bit (docs/methods.md says so)
     assert max_diff(ours_model, debug_model()) > 1e-2  # it trained
 
 
@@ -89,7 +90,10 @@ def test_galore_adafactor_equals_galore_torch() -> None:
     data = batches(8)
     train_steps(ours_model, ours, data)
     train_steps(ref_model, ref, data)
-    assert max_diff(ours_model, ref_model) <= 1e-5
+    # Not bit for bit: galore-torch multiplies the update by the learning rate before projecting it back, we after
+    # (measured: 2.4e-7 at most after these 8 steps; docs/methods.md quotes the 1e-6 held here).
+    assert max_diff(ours_model, ref_model) <= 1e-6
+    assert max_diff(ours_model, debug_model()) > 1e-2  # it trained
 
 
 def test_adam_mini_equals_the_package() -> None:
@@ -111,7 +115,9 @@ def test_adam_mini_equals_the_package() -> None:
     data = batches(6)
     train_steps(ours_model, ours, data)
     train_steps(ref_model, ref, data)
-    assert max_diff(ours_model, ref_model) <= 1e-6
+    for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), name  # bit for bit (docs/methods.md says so)
+    assert max_diff(ours_model, debug_model()) > 1e-2  # it trained
     q_state = ours.state[ours_model.model.layers["0"].self_attn.q_proj.weight]
     assert q_state["v"].shape == (args.num_heads, 1)  # one second moment per head
     k_state = ours.state[ours_model.model.layers["0"].self_attn.k_proj.weight]

@@ -94,13 +94,79 @@ def test_loss_falls_and_bf16_moments_train(quickstart_data: Path, tmp_path: Path
     assert result.val_losses[20] < result.val_losses[0] - 0.5
 
 
-def test_clipping_caps_the_update(quickstart_data: Path, tmp_path: Path) -> None:
-    trainer = Trainer(tiny(quickstart_data, tmp_path / "c", "train.max_grad_norm=1e-3"))
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+def capture_step_grads(optimizer: torch.optim.Optimizer, log: dict) -> None:
+    """Record in ``log``, each time ``optimizer`` steps, the gradient of every parameter it is about to update."""
+
+    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    log[p] = p.grad.detach().clone()
+
+    optimizer.register_step_pre_hook(hook)
+
+
+def global_norm(grads) -> float:
+    return torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads])).item()
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["above", "below"])
+def test_clipping_caps_the_update(max_norm: float, quickstart_data: Path, tmp_path: Path) -> None:
+    """The gradients the optimizer steps with have global norm max_grad_norm when the raw norm is above it (each
+    scaled by the same factor), and are the raw ones when it is below."""
+    trainer = Trainer(tiny(quickstart_data, tmp_path / "c", f"train.max_grad_norm={max_norm}"))
+    raw, consumed = {}, {}
+    for p in trainer.model.parameters():  # fires after each micro-batch: the last holds the accumulated gradient
+        p.register_post_accumulate_grad_hook(lambda q: raw.__setitem__(q, q.grad.detach().clone()))
+    capture_step_grads(trainer.optimizer, consumed)
     _, grad_norm, _ = trainer.train_step()
-    assert grad_norm > 1e-3  # the logged norm is the real one, before clipping
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert len(consumed) == len(raw) == len(list(trainer.model.parameters()))
+    raw_norm = global_norm(raw.values())
+    assert grad_norm == pytest.approx(raw_norm, rel=1e-5)  # the logged norm is the real one, before clipping
+    assert (raw_norm > max_norm) == (max_norm == 1e-3)  # each case is the one its name says
+    assert global_norm(consumed.values()) == pytest.approx(min(raw_norm, max_norm), rel=1e-5)
+    coef = max_norm / raw_norm
+    for p, grad in raw.items():
+        if coef >= 1:
+            assert torch.equal(consumed[p], grad)
+        else:
+            assert torch.allclose(consumed[p], coef * grad, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["above", "below"])
+def test_per_layer_clipping_uses_the_previous_norm(max_norm: float, quickstart_data: Path, tmp_path: Path) -> None:
+    """Per-layer updates scale step t's gradients by min(1, max_norm / (norm_{t-1} + 1e-6)); the first step is
+    not clipped. The raw gradients come from a global-step twin without clipping, which matches the per-layer run
+    step for step as long as nothing is clipped (tests/unit/test_galore.py::test_per_layer_equals_global_step)."""
+    twin = Trainer(tiny(quickstart_data, tmp_path / "g", "train.max_grad_norm=0"))
+    layered = Trainer(tiny(quickstart_data, tmp_path / "p", f"train.max_grad_norm={max_norm}", "optim.per_layer=true"))
+    twin_log, layered_log = {}, {}
+    capture_step_grads(twin.optimizer, twin_log)
+    for sub in layered.optimizer.optimizers.values():
+        capture_step_grads(sub, layered_log)
+    raw, consumed, logged = [], [], []
+    for _ in range(2):
+        twin.train_step()
+        logged.append(layered.train_step()[1])
+        names = {p: n for n, p in twin.raw_model.named_parameters()}
+        raw.append({names[p]: g for p, g in twin_log.items()})
+        names = {p: n for n, p in layered.raw_model.named_parameters()}
+        consumed.append({names[p]: g for p, g in layered_log.items()})
+        twin_log.clear()
+        layered_log.clear()
+    assert consumed[0].keys() == raw[0].keys() and len(raw[0]) == len(list(twin.model.parameters()))
+    for name, grad in raw[0].items():
+        assert torch.equal(consumed[0][name], grad), name  # step 1: no previous norm, no clipping
+    first_norm, raw_norm = global_norm(raw[0].values()), global_norm(raw[1].values())
+    assert logged == pytest.approx([first_norm, raw_norm], rel=1e-5)  # logged: the real norms, before clipping
+    coef = min(1.0, max_norm / (first_norm + 1e-6))
+    assert (coef < 1) == (max_norm == 1e-3)
+    assert global_norm(consumed[1].values()) == pytest.approx(coef * raw_norm, rel=1e-5)
+    for name, grad in raw[1].items():
+        if coef == 1:
+            assert torch.equal(consumed[1][name], grad), name
+        else:
+            assert torch.allclose(consumed[1][name], coef * grad, rtol=1e-5, atol=0), name
 
 
 def test_every_public_method_name_is_registered() -> None:
