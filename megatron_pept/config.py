@@ -198,9 +198,14 @@ class MethodConfig:
     dynamic_first: int = 200
     """galore_dynamic(_ef): step of the first projector refresh after the initial one."""
     dynamic_growth: float = 1.5
-    """galore_dynamic(_ef): each gap between refreshes is this many times the previous one."""
+    """galore_dynamic(_ef): growth factor of the schedule (see dynamic_rule); the paper's 1.5."""
     dynamic_cap: int = 2500
-    """galore_dynamic(_ef): the largest gap between refreshes."""
+    """galore_dynamic(_ef): the largest gap between refreshes; once reached, every dynamic_cap steps."""
+    dynamic_rule: Literal["step", "gap"] = "step"
+    """galore_dynamic(_ef): step = each refresh step is dynamic_growth times the previous one (the Approximations
+    paper's update_step = update_step + 0.5 * update_step: 0, 200, 300, 450, ..., 15 refreshes in 20k steps);
+    gap = each gap is dynamic_growth times the previous one (0, 200, 500, 950, ..., 13 refreshes; earlier
+    versions of this project)."""
     svd: Literal["full", "randomized"] = "full"
     """GaLore family: projector from a full SVD, or from a randomized range finder (far cheaper on big matrices)."""
     svd_oversample: int = 8
@@ -623,7 +628,11 @@ def validate(cfg: Config) -> None:
     _require(me.update_proj_gap >= 1, f"method.update_proj_gap must be >= 1; got {me.update_proj_gap}")
     _require(me.ef_weight >= 0, f"method.ef_weight must be >= 0; got {me.ef_weight}")
     _require(me.dynamic_first >= 1, f"method.dynamic_first must be >= 1; got {me.dynamic_first}")
-    _require(me.dynamic_growth >= 1.0, f"method.dynamic_growth must be >= 1; got {me.dynamic_growth}")
+    _require(
+        me.dynamic_growth > 1.0,
+        f"method.dynamic_growth must be > 1 (for a fixed gap use galore with method.update_proj_gap); "
+        f"got {me.dynamic_growth}",
+    )
     _require(me.dynamic_cap >= 1, f"method.dynamic_cap must be >= 1; got {me.dynamic_cap}")
     _require(me.svd_oversample >= 0, f"method.svd_oversample must be >= 0; got {me.svd_oversample}")
     _require(me.svd_power_iters >= 0, f"method.svd_power_iters must be >= 0; got {me.svd_power_iters}")

@@ -4,7 +4,7 @@
 |---|---|
 | ``galore`` | GaLore-AdamW: Adam moments in the rank-``r`` projection, refreshed every ``update_proj_gap`` steps |
 | ``galore_ef`` | + error feedback: the residual ``G - P P^T G`` (times ``ef_weight``) joins the next gradient |
-| ``galore_dynamic`` | refresh at 0, ``dynamic_first``, then gaps growing x``dynamic_growth`` up to ``dynamic_cap`` |
+| ``galore_dynamic`` | refresh at 0, ``dynamic_first``, then each refresh step x``dynamic_growth``, gap <= cap |
 | ``galore_dynamic_ef`` | both |
 | ``galore_8bit`` | GaLore-AdamW with 8-bit moments (bitsandbytes blockwise quantisation) |
 | ``galore_adafactor`` | GaLore with Adafactor (factored second moments) in the projection |
@@ -73,6 +73,7 @@ class GaLoreMethod(Method):
             dynamic_first=c.dynamic_first,
             dynamic_growth=c.dynamic_growth,
             dynamic_cap=c.dynamic_cap,
+            dynamic_rule=c.dynamic_rule,
             ef_weight=c.ef_weight if self.error_feedback else 0.0,
             svd=c.svd,
             svd_oversample=c.svd_oversample,

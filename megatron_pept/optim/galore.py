@@ -50,6 +50,7 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
     dynamic_first=200,
     dynamic_growth=1.5,
     dynamic_cap=2500,
+    dynamic_rule="step",
     ef_weight=0.0,
     svd="full",
     svd_oversample=8,
@@ -110,6 +111,7 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
             first=group["dynamic_first"],
             growth=group["dynamic_growth"],
             cap=group["dynamic_cap"],
+            rule=group["dynamic_rule"],
         )
 
     def _refresh(self, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str, view: _View) -> None:

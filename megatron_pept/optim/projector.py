@@ -105,16 +105,29 @@ def captured_energy(grad: torch.Tensor, basis: torch.Tensor, *, side: str) -> fl
     return float(project(g, basis.float(), side=side).square().sum() / g.square().sum().clamp_min(1e-30))
 
 
+DYNAMIC_RULES = ("step", "gap")
+
+
 @functools.lru_cache(maxsize=16)
-def _dynamic_head(first: int, growth: float, cap: int) -> tuple[frozenset[int], int]:
+def _dynamic_head(first: int, growth: float, cap: int, rule: str) -> tuple[frozenset[int], int]:
     """Dynamic refresh steps while the gap still grows, and the last of them (after it: every ``cap`` steps)."""
-    steps, at, gap = [0], 0, min(first, cap)
-    while True:
-        at += gap
+    steps, at = [0], min(first, cap)
+    if rule == "gap":
+        gap = at
+        while gap < cap:
+            steps.append(steps[-1] + gap)
+            gap = min(cap, max(gap + 1, int(math.floor(gap * growth))))  # grows even from a gap of 1
+        steps.append(steps[-1] + cap)
+        return frozenset(steps), steps[-1]
+    # rule == "step": the refresh step itself grows (kept unrounded, as the paper's float update_step is); a step
+    # is at least one past the previous one, so a small `first` cannot repeat a step.
+    exact = float(at)
+    while at - steps[-1] < cap:
         steps.append(at)
-        if gap >= cap:
-            return frozenset(steps), at
-        gap = min(cap, int(math.floor(gap * growth)))
+        exact *= growth
+        at = max(int(math.floor(exact)), at + 1)
+    steps.append(steps[-1] + cap)
+    return frozenset(steps), steps[-1]
 
 
 @dataclass(frozen=True)
@@ -122,8 +135,14 @@ class RefreshSchedule:
     """When projectors are recomputed, as a pure function of the optimizer step (0-based).
 
     Fixed: every ``gap`` steps (0, gap, 2 gap, ...), as GaLore. Dynamic (GaLore-dynamic, Approximations paper
-    section 4.2): at step 0, then after ``first`` steps, with each later gap ``growth`` times the previous one
-    (rounded down), capped at ``cap``: 0, 200, 500, 950, 1625, ... with the defaults.
+    section 4.2: "update_step = update_steps + 0.5 * update_steps", starting from step 200, the update frequency
+    capped at 2500), at step 0 and ``first``, then by ``rule``:
+
+    * ``step`` (default, the paper's reading): each refresh step is ``growth`` times the previous one (unrounded,
+      floored when used), the gap capped at ``cap``: 0, 200, 300, 450, 675, 1012, 1518, 2278, 3417, 5125, 7625,
+      then every 2500: 15 refreshes in 20k steps, the paper's "from 400 to 15".
+    * ``gap``: each gap is ``growth`` times the previous one (rounded down), capped at ``cap``: 0, 200, 500, 950,
+      1625, 2637, 4155, 6432, 8932, then every 2500 (13 in 20k steps; earlier versions of this project).
     """
 
     gap: int = 200
@@ -131,11 +150,16 @@ class RefreshSchedule:
     first: int = 200
     growth: float = 1.5
     cap: int = 2500
+    rule: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.rule not in DYNAMIC_RULES:
+            raise ValueError(f"dynamic refresh rule must be one of {', '.join(DYNAMIC_RULES)}; got {self.rule!r}")
 
     def is_refresh(self, step: int) -> bool:
         if not self.dynamic:
             return step % self.gap == 0
-        head, last = _dynamic_head(self.first, self.growth, self.cap)
+        head, last = _dynamic_head(self.first, self.growth, self.cap, self.rule)
         return step in head or (step > last and (step - last) % self.cap == 0)
 
     def refresh_steps(self, total_steps: int) -> list[int]:

@@ -143,8 +143,22 @@ def test_error_feedback_weight_zero_is_galore_and_acts_at_refreshes() -> None:
     assert o_ef.last_ef_residual_sq > 0
 
 
-def test_dynamic_schedule_refreshes_at_the_expected_steps() -> None:
-    assert RefreshSchedule(dynamic=True).refresh_steps(20_000) == [
+def test_dynamic_schedule_counts_15_refreshes_in_20k_steps_as_the_paper() -> None:
+    """Approximations paper, section 4.2: starting from step 200, "update_step = update_steps + 0.5 *
+    update_steps", the update frequency capped at 2500, "reduces SVD operations in GaLore from 400 to 15" over its
+    20k steps (GaLore refreshing every 50 steps: section 5). With the method's default settings."""
+    method = build_method(MethodConfig(name="galore_dynamic"), optim_cfg=OptimConfig(), total_steps=20_000)
+    opt = method.build_optimizer(debug_model())
+    (projected,) = [group for group in opt.param_groups if group.get("dynamic_gap")]
+    steps = opt._schedule(projected).refresh_steps(20_000)
+    assert steps == [0, 200, 300, 450, 675, 1012, 1518, 2278, 3417, 5125, 7625, 10125, 12625, 15125, 17625]
+    assert len(steps) == 15
+    assert len(RefreshSchedule(gap=50).refresh_steps(20_000)) == 400  # GaLore at the paper's gap of 50
+
+
+def test_dynamic_schedule_rules() -> None:
+    # The other reading (each gap x1.5), this project's earlier default: 13 refreshes in 20k steps.
+    assert RefreshSchedule(dynamic=True, rule="gap").refresh_steps(20_000) == [
         0,
         200,
         500,
@@ -160,16 +174,23 @@ def test_dynamic_schedule_refreshes_at_the_expected_steps() -> None:
         18932,
     ]
     assert RefreshSchedule(gap=200).refresh_steps(700) == [0, 200, 400, 600]
-    w = torch.nn.Parameter(torch.randn(16, 8))
-    opt = GaLoreAdamW([{"params": [w], "rank": 2, "dynamic_gap": True, "dynamic_first": 3, "dynamic_cap": 5}])
-    refreshed = []
-    gen = torch.Generator().manual_seed(0)
-    for step in range(20):
-        w.grad = torch.randn(16, 8, generator=gen)
-        opt.step()
-        if opt.last_refreshes:
-            refreshed.append(step)
-    assert refreshed == [0, 3, 7, 12, 17]  # gaps 3, 4 (=floor 4.5), 5 (cap), 5
+    # Small starts still grow (a floor would otherwise repeat a step or keep a gap of 1 forever).
+    assert RefreshSchedule(dynamic=True, first=1, cap=3).refresh_steps(12) == [0, 1, 2, 3, 4, 5, 7, 10]
+    assert RefreshSchedule(dynamic=True, first=1, cap=3, rule="gap").refresh_steps(12) == [0, 1, 3, 6, 9]
+    with pytest.raises(ValueError, match="refresh rule must be one of step, gap"):
+        RefreshSchedule(dynamic=True, rule="steps")
+    for rule, expected in (("step", [0, 3, 4, 6, 10, 15]), ("gap", [0, 3, 7, 12, 17])):
+        w = torch.nn.Parameter(torch.randn(16, 8))
+        group = {"params": [w], "rank": 2, "dynamic_gap": True, "dynamic_first": 3, "dynamic_cap": 5}
+        opt = GaLoreAdamW([{**group, "dynamic_rule": rule}])
+        refreshed = []
+        gen = torch.Generator().manual_seed(0)
+        for step in range(20):
+            w.grad = torch.randn(16, 8, generator=gen)
+            opt.step()
+            if opt.last_refreshes:
+                refreshed.append(step)
+        assert refreshed == expected, rule  # step: 3, 4.5, 6.75, 10.1, then +5 (cap); gap: 3, 4, 5 (cap), 5
 
 
 def test_randomized_projector_is_close_to_the_svd() -> None:
