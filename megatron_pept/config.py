@@ -214,6 +214,11 @@ class MethodConfig:
     """Randomized range finder: power iterations (each sharpens the subspace at the cost of two matmuls)."""
     adafactor_beta1: float | None = None
     """galore_adafactor: first-moment decay, or null for none (Adafactor's default)."""
+    adam_mini_partition: Literal["neuron", "tensor"] = "neuron"
+    """adam_mini: the blocks sharing one second moment outside queries and keys (one per head in both) and the
+    embedding and LM head (full Adam in both). neuron: one per output row of v_proj, o_proj and the MLP matrices
+    (the adam-mini package's partition); tensor: one per weight tensor, as the Approximations paper describes
+    Adam-mini ("the default PyTorch partition for the rest of the model")."""
 
 
 @dataclass

@@ -149,7 +149,10 @@ class GaLoreAdafactorMethod(GaLoreMethod):
 
 
 class AdamMiniMethod(Method):
-    """Adam-mini over every parameter, partitioned as the paper does (see :mod:`megatron_pept.optim.adam_mini`)."""
+    """Adam-mini over every parameter (see :mod:`megatron_pept.optim.adam_mini`). Queries and keys: one block per
+    head; embedding and LM head: full Adam; other matrices: one block per output row (``method.adam_mini_partition
+    =neuron``, the Adam-mini paper's partition) or per tensor (``tensor``, the Approximations paper's description);
+    norm weights: one block per tensor."""
 
     name = "adam_mini"
     QUERY_KEY = ("q_proj", "k_proj")
@@ -166,7 +169,7 @@ class AdamMiniMethod(Method):
                 block = {"block": "adam"}
             elif leaf in self.QUERY_KEY:
                 block = {"block": "head", "head_numel": head_numel}
-            elif p.ndim >= 2:
+            elif p.ndim >= 2 and self.cfg.adam_mini_partition == "neuron":
                 block = {"block": "row"}
             else:
                 block = {"block": "tensor"}

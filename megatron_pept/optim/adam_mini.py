@@ -1,9 +1,11 @@
 """Adam-mini (Zhang et al. 2024): Adam with one second-moment value per block of parameters.
 
-The partition follows the paper: queries and keys get one value per attention head, the embedding and the output
-layer keep full Adam (one value per entry), values, attention outputs and MLP matrices get one value per output
-neuron (row), and any other tensor (norm weights) one value for the whole tensor. Each parameter group carries its
-``block`` kind (``adam``, ``head``, ``row`` or ``tensor``) and, for heads, ``head_numel``.
+The partition (chosen by the method, :class:`megatron_pept.methods.galore.AdamMiniMethod`): queries and keys get
+one value per attention head, the embedding and the output layer keep full Adam (one value per entry), values,
+attention outputs and MLP matrices one value per output neuron (row; the adam-mini package's partition) or per
+tensor (as the Approximations paper describes Adam-mini), and any other tensor (norm weights) one value for the whole
+tensor. Each parameter group carries its ``block`` kind (``adam``, ``head``, ``row`` or ``tensor``) and, for heads,
+``head_numel``.
 
 The update for a block ``B`` with gradient entries ``g``: ``m <- beta1 m + (1 - beta1) g`` per entry,
 ``v_B <- beta2 v_B + (1 - beta2) mean(g^2 over B)``, ``p <- p (1 - lr wd) - lr m / (1 - beta1^t) /

@@ -26,8 +26,13 @@ METHODS = {
     "galore_8bit": [],
     "galore_adafactor": [],
     "adam_mini": [],
+    "adam_mini@tensor": ["method.adam_mini_partition=tensor"],  # a variant: METHOD@what, see method_name()
 }
 PER_LAYER = {"full": [], "galore_dynamic_ef": ["method.dynamic_first=2"], "adam_mini": []}
+
+
+def method_name(key: str) -> str:
+    return key.split("@")[0]
 
 
 def single(overrides: list[str]):
@@ -46,7 +51,7 @@ def two_rank_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFac
                 {
                     "name": f"{backend}-{method}",
                     "overrides": base(quickstart_data, tmp / f"{backend}-{method}", 2)
-                    + [f"parallel.backend={backend}", f"method.name={method}", *extra],
+                    + [f"parallel.backend={backend}", f"method.name={method_name(method)}", *extra],
                 }
             )
     for backend in ("ddp", "fsdp2"):
@@ -94,7 +99,9 @@ def compare(two: dict, losses: list[float], params: dict, *, weight_tol: float) 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_ranks_match_one_process(method, backend, two_rank_results, quickstart_data, tmp_path) -> None:
-    losses, params = single(base(quickstart_data, tmp_path, 2) + [f"method.name={method}", *METHODS[method]])
+    losses, params = single(
+        base(quickstart_data, tmp_path, 2) + [f"method.name={method_name(method)}", *METHODS[method]]
+    )
     tol = WEIGHT_TOL_8BIT if method == "galore_8bit" else WEIGHT_TOL
     compare(two_rank_results[f"{backend}-{method}"], losses, params, weight_tol=tol)
 
@@ -141,7 +148,7 @@ def deepspeed_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFa
             + [
                 "parallel.backend=deepspeed",
                 f"parallel.zero_stage={stage}",
-                f"method.name={method}",
+                f"method.name={method_name(method)}",
                 *DEEPSPEED_MODEL,
                 *[o for o in METHODS[method] if "warm_start" not in o],
             ],
@@ -156,13 +163,14 @@ def deepspeed_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.mark.parametrize("method", DEEPSPEED_METHODS)
 def test_deepspeed_zero_matches_one_process(method, stage, deepspeed_results, quickstart_data, tmp_path) -> None:
     extra = [o for o in METHODS[method] if "warm_start" not in o]
-    losses, params = single(base(quickstart_data, tmp_path, 2) + [f"method.name={method}", *DEEPSPEED_MODEL, *extra])
+    name = method_name(method)
+    losses, params = single(base(quickstart_data, tmp_path, 2) + [f"method.name={name}", *DEEPSPEED_MODEL, *extra])
     tol = WEIGHT_TOL_8BIT if method == "galore_8bit" else WEIGHT_TOL
     run = deepspeed_results[f"zero{stage}-{method}"]
     compare(run, losses, params, weight_tol=tol)
-    if method.startswith("galore") or method == "adam_mini":
+    if name.startswith("galore") or name == "adam_mini":
         assert int(run["split"]) >= 1  # some matrix is cut between the ranks: the fragment collectives are exercised
-    if method.startswith("galore"):
+    if name.startswith("galore"):
         assert int(run["midrow"]) >= 1  # a right-projected matrix is cut inside a row
 
 

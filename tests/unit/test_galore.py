@@ -96,10 +96,14 @@ def test_galore_adafactor_equals_galore_torch() -> None:
     assert max_diff(ours_model, debug_model()) > 1e-2  # it trained
 
 
-def test_adam_mini_equals_the_package() -> None:
+@pytest.mark.parametrize("partition", ["neuron", "tensor"])
+def test_adam_mini_equals_the_package(partition: str) -> None:
+    """Both partitions against the adam-mini package: ``neuron`` is its own (rows of v, o and the MLP), ``tensor``
+    the Approximations paper's (one block per tensor outside queries and keys), which the package gives when v, o
+    and the MLP are left out of its named groups (they then fall into its one-value-per-tensor branch)."""
     adam_mini = pytest.importorskip("adam_mini")
     ours_model, ref_model = debug_model(), debug_model()
-    _, ours = method_optimizer("adam_mini", ours_model, lr=3e-3)
+    _, ours = method_optimizer("adam_mini", ours_model, lr=3e-3, adam_mini_partition=partition)
     args = ref_model.args
     ref = adam_mini.Adam_mini(
         ref_model.named_parameters(),
@@ -111,18 +115,22 @@ def test_adam_mini_equals_the_package() -> None:
         n_heads=args.num_heads,
         n_kv_heads=args.num_kv_heads,
     )
-    ref.adam_block_names |= {"embed_tokens", "lm_head"}  # the paper's partition: full Adam for these
+    ref.adam_block_names |= {"embed_tokens", "lm_head"}  # both partitions: full Adam for these
+    if partition == "tensor":
+        ref.wv_names, ref.attn_proj_names, ref.mlp_names = set(), set(), set()
     data = batches(6)
     train_steps(ours_model, ours, data)
     train_steps(ref_model, ref, data)
     for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
         assert torch.equal(p, q), name  # bit for bit (docs/methods.md says so)
     assert max_diff(ours_model, debug_model()) > 1e-2  # it trained
-    q_state = ours.state[ours_model.model.layers["0"].self_attn.q_proj.weight]
-    assert q_state["v"].shape == (args.num_heads, 1)  # one second moment per head
-    k_state = ours.state[ours_model.model.layers["0"].self_attn.k_proj.weight]
-    assert k_state["v"].shape == (args.num_kv_heads, 1)
+    layer = ours_model.model.layers["0"]
+    assert ours.state[layer.self_attn.q_proj.weight]["v"].shape == (args.num_heads, 1)  # one second moment per head
+    assert ours.state[layer.self_attn.k_proj.weight]["v"].shape == (args.num_kv_heads, 1)
     assert ours.state[ours_model.model.embed_tokens.weight]["v"].shape == ours_model.model.embed_tokens.weight.shape
+    for matrix in (layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+        expected = (matrix.shape[0], 1) if partition == "neuron" else ()
+        assert ours.state[matrix]["v"].shape == expected
 
 
 def test_error_feedback_weight_zero_is_galore_and_acts_at_refreshes() -> None:
