@@ -125,7 +125,8 @@ class TrainConfig:
     eval_interval: int = 100
     """Steps between validation passes; 0 disables periodic validation (the last step is still evaluated)."""
     eval_batches: int = 8
-    """Micro-batches in each validation pass; always the same fixed batches of the validation split."""
+    """Size of the validation set in micro-batches: the first eval_batches x micro_batch_size windows of the val
+    split, the same in every run and shared out among the data-parallel ranks (val/loss does not depend on them)."""
     eval_at_start: bool = True
     """Also evaluate before the first step, so the curve starts at the untrained loss."""
 

@@ -20,10 +20,11 @@ from megatron_pept.checkpoint import Checkpointer
 from megatron_pept.config import Config, save_config, to_dict
 from megatron_pept.data.builtin import ensure_builtin_dataset
 from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
-from megatron_pept.data.shards import DataIndex, read_index
+from megatron_pept.data.shards import DataIndex, VerifiedShards, read_index
 from megatron_pept.distributed import (
     ParallelDims,
     all_reduce_mean,
+    all_reduce_sum,
     barrier,
     deepspeed_backend,
     grad_all_reduce_mean,
@@ -182,11 +183,6 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * d.seq_len
         self.flops_per_token = self.model_args.flops_per_token(d.seq_len)
         self.peak_flops = peak_tflops(self.device, override=cfg.metrics.peak_tflops) * 1e12
-        self.writer = MetricsWriter(cfg.run_dir, enabled=cfg.metrics.tensorboard and self.dims.is_main)
-
-        if self.dims.is_main:
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
         self.checkpointer = Checkpointer(
             cfg.checkpoint, run_dir=cfg.run_dir, rank=self.dims.rank, world_size=self.dims.world_size
         )
@@ -195,6 +191,13 @@ class Trainer:
         self.resumed_from: Path | None = self.checkpointer.resolve_resume()
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
+        # The run is accepted (config, data, model and checkpoint agree): only now does it write into run_dir, so a
+        # refused run leaves run_dir as it found it.
+        self.writer = MetricsWriter(cfg.run_dir, enabled=cfg.metrics.tensorboard and self.dims.is_main)
+        if self.dims.is_main:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+            self.verified_shards.save()
         trainable = sum(p.numel() for _, p in self.method.trainable_parameters(model))
         total = sum(p.numel() for p in model.parameters())
         logger.info(
@@ -220,7 +223,7 @@ class Trainer:
         if d.builtin is not None and self.dims.is_main:
             ensure_builtin_dataset(d.builtin, primary)
         barrier(self.dims)
-        cache = run_dir / ".verified_shards.json"
+        cache = self.verified_shards = VerifiedShards(run_dir / ".verified_shards.json")  # saved once accepted
         checksums = d.verify_checksums and self.dims.is_main  # one rank hashes (shared storage); all check sizes
         sources = [(Path(s.path), s.weight) for s in d.blend] or [(primary, 1.0)]
         train = []
@@ -369,17 +372,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches."""
+        """Mean loss over the fixed validation windows (the same set on any number of ranks: each rank sums the
+        per-window losses of its share, weighted to skip padding, and the sums are added over the ranks)."""
         if not self.val_batches:
             return float("nan")
         self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for inputs, targets in self.val_batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # weighted loss, windows
+        for inputs, targets, weights in self.val_batches:
+            inputs, targets, weights = inputs.to(self.device), targets.to(self.device), weights.to(self.device)
             with self._autocast():
-                total += cross_entropy_loss(self.model(inputs), targets)
+                logits = self.model(inputs)
+            per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), reduction="none")
+            per_window = per_token.view(targets.shape).mean(dim=1)
+            sums += torch.stack([(per_window * weights).sum(), weights.sum()]).double()
         self.model.train()
-        return all_reduce_mean(total / len(self.val_batches), self.dims).item()
+        total, windows = all_reduce_sum(sums, self.dims).tolist()
+        return total / windows
 
     def _log_eval(self, step: int, result: TrainResult) -> None:
         val_loss = self.evaluate()

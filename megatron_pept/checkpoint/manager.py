@@ -82,15 +82,15 @@ class Checkpointer:
         return Path(choice) if choice else None
 
     def _resolve_on_rank0(self) -> Path | None:
-        store.clean_temporary(self.root)
         resume = self.cfg.resume
         checks = self.cfg.verify_checksums
+        if resume == "none" and store.list_checkpoints(self.root):
+            raise UserError(
+                f"checkpoint.resume=none but {self.root} already holds checkpoints; resume with "
+                "checkpoint.resume=auto, or use another run_dir / checkpoint.dir"
+            )
+        store.clean_temporary(self.root)
         if resume == "none":
-            if store.list_checkpoints(self.root):
-                raise UserError(
-                    f"checkpoint.resume=none but {self.root} already holds checkpoints; resume with "
-                    "checkpoint.resume=auto, or use another run_dir / checkpoint.dir"
-                )
             return None
         if resume == "auto":
             found = store.newest_complete(self.root, checksums=checks)
@@ -225,6 +225,13 @@ class Checkpointer:
         unknown = [k for k in model_sd if k not in saved]
         if unknown:
             raise UserError(f"{path} has no {unknown[0]}: it was saved from another model or method")
+        for key, value in model_sd.items():
+            saved_shape = tuple(getattr(saved[key], "size", ()))
+            if saved_shape != tuple(value.shape):
+                raise UserError(
+                    f"{path} holds {key[len('model.') :]} of shape {list(saved_shape)} but this run builds "
+                    f"{list(value.shape)}: resume with the model settings it was saved with, or use a new run_dir"
+                )
         dcp.load(model_sd, checkpoint_id=str(path / "state"))
         model.load_state_dict({k[len("model.") :]: v for k, v in model_sd.items()})
         optim_sd = cs.optimizer_destinations(model, optimizer, saved)

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from megatron_pept.data.shards import DataIndex, open_shard, verify_shards
+from megatron_pept.data.shards import DataIndex, VerifiedShards, open_shard, verify_shards
 from megatron_pept.errors import DataError
 
 _GOLDEN = 0.6180339887498949  # the Weyl sequence frac(g * golden) is evenly spread for every prefix
@@ -44,7 +44,7 @@ class WindowDataset:
         split: str,
         seq_len: int,
         verify_checksums: bool = False,
-        verify_cache: str | os.PathLike[str] | None = None,
+        verify_cache: str | os.PathLike[str] | VerifiedShards | None = None,
     ) -> None:
         if split not in index.splits:
             raise DataError(f"{index.root} has no '{split}' split (it has: {', '.join(index.splits)})")
@@ -250,16 +250,32 @@ class DistributedBatchLoader:
 
 def fixed_batches(
     dataset: WindowDataset, *, micro_batch_size: int, num_batches: int, dp_rank: int = 0, dp_world_size: int = 1
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The validation batches: the first windows of the split in file order, the same in every run.
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This rank's share of the validation windows: ``(inputs, targets, weights)`` micro-batches.
 
-    Uses fewer batches than asked when the split is small (every window at most once).
+    The validation set is the first ``num_batches * micro_batch_size`` windows of the split in file order (fewer if
+    the split is smaller; every window at most once), the same whatever the number of ranks: rank ``r`` takes
+    windows ``r, r + W, ...``. Every rank gets the same number of micro-batches (a collective forward, as under
+    FSDP2, needs that); places beyond a rank's share repeat its first window with weight 0. Summing
+    ``weights * per-window loss`` and ``weights`` over ranks gives the mean over the set.
     """
-    per_rank = min(num_batches, dataset.num_windows // (micro_batch_size * dp_world_size))
-    if per_rank == 0:
+    total = min(num_batches * micro_batch_size, dataset.num_windows)
+    if total == 0:
         raise DataError(
-            f"the '{dataset.split}' split has {dataset.num_windows} windows, fewer than one validation micro-batch "
-            f"across ranks ({micro_batch_size} x {dp_world_size}); add validation data or lower the batch size"
+            f"the '{dataset.split}' split has no window of seq_len + 1 tokens; add validation data or lower "
+            "data.seq_len"
         )
-    ids = np.arange(per_rank * micro_batch_size * dp_world_size).reshape(per_rank, dp_world_size, micro_batch_size)
-    return [dataset.batch(ids[i, dp_rank]) for i in range(per_rank)]
+    mine = np.arange(dp_rank, total, dp_world_size)
+    per_rank = -(-total // dp_world_size)  # the largest share
+    num_micro = -(-per_rank // micro_batch_size)
+    ids = np.zeros(num_micro * micro_batch_size, dtype=np.int64)
+    weights = torch.zeros(num_micro * micro_batch_size)
+    ids[: len(mine)], weights[: len(mine)] = mine, 1.0
+    if len(mine):
+        ids[len(mine) :] = mine[0]
+    out = []
+    for i in range(num_micro):
+        part = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
+        inputs, targets = dataset.batch(ids[part])
+        out.append((inputs, targets, weights[part]))
+    return out

@@ -143,23 +143,49 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
     return index
 
 
+class VerifiedShards:
+    """The checksum cache of a run: shards (by resolved path) whose size, modification time and sha256 were checked.
+
+    Loaded from ``path`` (a JSON file) if it exists; :meth:`save` writes it back (atomically) when something was
+    added, so a caller can check first and write only once it has accepted the run."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.entries: dict[str, list] = {}
+        self.changed = False
+        if self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self.entries = {}
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)
+        self.changed = False
+
+
 def verify_shards(
-    index: DataIndex, *, split: str, checksums: bool = False, cache: str | os.PathLike[str] | None = None
+    index: DataIndex,
+    *,
+    split: str,
+    checksums: bool = False,
+    cache: str | os.PathLike[str] | VerifiedShards | None = None,
 ) -> None:
     """Check that each shard of ``split`` exists with the recorded size and, optionally, sha256.
 
-    With ``cache`` (a JSON file), shards whose path, size and modification time match an earlier successful
-    check are not hashed again, so a resumed run does not re-read terabytes.
+    With ``cache``, shards whose path, size and modification time match an earlier successful check are not
+    hashed again, so a resumed run does not re-read terabytes. A path is read and written back here; a
+    :class:`VerifiedShards` is only updated (its owner saves it).
     """
     itemsize = index.np_dtype.itemsize
-    cache_path = Path(cache) if cache else None
-    verified: dict[str, list] = {}
-    if checksums and cache_path is not None and cache_path.is_file():
-        try:
-            verified = json.loads(cache_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            verified = {}
-    changed = False
+    verified = None
+    if checksums and cache is not None:
+        verified = cache if isinstance(cache, VerifiedShards) else VerifiedShards(cache)
     for shard in index.splits[split].shards:
         path = index.root / shard.file
         if not path.is_file():
@@ -174,16 +200,14 @@ def verify_shards(
             continue
         key = str(path.resolve())
         stamp = [stat.st_size, stat.st_mtime_ns, shard.sha256]
-        if verified.get(key) == stamp:
+        if verified is not None and verified.entries.get(key) == stamp:
             continue
         if sha256_file(path) != shard.sha256:
             raise DataError(f"shard {path} fails its sha256 check: the file is corrupt; re-create it")
-        verified[key], changed = stamp, True
-    if changed and cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(verified))
-        os.replace(tmp, cache_path)
+        if verified is not None:
+            verified.entries[key], verified.changed = stamp, True
+    if verified is not None and not isinstance(cache, VerifiedShards):
+        verified.save()
 
 
 def sha256_file(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 22) -> str:

@@ -78,6 +78,8 @@ def init_parallel(cfg: ParallelConfig, *, train: TrainConfig | None = None) -> P
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     device = resolve_device(train or TrainConfig(), local_rank=local_rank)
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())  # one process without a launcher: no fixed port to clash on
     if cfg.backend == "deepspeed":
         import deepspeed
 
@@ -142,6 +144,20 @@ def parallelize(model: nn.Module, dims: ParallelDims, *, device: torch.device, p
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
     return getattr(model, "module", model)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def all_reduce_sum(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    if dims.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 def all_reduce_mean(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

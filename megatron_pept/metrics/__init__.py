@@ -39,8 +39,43 @@ def measure_matmul_tflops(*, device: torch.device, size: int = 1024, repeats: in
     return 2 * size**3 * repeats / elapsed / 1e12
 
 
+# fp32 FLOPs one core can issue per cycle, by the widest vector FMA it has (x86 flag or Arm feature), counting two
+# FMA pipes; SMT siblings are counted as cores. An upper bound: real cores issue at most this many.
+_CPU_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("avx", 16), ("sve", 32), ("asimd", 16))
+_CPU_FLOPS_DEFAULT = 8  # SSE: 4-wide multiply and add
+
+
+def cpu_peak_tflops(cpuinfo: str, *, threads: int, max_freq_khz: int | None = None) -> tuple[float, str] | None:
+    """Peak fp32 TFLOP/s of ``threads`` cores described by ``/proc/cpuinfo`` text: cores x clock x FLOPs per cycle
+    of the widest vector FMA (two pipes). The clock is the highest of ``max_freq_khz`` (cpufreq's maximum) and the
+    clocks cpuinfo lists; turbo beyond what the OS reports is not counted. Returns the peak and how it was made,
+    or None when the text names no clock."""
+    mhz = [float(line.split(":", 1)[1]) for line in cpuinfo.splitlines() if line.lower().startswith("cpu mhz")]
+    if max_freq_khz:
+        mhz.append(max_freq_khz / 1000)
+    if not mhz:
+        return None
+    features = set()
+    for line in cpuinfo.splitlines():
+        if line.lower().startswith(("flags", "features")):
+            features.update(line.split(":", 1)[1].split())
+    name, per_cycle = next(((f, n) for f, n in _CPU_FLOPS_PER_CYCLE if f in features), ("sse", _CPU_FLOPS_DEFAULT))
+    ghz = max(mhz) / 1000
+    peak = threads * ghz * per_cycle / 1000
+    return peak, f"{threads} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({name})"
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
 def peak_tflops(device: torch.device, *, override: float | None = None) -> float:
-    """Peak dense TFLOP/s of ``device``: the override, a known GPU's bf16 peak, or a measured CPU matmul."""
+    """Peak dense TFLOP/s of ``device`` for MFU: the override, a known GPU's bf16 peak, or on a CPU the larger of its
+    fp32 peak from cores, clock and vector width (:func:`cpu_peak_tflops`) and a measured fp32 matmul (which covers
+    a turbo clock the OS does not report), so MFU stays below 100%. For an unknown GPU, a measured matmul."""
     if override:
         return override
     if device.type == "cuda":
@@ -49,7 +84,19 @@ def peak_tflops(device: torch.device, *, override: float | None = None) -> float
             if key in name:
                 return tflops
         logger.warning("unknown GPU %r: MFU uses a measured matmul peak; set metrics.peak_tflops for accuracy", name)
-    return measure_matmul_tflops(device=device)
+        return measure_matmul_tflops(device=device)
+    max_khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    found = cpu_peak_tflops(
+        _read("/proc/cpuinfo") or "",
+        threads=torch.get_num_threads(),
+        max_freq_khz=int(max_khz) if max_khz and max_khz.strip().isdigit() else None,
+    )
+    peak, how = found if found is not None else (0.0, "clock unknown")
+    measured = measure_matmul_tflops(device=device)
+    logger.info(
+        "MFU reference: CPU fp32 peak %.3f TFLOP/s (%s; fp32 matmul measured %.3f)", max(peak, measured), how, measured
+    )
+    return max(peak, measured)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -106,6 +106,22 @@ def test_two_ranks_match_one_process(method, backend, two_rank_results, quicksta
     compare(two_rank_results[f"{backend}-{method}"], losses, params, weight_tol=tol)
 
 
+def test_validation_loss_does_not_depend_on_the_number_of_ranks(
+    two_rank_results, deepspeed_results, quickstart_data, tmp_path
+) -> None:
+    """The same validation windows, split over the ranks: val/loss on 2 ranks equals one process's to float
+    rounding (the ranks used to evaluate a rank-count-dependent set, which moved it in the 4th decimal)."""
+    trainer = Trainer(load_config(None, base(quickstart_data, tmp_path, 2)))
+    val = list(trainer.train().val_losses.values())
+    assert len(val) == 1  # validated once, after the last step
+    for run in (two_rank_results["ddp-full"], two_rank_results["fsdp2-full"]):
+        assert run["val_losses"].tolist() == pytest.approx(val, abs=1e-6)
+    single_3 = Trainer(load_config(None, base(quickstart_data, tmp_path / "3", 2) + DEEPSPEED_MODEL)).train()
+    for stage in (1, 3):
+        run = deepspeed_results[f"zero{stage}-full"]
+        assert run["val_losses"].tolist() == pytest.approx(list(single_3.val_losses.values()), abs=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("method", list(PER_LAYER))
 def test_per_layer_under_data_parallel_matches_one_process(

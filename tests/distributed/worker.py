@@ -58,6 +58,7 @@ def main() -> None:
         )
         results[run["name"]] = {
             "losses": result.train_losses,
+            "val_losses": torch.tensor(list(result.val_losses.values()), dtype=torch.float64),
             "params": full_params(trainer.raw_model),
             "split": torch.tensor(split),
             "midrow": torch.tensor(midrow),

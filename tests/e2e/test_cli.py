@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,34 @@ def test_bad_overrides_are_one_line_and_exit_2(override: str, expected: str, tmp
     assert not (tmp_path / "config.yaml").exists()
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refused_runs_write_nothing(quickstart_data: Path, tmp_path: Path) -> None:
+    """A run refused after its config parsed (data, shape, checkpoint or method checks) leaves run_dir as it was:
+    no config.yaml, no event file, no checksum cache; a new run_dir is not even created."""
+    common = ["--config", "configs/quickstart.yaml", f"data.path={quickstart_data}", "train.eval_batches=1"]
+    fresh = tmp_path / "fresh"
+    proc = run_train(*common, f"run_dir={fresh}", "model.vocab_size=100")  # smaller than the tokenizer's
+    assert proc.returncode == 2 and "smaller than the data's tokenizer vocabulary" in proc.stderr
+    assert not fresh.exists()
+
+    run_dir = tmp_path / "run"
+    proc = run_train(*common, f"run_dir={run_dir}", "train.steps=2", "checkpoint.interval=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = snapshot(run_dir)
+    assert "config.yaml" in before and any("tfevents" in name for name in before)
+    for refused, message in (
+        (["checkpoint.resume=none"], "already holds checkpoints"),
+        (["method.name=relora", "method.rank=4"], "saved by another method"),
+        (["model.hidden_size=96"], "but this run builds"),
+    ):
+        proc = run_train(*common, f"run_dir={run_dir}", "train.steps=4", *refused)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+        assert snapshot(run_dir) == before, refused
+
+
 def test_missing_data_is_one_line(tmp_path: Path) -> None:
     proc = run_train(f"run_dir={tmp_path / 'r'}", f"data.path={tmp_path / 'none'}")
     assert proc.returncode == 2
@@ -119,7 +148,9 @@ def test_deepspeed_backend_runs_as_one_plain_process(quickstart_data: Path, tmp_
     import re
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["MASTER_PORT"] = "29561"
+    with socket.socket() as sock:  # a free port, not a fixed one another job on this host may hold
+        sock.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(sock.getsockname()[1])
     common = ["--config", "configs/quickstart.yaml", "train.steps=3", f"data.path={quickstart_data}"]
     losses = {}
     for backend in ("single", "deepspeed"):
