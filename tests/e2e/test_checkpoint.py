@@ -7,6 +7,7 @@ Faults are injected on observed progress, never after a sleep: the run freezes i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -90,7 +91,7 @@ def start_frozen(cmd: list[str], fault: str) -> tuple[subprocess.Popen, list[str
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # its own process group: a kill reaches torchrun's workers too
+        start_new_session=True,  # a signal from the terminal running the tests does not reach it
     )
     lines = []
     for line in proc.stdout:
@@ -102,10 +103,30 @@ def start_frozen(cmd: list[str], fault: str) -> tuple[subprocess.Popen, list[str
     pytest.fail(f"setup: the run ended (exit {code}) before reaching fault point {fault}:\n{''.join(lines[-30:])}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each worker in a session of its own, so killing torchrun's
+    process group would leave the workers running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_at(cmd: list[str], fault: str) -> None:
-    """kill -9 the run's whole process group while it is frozen at ``fault``."""
+    """kill -9 the run and every process it started while it is frozen at ``fault``."""
     proc, _ = start_frozen(cmd, fault)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [*descendants(proc.pid), proc.pid]:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
 
