@@ -9,6 +9,7 @@ final parameters go into ``OUT.pt`` (a dict name -> {"losses": [...], "params": 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -68,6 +69,8 @@ def main() -> None:
         torch.save(results, args[1])
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # as megatron_pept.train does: no native thread can abort the interpreter's shutdown
 
 
 if __name__ == "__main__":
