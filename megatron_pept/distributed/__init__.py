@@ -65,6 +65,21 @@ def resolve_device(cfg: TrainConfig, *, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def _without_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's CPU accelerator from building its shared-memory all-reduce.
+
+    On CPU, ``deepspeed.init_distributed`` JIT-compiles a C++ op (``deepspeed_shm_comm``, about a minute of g++,
+    under a lock file in ``~/.cache/torch_extensions`` that a process killed mid-build leaves behind, after which
+    every later start waits on it for ever) and maps two 66 MiB buffers into ``/dev/shm`` that are never unlinked
+    when a process ends without running destructors. Only DeepSpeed's inference all-reduce uses it; training
+    collectives go through gloo. Marking the op unavailable makes DeepSpeed skip the build and the buffers.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # DeepSpeed reads this dict before building the op
+    compatible["deepspeed_shm_comm"] = False
+
+
 def init_parallel(cfg: ParallelConfig, *, train: TrainConfig | None = None) -> ParallelDims:
     """Read the launcher's environment and set up the process group and mesh the backend needs."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,6 +110,8 @@ def init_parallel(cfg: ParallelConfig, *, train: TrainConfig | None = None) -> P
             os.environ.setdefault(key, value)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:
+            _without_shared_memory_allreduce()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -47,7 +47,10 @@ def free_port() -> int:
 
 def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun") -> dict:
     (tmp / "runs.json").write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # DeepSpeed's CPU shared-memory all-reduce must not be JIT-built (megatron_pept.distributed): a build would land
+    # in this folder.
+    extensions = tmp / "torch_extensions"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
     port = str(free_port())
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
@@ -56,4 +59,5 @@ def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun") -> dict:
     worker = [str(REPO / "tests/distributed/worker.py"), str(tmp / "runs.json"), str(tmp / "out.pt")]
     proc = subprocess.run([*command, *worker], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert not extensions.exists(), f"a C++ extension was compiled during the runs: {sorted(extensions.rglob('*'))}"
     return torch.load(tmp / "out.pt", weights_only=True)

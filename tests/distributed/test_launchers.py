@@ -59,6 +59,8 @@ def test_two_node_torchrun_matches_one_process(quickstart_data: Path, tmp_path: 
     ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    # DeepSpeed's shared-memory all-reduce (a JIT-compiled C++ op, with /dev/shm buffers) is not built on CPU
+    assert not (tmp_path / "torch_extensions").exists()
     logged = [float(x) for o in outputs for x in re.findall(r"step +\d+/3 \| loss ([0-9.]+)", o)]
     assert len(logged) == 3  # rank 0 logs, on whichever node it landed
     reference = Trainer(load_config(None, overrides(quickstart_data, tmp_path / "single"))).train().train_losses
@@ -86,12 +88,15 @@ def test_two_node_deepspeed_no_ssh_matches_one_process(quickstart_data: Path, tm
             "MASTER_PORT": port,
             "OMP_NUM_THREADS": "1",
             "PYTHON": sys.executable,
+            "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
         }
         nodes.append(
             subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    # DeepSpeed's shared-memory all-reduce (a JIT-compiled C++ op, with /dev/shm buffers) is not built on CPU
+    assert not (tmp_path / "torch_extensions").exists()
     logged = [float(x) for o in outputs for x in re.findall(r"step +\d+/3 \| loss ([0-9.]+)", o)]
     assert len(logged) == 3
     reference = Trainer(load_config(None, overrides(quickstart_data, tmp_path / "single"))).train().train_losses
