@@ -93,6 +93,9 @@ class DataConfig:
     """Tokens per training sequence (the model sees windows of seq_len + 1 tokens: inputs and shifted targets)."""
     verify_checksums: bool = True
     """Check every shard's sha256 against the index before training (remembered per run_dir, so once per run)."""
+    allow_tokenizer_change: bool = False
+    """Let a checkpoint resume on data made with another tokenizer than the one it was trained with (refused by
+    default: the same ids would mean other tokens)."""
     allow_reshard: bool = False
     """Let a checkpoint resume on another data-parallel size or micro-batch: the global sample stream continues
     exactly, only the assignment of samples to ranks changes."""
@@ -270,6 +273,9 @@ class GuardConfig:
     rollback_after: int = 3
     """After this many skipped steps in a row, reload the last checkpoint and go on with the data after the bad
     batches (0: never roll back). Needs checkpoint.interval > 0."""
+    max_rollbacks: int = 3
+    """Rollbacks to the same checkpoint (no newer one saved in between) before the run stops with an error naming
+    the step and that checkpoint, the last good one (0: stop instead of the first rollback)."""
 
 
 @dataclass
@@ -609,6 +615,7 @@ def validate(cfg: Config) -> None:
     _require(c.keep_every >= 0, f"checkpoint.keep_every must be >= 0; got {c.keep_every}")
     _require(bool(c.resume), "checkpoint.resume is empty; use auto, none or the path of a checkpoint folder")
     _require(g.rollback_after >= 0, f"guard.rollback_after must be >= 0 (0: never roll back); got {g.rollback_after}")
+    _require(g.max_rollbacks >= 0, f"guard.max_rollbacks must be >= 0; got {g.max_rollbacks}")
     _require(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {o.warmup_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")

@@ -8,8 +8,9 @@ run may already be over, or not yet saving). Instead, the test names the moment:
 
 When the run reaches that point it prints ``FAULT_FROZEN_LINE`` (with the point and its pid) on stderr and stops
 itself with SIGSTOP. The test reads that line from the run's output (observed progress, not a clock), then sends
-SIGKILL (the kill lands exactly there) or, for a graceful signal, SIGTERM followed by SIGCONT. Without the
-variable every point is a no-op costing one environment lookup.
+SIGKILL (the kill lands exactly there) or, for a graceful signal, SIGTERM followed by SIGCONT. With a trailing
+``:ERRNO`` (``save.written@3:ENOSPC``) the point raises that OSError instead, as a full disk or a failing device
+would at that moment. Without the variable every point is a no-op costing one environment lookup.
 
 Points (``POINTS``), in the order a step passes them:
 
@@ -23,6 +24,7 @@ Points (``POINTS``), in the order a step passes them:
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -32,22 +34,36 @@ FAULT_FROZEN_LINE = "megatron_pept fault injection: frozen at"
 POINTS = ("step.end", "save.async", "save.written", "save.marked", "save.renamed", "save.committed")
 
 
-def parse_fault(spec: str) -> tuple[str, int, int]:
-    """``POINT@STEP[@RANK]`` -> (point, step, rank); rank defaults to 0."""
-    parts = spec.split("@")
-    if len(parts) not in (2, 3) or parts[0] not in POINTS or not all(p.isdigit() for p in parts[1:]):
-        raise ValueError(f"{ENV_VAR}={spec!r}: expected POINT@STEP[@RANK] with POINT one of {', '.join(POINTS)}")
-    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+def parse_fault(spec: str) -> tuple[str, int, int, int | None]:
+    """``POINT@STEP[@RANK][:ERRNO]`` -> (point, step, rank, errno or None to freeze); rank defaults to 0."""
+    where, _, error = spec.partition(":")
+    parts = where.split("@")
+    code = getattr(errno, error, None) if error else None
+    if (
+        len(parts) not in (2, 3)
+        or parts[0] not in POINTS
+        or not all(p.isdigit() for p in parts[1:])
+        or (error and not isinstance(code, int))
+    ):
+        raise ValueError(
+            f"{ENV_VAR}={spec!r}: expected POINT@STEP[@RANK][:ERRNO] with POINT one of {', '.join(POINTS)} and "
+            "ERRNO a name such as ENOSPC"
+        )
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0, code
 
 
 def fault_point(point: str, *, step: int, rank: int) -> None:
-    """Freeze this process here if ``MEGATRON_PEPT_FAULT`` names this point, step and rank."""
+    """Freeze this process here (or raise the named OSError) if ``MEGATRON_PEPT_FAULT`` names this point, step
+    and rank."""
     spec = os.environ.get(ENV_VAR)
     if not spec:
         return
     assert point in POINTS, point
-    if parse_fault(spec) != (point, step, rank):
+    at_point, at_step, at_rank, code = parse_fault(spec)
+    if (at_point, at_step, at_rank) != (point, step, rank):
         return
+    if code is not None:
+        raise OSError(code, f"{os.strerror(code)} (injected by {ENV_VAR})")
     sys.stdout.flush()
     sys.stderr.write(f"{FAULT_FROZEN_LINE} {point}@{step}@{rank} (pid {os.getpid()})\n")
     sys.stderr.flush()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from megatron_pept.checkpoint import Checkpointer
+from megatron_pept.checkpoint import Checkpointer, checkpoint_root, lock_run_folders
 from megatron_pept.config import Config, save_config, to_dict
 from megatron_pept.data.builtin import ensure_builtin_dataset
 from megatron_pept.data.loader import DistributedBatchLoader, WindowDataset, fixed_batches
@@ -58,21 +58,29 @@ class TrainState:
     last_grad_norm: float = -1.0  # of the previous step; per-layer clipping uses it (-1: none yet)
     skipped_steps: int = 0  # updates skipped by the non-finite guard, over the whole run
     rollbacks: int = 0  # reloads of the last checkpoint after guard.rollback_after bad steps in a row
+    bad_steps_in_a_row: int = 0  # the current streak of non-finite steps (no checkpoint is saved during one)
+    rollback_target: int = -1  # the step of the checkpoint the last rollback went back to
+    rollbacks_to_target: int = 0  # rollbacks in a row to that same checkpoint (capped by guard.max_rollbacks)
+
+    GUARD_FIELDS = ("skipped_steps", "rollbacks", "bad_steps_in_a_row", "rollback_target", "rollbacks_to_target")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             "step": torch.tensor(self.step),
             "tokens_seen": torch.tensor(self.tokens_seen),
             "last_grad_norm": torch.tensor(self.last_grad_norm, dtype=torch.float64),
-            "skipped_steps": torch.tensor(self.skipped_steps),
-            "rollbacks": torch.tensor(self.rollbacks),
+            **{name: torch.tensor(getattr(self, name)) for name in self.GUARD_FIELDS},
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.last_grad_norm = float(state["last_grad_norm"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.rollbacks = int(state.get("rollbacks", 0))
+        for name in self.GUARD_FIELDS:  # checkpoints of earlier versions lack some: keep the defaults
+            if name in state:
+                setattr(self, name, int(state[name]))
+
+    def guard_counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.GUARD_FIELDS}
 
 
 @dataclass
@@ -95,11 +103,36 @@ def cross_entropy_loss(logits_bsv: torch.Tensor, targets_bs: torch.Tensor) -> to
 
 
 class Trainer:
+    """Builds a run from its config and trains it. It holds the run's folders locked from the start (one run per
+    run_dir, see :mod:`megatron_pept.checkpoint.lock`) until :meth:`close` or the end of the process; a run refused
+    while being built (bad data, a mismatched checkpoint ...) leaves its folders as it found them."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        t, d = cfg.train, cfg.data
-        self.dims: ParallelDims = init_parallel(cfg.parallel, train=t)
+        self.dims: ParallelDims = init_parallel(cfg.parallel, train=cfg.train)
         setup_console_logging(is_main=self.dims.is_main)
+        self.lock, self.run_id = lock_run_folders(
+            [Path(cfg.run_dir), checkpoint_root(cfg.checkpoint, run_dir=cfg.run_dir)], rank=self.dims.rank
+        )
+        try:
+            self._build()
+        except BaseException:
+            self.lock.abandon()
+            raise
+
+    def close(self) -> None:
+        """Release the run's folders (the end of the process does too)."""
+        self.lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        t, d = cfg.train, cfg.data
         self.device = resolve_device(t, local_rank=self.dims.local_rank)
         self.compute_dtype = (
             torch.bfloat16
@@ -184,13 +217,18 @@ class Trainer:
         self.flops_per_token = self.model_args.flops_per_token(d.seq_len)
         self.peak_flops = peak_tflops(self.device, override=cfg.metrics.peak_tflops) * 1e12
         self.checkpointer = Checkpointer(
-            cfg.checkpoint, run_dir=cfg.run_dir, rank=self.dims.rank, world_size=self.dims.world_size
+            cfg.checkpoint,
+            run_dir=cfg.run_dir,
+            rank=self.dims.rank,
+            world_size=self.dims.world_size,
+            run_id=self.run_id,
         )
-        self.bad_steps_in_a_row = 0
         self._last_saved_step: int | None = None  # the step of the newest checkpoint saved or loaded by this run
         self.resumed_from: Path | None = self.checkpointer.resolve_resume()
         if self.resumed_from is not None:
+            self._check_same_tokenizer(self.resumed_from)
             self._load_checkpoint(self.resumed_from)
+        self.checkpointer.preflight(run_dir=Path(cfg.run_dir), checkpoint_bytes=self._checkpoint_bytes())
         # The run is accepted (config, data, model and checkpoint agree): only now does it write into run_dir, so a
         # refused run leaves run_dir as it found it.
         self.writer = MetricsWriter(cfg.run_dir, enabled=cfg.metrics.tensorboard and self.dims.is_main)
@@ -270,7 +308,11 @@ class Trainer:
             "total_steps": self.cfg.train.steps,
             "model_args": dataclasses.asdict(self.model_args),
             "config": to_dict(self.cfg),
-            "tokenizer": {"eos_id": self.data_index.eos_id, "bos_id": self.data_index.bos_id},
+            "tokenizer": {
+                "eos_id": self.data_index.eos_id,
+                "bos_id": self.data_index.bos_id,
+                "sha256": self.data_index.tokenizer_sha256,
+            },
         }
         tokenizer = Path(self.data_index.root) / "tokenizer.model"
         self.checkpointer.save(
@@ -283,6 +325,42 @@ class Trainer:
             files={"tokenizer/tokenizer.model": tokenizer} if tokenizer.is_file() else {},
         )
         self._last_saved_step = self.state.step
+
+    def _checkpoint_bytes(self) -> int:
+        """About how large one checkpoint of this run is: the one it resumed from, or the model's tensors plus two
+        fp32 moments per trainable parameter (Adam's; the GaLore family and 8-bit states need less) and, under
+        DeepSpeed, its fp32 master weights."""
+        if self.resumed_from is not None:
+            return sum(p.stat().st_size for p in self.resumed_from.rglob("*") if p.is_file())
+        tensors = [*self.raw_model.parameters(), *self.raw_model.buffers()]
+        model = sum(getattr(t, "ds_numel", t.numel()) * t.element_size() for t in tensors)  # global sizes
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self._trainable())
+        return model + trainable * 4 * (3 if self.engine is not None else 2) + (1 << 20)
+
+    def _check_same_tokenizer(self, path: Path) -> None:
+        """Resuming on data made with another tokenizer would train on ids that mean other things (and an export
+        would ship the new tokenizer with the old weights): refused unless data.allow_tokenizer_change."""
+        from megatron_pept.checkpoint.export import read_meta
+
+        saved = read_meta(path).get("tokenizer", {}).get("sha256")
+        current = self.data_index.tokenizer_sha256
+        if saved == current:
+            return
+        if saved is None:
+            logger.warning("%s does not record its tokenizer (an earlier version): the data cannot be checked", path)
+            return
+        if not self.cfg.data.allow_tokenizer_change:
+            raise DataError(
+                f"{path} was trained on data made with tokenizer {saved[:12]}, but {self.data_index.root} was made "
+                f"with {current[:12]}: resume on data made with the run's tokenizer (a copy is in "
+                f"{path / 'tokenizer'}), or set data.allow_tokenizer_change=true to switch on purpose"
+            )
+        logger.warning(
+            "data.allow_tokenizer_change: resuming %s (tokenizer %s) on data made with tokenizer %s",
+            path,
+            saved[:12],
+            current[:12],
+        )
 
     def _load_checkpoint(self, path: Path) -> None:
         def after_extra() -> None:
@@ -310,28 +388,45 @@ class Trainer:
         )
         self._last_saved_step = self.state.step
 
+    @property
+    def bad_steps_in_a_row(self) -> int:
+        return self.state.bad_steps_in_a_row
+
     def _rollback(self) -> None:
-        """Reload the newest checkpoint and continue with the data after the bad batches."""
+        """Reload the newest checkpoint and continue with the data after the bad batches; stop once the run has gone
+        back to the same checkpoint more than guard.max_rollbacks times (it makes no progress)."""
         from megatron_pept.checkpoint import newest_complete
 
+        bad, step = self.state.bad_steps_in_a_row, self.state.step
         path = newest_complete(self.checkpointer.root, checksums=self.cfg.checkpoint.verify_checksums)
         if path is None:
             raise UserError(
-                f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient norm and there is no "
+                f"{bad} steps in a row had a non-finite loss or gradient norm and there is no "
                 "checkpoint to roll back to; set checkpoint.interval, lower optim.lr or check the data"
             )
+        counters = self.state.guard_counters()
+        again = counters["rollback_target"] == path.step
+        counters["rollbacks_to_target"] = counters["rollbacks_to_target"] + 1 if again else 1
+        if counters["rollbacks_to_target"] > self.cfg.guard.max_rollbacks:
+            raise FloatingPointError(
+                f"{bad} non-finite steps in a row at step {step} after {counters['rollbacks_to_target'] - 1} "
+                f"rollbacks to {path.path.name}, the last good checkpoint ({path.path}); stopping: lower optim.lr, "
+                "check the data after that step, or raise guard.max_rollbacks"
+            )
         data_position = self.loader.state_dict()
-        skipped, rollbacks = self.state.skipped_steps, self.state.rollbacks
         logger.warning(
             "%d non-finite steps in a row at step %d: rolling back to %s and skipping the batches since",
-            self.bad_steps_in_a_row,
-            self.state.step,
+            bad,
+            step,
             path.path,
         )
         self._load_checkpoint(path.path)
         self.loader.load_state_dict(data_position)
-        self.state.skipped_steps, self.state.rollbacks = skipped, rollbacks + 1
-        self.bad_steps_in_a_row = 0
+        for name, value in counters.items():  # the run's own counters, not the older ones of the checkpoint
+            setattr(self.state, name, value)
+        self.state.rollbacks += 1
+        self.state.rollback_target = path.step
+        self.state.bad_steps_in_a_row = 0
 
     def _guard(self, loss: float, grad_norm: float) -> bool:
         """True when the step's loss and gradient norm are finite (the update may proceed)."""
@@ -454,9 +549,9 @@ class Trainer:
 
     def _count_guard(self, ok: bool, step: int, loss: float, grad_norm: float) -> None:
         if ok:
-            self.bad_steps_in_a_row = 0
+            self.state.bad_steps_in_a_row = 0
             return
-        self.bad_steps_in_a_row += 1
+        self.state.bad_steps_in_a_row += 1
         self.state.skipped_steps += 1
         logger.warning(
             "step %d: loss %s, gradient norm %s: update %s (%d in a row)",
@@ -510,7 +605,7 @@ class Trainer:
                 if result.interrupted:
                     break
             if ckpt.interval > 0 and self._last_saved_step != self.state.step and not result.interrupted:
-                self.save_checkpoint()  # the final state, so a finished run can be exported or extended
+                self._save_unless_bad("the end of the run")  # so a finished run can be exported or extended
             self.checkpointer.finish_pending()
         self.writer.close()
         result.steps, result.tokens_seen = self.state.step, self.state.tokens_seen
@@ -578,10 +673,23 @@ class Trainer:
         if ckpt.interval > 0 and step % ckpt.interval == 0 and self.bad_steps_in_a_row == 0:
             self.save_checkpoint()
         if signals.requested(self.dims):
-            logger.warning("stop signal received: saving a checkpoint at step %d and exiting", step)
+            logger.warning("stop signal received at step %d: saving a checkpoint and exiting", step)
             if self._last_saved_step != step:
-                self.save_checkpoint()
+                self._save_unless_bad("the stop signal")
             result.interrupted = True
+
+    def _save_unless_bad(self, why: str) -> None:
+        """Save now, unless the guard has marked the state bad (a streak of non-finite steps): then the newest
+        checkpoint, from before the streak, stays the one to resume from."""
+        if self.state.bad_steps_in_a_row == 0:
+            self.save_checkpoint()
+            return
+        logger.warning(
+            "not saving at %s (step %d): the last %d steps were non-finite; resume from the newest checkpoint",
+            why,
+            self.state.step,
+            self.state.bad_steps_in_a_row,
+        )
 
 
 class _StopSignals:

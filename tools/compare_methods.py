@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             label = " ".join(overrides).replace("method.name=", "")
             run_dir = Path(base.run_dir) / f"{index}-{overrides[0].split('=', 1)[1]}"
             cfg = load_config(args.config, [*shared, *overrides, f"run_dir={run_dir}"])
-            result = Trainer(cfg).train()
+            with Trainer(cfg) as trainer:  # each run releases its run_dir when done
+                result = trainer.train()
             last = max(result.val_losses)
             results.append({"run": label, "val_loss": result.val_losses[last], "val_losses": result.val_losses})
             print(f"{label}: val_loss {result.val_losses[last]:.4f} at step {last}", flush=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Print what a checkpoint holds: step, tokens, method and phase, backend and ranks, sizes, and whether it is
-complete (marker present and every file's size and sha256 as recorded).
+complete (marker present and every file's size and sha256 as recorded). Exits 1 if any checkpoint shown is
+incomplete or damaged, 2 on a usage error.
 
   python tools/inspect_checkpoint.py runs/quickstart            # every checkpoint of the run
   python tools/inspect_checkpoint.py runs/quickstart/checkpoints/step_00000300
@@ -27,12 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe(folder: Path, *, checksums: bool) -> str:
+def describe(folder: Path, *, checksums: bool) -> tuple[str, bool]:
+    """The report of one checkpoint folder, and whether it is complete and intact."""
     from megatron_pept.checkpoint import verify
     from megatron_pept.checkpoint.export import read_meta
+    from megatron_pept.errors import UserError
 
-    meta = read_meta(folder)
     problem = verify(folder, checksums=checksums)
+    try:
+        meta = read_meta(folder)
+    except UserError as err:
+        meta, problem = {}, problem or str(err)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     phase = {None: "-", 0: "warm start (full rank)", 1: "low rank"}.get(meta.get("phase"), str(meta.get("phase")))
     lines = [
@@ -48,7 +54,7 @@ def describe(folder: Path, *, checksums: bool) -> str:
         f"  size       {size / 1e6:.1f} MB in {sum(1 for p in folder.rglob('*') if p.is_file())} files",
         f"  saved      {meta.get('created', '?')}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines), problem is None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         for root in {f.parent for f in folders}:
             if (root / "latest").is_file():
                 latest = (root / "latest").read_text().strip()
+        intact = True
         for folder in folders:
-            print(
-                describe(folder, checksums=not args.no_checksums)
-                + ("\n  latest     yes" if folder.name == latest else "")
-            )
-        return 0
+            report, ok = describe(folder, checksums=not args.no_checksums)
+            print(report + ("\n  latest     yes" if folder.name == latest else ""))
+            intact = intact and ok
+        return 0 if intact else 1  # a damaged or incomplete checkpoint is a failed check
 
     return run_cli(run, prog="inspect_checkpoint.py")
 

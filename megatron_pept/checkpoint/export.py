@@ -16,8 +16,17 @@ from megatron_pept.errors import UserError
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json`` ({} when it has none); one clear error when it is not a JSON object."""
     meta = path / store.META
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{meta} is unreadable ({err}); the checkpoint is damaged") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{meta} is not a JSON object; the checkpoint is damaged")
+    return data
 
 
 def load_full_tensors(path: Path, *, prefix: str) -> dict[str, torch.Tensor]:

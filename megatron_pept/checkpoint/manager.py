@@ -9,10 +9,15 @@ model and optimizer (ZeRO partitions); our train, method and loader state go bes
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import resource
 import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,9 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_pept.checkpoint import state as cs
 from megatron_pept.checkpoint import store
+from megatron_pept.checkpoint.lock import FolderLock
 from megatron_pept.config import CheckpointConfig
 from megatron_pept.errors import UserError
 from megatron_pept.faults import fault_point
@@ -54,15 +61,102 @@ def _broadcast_str(value: str | None) -> str | None:
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 
+def _io_reason(err: BaseException, root: Path) -> str:
+    """One line for a failed write: the OS's reason (and file), also from inside DCP's wrapped exceptions; for an
+    error that names no reason (torch.save's writer says "unexpected pos"), a full disk if the disk is full."""
+    if isinstance(err, CheckpointException):
+        for failure in err.failures.values():  # per rank: (exception, traceback)
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(exc, BaseException):
+                return _io_reason(exc, root)
+        return "checkpoint write failed"
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(root).free < (1 << 20):
+            return f"{os.strerror(errno.ENOSPC)} ({str(err).strip().splitlines()[0]})"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def checkpoint_root(cfg: CheckpointConfig, *, run_dir: str | Path) -> Path:
+    """The folder that holds a run's checkpoints: ``checkpoint.dir``, by default ``run_dir/checkpoints``."""
+    return Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+
+
+def lock_run_folders(folders: list[Path], *, rank: int) -> tuple[FolderLock, str]:
+    """Lock a run's folders for this job (rank 0 holds the locks; every rank gets the outcome) and name the run:
+    ``(lock, run_id)``. Each folder is locked itself (a checkpoint folder inside run_dir too: another run may name
+    it as its checkpoint.dir). Another job holding one is a :class:`UserError` on every rank."""
+    run_id = uuid.uuid4().hex[:12] if rank == 0 else None
+    lock = FolderLock(folders if rank == 0 else [], run_id=run_id or "")
+    error = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except UserError as err:
+            error = str(err)
+    error = _broadcast_str(error)
+    if error:
+        raise UserError(error)
+    return lock, _broadcast_str(run_id)
+
+
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, *, run_dir: str | Path, rank: int, world_size: int) -> None:
+    def __init__(
+        self, cfg: CheckpointConfig, *, run_dir: str | Path, rank: int, world_size: int, run_id: str = "local"
+    ) -> None:
         self.cfg = cfg
-        self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.root = checkpoint_root(cfg, run_dir=run_dir)
         self.rank, self.world_size = rank, world_size
+        self.run_id = run_id  # names this run's temporary folders
         self._pending: tuple[Future, Path, int] | None = None
         self._async_group = None
         if cfg.async_save and _distributed():
             self._async_group = dist.new_group(backend="gloo")  # the background save's own process group
+
+    # -- before the first step ---------------------------------------------------------------------------------
+
+    def preflight(self, *, run_dir: Path, checkpoint_bytes: int) -> None:
+        """Prove, before any step, that the run can save: its folders take a write, the checkpoint folder has room
+        for one more checkpoint of ``checkpoint_bytes`` (the old ones are pruned only after it commits), and the
+        process may write files that large (``ulimit -f``). One line on every rank otherwise."""
+        error = None
+        try:
+            if self.rank == 0:
+                for folder in dict.fromkeys((Path(run_dir), self.root)):
+                    probe = folder / f".megatron_pept.probe.{self.run_id}"
+                    with open(probe, "wb") as f:
+                        f.write(b"\0" * 4096)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    probe.unlink()
+                if self.cfg.interval > 0 or self.cfg.save_on_signal:
+                    free = shutil.disk_usage(self.root).free
+                    if free < checkpoint_bytes:
+                        raise UserError(
+                            f"{self.root} has {free / 1e9:.3g} GB free but a checkpoint of this run takes about "
+                            f"{checkpoint_bytes / 1e9:.3g} GB: free space or point checkpoint.dir elsewhere"
+                        )
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            per_rank = checkpoint_bytes // max(1, self.world_size)
+            if limit != resource.RLIM_INFINITY and limit < per_rank:
+                raise UserError(
+                    f"this process may write files of at most {limit / 1e6:.3g} MB (ulimit -f) but its share of a "
+                    f"checkpoint is about {per_rank / 1e6:.3g} MB: raise the limit"
+                )
+        except OSError as err:
+            error = (
+                f"cannot write in {err.filename or self.root} ({err.strerror}); choose a writable run_dir / "
+                "checkpoint.dir"
+            )
+        except UserError as err:
+            error = str(err)
+        if _distributed():
+            errors: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            raise UserError(error)
 
     # -- finding the checkpoint to resume ---------------------------------------------------------------------
 
@@ -89,7 +183,7 @@ class Checkpointer:
                 f"checkpoint.resume=none but {self.root} already holds checkpoints; resume with "
                 "checkpoint.resume=auto, or use another run_dir / checkpoint.dir"
             )
-        store.clean_temporary(self.root)
+        store.clean_temporary(self.root, keep_run_id=self.run_id)  # others' are abandoned: we hold the lock
         if resume == "none":
             return None
         if resume == "auto":
@@ -114,22 +208,19 @@ class Checkpointer:
         files: dict[str, Path] | None = None,
     ) -> None:
         """Write the checkpoint of ``step`` (every rank calls this). Synchronous unless checkpoint.async_save.
-        ``files``: extra files copied in by rank 0 (the tokenizer), under their given relative names."""
+        ``files``: extra files copied in by rank 0 (the tokenizer), under their given relative names.
+
+        A failed write (full disk, I/O error) on any rank stops every rank with the same one-line error; the
+        partial folder is removed and the previous checkpoint stays complete and ``latest``."""
         self.finish_pending()
-        tmp = self.root / store.tmp_dir_name(step)
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        _barrier()
-        torch.save(cs.rng_state(), tmp / "rng" / f"rank{self.rank:05d}.pt")
-        state = cs.extra_state(parts)
-        if engine is not None:  # DeepSpeed: its own format for the ZeRO-partitioned model and optimizer
-            engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            if cs.zero_sharded(optimizer):  # our optimizer's own state, kept per model parameter
-                state.update(cs.optimizer_state(model, optimizer))
-        else:
-            state.update(cs.model_state(model))
-            state.update(cs.optimizer_state(model, optimizer))
+        tmp = self.root / store.tmp_dir_name(step, run_id=self.run_id)
+
+        def begin() -> None:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "rng").mkdir(parents=True)
+
+        self._stage(step, tmp, begin)
         full_meta = {
             **meta,
             "step": step,
@@ -137,17 +228,36 @@ class Checkpointer:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "format": "megatron_pept-checkpoint-1",
         }
-        if self.rank == 0:
-            (tmp / store.META).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
-            for name, source in (files or {}).items():
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, tmp / name)
+
+        def write_small_files() -> None:
+            torch.save(cs.rng_state(), tmp / "rng" / f"rank{self.rank:05d}.pt")
+            if self.rank == 0:
+                (tmp / store.META).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+                for name, source in (files or {}).items():
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, tmp / name)
+
+        self._stage(step, tmp, write_small_files)
+        state = cs.extra_state(parts)
+        if engine is not None:  # DeepSpeed: its own format for the ZeRO-partitioned model and optimizer
+            self._stage(
+                step, tmp, lambda: engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            )
+            if cs.zero_sharded(optimizer):  # our optimizer's own state, kept per model parameter
+                state.update(cs.optimizer_state(model, optimizer))
+        else:
+            state.update(cs.model_state(model))
+            state.update(cs.optimizer_state(model, optimizer))
         if self.cfg.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp / "state"), process_group=self._async_group)
+            future = self._stage(
+                step,
+                tmp,
+                lambda: dcp.async_save(state, checkpoint_id=str(tmp / "state"), process_group=self._async_group),
+            )
             self._pending = (future, tmp, step)
             fault_point("save.async", step=step, rank=self.rank)
             return
-        dcp.save(state, checkpoint_id=str(tmp / "state"))
+        self._stage(step, tmp, lambda: dcp.save(state, checkpoint_id=str(tmp / "state")))
         self._commit(tmp, step)
 
     def finish_pending(self) -> None:
@@ -156,22 +266,53 @@ class Checkpointer:
             return
         future, tmp, step = self._pending
         self._pending = None
-        future.result()
+        self._stage(step, tmp, future.result)
         self._commit(tmp, step)
 
     def _commit(self, tmp: Path, step: int) -> None:
-        fault_point("save.written", step=step, rank=self.rank)
+        def checksum() -> dict:
+            fault_point("save.written", step=step, rank=self.rank)
+            return store.checksum_files(tmp, rank=self.rank, world_size=self.world_size)  # hashed in parallel
+
         _barrier()  # every rank's shards are on disk
-        files = store.checksum_files(tmp, rank=self.rank, world_size=self.world_size)  # hashed in parallel
+        files = self._stage(step, tmp, checksum)
         if _distributed():
             shares: list[dict] = [{} for _ in range(self.world_size)]
             dist.all_gather_object(shares, files)
             files = {name: value for share in shares for name, value in share.items()}
-        if self.rank == 0:
-            final = store.commit(self.root, tmp, step, files=files)
-            removed = store.prune(self.root, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every)
-            logger.info("checkpoint saved: %s%s", final, f" (pruned {len(removed)} older)" if removed else "")
+
+        def commit() -> None:
+            if self.rank == 0:
+                final = store.commit(self.root, tmp, step, files=files, run_id=self.run_id)
+                removed = store.prune(self.root, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every)
+                logger.info("checkpoint saved: %s%s", final, f" (pruned {len(removed)} older)" if removed else "")
+
+        self._stage(step, tmp, commit)
         _barrier()
+
+    def _stage(self, step: int, tmp: Path, fn: Callable[[], Any]) -> Any:
+        """Run one stage of a save on this rank; if it failed on any rank, every rank stops with the same error
+        (so none waits in a collective for a rank that gave up)."""
+        error, result = None, None
+        try:
+            result = fn()
+        except (OSError, CheckpointException, RuntimeError) as err:  # torch.save reports a failed write as a
+            logger.error("saving step %d failed on rank %d", step, self.rank, exc_info=True)  # RuntimeError
+            error = _io_reason(err, self.root)
+        if _distributed():
+            errors: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = store.read_latest(self.root)
+            raise UserError(
+                f"saving the checkpoint of step {step} in {self.root} failed ({error}); "
+                + (f"{latest} is intact and still the latest" if latest else "no earlier checkpoint exists")
+                + ": free space or fix the folder, then resume (checkpoint.resume=auto)"
+            )
+        return result
 
     # -- loading ----------------------------------------------------------------------------------------------
 

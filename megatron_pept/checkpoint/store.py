@@ -9,7 +9,8 @@ Layout of ``checkpoint.dir`` (default ``run_dir/checkpoints``)::
         meta.json             step, tokens, method, phase, backend, world size, file sizes
         COMPLETE.json         sha256 and size of every file above; written last, before the rename
     latest                    the name of the newest complete checkpoint (replaced atomically)
-    .tmp-step_00000200/       a checkpoint being written (ignored, removed on the next start)
+    .tmp-step_00000200.RUNID/ a checkpoint being written by run RUNID (ignored; removed by the next run)
+    .megatron_pept.lock       held by the run that owns the folder (see :mod:`.lock`)
 
 A folder without ``COMPLETE.json`` or whose files do not match it is incomplete or corrupted and never resumed
 from; ``checkpoint.resume=auto`` then falls back to the previous complete one.
@@ -41,8 +42,13 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def tmp_dir_name(step: int) -> str:
-    return f".tmp-{step_dir_name(step)}"
+def tmp_dir_name(step: int, *, run_id: str) -> str:
+    """The folder a run writes step ``step`` into before committing it; named after the run, so no run ever
+    deletes or writes into another's."""
+    return f".tmp-{step_dir_name(step)}.{run_id}"
+
+
+_TMP_DIR = re.compile(r"^\.(tmp|old)-(step_\d{8,})(?:\.(\w+))?$")
 
 
 def _sha256(path: Path) -> str:
@@ -96,14 +102,26 @@ def write_marker(folder: Path, files: dict[str, dict] | None = None) -> None:
 
 
 def verify(folder: Path, *, checksums: bool = True) -> str | None:
-    """None when ``folder`` is a complete, intact checkpoint; otherwise why not (one line)."""
+    """None when ``folder`` is a complete, intact checkpoint; otherwise why not (one line).
+
+    The marker must list every file of the folder, each with its size and sha256, and nothing else; a marker that
+    cannot be read that way means the checkpoint is not complete (never an exception)."""
     marker = folder / MARKER
     if not marker.is_file():
         return f"{folder} is not a complete checkpoint (no {MARKER}; it was interrupted while being written)"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        return f"{folder}/{MARKER} is unreadable ({err})"
+        if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        ):
+            raise TypeError("'files' must map each file to its bytes and sha256")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{folder}/{MARKER} is malformed ({type(err).__name__}: {err})"
+    present = {str(p.relative_to(folder)) for p in _files(folder)}
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        return f"{folder}/{MARKER} does not list {unlisted[0]} (an incomplete or tampered marker)"
     for name, expected in files.items():
         path = folder / name
         if not path.is_file():
@@ -112,6 +130,8 @@ def verify(folder: Path, *, checksums: bool = True) -> str | None:
             return f"{folder}/{name} has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
         if checksums and _sha256(path) != expected["sha256"]:
             return f"{folder}/{name} does not match its sha256 (corrupted)"
+    if not files:
+        return f"{folder}/{MARKER} lists no files"
     return None
 
 
@@ -139,14 +159,14 @@ def newest_complete(root: Path, *, checksums: bool = True) -> Found | None:
     return None
 
 
-def commit(root: Path, tmp: Path, step: int, *, files: dict[str, dict] | None = None) -> Path:
+def commit(root: Path, tmp: Path, step: int, *, files: dict[str, dict] | None = None, run_id: str = "local") -> Path:
     """Mark ``tmp`` complete (``files``: checksums computed by the ranks), rename it to its final name and point
     ``latest`` at it."""
     write_marker(tmp, files)
     fault_point("save.marked", step=step, rank=0)  # only rank 0 commits
     final = root / step_dir_name(step)
-    if final.exists():  # the same step saved again (after a rollback): replace it only now that tmp is complete
-        stale = root / f".old-{final.name}"
+    if final.exists():  # the same step saved again (resumed from an older one): replace it now that tmp is complete
+        stale = root / f".old-{final.name}.{run_id}"  # put back by clean_temporary if we die before the next line
         shutil.rmtree(stale, ignore_errors=True)
         os.replace(final, stale)
         os.replace(tmp, final)
@@ -161,6 +181,14 @@ def commit(root: Path, tmp: Path, step: int, *, files: dict[str, dict] | None = 
     _fsync_dir(root)
     fault_point("save.committed", step=step, rank=0)
     return final
+
+
+def read_latest(root: Path) -> str | None:
+    """The checkpoint ``latest`` names, if any."""
+    try:
+        return (root / LATEST).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def prune(root: Path, *, keep_last: int, keep_every: int) -> list[Path]:
@@ -184,12 +212,22 @@ def prune(root: Path, *, keep_last: int, keep_every: int) -> list[Path]:
     return removed
 
 
-def clean_temporary(root: Path) -> None:
-    """Remove folders left by saves that never committed (a crash during a save)."""
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
-                shutil.rmtree(p, ignore_errors=True)
+def clean_temporary(root: Path, *, keep_run_id: str) -> None:
+    """Remove what saves of other runs left behind: their temporary folders (a crash during a save), and put back
+    a checkpoint a crash left renamed aside while being replaced. Call it only while holding the folder's lock
+    (:mod:`.lock`): then no other run is alive to own them."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        m = _TMP_DIR.match(p.name)
+        if not p.is_dir() or m is None or m.group(3) == keep_run_id:
+            continue
+        final = root / m.group(2)
+        if m.group(1) == "old" and not final.exists():
+            os.replace(p, final)  # its replacement never arrived: the previous checkpoint is still the right one
+            logger.warning("restored %s, left aside by a save interrupted while replacing it", final)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:

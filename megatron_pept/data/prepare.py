@@ -7,12 +7,15 @@ document becomes ``[BOS] ids EOS``. Shards close at document boundaries once the
 Interruption and resume: every finished shard is renamed into place and recorded in ``.prepare_state.json``
 (with, per split, the number of the first document not yet in a finished shard). Re-running the same command
 re-reads the input from the earliest unfinished document, skips documents already in finished shards without
-tokenizing them, and produces byte-identical shards to an uninterrupted run. ``index.json`` is written last; a
-folder without it is incomplete and the trainer refuses it.
+tokenizing them, and produces byte-identical shards to an uninterrupted run. The state also records each input
+file's size and a sampled sha256 (:func:`input_content`): input that changed since is refused, as resuming would
+mix shards of old and new text. ``index.json`` is written last; a folder without it is incomplete and the trainer
+refuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -138,22 +141,65 @@ class _SplitProgress:
     shards: list[dict] = field(default_factory=list)
 
 
-def _load_state(path: Path, fingerprint: dict) -> dict[str, _SplitProgress] | None:
+def _sampled_sha256(path: Path, *, block: int = 1 << 16, samples: int = 16) -> str:
+    """sha256 of a file's size, its first and last MiB and ``samples`` blocks spread over it: catches an edited,
+    replaced, truncated or appended input without reading a large corpus in full at every resume."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        offsets = [0, max(0, size - (1 << 20))] + [size * i // (samples + 1) for i in range(1, samples + 1)]
+        for offset, length in zip(offsets, [1 << 20, 1 << 20] + [block] * samples):
+            f.seek(offset)
+            h.update(f.read(length))
+    return h.hexdigest()
+
+
+def input_content(specs: tuple[str, ...]) -> dict[str, dict]:
+    """What the inputs hold, file by file (size and a sampled sha256); a ``datasets`` hub name is recorded by name
+    only (its content cannot be checked offline)."""
+    content = {}
+    for spec in specs:
+        source = resolve_source(spec)
+        files = [Path(f) for f in source.files]
+        if source.builder == "disk":
+            files = sorted(p for p in files[0].rglob("*") if p.is_file())
+        for path in files:
+            content[str(path)] = {"bytes": path.stat().st_size, "sha256_sampled": _sampled_sha256(path)}
+        if source.builder == "hub":
+            content[spec] = {"hub": True}
+    return content
+
+
+def _load_state(path: Path, fingerprint: dict, content: dict) -> dict[str, _SplitProgress] | None:
     if not path.is_file():
         return None
-    raw = json.loads(path.read_text())
-    if raw.get("fingerprint") != fingerprint:
-        changed = sorted(k for k in fingerprint if raw.get("fingerprint", {}).get(k) != fingerprint[k])
+    try:
+        raw = json.loads(path.read_text())
+        saved_fingerprint, saved_content = raw.get("fingerprint", {}), raw.get("inputs")
+        progress = {s: _SplitProgress(**raw["splits"][s]) for s in SPLITS}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(
+            f"{path} is unreadable ({type(err).__name__}: {err}); delete {path.parent} and start the preparation again"
+        ) from None
+    if saved_fingerprint != fingerprint:
+        changed = sorted(k for k in fingerprint if saved_fingerprint.get(k) != fingerprint[k])
         raise DataError(
             f"{path.parent} holds an interrupted preparation with different settings ({', '.join(changed)}); "
             "re-run with the same arguments to resume, or choose a new --output"
         )
-    return {s: _SplitProgress(**raw["splits"][s]) for s in SPLITS}
+    if saved_content is not None and saved_content != content:
+        changed = sorted(k for k in {*content, *saved_content} if content.get(k) != saved_content.get(k))
+        raise DataError(
+            f"{path.parent} holds an interrupted preparation of other input: {changed[0]} changed since (size or "
+            "content); resuming would mix old and new shards: restore the input or choose a new --output"
+        )
+    return progress
 
 
-def _save_state(path: Path, fingerprint: dict, progress: dict[str, _SplitProgress]) -> None:
+def _save_state(path: Path, fingerprint: dict, content: dict, progress: dict[str, _SplitProgress]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "splits": {s: asdict(p) for s, p in progress.items()}}))
+    splits = {s: asdict(p) for s, p in progress.items()}
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "inputs": content, "splits": splits}))
     os.replace(tmp, path)
 
 
@@ -211,7 +257,13 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
     state_path = out / STATE_FILE
 
     if (out / INDEX_FILE).is_file():
-        existing = json.loads((out / INDEX_FILE).read_text()).get("prepared_with")
+        try:
+            existing = json.loads((out / INDEX_FILE).read_text()).get("prepared_with")
+        except (OSError, ValueError, AttributeError) as err:
+            raise DataError(
+                f"{out / INDEX_FILE} is malformed ({type(err).__name__}: {err}); choose a new --output (or delete "
+                f"{out} to prepare it again)"
+            ) from None
         if existing == fingerprint:
             from megatron_pept.data.shards import read_index
 
@@ -227,7 +279,8 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
     for stale in out.glob(".*.tmp"):
         stale.unlink()  # a shard or state being written when the last run died
 
-    progress = _load_state(state_path, fingerprint)
+    content = input_content(opts.inputs)
+    progress = _load_state(state_path, fingerprint, content)
     resumed = progress is not None
     if progress is None:
         progress = {s: _SplitProgress() for s in SPLITS}
@@ -267,7 +320,7 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
             if writers[split].add(flat[start:stop]):
                 progress[split].next_document = number + 1
                 progress[split].shards = [asdict(s) for s in writers[split].info.shards]
-                _save_state(state_path, fingerprint, progress)
+                _save_state(state_path, fingerprint, content, progress)
         documents += len(lengths)
         text_bytes += nbytes
         bar.update(nbytes)

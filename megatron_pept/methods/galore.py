@@ -21,6 +21,7 @@ in a step; 1 = same subspace), ``ef_residual_norm`` (global norm of the error-fe
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -32,6 +33,8 @@ from megatron_pept.methods.relora import matches_target
 from megatron_pept.optim.adam_mini import AdamMini
 from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer
 
+logger = logging.getLogger("megatron_pept")
+
 
 class GaLoreMethod(Method):
     optimizer_kind: ClassVar[str] = "adamw"
@@ -42,6 +45,7 @@ class GaLoreMethod(Method):
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
         self.refreshes = 0
         self.svd_seconds = 0.0
+        self._rank_checked = False  # the clamped-rank warning is given once
 
     def galore_targets(self, model: nn.Module) -> set[nn.Parameter]:
         return {
@@ -56,6 +60,18 @@ class GaLoreMethod(Method):
     def param_groups(self, model: nn.Module) -> list[dict]:
         c, wd = self.cfg, self.optim_cfg.weight_decay
         targets = self.galore_targets(model)
+        if not self._rank_checked:
+            self._rank_checked = True
+            small = [tuple(p.shape) for p in targets if min(p.shape) < c.rank]
+            if small:
+                logger.warning(
+                    "method.rank=%d exceeds the smaller side of %d of the %d projected matrices (e.g. %dx%d): they are "
+                    "projected at that side's size instead, so their optimizer state is not compressed",
+                    c.rank,
+                    len(small),
+                    len(targets),
+                    *small[0],
+                )
         projected, decay, no_decay = [], [], []
         for _, p in self.trainable_parameters(model):
             if p in targets:

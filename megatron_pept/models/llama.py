@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from megatron_pept.errors import ConfigError
 from megatron_pept.models.attention import build_core_attention
 
 
@@ -38,17 +39,17 @@ class LlamaArgs:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
                 "change model.hidden_size or model.num_heads"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}; "
                 "grouped-query attention needs whole groups"
             )
         if self.head_dim % 2:
-            raise ValueError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+            raise ConfigError(f"head dimension {self.head_dim} must be even for rotary embeddings")
 
     @property
     def head_dim(self) -> int:

@@ -42,6 +42,7 @@ def main() -> None:
             trainer.save_checkpoint()
             trainer.checkpointer.finish_pending()  # an asynchronous save commits here
             results[run["name"]] = {"losses": [], "params": {}, "split": torch.tensor(0), "midrow": torch.tensor(0)}
+            trainer.close()  # as if the job ended: the next run in this process resumes the same run_dir
             del trainer
             continue
         result = trainer.train()
@@ -64,6 +65,7 @@ def main() -> None:
             "split": torch.tensor(split),
             "midrow": torch.tensor(midrow),
         }
+        trainer.close()
         del trainer
     if dist.get_rank() == 0:
         torch.save(results, args[1])

@@ -149,10 +149,10 @@ def check_killed_state(root: Path, point: str, step: int, rank: int = 0) -> None
     found = newest_complete(root)
     assert found is not None and found.step == newest, f"{point}@{step}: newest complete {found}"
     assert (root / "latest").read_text().strip() == f"step_{latest:08d}", point
-    tmp = root / f".tmp-step_{step:08d}"
+    tmps = list(root.glob(f".tmp-step_{step:08d}.*"))  # named after the run that wrote it
     if rank == 0:
-        assert tmp.is_dir() == (point in ("save.written", "save.marked")), point
-    if tmp.is_dir():
+        assert len(tmps) == (point in ("save.written", "save.marked")), point
+    for tmp in tmps:
         assert (tmp / "COMPLETE.json").is_file() == (point == "save.marked"), point
 
 
@@ -271,7 +271,7 @@ def test_kill_during_an_asynchronous_save_resumes_bit_identical(references, quic
     cmd = command(quickstart_data, tmp_path, "full", "checkpoint.async_save=true")
     kill_at(cmd, "save.async@5")
     root = tmp_path / "checkpoints"
-    assert newest_complete(root).step == 4 and (root / ".tmp-step_00000005").is_dir()
+    assert newest_complete(root).step == 4 and len(list(root.glob(".tmp-step_00000005.*"))) == 1
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step_00000004" in proc.stdout + proc.stderr  # resumed from there
@@ -295,9 +295,16 @@ def test_inspect_and_convert_tools(quickstart_data: Path, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").write_text("{}")  # damage one
     shown = run([sys.executable, "tools/inspect_checkpoint.py", str(tmp_path / "run")])
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 1, shown.stderr  # one of them is damaged: the check fails
     assert "step       3 of 3" in shown.stdout and "relora (phase: low rank)" in shown.stdout
     assert "complete   yes" in shown.stdout and "complete   NO:" in shown.stdout and "latest     yes" in shown.stdout
+    good = run([sys.executable, "tools/inspect_checkpoint.py", str(tmp_path / "run" / "checkpoints" / "step_00000003")])
+    assert good.returncode == 0 and "complete   yes" in good.stdout, good.stderr
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json").write_text("garbage{")
+    garbage = run(
+        [sys.executable, "tools/inspect_checkpoint.py", str(tmp_path / "run" / "checkpoints" / "step_00000002")]
+    )
+    assert garbage.returncode == 1 and garbage.stderr == "" and "complete   NO:" in garbage.stdout, garbage.stderr
     out = tmp_path / "hf"
     converted = run(
         [sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "run"), "--output", str(out)]

@@ -329,3 +329,19 @@ def test_per_layer_logs_the_real_norm_and_clips_with_the_last_one(quickstart_dat
     first = clipped.state.last_grad_norm
     assert clipped._stale_clip_coef() == pytest.approx(0.01 / (first + 1e-6))
     assert all(p.grad is None for p in clipped.model.parameters())  # gradients freed in backward
+
+
+def test_a_rank_above_a_matrix_side_is_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    """method.rank larger than a projected matrix's smaller side cannot compress it: said once, not silently."""
+    model = debug_model()  # width 64, MLP 176: every projected matrix has a side of 64 or less (k/v: 32)
+    method = build_method(MethodConfig(name="galore", rank=48), optim_cfg=OptimConfig(), total_steps=10)
+    with caplog.at_level("WARNING", logger="megatron_pept"):
+        method.build_optimizer(model)
+        method.build_optimizer(model)  # built again (a rollback, a resume): no second warning
+    warnings_ = [r.getMessage() for r in caplog.records if "exceeds the smaller side" in r.getMessage()]
+    assert len(warnings_) == 1 and "method.rank=48" in warnings_[0] and "of the 14 projected" in warnings_[0]
+    caplog.clear()
+    quiet = build_method(MethodConfig(name="galore", rank=8), optim_cfg=OptimConfig(), total_steps=10)
+    with caplog.at_level("WARNING", logger="megatron_pept"):
+        quiet.build_optimizer(model)
+    assert not [r for r in caplog.records if "exceeds the smaller side" in r.getMessage()]

@@ -74,3 +74,70 @@ def test_no_checkpoint_to_roll_back_to_is_one_clear_error(poison, quickstart_dat
     trainer = Trainer(tiny(quickstart_data, tmp_path, "train.steps=4", "guard.rollback_after=2"))
     with pytest.raises(UserError, match="no checkpoint to roll back to"):
         trainer.train()
+
+
+def test_a_stop_signal_inside_a_nan_streak_saves_nothing(poison, quickstart_data, tmp_path, monkeypatch) -> None:
+    """SIGTERM arrives during a streak of non-finite steps: the run stops without saving the bad state, so the
+    newest checkpoint stays the last good one (before, the signal's save made the poisoned step `latest`)."""
+    import signal
+
+    from megatron_pept.checkpoint import list_checkpoints
+
+    poison.update({5, 6})
+    trainer = Trainer(
+        tiny(quickstart_data, tmp_path, "train.steps=8", "checkpoint.interval=2", "guard.rollback_after=3")
+    )
+    real_step = trainer.train_step
+
+    def step_then_signal():
+        out = real_step()
+        if trainer.state.step == 5:  # the first bad step is done: pre-empt the run now
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    result = trainer.train()
+    assert result.interrupted and trainer.state.step == 5 and trainer.state.bad_steps_in_a_row == 1
+    root = tmp_path / "checkpoints"
+    assert [f.step for f in list_checkpoints(root)] == [4, 2]
+    assert (root / "latest").read_text().strip() == "step_00000004"
+
+
+def test_a_run_that_stays_non_finite_stops_after_the_capped_rollbacks(poison, quickstart_data, tmp_path) -> None:
+    """Every step from the 5th on is NaN: two rollbacks to the checkpoint of step 4, then the run stops with one
+    error naming the step and that checkpoint; no good checkpoint was pruned (keep_last=1 would have, had a
+    poisoned state been saved)."""
+    from megatron_pept.checkpoint import list_checkpoints
+
+    poison.update(range(5, 100))
+    trainer = Trainer(
+        tiny(
+            quickstart_data,
+            tmp_path,
+            "train.steps=20",
+            "checkpoint.interval=2",
+            "checkpoint.keep_last=1",
+            "guard.rollback_after=2",
+            "guard.max_rollbacks=2",
+        )
+    )
+    with pytest.raises(FloatingPointError, match=r"at step 6 after 2 rollbacks to step_00000004.*guard.max_rollbacks"):
+        trainer.train()
+    assert trainer.state.rollbacks == 2 and trainer.state.rollbacks_to_target == 2
+    assert [f.step for f in list_checkpoints(tmp_path / "checkpoints")] == [4]
+
+
+def test_the_guard_counters_are_saved_and_restored(quickstart_data: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny(quickstart_data, tmp_path, "train.steps=2", "checkpoint.interval=2"))
+    trainer.state.skipped_steps, trainer.state.rollbacks = 3, 2
+    trainer.state.rollback_target, trainer.state.rollbacks_to_target = 6, 1
+    trainer.train()
+    trainer.close()
+    resumed = Trainer(tiny(quickstart_data, tmp_path, "train.steps=4", "checkpoint.interval=2"))
+    assert resumed.state.guard_counters() == {
+        "skipped_steps": 3,
+        "rollbacks": 2,
+        "bad_steps_in_a_row": 0,
+        "rollback_target": 6,
+        "rollbacks_to_target": 1,
+    }

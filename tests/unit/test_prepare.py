@@ -211,3 +211,44 @@ def test_dtype_choice() -> None:
     assert prepare_mod.choose_token_dtype(32000, "uint32").itemsize == 4
     with pytest.raises(DataError, match="too many for uint16"):
         prepare_mod.choose_token_dtype(70000, "uint16")
+
+
+def test_resume_over_changed_input_is_refused(tmp_path: Path, tokenizer_dir: Path, monkeypatch) -> None:
+    """An interrupted preparation, then the input file changes (same path, other text): resuming would mix shards
+    of the old and the new text, so it is refused with one line until the input is restored."""
+    corpus = tmp_path / "c.txt"
+    original = "\n".join(generate_stories(1500, seed=2)) + "\n"
+    corpus.write_text(original)
+    real_flush = ShardWriter.flush
+    flushes = {"n": 0}
+
+    def crashing_flush(self: ShardWriter) -> bool:
+        flushes["n"] += 1
+        if flushes["n"] == 4:
+            raise KeyboardInterrupt
+        return real_flush(self)
+
+    monkeypatch.setattr(ShardWriter, "flush", crashing_flush)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)
+    monkeypatch.setattr(ShardWriter, "flush", real_flush)
+    corpus.write_text(original.replace("The", "A", 3))  # a small edit in the middle; the size changes too
+    with pytest.raises(DataError, match="changed since"):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)
+    corpus.write_text(original.replace("The", "Tha", 1))  # the same size, other bytes
+    assert corpus.stat().st_size == len(original.encode())
+    with pytest.raises(DataError, match="changed since"):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)
+    corpus.write_text(original)
+    assert prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False).resumed
+
+
+def test_malformed_output_index_is_one_line(tmp_path: Path, tokenizer_dir: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(50, seed=3)) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for garbage in ("{not json", "[1, 2]"):
+        (out / "index.json").write_text(garbage)
+        with pytest.raises(DataError, match="index.json is malformed"):
+            prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)

@@ -38,6 +38,7 @@ def test_resume_is_bit_identical(case: str, stop: int, quickstart_data: Path, tm
     for _ in range(stop):
         cut.train_step()
     cut.save_checkpoint()
+    cut.close()  # the interrupted run's process is over
     resumed = Trainer(tiny(quickstart_data, tmp_path / "cut", *extra))
     assert resumed.state.step == stop
     assert resumed.train().train_losses == losses[stop:]

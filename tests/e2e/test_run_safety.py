@@ -1,0 +1,228 @@
+"""Data safety through the real entry point: one run per run_dir, checks before the first step (writable folders,
+room for a checkpoint), a failed save that stops the run cleanly, the tokenizer checked on resume, and bad input
+that is one line. Faults are injected on observed progress (megatron_pept.faults), never after a sleep."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_pept.checkpoint import list_checkpoints, newest_complete
+from megatron_pept.checkpoint.export import load_full_tensors
+from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def command(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "megatron_pept.train",
+        "--config",
+        "configs/quickstart.yaml",
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        "data.seq_len=32",
+        "train.steps=6",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.eval_interval=0",
+        "train.eval_at_start=false",
+        "train.log_interval=1",
+        "metrics.tensorboard=false",
+        "data.verify_checksums=false",
+        "checkpoint.interval=2",
+        *extra,
+    ]
+
+
+def run(cmd: list[str], *, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env or ENV, **kwargs)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert proc.returncode == code, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_full_tensors(newest_complete(run_dir / "checkpoints").path, prefix="model.")
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused(quickstart_data: Path, tmp_path: Path) -> None:
+    """The first run, frozen after step 2 (it holds run_dir), meets a second one on the same run_dir: refused with
+    one line naming the holder, nothing of the first touched; the first then finishes exactly like a lone run."""
+    lone = run(command(quickstart_data, tmp_path / "lone"))
+    assert lone.returncode == 0, lone.stderr[-3000:]
+    shared = tmp_path / "shared"
+    first = subprocess.Popen(
+        command(quickstart_data, shared),
+        cwd=REPO,
+        env={**ENV, ENV_VAR: "step.end@3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output = []
+        for line in first.stdout:
+            output.append(line)
+            if FAULT_FROZEN_LINE in line:
+                break
+        else:
+            pytest.fail(f"setup: the first run ended before its fault point:\n{''.join(output[-30:])}")
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        before = sorted(p.name for p in (shared / "checkpoints").iterdir())
+        second = run(command(quickstart_data, shared, "train.steps=8"))
+        error = one_line_error(second)
+        assert "is in use by another run" in error and f"pid {first.pid}" in error, error
+        assert sorted(p.name for p in (shared / "checkpoints").iterdir()) == before
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.pid, signal.SIGCONT)
+    output += first.stdout.readlines()
+    first.stdout.close()
+    assert first.wait() == 0, "".join(output[-30:])
+    theirs, ours = weights(tmp_path / "lone"), weights(shared)
+    assert theirs.keys() == ours.keys()
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), name
+
+
+def test_an_unwritable_run_dir_is_one_line(quickstart_data: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    error = one_line_error(run(command(quickstart_data, blocker / "run")))
+    assert "cannot create" in error and "run_dir" in error
+
+
+def mounted_tmpfs(path: Path, options: str) -> bool:
+    """Mount a tmpfs at ``path`` (root only); False where this machine does not allow it."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    return proc.returncode == 0
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    mounts = []
+
+    def mount(name: str, options: str) -> Path:
+        path = tmp_path / name
+        if not mounted_tmpfs(path, options):
+            pytest.skip("needs root and tmpfs mounts (mount -t tmpfs)")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_read_only_checkpoint_folder_is_refused_before_the_first_step(quickstart_data, tmp_path, tmpfs) -> None:
+    if os.geteuid() == 0:  # root writes through permissions: a read-only mount
+        read_only = tmpfs("ro", "ro,size=1m")
+        reason = "Read-only file system"
+    else:
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        reason = "Permission denied"
+    proc = run(command(quickstart_data, tmp_path / "run", f"checkpoint.dir={read_only / 'ckpt'}"))
+    error = one_line_error(proc)
+    assert reason in error and str(read_only) in error
+    assert "step 1/" not in proc.stdout  # nothing trained in vain
+    assert not (tmp_path / "run").exists()  # and nothing written
+
+
+def test_a_file_size_limit_below_a_checkpoint_is_refused_before_the_first_step(quickstart_data, tmp_path) -> None:
+    """`ulimit -f` (a size limit any user can set) smaller than a checkpoint: refused with one line up front, not
+    found at the first save."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+
+    proc = run(command(quickstart_data, tmp_path / "run"), preexec_fn=limit)
+    error = one_line_error(proc)
+    assert "ulimit -f" in error and "step 1/" not in proc.stdout
+
+
+def test_a_full_disk_at_a_later_save_stops_the_run_and_keeps_the_last_checkpoint(quickstart_data, tmp_path, tmpfs):
+    """Room for one checkpoint (the check before the first step passes) but not for two: the second save fails
+    with ENOSPC (the first is pruned only after a newer one commits). One line, exit 2, the first checkpoint
+    intact and latest, no partial folder, and a resume after freeing space goes on from it."""
+    probe = run(command(quickstart_data, tmp_path / "probe", "train.steps=2"))
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "step_00000002").rglob("*"))
+    small = tmpfs("small", f"size={int(size * 1.5)}")
+    cmd = command(quickstart_data, tmp_path / "run", f"checkpoint.dir={small}", "checkpoint.keep_last=1")
+    error = one_line_error(run(cmd))
+    assert "saving the checkpoint of step 4" in error and "No space left on device" in error, error
+    assert "step_00000002 is intact and still the latest" in error
+    assert [f.step for f in list_checkpoints(small)] == [2] and newest_complete(small).step == 2
+    assert not list(small.glob(".tmp-*"))
+
+
+def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint_current(quickstart_data, tmp_path) -> None:
+    """The same on any machine: the save of step 4 fails with ENOSPC injected where its shards are on disk."""
+    proc = run(command(quickstart_data, tmp_path), env={**ENV, ENV_VAR: "save.written@4:ENOSPC"})
+    error = one_line_error(proc)
+    assert "saving the checkpoint of step 4" in error and "No space left on device" in error
+    assert "step_00000002 is intact and still the latest" in error
+    root = tmp_path / "checkpoints"
+    assert [f.step for f in list_checkpoints(root)] == [2] and (root / "latest").read_text().strip() == "step_00000002"
+    assert not list(root.glob(".tmp-*"))
+    resumed = run(command(quickstart_data, tmp_path))  # the disk has room again
+    assert resumed.returncode == 0 and "step_00000002" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_resume_on_data_of_another_tokenizer_is_refused(quickstart_data: Path, tmp_path: Path) -> None:
+    """Data with the same windows but made with another tokenizer of equal vocabulary: refused, unless asked for."""
+    from megatron_pept.data.corpus import generate_stories
+    from megatron_pept.data.tokenizer import train_sentencepiece
+
+    proc = run(command(quickstart_data, tmp_path / "run", "train.steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = tmp_path / "other"
+    shutil.copytree(quickstart_data, other)
+    index = json.loads((other / "index.json").read_text())
+    vocab = index["vocab_size"]
+    texts = generate_stories(6000, seed=99)  # other text, and the earlier normalisation: another tokenizer
+    tok = train_sentencepiece(texts, output_dir=tmp_path / "tok", vocab_size=vocab, normalization="nfkc")
+    assert tok.vocab_size == vocab and tok.sha256 != index["tokenizer"]["sha256"]
+    shutil.copyfile(tok.path, other / "tokenizer.model")
+    index["tokenizer"]["sha256"] = tok.sha256
+    (other / "index.json").write_text(json.dumps(index))
+    cmd = command(other, tmp_path / "run", "train.steps=4")
+    error = one_line_error(run(cmd))
+    assert "made with tokenizer" in error and "data.allow_tokenizer_change=true" in error
+    allowed = run([*cmd, "data.allow_tokenizer_change=true"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "data.allow_tokenizer_change" in allowed.stdout + allowed.stderr  # said so
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("model.num_heads=5", "not divisible by num_heads"), ("model.num_kv_heads=3", "multiple of num_kv_heads")],
+)
+def test_shape_mistakes_are_one_line(quickstart_data: Path, tmp_path: Path, override: str, message: str) -> None:
+    assert message in one_line_error(run(command(quickstart_data, tmp_path, override)))
+    assert not tmp_path.joinpath("config.yaml").exists()
