@@ -27,21 +27,6 @@ import yaml
 from megatron_pept.errors import ConfigError
 
 MODEL_SIZES = ("debug", "60m", "130m", "250m", "350m", "1b", "7b")
-METHOD_NAMES = (
-    "full",
-    "lora",
-    "relora",
-    "redora",
-    "repissa",
-    "reloqra",
-    "galore",
-    "galore_ef",
-    "galore_dynamic",
-    "galore_dynamic_ef",
-    "galore_8bit",
-    "galore_adafactor",
-    "adam_mini",
-)
 
 
 @dataclass
@@ -163,7 +148,8 @@ LOWRANK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class MethodConfig:
     name: str = "full"
     """Training method: full, lora, relora, redora, repissa, reloqra, galore, galore_ef, galore_dynamic,
-    galore_dynamic_ef, galore_8bit, galore_adafactor, adam_mini."""
+    galore_dynamic_ef, galore_8bit, galore_adafactor, adam_mini (the registry in megatron_pept.methods.METHODS;
+    each key below says which methods read it)."""
     base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4"] = "auto"
     """Storage of the frozen base weights of low-rank methods; auto keeps them like the other master weights
     (fp32). bf16 halves their memory but rounds every merge. Ignored by methods that train every weight."""
@@ -227,8 +213,9 @@ class MethodConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
-    """How the model is spread over processes."""
+    backend: str = "single"
+    """How the model is spread over processes: single, ddp, fsdp2 or deepspeed (the registry in
+    megatron_pept.distributed.BACKENDS)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (1, 2 or 3); used with backend=deepspeed."""
     deepspeed_config: str | None = None
@@ -349,7 +336,17 @@ def describe_config(cls: type = Config, prefix: str = "") -> str:
         lines.append(f"{prefix}{name} = {default!r}   [{_type_name(tp)}]")
         if name in docs:
             lines.append(textwrap.fill(docs[name], width=100, initial_indent="    ", subsequent_indent="    "))
+        if cls is MethodConfig and name != "name":
+            users = [m for m, keys in _method_keys().items() if name in keys]
+            lines.append(f"    used by: {', '.join(users) if users else 'no method'}")
     return "\n".join(lines)
+
+
+def _method_keys() -> dict[str, tuple[str, ...]]:
+    """``method.name`` -> the method.* fields it reads, as each method declares them (``Method.config_keys``)."""
+    from megatron_pept.methods import METHODS
+
+    return {name: cls.config_keys for name, cls in METHODS.items()}
 
 
 def _type_name(tp: Any) -> str:
@@ -594,6 +591,24 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_registered(cfg: Config) -> None:
+    """The method and the backend exist in their registries (the only lists of names), and the backend can run
+    this config."""
+    from megatron_pept.distributed import BACKENDS
+    from megatron_pept.methods import METHODS
+
+    if cfg.method.name not in METHODS:
+        close = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHODS)}"
+        raise ConfigError(f"unknown method.name '{cfg.method.name}'{hint}")
+    name = cfg.parallel.backend
+    if name not in BACKENDS:
+        close = difflib.get_close_matches(name, list(BACKENDS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key 'parallel.backend' must be one of {', '.join(BACKENDS)}; got {name!r}{hint}")
+    BACKENDS[cfg.parallel.backend].validate(cfg)
+
+
 def validate(cfg: Config) -> None:
     """Checks that span fields or need ranges; each failure is one line with the fix."""
     t, o, d, m, p = cfg.train, cfg.optim, cfg.data, cfg.model, cfg.parallel
@@ -653,23 +668,7 @@ def validate(cfg: Config) -> None:
         _require(0 <= me.adafactor_beta1 < 1, f"method.adafactor_beta1 must be in [0, 1); got {me.adafactor_beta1}")
     if m.name not in MODEL_SIZES:  # pragma: no cover - Literal already guards it
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_SIZES)}")
-    if p.backend == "deepspeed":
-        _require(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 with deepspeed; got {p.zero_stage}")
-        if o.per_layer:
-            raise ConfigError(
-                "optim.per_layer=true cannot run with parallel.backend=deepspeed: DeepSpeed owns the optimizer step; "
-                "use parallel.backend=fsdp2 or ddp"
-            )
-        if cfg.method.warm_start_steps > 0:
-            raise ConfigError(
-                "method.warm_start_steps > 0 cannot run with parallel.backend=deepspeed in this version: the "
-                "switch changes which parameters train, and a DeepSpeed engine is built for a fixed set; use "
-                "parallel.backend=fsdp2 or ddp"
-            )
-    if cfg.method.name not in METHOD_NAMES:
-        close = difflib.get_close_matches(cfg.method.name, METHOD_NAMES, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHOD_NAMES)}"
-        raise ConfigError(f"unknown method.name '{cfg.method.name}'{hint}")
+    _check_registered(cfg)
     _require(
         bool(d.path) or d.builtin is not None or bool(d.blend),
         "data.path is empty; point it at a shard folder made by tools/prepare_data.py (or set data.builtin)",

@@ -73,12 +73,11 @@ def _shutdown_process_group(*, synchronize: bool) -> None:
     """Tear the process group down before the interpreter exits (left to interpreter shutdown, the collective
     library's threads can abort a process whose run succeeded: seen as 'terminate called without an active
     exception' and exit code -6 under torchrun)."""
-    import torch.distributed as dist
+    from megatron_pept.distributed import comm
 
-    if dist.is_available() and dist.is_initialized():
-        if synchronize:
-            dist.barrier()
-        dist.destroy_process_group()
+    if synchronize:
+        comm.barrier()
+    comm.shutdown()
 
 
 def cli_main() -> None:

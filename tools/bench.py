@@ -19,7 +19,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_pept.bench import DEVICES, DTYPES, HF_ATTENTION, BenchSettings, format_result, run_benchmark
-from megatron_pept.bench_data import DataBenchSettings, format_data_result, run_data_benchmark
+from megatron_pept.bench.data import DataBenchSettings, format_data_result, run_data_benchmark
 from megatron_pept.cli import run_cli
 from megatron_pept.errors import UserError
 from megatron_pept.models import MODEL_SHAPES
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _comm_suite(args: argparse.Namespace) -> int:
-    from megatron_pept import bench_comm as bc
+    from megatron_pept.bench import comm as bc
 
     methods = tuple(m.strip() for m in args.comm_methods.split(",") if m.strip())
     default_backends = "fsdp2,deepspeed" if args.suite == "comm" else "ddp,fsdp2"
@@ -236,7 +236,7 @@ def _comm_suite(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_suite(args: argparse.Namespace) -> int:
-    from megatron_pept.bench_checkpoint import CheckpointBenchSettings, run_checkpoint_benchmark
+    from megatron_pept.bench.checkpoint import CheckpointBenchSettings, run_checkpoint_benchmark
 
     result = run_checkpoint_benchmark(CheckpointBenchSettings(model=args.comm_model, rounds=args.rounds))
     print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
@@ -247,7 +247,7 @@ def _checkpoint_suite(args: argparse.Namespace) -> int:
 
 
 def _optim_suite(args: argparse.Namespace) -> int:
-    from megatron_pept.bench_optim import BENCHES, OptimBenchSettings, run_optim_benchmarks
+    from megatron_pept.bench.optim import BENCHES, OptimBenchSettings, run_optim_benchmarks
 
     which = [name.strip() for name in args.optim_bench.split(",") if name.strip()]
     unknown = [name for name in which if name not in BENCHES]

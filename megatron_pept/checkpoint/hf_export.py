@@ -51,19 +51,9 @@ def dense_state_dict(checkpoint: Path) -> tuple[LlamaArgs, dict[str, torch.Tenso
     method_state = load_full_tensors(checkpoint, prefix="extra.method.") if method.state_dict() else {}
     if method_state:
         method.load_state_dict(method_state)
-        apply_phase = getattr(method, "apply_phase", None)
-        if apply_phase is not None:
-            apply_phase(model)
-    dense: dict[str, torch.Tensor] = {}
-    skip = set()
-    for name, module in model.named_modules():
-        merged = getattr(module, "merged_weight", None)
-        if merged is not None:
-            dense[f"{name}.weight"] = merged().float()
-            skip.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
-    for name, value in model.state_dict().items():
-        if name not in skip and name not in dense:
-            dense[name] = value.float() if value.is_floating_point() else value
+        if method.has_phases:
+            method.apply_phase(model)
+    dense = method.export_weights(model)
     return args, dense, meta
 
 

@@ -10,6 +10,7 @@ model and optimizer (ZeRO partitions); our train, method and loader state go bes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -25,37 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_pept.checkpoint import state as cs
 from megatron_pept.checkpoint import store
 from megatron_pept.checkpoint.lock import FolderLock
-from megatron_pept.config import CheckpointConfig
+from megatron_pept.config import CheckpointConfig, Config, to_dict
+from megatron_pept.distributed import Backend, comm
 from megatron_pept.errors import UserError
 from megatron_pept.faults import fault_point
+from megatron_pept.sharding import optimizer_protocol
 
 logger = logging.getLogger("megatron_pept")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def _broadcast_str(value: str | None) -> str | None:
-    """Rank 0's value on every rank (a short string; the object broadcast is internal, nothing is loaded)."""
-    if not _distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
@@ -78,6 +63,21 @@ def _io_reason(err: BaseException, root: Path) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def run_meta(cfg: Config, *, model_args: Any, method: Any, backend: str, index: Any) -> dict[str, Any]:
+    """What a checkpoint's ``meta.json`` says about its run (read by export, inspection and resume checks)."""
+    method_state = method.state_dict()
+    return {
+        "method": method.name,
+        "phase": int(method_state["phase"]) if "phase" in method_state else None,
+        "backend": backend,
+        "model": cfg.model.name,
+        "total_steps": cfg.train.steps,
+        "model_args": dataclasses.asdict(model_args),
+        "config": to_dict(cfg),
+        "tokenizer": {"eos_id": index.eos_id, "bos_id": index.bos_id, "sha256": index.tokenizer_sha256},
+    }
+
+
 def checkpoint_root(cfg: CheckpointConfig, *, run_dir: str | Path) -> Path:
     """The folder that holds a run's checkpoints: ``checkpoint.dir``, by default ``run_dir/checkpoints``."""
     return Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
@@ -95,10 +95,10 @@ def lock_run_folders(folders: list[Path], *, rank: int) -> tuple[FolderLock, str
             lock.acquire()
         except UserError as err:
             error = str(err)
-    error = _broadcast_str(error)
+    error = comm.broadcast_object(error)
     if error:
         raise UserError(error)
-    return lock, _broadcast_str(run_id)
+    return lock, comm.broadcast_object(run_id)
 
 
 class Checkpointer:
@@ -110,9 +110,8 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.run_id = run_id  # names this run's temporary folders
         self._pending: tuple[Future, Path, int] | None = None
-        self._async_group = None
-        if cfg.async_save and _distributed():
-            self._async_group = dist.new_group(backend="gloo")  # the background save's own process group
+        # The background save's own process group (None in one process).
+        self._async_group = comm.new_gloo_group() if cfg.async_save else None
 
     # -- before the first step ---------------------------------------------------------------------------------
 
@@ -151,10 +150,7 @@ class Checkpointer:
             )
         except UserError as err:
             error = str(err)
-        if _distributed():
-            errors: list[str | None] = [None] * self.world_size
-            dist.all_gather_object(errors, error)
-            error = next((e for e in errors if e), None)
+        error = comm.first_error(error)
         if error:
             raise UserError(error)
 
@@ -169,10 +165,10 @@ class Checkpointer:
                 choice = self._resolve_on_rank0()
             except UserError as err:
                 error = str(err)
-        error = _broadcast_str(error)
+        error = comm.broadcast_object(error)
         if error:
             raise UserError(error)
-        choice = _broadcast_str(str(choice) if choice else None)
+        choice = comm.broadcast_object(str(choice) if choice else None)
         return Path(choice) if choice else None
 
     def _resolve_on_rank0(self) -> Path | None:
@@ -204,7 +200,7 @@ class Checkpointer:
         optimizer: Any,
         parts: dict[str, Any],
         meta: dict[str, Any],
-        engine: Any = None,
+        backend: Backend,
         files: dict[str, Path] | None = None,
     ) -> None:
         """Write the checkpoint of ``step`` (every rank calls this). Synchronous unless checkpoint.async_save.
@@ -239,15 +235,12 @@ class Checkpointer:
 
         self._stage(step, tmp, write_small_files)
         state = cs.extra_state(parts)
-        if engine is not None:  # DeepSpeed: its own format for the ZeRO-partitioned model and optimizer
-            self._stage(
-                step, tmp, lambda: engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            )
-            if cs.zero_sharded(optimizer):  # our optimizer's own state, kept per model parameter
-                state.update(cs.optimizer_state(model, optimizer))
-        else:
+        # A backend with a format of its own (DeepSpeed: the ZeRO-partitioned model and optimizer) writes it first.
+        if not self._stage(step, tmp, lambda: backend.save_native(tmp)):
             state.update(cs.model_state(model))
             state.update(cs.optimizer_state(model, optimizer))
+        elif optimizer_protocol(optimizer).zero_layout is not None:
+            state.update(cs.optimizer_state(model, optimizer))  # our optimizer's own state, per model parameter
         if self.cfg.async_save:
             future = self._stage(
                 step,
@@ -274,12 +267,9 @@ class Checkpointer:
             fault_point("save.written", step=step, rank=self.rank)
             return store.checksum_files(tmp, rank=self.rank, world_size=self.world_size)  # hashed in parallel
 
-        _barrier()  # every rank's shards are on disk
+        comm.barrier()  # every rank's shards are on disk
         files = self._stage(step, tmp, checksum)
-        if _distributed():
-            shares: list[dict] = [{} for _ in range(self.world_size)]
-            dist.all_gather_object(shares, files)
-            files = {name: value for share in shares for name, value in share.items()}
+        files = {name: value for share in comm.all_gather_object(files) for name, value in share.items()}
 
         def commit() -> None:
             if self.rank == 0:
@@ -288,7 +278,7 @@ class Checkpointer:
                 logger.info("checkpoint saved: %s%s", final, f" (pruned {len(removed)} older)" if removed else "")
 
         self._stage(step, tmp, commit)
-        _barrier()
+        comm.barrier()
 
     def _stage(self, step: int, tmp: Path, fn: Callable[[], Any]) -> Any:
         """Run one stage of a save on this rank; if it failed on any rank, every rank stops with the same error
@@ -299,10 +289,7 @@ class Checkpointer:
         except (OSError, CheckpointException, RuntimeError) as err:  # torch.save reports a failed write as a
             logger.error("saving step %d failed on rank %d", step, self.rank, exc_info=True)  # RuntimeError
             error = _io_reason(err, self.root)
-        if _distributed():
-            errors: list[str | None] = [None] * self.world_size
-            dist.all_gather_object(errors, error)
-            error = next((e for e in errors if e), None)
+        error = comm.first_error(error)
         if error:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -323,8 +310,8 @@ class Checkpointer:
         model: nn.Module,
         optimizer_fn: Callable[[], Any],
         parts: dict[str, Any],
+        backend: Backend,
         after_extra: Callable[[], None] | None = None,
-        engine: Any = None,
     ) -> None:
         """Put the state of checkpoint ``path`` back: first the train/method/loader state (so the method can put
         the model in its saved phase: ``after_extra``), then the model and the optimizer ``optimizer_fn()``
@@ -349,12 +336,9 @@ class Checkpointer:
         rng_file = path / "rng" / f"rank{self.rank:05d}.pt"
         if rng_file.is_file():
             cs.set_rng_state(torch.load(rng_file, weights_only=True))
-        if engine is not None:
-            from megatron_pept.distributed.deepspeed_backend import load_checkpoint
-
-            load_checkpoint(engine, path / "deepspeed")
+        if backend.load_native(path):  # the backend's own format held the model (and its optimizer's state)
             optimizer = optimizer_fn()
-            if cs.zero_sharded(optimizer):
+            if optimizer_protocol(optimizer).zero_layout is not None:
                 optim_sd = cs.optimizer_destinations(model, optimizer, saved)
                 if optim_sd:
                     dcp.load(optim_sd, checkpoint_id=str(path / "state"))
@@ -367,7 +351,7 @@ class Checkpointer:
         if unknown:
             raise UserError(f"{path} has no {unknown[0]}: it was saved from another model or method")
         for key, value in model_sd.items():
-            saved_shape = tuple(getattr(saved[key], "size", ()))
+            saved_shape = tuple(saved[key].size) if isinstance(saved[key], TensorStorageMetadata) else ()
             if saved_shape != tuple(value.shape):
                 raise UserError(
                     f"{path} holds {key[len('model.') :]} of shape {list(saved_shape)} but this run builds "

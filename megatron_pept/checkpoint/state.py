@@ -9,50 +9,33 @@ config, and the learning rate is a function of the step.
 Under FSDP2 a state tensor that follows its parameter's rows is saved as a DTensor sharded like the parameter,
 so DCP can load it on another number of ranks; state that every rank holds whole is saved once; state that is
 specific to a rank's shard but not by rows (8-bit quantisation blocks) is saved per rank (``.rank<r>`` keys) and
-loads only on the same number of ranks. An optimizer says which is which with ``state_layout(param, key)``
-returning ``"rows"``, ``"replicated"`` or ``"local"``; without it a tensor shaped like the local shard is
-``rows`` and anything else ``replicated``.
+loads only on the same number of ranks. An optimizer says which is which through the shard-aware protocol
+(:class:`megatron_pept.sharding.ShardAwareOptimizer`: ``state_layout(param, key)`` returning ``"rows"``,
+``"replicated"`` or ``"local"``); an optimizer that declares nothing keeps DTensor state for DTensor parameters,
+or state shaped like the local shard (``rows``), or whole tensors (``replicated``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from megatron_pept.distributed import comm
 from megatron_pept.errors import UserError
+from megatron_pept.sharding import ShardAwareOptimizer, optimizer_protocol
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _owner(optimizer: Any, p: torch.Tensor) -> Any:
-    per_param = getattr(optimizer, "optimizers", None)  # PerLayerOptimizer: one optimizer per parameter
-    return per_param[p] if isinstance(per_param, dict) and p in per_param else optimizer
-
-
-def _has_layout(optimizer: Any, p: torch.Tensor) -> bool:
-    return getattr(_owner(optimizer, p), "state_layout", None) is not None
-
-
-def zero_sharded(optimizer: Any) -> bool:
-    """Our optimizer stepping DeepSpeed ZeRO fragments (its state is keyed by model parameters)."""
-    return getattr(optimizer, "_zero_layout", None) is not None
-
-
-def _layout(optimizer: Any, p: torch.Tensor, key: str, local_shape: torch.Size | None) -> str:
-    if zero_sharded(optimizer):
-        return optimizer.state_layout(p, key)
+def _layout(protocol: ShardAwareOptimizer, p: torch.Tensor, key: str, local_shape: torch.Size | None) -> str:
+    if protocol.zero_layout is not None:
+        return protocol.state_layout(p, key) or "local"
     if not isinstance(p, DTensor):
         return "replicated"
-    rule: Callable[[torch.Tensor, str], str] | None = getattr(_owner(optimizer, p), "state_layout", None)
-    if rule is not None:
-        return rule(p, key)
+    declared = protocol.state_layout(p, key)
+    if declared is not None:
+        return declared
     return "rows" if local_shape is not None and local_shape == p.to_local().shape else "replicated"
 
 
@@ -67,6 +50,7 @@ def model_state(model: nn.Module) -> dict[str, Any]:
 
 
 def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    protocol = optimizer_protocol(optimizer)
     names = {p: n for n, p in model.named_parameters()}
     out: dict[str, Any] = {}
     for p, state in optimizer.state.items():
@@ -81,11 +65,11 @@ def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
             if isinstance(value, DTensor):  # an optimizer stepping DTensors directly keeps DTensor state
                 out[name] = value
                 continue
-            kind = _layout(optimizer, p, key, value.shape)
+            kind = _layout(protocol, p, key, value.shape)
             if kind == "rows":
                 out[name] = _rows_dtensor(p, value)
             elif kind == "local":
-                out[f"{name}.rank{_rank()}"] = value
+                out[f"{name}.rank{comm.rank()}"] = value
             else:
                 out[name] = value
     return out
@@ -107,12 +91,13 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
 
     ``saved`` maps each checkpoint key to its ``TensorStorageMetadata`` (global size and dtype)."""
     params = dict(model.named_parameters())
-    if zero_sharded(optimizer):
-        trainable = {id(q) for pieces in optimizer._zero_layout.values() for q, _ in pieces}
+    protocol = optimizer_protocol(optimizer)
+    if protocol.zero_layout is not None:
+        trainable = {id(q) for pieces in protocol.zero_layout.values() for q, _ in pieces}
     else:
         trainable = {id(p) for group in optimizer.param_groups for p in group["params"]}
     out: dict[str, Any] = {}
-    rank = _rank()
+    rank = comm.rank()
     for key, meta in saved.items():
         if not key.startswith("optim."):
             continue
@@ -125,7 +110,7 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
             continue  # state of a parameter this phase does not train (kept in the checkpoint, not loaded)
         if _is_rank_key(state_key):
             base, owner = state_key.rsplit(".", 1)
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            world = comm.world_size()
             prefix = f"optim.{name}.{base}.rank"
             ranks = {k[len(prefix) :] for k in saved if k.startswith(prefix)}
             if ranks != {str(r) for r in range(world)}:
@@ -136,13 +121,14 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
             if owner == f"rank{rank}":
                 out[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=_device(p))
             continue
-        if isinstance(p, DTensor) and not _has_layout(optimizer, p) and tuple(meta.size) == tuple(p.shape):
+        declared = protocol.state_layout(p, state_key) is not None  # our optimizers keep plain local tensors
+        if isinstance(p, DTensor) and not declared and tuple(meta.size) == tuple(p.shape):
             local = torch.empty(p.to_local().shape, dtype=meta.properties.dtype, device=_device(p))
             out[key] = DTensor.from_local(
                 local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
             )
             continue
-        kind = _layout(optimizer, p, state_key, None)
+        kind = _layout(protocol, p, state_key, None)
         if kind == "rows" and isinstance(p, DTensor) and len(meta.size) >= 1 and meta.size[0] == p.shape[0]:
             local_rows = p.to_local().shape[0]
             local = torch.empty((local_rows, *meta.size[1:]), dtype=meta.properties.dtype, device=_device(p))
@@ -158,6 +144,7 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
 
 
 def install_optimizer_state(model: nn.Module, optimizer: Any, loaded: dict[str, Any]) -> None:
+    protocol = optimizer_protocol(optimizer)
     params = dict(model.named_parameters())
     touched: dict[str, torch.Tensor] = {}
     for key, value in loaded.items():
@@ -165,13 +152,11 @@ def install_optimizer_state(model: nn.Module, optimizer: Any, loaded: dict[str, 
         if _is_rank_key(state_key):
             state_key = state_key.rsplit(".", 1)[0]
         p = touched[name] = params[name]
-        if isinstance(value, DTensor) and _has_layout(optimizer, p):
+        if isinstance(value, DTensor) and protocol.state_layout(p, state_key) is not None:
             value = value.to_local()  # our sharded optimizers keep their rows as plain tensors
-        _owner(optimizer, p).state[p][state_key] = value
+        protocol.owner(p).state[p][state_key] = value
     for p in touched.values():
-        restore = getattr(_owner(optimizer, p), "restore_loaded_state", None)
-        if restore is not None:
-            restore(p)  # e.g. memory layouts the optimizer's arithmetic depends on, bit for bit
+        protocol.restore_loaded_state(p)  # e.g. memory layouts the optimizer's arithmetic depends on, bit for bit
 
 
 def _is_rank_key(state_key: str) -> bool:

@@ -10,6 +10,9 @@ refused there, with the key to set instead.
 from __future__ import annotations
 
 import json
+import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,9 @@ import torch
 import yaml
 
 from megatron_pept.config import Config
-from megatron_pept.distributed.dtensor import ParamAccess
+from megatron_pept.distributed.backend import Backend
 from megatron_pept.errors import ConfigError
-from megatron_pept.optim.fragments import FlatFragment
+from megatron_pept.sharding import FlatFragment, ParamAccess, ZeroLayout, optimizer_protocol
 
 OWNED_KEYS = {
     "train_batch_size": "train.global_batch_size",
@@ -142,6 +145,9 @@ class DeepSpeedAccess(ParamAccess):
     def state_keys(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[str]:
         return ["exp_avg", "exp_avg_sq"] if p.requires_grad else []
 
+    def numel(self, t: torch.Tensor) -> int:
+        return getattr(t, "ds_numel", t.numel())  # a ZeRO-3 parameter's local tensor is empty
+
 
 def _zero3_set_partition(param: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
     """Write this rank's ZeRO-3 partition of ``value`` (the fp32 master when ``key`` is None, else that optimizer
@@ -161,7 +167,7 @@ def _is_ds_param(t: torch.Tensor) -> bool:
     return isinstance(t, torch.nn.Parameter) and (hasattr(t, "ds_id") or hasattr(t, "_hp_mapping"))
 
 
-def zero_layout(engine_optimizer: Any) -> dict[int, list[tuple[torch.nn.Parameter, FlatFragment]]]:
+def zero_layout(engine_optimizer: Any) -> ZeroLayout:
     """For each flat fp32 partition ZeRO hands the client optimizer (keyed by ``id``), the model parameters it holds
     pieces of, in ZeRO's order (the same on every rank), each with this rank's :class:`FlatFragment` of it.
 
@@ -169,7 +175,7 @@ def zero_layout(engine_optimizer: Any) -> dict[int, list[tuple[torch.nn.Paramete
     parameter may be split across ranks anywhere (DeepSpeed's own ``_hp_mapping`` gives where). Stage 3: each
     parameter is cut into equal partitions of its own, and a sub-group's flat tensor concatenates them."""
     zero = engine_optimizer
-    layout: dict[int, list[tuple[torch.nn.Parameter, FlatFragment]]] = {}
+    layout: ZeroLayout = {}
     if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
         for i, flat in enumerate(zero.single_partition_of_fp32_groups):
             group = zero.real_dp_process_group[i]
@@ -228,3 +234,105 @@ def load_checkpoint(engine: Any, folder: Path) -> None:
         checkpoint_engine.load = original
     if path is None:
         raise ConfigError(f"DeepSpeed found no checkpoint in {folder}")
+
+
+def _without_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's CPU accelerator from building its shared-memory all-reduce.
+
+    On CPU, ``deepspeed.init_distributed`` JIT-compiles a C++ op (``deepspeed_shm_comm``, about a minute of g++,
+    under a lock file in ``~/.cache/torch_extensions`` that a process killed mid-build leaves behind, after which
+    every later start waits on it for ever) and maps two 66 MiB buffers into ``/dev/shm`` that are never unlinked
+    when a process ends without running destructors. Only DeepSpeed's inference all-reduce uses it; training
+    collectives go through gloo. Marking the op unavailable makes DeepSpeed skip the build and the buffers.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # DeepSpeed reads this dict before building the op
+    compatible["deepspeed_shm_comm"] = False
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO 1, 2 or 3 with our optimizer as the engine's client optimizer. The engine scales the loss
+    for accumulation, reduces and clips the gradients, and steps at the accumulation boundary; methods reach the
+    partitioned fp32 master weights and optimizer state through :class:`DeepSpeedAccess`, and matrix-aware
+    optimizers step ZeRO's flat partitions as fragments of the model's parameters (:func:`zero_layout`)."""
+
+    name = "deepspeed"
+    uses_process_group = True
+    can_replace_optimizer = False  # the engine is built for one optimizer and a fixed set of parameters
+    state_tensors_per_param = 3  # fp32 master weights beside the two moments
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        p = cfg.parallel
+        if p.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3 with deepspeed; got {p.zero_stage}")
+        if cfg.optim.per_layer:
+            raise ConfigError(
+                "optim.per_layer=true cannot run with parallel.backend=deepspeed: DeepSpeed owns the optimizer step; "
+                "use parallel.backend=fsdp2 or ddp"
+            )
+        if cfg.method.warm_start_steps > 0:
+            raise ConfigError(
+                "method.warm_start_steps > 0 cannot run with parallel.backend=deepspeed in this version: the "
+                "switch changes which parameters train, and a DeepSpeed engine is built for a fixed set; use "
+                "parallel.backend=fsdp2 or ddp"
+            )
+
+    @classmethod
+    def init_process_group(cls, *, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
+        import deepspeed
+
+        # A complete torch-style environment keeps DeepSpeed from falling back to MPI discovery (mpi4py) when
+        # the entry point is started as one plain process.
+        for key, value in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("RANK", str(rank)),
+            ("WORLD_SIZE", str(world_size)),
+            ("LOCAL_RANK", str(local_rank)),
+        ):
+            os.environ.setdefault(key, value)
+        if device.type != "cuda":
+            _without_shared_memory_allreduce()
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+    def __init__(self, cfg: Config, dims: Any, device: torch.device) -> None:
+        super().__init__(cfg, dims, device)
+        self.engine: Any = None
+
+    def use_optimizer(self, optimizer: Any, *, replacing: bool) -> None:
+        if replacing:
+            raise ConfigError("the DeepSpeed engine's optimizer cannot be replaced during a run")
+        ds_config = deepspeed_config(
+            self.cfg,
+            grad_accum_steps=self.grad_accum_steps,
+            world_size=self.dims.world_size,
+            cuda=self.device.type == "cuda",
+        )
+        self.engine = initialize(self.raw_model, optimizer, ds_config)
+        self.model = self.engine
+        # Matrix-aware optimizers work on ZeRO's fragments; element-wise ones step the flat partitions as they are.
+        optimizer_protocol(optimizer).attach_zero(zero_layout(self.engine.optimizer))
+        self.access = DeepSpeedAccess(self.engine.optimizer)
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> torch.Tensor:
+        self.engine.backward(loss)  # scaled for accumulation by the engine
+        self.engine.step()  # applies the update at the accumulation boundary only
+        return loss.detach() / self.grad_accum_steps
+
+    def step(
+        self, optimizer: Any, params: list[torch.nn.Parameter], *, max_norm: float, accept: Callable[[float], bool]
+    ) -> tuple[float, bool]:
+        # DeepSpeed has stepped already (bf16/fp32 have no overflow skip): a bad step is counted and rolled back.
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else math.nan
+        return grad_norm, accept(grad_norm)
+
+    def save_native(self, folder: Path) -> bool:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        return True
+
+    def load_native(self, folder: Path) -> bool:
+        load_checkpoint(self.engine, folder / "deepspeed")
+        return True

@@ -1,30 +1,54 @@
-"""The method registry: ``method.name`` -> :class:`Method` subclass."""
+"""The method registry: ``method.name`` -> :class:`Method` subclass, the only list of method names (config
+validation and ``--help-config`` read it). :func:`register_method` adds one (see docs/architecture.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
+import dataclasses
+import logging
 
-from megatron_pept.config import METHOD_NAMES, MethodConfig, OptimConfig
+from megatron_pept.config import MethodConfig, OptimConfig
 from megatron_pept.errors import ConfigError
-from megatron_pept.methods.base import Method
+from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.full import FullRank
 from megatron_pept.methods.galore import GALORE_METHODS
 from megatron_pept.methods.relora import LOWRANK_METHODS
 
-METHODS: Mapping[str, type[Method]] = MappingProxyType(
-    {cls.name: cls for cls in (FullRank, *LOWRANK_METHODS, *GALORE_METHODS)}
-)
+logger = logging.getLogger("megatron_pept")
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullRank, *LOWRANK_METHODS, *GALORE_METHODS)}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make ``cls`` selectable as ``method.name=<cls.name>`` (usable as a class decorator). Its ``config_keys``
+    must be fields of :class:`~megatron_pept.config.MethodConfig`."""
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    unknown = [k for k in cls.config_keys if k not in fields]
+    if unknown:
+        raise ValueError(f"method {cls.name!r} declares config keys MethodConfig does not have: {unknown}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def ignored_keys(cfg: MethodConfig) -> list[str]:
+    """``method.*`` fields set away from their default that the chosen method does not read."""
+    read = {"name", *METHODS[cfg.name].config_keys}
+    values, defaults = dataclasses.asdict(cfg), dataclasses.asdict(MethodConfig())
+    return [key for key, value in values.items() if key not in read and value != defaults[key]]
 
 
 def build_method(cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> Method:
     if cfg.name not in METHODS:
-        if cfg.name in METHOD_NAMES:
-            raise ConfigError(
-                f"method.name={cfg.name} is not available in this version; available: {', '.join(METHODS)}"
-            )
         raise ConfigError(f"unknown method.name '{cfg.name}'; choose one of {', '.join(METHODS)}")
+    ignored = ignored_keys(cfg)
+    if ignored:
+        values = dataclasses.asdict(cfg)
+        logger.warning(
+            "method.name=%s does not read %s: %s",
+            cfg.name,
+            "this setting" if len(ignored) == 1 else "these settings",
+            ", ".join(f"method.{k}={values[k]!r}" for k in ignored),
+        )
     return METHODS[cfg.name](cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+__all__ = ["METHODS", "Method", "StepEnd", "build_method", "ignored_keys", "register_method"]

@@ -1,8 +1,13 @@
 """The interface every training method implements.
 
-The trainer knows methods only through this class: it never tests a method's name. A method converts the model
-(on the meta device, before parallelisation), says which parameters train, builds the optimizer, may reshape the
-learning-rate schedule, reacts at the end of each optimizer step, and saves and loads its own state as tensors.
+The trainer knows methods only through this class: it never tests a method's name, and every hook it may call is
+declared here with a default. A method declares the ``method.*`` config fields it reads (:attr:`Method.config_keys`),
+converts the model (on the meta device, before parallelisation), says which parameters train, builds the
+optimizer, may reshape the learning-rate schedule, reacts at the end of each optimizer step (possibly replacing
+the optimizer), may run in phases (:attr:`Method.has_phases`, :meth:`Method.apply_phase`), saves and loads its own
+state as tensors, and says what the trained weights are as a plain LLaMA (:meth:`Method.export_weights`).
+
+How to add one: ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ class Method:
     """Base class; its defaults are full-rank training with AdamW."""
 
     name: ClassVar[str]
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    """The ``method.*`` fields (besides ``name``) this method reads; ``--help-config`` lists them per key and a
+    non-default value of any other field is reported as ignored."""
+    has_phases: ClassVar[bool] = False
+    """The method's state says which parameters train (e.g. a full-rank warm start before the low-rank phase):
+    after a checkpoint load the trainer calls :meth:`apply_phase` and builds the optimizer again."""
 
     def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         self.cfg = cfg
@@ -60,8 +71,16 @@ class Method:
         return base
 
     def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
-        """Called after optimizer step ``step`` (0-based)."""
+        """Called after optimizer step ``step`` (0-based); may return scalars to log and an optimizer to use from
+        the next step on (the trainer swaps it in through the backend)."""
         return StepEnd()
+
+    def apply_phase(self, model: nn.Module) -> None:
+        """Put the model in the phase :meth:`load_state_dict` restored (only called when :attr:`has_phases`)."""
+
+    def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained weights as a plain LLaMA's ``state_dict`` (adapters merged into their weights), fp32."""
+        return {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

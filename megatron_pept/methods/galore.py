@@ -31,7 +31,8 @@ from megatron_pept.config import MethodConfig, OptimConfig
 from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.relora import matches_target
 from megatron_pept.optim.adam_mini import AdamMini
-from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer
+from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from megatron_pept.sharding import optimizer_protocol
 
 logger = logging.getLogger("megatron_pept")
 
@@ -40,6 +41,16 @@ class GaLoreMethod(Method):
     optimizer_kind: ClassVar[str] = "adamw"
     error_feedback: ClassVar[bool] = False
     dynamic: ClassVar[bool] = False
+    config_keys = (
+        "rank",
+        "target_modules",
+        "galore_scale",
+        "update_proj_gap",
+        "svd",
+        "svd_oversample",
+        "svd_power_iters",
+    )
+    DYNAMIC_KEYS = ("dynamic_first", "dynamic_growth", "dynamic_cap", "dynamic_rule")
 
     def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
@@ -80,16 +91,23 @@ class GaLoreMethod(Method):
                 decay.append(p)
             else:
                 no_decay.append(p)
+        # Only the keys this method declares are read (a dynamic schedule has no fixed gap, a static one no growth).
+        schedule = (
+            dict(
+                dynamic_first=c.dynamic_first,
+                dynamic_growth=c.dynamic_growth,
+                dynamic_cap=c.dynamic_cap,
+                dynamic_rule=c.dynamic_rule,
+            )
+            if self.dynamic
+            else dict(update_proj_gap=c.update_proj_gap)
+        )
         galore = dict(
             rank=c.rank,
-            update_proj_gap=c.update_proj_gap,
             scale=c.galore_scale,
             proj_type="std",
             dynamic_gap=self.dynamic,
-            dynamic_first=c.dynamic_first,
-            dynamic_growth=c.dynamic_growth,
-            dynamic_cap=c.dynamic_cap,
-            dynamic_rule=c.dynamic_rule,
+            **schedule,
             ef_weight=c.ef_weight if self.error_feedback else 0.0,
             svd=c.svd,
             svd_oversample=c.svd_oversample,
@@ -113,18 +131,18 @@ class GaLoreMethod(Method):
         return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
     def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
-        stats = optimizer if isinstance(optimizer, GaLoreOptimizer) else getattr(optimizer, "galore_stats", None)
+        stats = optimizer_protocol(optimizer).step_stats()
         end = StepEnd()
-        if stats is None:
+        if not stats:
             return end
-        self.refreshes += stats.last_refreshes
-        self.svd_seconds += stats.last_svd_seconds
+        self.refreshes += stats["refreshes"]
+        self.svd_seconds += stats["svd_seconds"]
         end.scalars["galore/refreshes"] = float(self.refreshes)
         end.scalars["galore/svd_seconds"] = self.svd_seconds
-        if stats.last_overlaps:
-            end.scalars["galore/subspace_overlap"] = sum(stats.last_overlaps) / len(stats.last_overlaps)
+        if stats["overlaps"]:
+            end.scalars["galore/subspace_overlap"] = sum(stats["overlaps"]) / len(stats["overlaps"])
         if self.error_feedback:
-            end.scalars["galore/ef_residual_norm"] = stats.last_ef_residual_sq**0.5
+            end.scalars["galore/ef_residual_norm"] = stats["ef_residual_sq"] ** 0.5
         return end
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -141,17 +159,24 @@ class GaLore(GaLoreMethod):
 class GaLoreEF(GaLoreMethod):
     name = "galore_ef"
     error_feedback = True
+    config_keys = (*GaLoreMethod.config_keys, "ef_weight")
 
 
 class GaLoreDynamic(GaLoreMethod):
     name = "galore_dynamic"
     dynamic = True
+    config_keys = (*(k for k in GaLoreMethod.config_keys if k != "update_proj_gap"), *GaLoreMethod.DYNAMIC_KEYS)
 
 
 class GaLoreDynamicEF(GaLoreMethod):
     name = "galore_dynamic_ef"
     dynamic = True
     error_feedback = True
+    config_keys = (
+        *(k for k in GaLoreMethod.config_keys if k != "update_proj_gap"),
+        *GaLoreMethod.DYNAMIC_KEYS,
+        "ef_weight",
+    )
 
 
 class GaLore8bit(GaLoreMethod):
@@ -162,6 +187,7 @@ class GaLore8bit(GaLoreMethod):
 class GaLoreAdafactorMethod(GaLoreMethod):
     name = "galore_adafactor"
     optimizer_kind = "adafactor"
+    config_keys = (*GaLoreMethod.config_keys, "adafactor_beta1")
 
 
 class AdamMiniMethod(Method):
@@ -171,6 +197,7 @@ class AdamMiniMethod(Method):
     norm weights: one block per tensor."""
 
     name = "adam_mini"
+    config_keys = ("adam_mini_partition",)
     QUERY_KEY = ("q_proj", "k_proj")
     FULL_ADAM = ("embed_tokens", "lm_head")
 

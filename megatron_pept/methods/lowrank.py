@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_pept.distributed.dtensor import LOCAL_ACCESS, ParamAccess
 from megatron_pept.errors import ConfigError
+from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
 
 LOWRANK_KINDS = ("lora", "dora", "pissa", "qr")
 

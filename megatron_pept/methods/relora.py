@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from megatron_pept.config import MethodConfig, OptimConfig
-from megatron_pept.distributed.dtensor import LOCAL_ACCESS, ParamAccess
 from megatron_pept.errors import ConfigError
 from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.lowrank import LowRankLinear
 from megatron_pept.optim import JaggedSchedule, Schedule
 from megatron_pept.optim.pruning import reset_optimizer_state
+from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
 
 _BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,6 +54,17 @@ class LowRankMethod(Method):
     kind: ClassVar[str]
     restarts: ClassVar[bool]
     metric_prefix: ClassVar[str] = "relora"
+    has_phases = True  # full-rank warm start, then low-rank
+    config_keys = (
+        "base_dtype",
+        "rank",
+        "alpha",
+        "dropout",
+        "target_modules",
+        "warm_start_steps",
+        "restart_warmup_steps",
+    )
+    RESTART_KEYS = ("reset_every", "optimizer_reset", "prune_ratio")
 
     def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
@@ -94,7 +105,7 @@ class LowRankMethod(Method):
                 alpha=self.cfg.alpha,
                 kind=self.kind,
                 dropout=self.cfg.dropout,
-                qr_residual=self.cfg.qr_residual,
+                qr_residual=self.cfg.qr_residual if self.kind == "qr" else False,
                 base_dtype=self.base_dtype,
             )
             layer.set_lowrank_active(self.lowrank_phase)
@@ -207,6 +218,18 @@ class LowRankMethod(Method):
         for _, layer in lowrank_layers(model):
             layer.set_lowrank_active(self.lowrank_phase)
 
+    def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each adapted layer's merged weight (base plus its low-rank update) under the plain layer's name."""
+        dense: dict[str, torch.Tensor] = {}
+        skip = set()
+        for name, layer in lowrank_layers(model):
+            dense[f"{name}.weight"] = layer.merged_weight().float()
+            skip.update(f"{name}.{p}" for p, _ in layer.named_parameters(recurse=False))
+        for name, value in model.state_dict().items():
+            if name not in skip and name not in dense:
+                dense[name] = value.float() if value.is_floating_point() else value
+        return dense
+
 
 class LoRA(LowRankMethod):
     """LoRA over frozen weights, no restarts (a baseline; with warm_start_steps it is 'LoRA + warm start')."""
@@ -222,6 +245,7 @@ class ReLoRA(LowRankMethod):
     name = "relora"
     kind = "lora"
     restarts = True
+    config_keys = (*LowRankMethod.config_keys, *LowRankMethod.RESTART_KEYS)
 
 
 class ReDoRA(LowRankMethod):
@@ -230,6 +254,7 @@ class ReDoRA(LowRankMethod):
     name = "redora"
     kind = "dora"
     restarts = True
+    config_keys = (*LowRankMethod.config_keys, *LowRankMethod.RESTART_KEYS)
 
 
 class RePiSSA(LowRankMethod):
@@ -238,6 +263,7 @@ class RePiSSA(LowRankMethod):
     name = "repissa"
     kind = "pissa"
     restarts = True
+    config_keys = (*LowRankMethod.config_keys, *LowRankMethod.RESTART_KEYS)
 
 
 class ReLoQRa(LowRankMethod):
@@ -246,6 +272,7 @@ class ReLoQRa(LowRankMethod):
     name = "reloqra"
     kind = "qr"
     restarts = True
+    config_keys = (*LowRankMethod.config_keys, *LowRankMethod.RESTART_KEYS, "qr_residual")
 
 
 LOWRANK_METHODS = (LoRA, ReLoRA, ReDoRA, RePiSSA, ReLoQRa)

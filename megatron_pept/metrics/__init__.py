@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_pept.metrics.timing import StepRates
+
 logger = logging.getLogger("megatron_pept")
 
 # Dense bf16 peak TFLOP/s of one device, by a substring of torch.cuda.get_device_name().
@@ -172,3 +174,44 @@ def console_line(
         f"step {step:>{width}}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
         f"{tokens_per_sec:,.0f} tok/s | mfu {100 * mfu:.1f}% | mem {mem_gb:.2f} GB | eta {format_duration(eta_seconds)}"
     )
+
+
+def log_step(
+    writer: MetricsWriter,
+    *,
+    step: int,
+    total_steps: int,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    rates: StepRates,
+    mem_gb: float,
+    console: bool,
+) -> None:
+    """The scalars of one finished step (``step``: steps done) and, when ``console``, its console line (with the
+    rates averaged since the first step)."""
+    writer.scalars(
+        step,
+        {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "perf/tokens_per_sec": rates.tokens_per_sec,
+            "perf/mfu": rates.mfu,
+            "mem/peak_gb": mem_gb,
+        },
+    )
+    if console:
+        logger.info(
+            console_line(
+                step=step,
+                total_steps=total_steps,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens_per_sec=rates.mean_tokens_per_sec,
+                mfu=rates.mean_mfu,
+                mem_gb=mem_gb,
+                eta_seconds=rates.eta_seconds,
+            )
+        )

@@ -22,15 +22,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from megatron_pept.optim.fragments import FlatFragment, ZeroStateDict
+from megatron_pept.optim.sharded import ShardedOptimizer
+from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout
 
 BLOCK_KINDS = ("adam", "head", "row", "tensor")
 
 
-class AdamMini(ZeroStateDict, torch.optim.Optimizer):
+class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
@@ -50,22 +50,17 @@ class AdamMini(ZeroStateDict, torch.optim.Optimizer):
         self.reduce_sum = reduce_sum
         # Group of each parameter, fixed at construction (DeepSpeed later swaps ``params`` for flat partitions).
         self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        self._zero_layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]] | None = None
+        self.zero_layout: ZeroLayout | None = None
 
     def state_layout(self, p: torch.Tensor, key: str) -> str:
         """Checkpoint layout of a state tensor of an FSDP2 (row-sharded) parameter: see
         :meth:`megatron_pept.optim.galore.GaLoreOptimizer.state_layout`."""
         kind = self.param_groups[self._group_index[id(p)]]["block"]
-        if self._zero_layout is not None:  # ZeRO: element-wise state per fragment, block statistics whole
+        if self.zero_layout is not None:  # ZeRO: element-wise state per fragment, block statistics whole
             return "local" if key == "m" or (key == "v" and kind == "adam") else "replicated"
         if key == "m" or (key == "v" and kind in ("adam", "row")):
             return "rows"
         return "replicated"
-
-    def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
-        """Run inside DeepSpeed ZeRO (see :meth:`megatron_pept.optim.galore.GaLoreOptimizer.attach_zero`): each
-        model parameter is stepped on this rank's fragment, its block statistics summed over the ranks."""
-        self._zero_layout = layout
 
     def _fragment_step(
         self, p: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, frag: FlatFragment, group: dict
@@ -117,12 +112,12 @@ class AdamMini(ZeroStateDict, torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if self._zero_layout is not None:
-                    for q, frag in self._zero_layout[id(p)]:
+                if self.zero_layout is not None:
+                    for q, frag in self.zero_layout[id(p)]:
                         self._fragment_step(q, frag.view(p), frag.view(p.grad), frag, group)
                     continue
                 # Under FSDP2 each rank updates its own rows; block statistics that span ranks are summed.
-                shard = _Rows(p) if isinstance(p, DTensor) else None
+                shard = RowShard(p) if isinstance(p, DTensor) else None
                 param = p.to_local() if shard else p
                 grad = p.grad.to_local() if shard else p.grad
                 state = self.state[p]
@@ -146,7 +141,7 @@ class AdamMini(ZeroStateDict, torch.optim.Optimizer):
                     continue
                 stepsize = (1 / bias_correction1) / h
                 if kind == "head" and shard is not None:
-                    stepsize = stepsize[shard.head_of_rows(p, group["head_numel"])]  # one row per local row
+                    stepsize = stepsize[_head_of_rows(shard, p, group["head_numel"])]  # one row per local row
                 m = state["m"].view(stepsize.shape[0], -1) if kind != "tensor" else state["m"]
                 param.add_(-(m * stepsize).view(param.shape) * lr)
         return loss
@@ -160,7 +155,7 @@ class AdamMini(ZeroStateDict, torch.optim.Optimizer):
             return torch.zeros(local.shape[0], 1, dtype=local.dtype, device=local.device)
         return torch.zeros((), dtype=local.dtype, device=local.device)
 
-    def _block_mean_sq(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shard: _Rows | None) -> torch.Tensor:
+    def _block_mean_sq(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shard: RowShard | None) -> torch.Tensor:
         kind = group["block"]
         if kind == "head":
             if shard is None:
@@ -168,7 +163,7 @@ class AdamMini(ZeroStateDict, torch.optim.Optimizer):
             heads = p.numel() // group["head_numel"]
             sums = torch.zeros(heads, dtype=grad.dtype, device=grad.device)
             rows_sq = grad.view(grad.shape[0], -1).square().sum(dim=1)
-            sums.index_add_(0, shard.head_of_rows(p, group["head_numel"]), rows_sq)
+            sums.index_add_(0, _head_of_rows(shard, p, group["head_numel"]), rows_sq)
             return (shard.all_reduce(sums) / group["head_numel"]).view(heads, 1)
         if kind == "row":
             return torch.mean(grad.view(grad.shape[0], -1).square(), dim=1, keepdim=True)
@@ -181,20 +176,7 @@ class AdamMini(ZeroStateDict, torch.optim.Optimizer):
         return total / numel
 
 
-class _Rows:
-    """The rows a rank holds of a parameter sharded by FSDP2 on dim 0 (``torch.chunk`` layout)."""
-
-    def __init__(self, dt: DTensor) -> None:
-        self.group = dt.device_mesh.get_group()
-        world, rank = dt.device_mesh.size(), dt.device_mesh.get_local_rank()
-        chunk = -(-dt.shape[0] // world)
-        self.start = min(rank * chunk, dt.shape[0])
-        self.stop = min(self.start + chunk, dt.shape[0])
-
-    def head_of_rows(self, p: torch.Tensor, head_numel: int) -> torch.Tensor:
-        rows_per_head = head_numel // (p.numel() // p.shape[0])
-        return torch.arange(self.start, self.stop, device=p.to_local().device) // rows_per_head
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
+def _head_of_rows(shard: RowShard, p: DTensor, head_numel: int) -> torch.Tensor:
+    """The attention head of each of this rank's rows."""
+    rows_per_head = head_numel // (p.numel() // p.shape[0])
+    return shard.rows(p.to_local().device) // rows_per_head

@@ -24,11 +24,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.optim.adamw import KeepStateDtypes
-from megatron_pept.optim.fragments import FlatFragment, ZeroStateDict
 from megatron_pept.optim.projector import (
     RefreshSchedule,
     column_major,
@@ -40,6 +38,8 @@ from megatron_pept.optim.projector import (
     subspace_overlap,
     svd_basis,
 )
+from megatron_pept.optim.sharded import ShardedOptimizer
+from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout
 
 GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
     rank=128,
@@ -59,7 +59,7 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
+class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
     """Projection machinery shared by the GaLore optimizers; subclasses give the inner update."""
 
     # The inner update treats each entry of the projected gradient on its own (Adam): under ZeRO a right
@@ -85,7 +85,7 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
         self.last_svd_seconds = 0.0
         self.last_overlaps: list[float] = []
         self.last_ef_residual_sq = 0.0
-        self._zero_layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]] | None = None
+        self.zero_layout: ZeroLayout | None = None
         self._zero_first: int | None = None
 
     # -- to be provided by subclasses --------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
         but not by rows: 8-bit quantisation blocks; reloads on the same number of ranks only)."""
         if key in ("step", "refreshes", "seed"):
             return "replicated"
-        if self._zero_layout is not None:  # ZeRO: projected state whole on every rank, the rest per fragment
+        if self.zero_layout is not None:  # ZeRO: projected state whole on every rank, the rest per fragment
             projected = "rank" in self.param_groups[self._group_index[id(p)]]
             if projected and key != "ef_residual" and key != "projector" and self.elementwise_inner:
                 return "local" if projection_side(self._zero_shape(p)) == "right" else "replicated"
@@ -226,16 +226,21 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
     # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------
 
     def _zero_shape(self, p: torch.Tensor) -> torch.Size:
-        return next(f.shape for pieces in self._zero_layout.values() for q, f in pieces if q is p)
+        return next(f.shape for pieces in self.zero_layout.values() for q, f in pieces if q is p)
 
-    def attach_zero(self, layout: dict[int, list[tuple[torch.Tensor, FlatFragment]]]) -> None:
-        """Run inside DeepSpeed ZeRO: ``layout`` maps each flat fp32 partition ZeRO gives this optimizer (by
-        ``id``) to the model parameters it holds pieces of, in ZeRO's order (the same on every rank), with the
-        piece this rank holds (:func:`megatron_pept.distributed.deepspeed_backend.zero_layout`). State is then
-        kept per model parameter: projected-space moments whole (every rank computes the same ones from the
+    def attach_zero(self, layout: ZeroLayout) -> None:
+        """Under ZeRO, projected-space moments are kept whole (every rank computes the same ones from the
         all-reduced low-rank gradient), error-feedback buffers and element-wise moments per fragment."""
-        self._zero_layout = layout
+        super().attach_zero(layout)
         self._zero_first = next(iter(layout), None)
+
+    def step_stats(self) -> dict[str, Any]:
+        return {
+            "refreshes": self.last_refreshes,
+            "svd_seconds": self.last_svd_seconds,
+            "overlaps": list(self.last_overlaps),
+            "ef_residual_sq": self.last_ef_residual_sq,
+        }
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -243,7 +248,7 @@ class GaLoreOptimizer(ZeroStateDict, KeepStateDtypes, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layout = self._zero_layout
+        layout = self.zero_layout
         # ZeRO steps one parameter group per call: statistics restart with the first group of an optimizer step.
         if layout is None or any(id(f) == self._zero_first for g in self.param_groups for f in g["params"]):
             self.last_refreshes, self.last_svd_seconds, self.last_overlaps = 0, 0.0, []
@@ -522,22 +527,13 @@ class _View:
 
 
 class _RowShard(_View):
-    """This rank's rows of a parameter sharded by FSDP2 on dim 0 (``torch.chunk`` layout): a right projection is
-    local to the rows; a left projection sums ``P_rows^T G_rows`` over the ranks; the projector of a left
-    projection is kept by rows."""
+    """This rank's rows of a parameter FSDP2 shards on dim 0 (:class:`~megatron_pept.sharding.RowShard`): a right
+    projection is local to the rows; a left projection sums ``P_rows^T G_rows`` over the ranks; the projector of a
+    left projection is kept by rows."""
 
     def __init__(self, dt: DTensor) -> None:
-        from torch.distributed.tensor import Shard
-
         super().__init__(dt)
-        if len(dt.placements) != 1 or dt.placements[0] != Shard(0):
-            raise ValueError(f"GaLore supports parameters sharded by rows (Shard(0)); got {dt.placements}")
-        self.mesh, self.placements, self.stride = dt.device_mesh, dt.placements, dt.stride()
-        self.group = self.mesh.get_group()
-        world, rank = self.mesh.size(), self.mesh.get_local_rank()
-        chunk = -(-dt.shape[0] // world)
-        self.start = min(rank * chunk, dt.shape[0])
-        self.stop = min(self.start + chunk, dt.shape[0])
+        self.rows = RowShard(dt)
 
     def param(self, p: torch.Tensor) -> torch.Tensor:
         return p.to_local()
@@ -546,11 +542,11 @@ class _RowShard(_View):
         return p.grad.to_local()
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
-        dt = DTensor.from_local(local, self.mesh, self.placements, shape=self.shape, stride=self.stride)
-        return dt.full_tensor()
+        return self.rows.gather(local)
 
     def local_basis(self, basis: torch.Tensor, side: str) -> torch.Tensor:
-        return basis[self.start : self.stop].contiguous() if side == "left" else basis  # this rank's rows of m x r
+        # this rank's rows of m x r
+        return basis[self.rows.start : self.rows.stop].contiguous() if side == "left" else basis
 
     def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> float:
         if side == "right":
@@ -563,12 +559,11 @@ class _RowShard(_View):
         return self.sum_all(low) if side == "left" else low
 
     def sum_all(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
+        return self.rows.all_reduce(t)
 
 
 class _ZeroView(_View):
-    """A fragment (:class:`~megatron_pept.optim.fragments.FlatFragment`) of a matrix: a piece of a ZeRO partition,
+    """A fragment (:class:`~megatron_pept.sharding.FlatFragment`) of a matrix: a piece of a ZeRO partition,
     or an FSDP2 row shard seen as one. The projected gradient is the sum over ranks of each fragment's zero-padded
     rows projected (one all-reduce of the low-rank size), the projector and the projected-space state are whole on
     every rank, and the update is computed for the fragment's elements only. ``flat``/``flat_grad``: the 1-D
@@ -588,11 +583,7 @@ class _ZeroView(_View):
 
     @classmethod
     def of_row_shard(cls, p: DTensor) -> _ZeroView:
-        rows = _RowShard(p)
-        cols = p.shape.numel() // max(1, p.shape[0])
-        numel = (rows.stop - rows.start) * cols
-        frag = FlatFragment(p.shape, lo=rows.start * cols, numel=numel, offset=0, group=rows.group)
-        return cls(frag, p.to_local().view(-1), p.grad.to_local().reshape(-1))
+        return cls(RowShard(p).as_fragment(), p.to_local().view(-1), p.grad.to_local().reshape(-1))
 
     def param(self, p: torch.Tensor) -> torch.Tensor:
         return self.frag.view(self.flat)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from megatron_pept.sharding import ShardAwareOptimizer, merge_step_stats, optimizer_protocol
+
 
 def split_per_parameter(optimizer: torch.optim.Optimizer) -> dict[nn.Parameter, torch.optim.Optimizer]:
     """One optimizer per parameter: a copy of ``optimizer`` (sharing its configuration attributes) whose single
@@ -49,18 +51,10 @@ def split_per_parameter(optimizer: torch.optim.Optimizer) -> dict[nn.Parameter, 
     return subs
 
 
-class _GaLoreStats:
-    """The per-step statistics of GaLore optimizers, summed over the per-parameter ones."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self.last_refreshes = sum(getattr(o, "last_refreshes", 0) for o in optimizers)
-        self.last_svd_seconds = sum(getattr(o, "last_svd_seconds", 0.0) for o in optimizers)
-        self.last_overlaps = [x for o in optimizers for x in getattr(o, "last_overlaps", [])]
-        self.last_ef_residual_sq = sum(getattr(o, "last_ef_residual_sq", 0.0) for o in optimizers)
-
-
-class PerLayerOptimizer:
+class PerLayerOptimizer(ShardAwareOptimizer):
     """Looks like an optimizer to the trainer and the methods; does its work in backward hooks."""
+
+    steps_in_backward = True
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, *, grad_reduce: Callable[[torch.Tensor], None] | None = None
@@ -73,6 +67,7 @@ class PerLayerOptimizer:
         self.clip_coef = 1.0
         self._grad_sq: torch.Tensor | None = None
         self._stepped: list[torch.optim.Optimizer] = []
+        self._last_stepped: list[torch.optim.Optimizer] = []
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.optimizers]
 
     def _hook(self, p: torch.Tensor) -> None:
@@ -100,15 +95,34 @@ class PerLayerOptimizer:
     def disarm(self) -> torch.Tensor:
         """End the step; returns the global gradient norm (before clipping) of the parameters stepped."""
         self.armed = False
-        self.galore_stats = _GaLoreStats(self._stepped)
+        self._last_stepped = self._stepped
         if self._grad_sq is None:
             return torch.zeros(())
         return self._grad_sq.sqrt()
 
-    def remove_hooks(self) -> None:
+    def release(self) -> None:
+        """Remove the backward hooks (the optimizer is being replaced)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    # -- the shard-aware protocol: delegated to the optimizer of each parameter ---------------------------------
+
+    def owner(self, p: torch.Tensor) -> torch.optim.Optimizer:
+        return self.optimizers[p]
+
+    def wrapped(self) -> Iterator[torch.optim.Optimizer]:
+        return iter(self.optimizers.values())
+
+    def state_layout(self, p: torch.Tensor, key: str) -> str | None:
+        return optimizer_protocol(self.optimizers[p]).state_layout(p, key)
+
+    def restore_loaded_state(self, p: torch.Tensor) -> None:
+        optimizer_protocol(self.optimizers[p]).restore_loaded_state(p)
+
+    def step_stats(self) -> dict[str, Any]:
+        """The statistics of the optimizers stepped in the last step, merged."""
+        return merge_step_stats([optimizer_protocol(o).step_stats() for o in self._last_stepped])
 
     # -- the optimizer surface methods and checkpoints use ------------------------------------------------------
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from megatron_pept.distributed.dtensor import LOCAL_ACCESS, ParamAccess
+from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
 
 RESET_MODES = ("magnitude", "magnitude_joint", "random", "full", "none")
 

@@ -116,7 +116,7 @@ def test_comm_benchmark_counts_the_collectives_of_each_backend(quickstart_data: 
         (half of the fp32 parameter bytes sent per rank with 2 ranks), FSDP2 reduce-scatters each gradient once and
     gathers the blocks' parameters for forward and again for backward,
         and GaLore adds its low-rank all-reduces on top of full's traffic, more on the refresh step."""
-    from megatron_pept.bench_comm import CommBenchSettings, run_comm_benchmark
+    from megatron_pept.bench.comm import CommBenchSettings, run_comm_benchmark
 
     result = run_comm_benchmark(CommBenchSettings(model="debug", rank=8, steps=2, data=str(quickstart_data)))
     runs = result["runs"]
@@ -134,7 +134,7 @@ def test_comm_benchmark_counts_the_collectives_of_each_backend(quickstart_data: 
 def test_per_layer_updates_bound_live_gradients_by_one_parameter(quickstart_data: Path) -> None:
     """tools/bench.py --suite grad_memory on the debug model: with a global step every gradient is alive at the
     end of backward; with per-layer updates under DDP and FSDP2 at most the largest (local) parameter's."""
-    from megatron_pept.bench_comm import GradMemorySettings, run_grad_memory_benchmark
+    from megatron_pept.bench.comm import GradMemorySettings, run_grad_memory_benchmark
 
     runs = run_grad_memory_benchmark(GradMemorySettings(model="debug", rank=8, data=str(quickstart_data)))["runs"]
     for backend in ("ddp", "fsdp2"):

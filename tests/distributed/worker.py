@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.config import load_config
+from megatron_pept.sharding import optimizer_protocol
 from megatron_pept.trainer import Trainer
 
 
@@ -46,18 +47,11 @@ def main() -> None:
             del trainer
             continue
         result = trainer.train()
-        layout = getattr(trainer.optimizer, "_zero_layout", None) or {}
+        layout = optimizer_protocol(trainer.optimizer).zero_layout or {}
         # Parameters whose ZeRO partition boundary falls inside them (this rank holds part, not all, of them).
-        split = sum(0 < f.numel < f.shape.numel() for pieces in layout.values() for _, f in pieces)
+        split = sum(f.partial for pieces in layout.values() for _, f in pieces)
         # ... and tall/square matrices (projected on the right) cut in the middle of a row
-        midrow = sum(
-            0 < f.numel < f.shape.numel()
-            and len(f.shape) == 2
-            and f.shape[0] >= f.shape[1]
-            and (f.lo % f.cols or f.hi % f.cols)
-            for pieces in layout.values()
-            for _, f in pieces
-        )
+        midrow = sum(f.cuts_a_row and f.shape[0] >= f.shape[1] for pieces in layout.values() for _, f in pieces)
         results[run["name"]] = {
             "losses": result.train_losses,
             "val_losses": torch.tensor(list(result.val_losses.values()), dtype=torch.float64),

@@ -57,7 +57,7 @@ def test_bad_settings_are_one_line_errors(overrides: dict, match: str) -> None:
 
 
 def test_checkpoint_benchmark_reports_what_it_measured(quickstart_data: Path, tmp_path: Path) -> None:
-    from megatron_pept.bench_checkpoint import CheckpointBenchSettings, run_checkpoint_benchmark
+    from megatron_pept.bench.checkpoint import CheckpointBenchSettings, run_checkpoint_benchmark
 
     result = run_checkpoint_benchmark(CheckpointBenchSettings(model="debug", rounds=3, data=str(quickstart_data)))
     times, medians = result["all_s"], result["median_s"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_pept.optim.fragments import FlatFragment
 from megatron_pept.optim.galore import _ZeroView
 from megatron_pept.optim.projector import project, project_back, projection_side, svd_basis
+from megatron_pept.sharding import FlatFragment
 
 
 def pieces(shape: tuple[int, int], cuts: list[int], grad: torch.Tensor) -> list[_ZeroView]:

@@ -2,7 +2,7 @@
 
 Both models run in one process on one device with the same weights (ours are initialised, then loaded into
 the transformers model with ``load_state_dict``) and the same random batch. One iteration is forward, the
-trainer's next-token cross-entropy (:func:`megatron_pept.trainer.cross_entropy_loss`, applied to both models'
+trainer's next-token cross-entropy (:func:`megatron_pept.models.loss.cross_entropy_loss`, applied to both models'
 logits so the loss math is identical; transformers' ``labels`` path is not used) and backward; gradients are
 reset with ``set_to_none`` between iterations and no optimizer step is taken. The timed iterations of the two
 models alternate, round by round, with the order flipped every round, and the median per-iteration time of
@@ -36,7 +36,7 @@ from megatron_pept.errors import ConfigError, UserError
 from megatron_pept.models import MODEL_SHAPES, build_model, llama_args
 from megatron_pept.models.hf import to_hf_model
 from megatron_pept.models.llama import LlamaArgs, LlamaForCausalLM
-from megatron_pept.trainer import cross_entropy_loss
+from megatron_pept.models.loss import cross_entropy_loss
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")

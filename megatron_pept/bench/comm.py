@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # c10d op -> (kind, index of the argument holding the payload tensors)
@@ -339,7 +339,7 @@ def _launch(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
             "--master_port",
             str(_free_port()),
             "-m",
-            "megatron_pept.bench_comm",
+            "megatron_pept.bench.comm",
             kind,
             json.dumps(settings),
             str(out),

@@ -191,7 +191,7 @@ def bench_refresh(s: OptimBenchSettings) -> dict[str, Any]:
 
 def bench_overhead(s: OptimBenchSettings, *, gap: int = 200) -> dict[str, Any]:
     """Training step of the 60m model: full vs galore between refreshes, plus a refresh amortised over ``gap``."""
-    from megatron_pept.trainer import cross_entropy_loss
+    from megatron_pept.models.loss import cross_entropy_loss
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (8, 257), generator=gen)
@@ -240,7 +240,7 @@ from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
 from megatron_pept.methods import build_method
 from megatron_pept.models import build_model, llama_args
 from megatron_pept.optim.per_layer import PerLayerOptimizer
-from megatron_pept.trainer import cross_entropy_loss
+from megatron_pept.models.loss import cross_entropy_loss
 model_name, method_name, per_layer = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=1024, max_seq_len=128))
 model.to_empty(device="cpu"); model.init_weights(generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,202 @@
+"""The parallel backends behind one interface: everything that differs between one process, DDP, FSDP2 and
+DeepSpeed ZeRO lives in a :class:`Backend` subclass, so the trainer runs one step body for all of them and never
+tests a backend's name or type.
+
+A backend owns:
+
+* starting the process group (:meth:`Backend.init_process_group`) and refusing configs it cannot run
+  (:meth:`Backend.validate`, called by config validation);
+* wrapping the model (:meth:`Backend.wrap`; :attr:`Backend.model` is what forward calls);
+* what happens when an optimizer is set or replaced (:meth:`Backend.use_optimizer`);
+* backward with gradient sync on the last micro-batch only, and the optimizer step with clipping
+  (:meth:`Backend.backward`, :meth:`Backend.step`);
+* whole-tensor access to parameters and optimizer state (:attr:`Backend.access`, a
+  :class:`~megatron_pept.sharding.ParamAccess`);
+* its own checkpoint format, if any (:meth:`Backend.save_native`, :meth:`Backend.load_native`).
+
+How to add one: ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from megatron_pept.config import Config
+from megatron_pept.distributed import comm
+from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess, full, optimizer_protocol
+
+if TYPE_CHECKING:
+    from megatron_pept.distributed import ParallelDims
+
+
+class Backend:
+    """One process (the ``single`` backend) and the defaults every backend starts from."""
+
+    name: ClassVar[str] = "single"
+    uses_process_group: ClassVar[bool] = False
+    """Started by a launcher with RANK/WORLD_SIZE; a process group and a device mesh are set up."""
+    can_replace_optimizer: ClassVar[bool] = True
+    """The run may swap its optimizer (a warm-start phase switch, a checkpoint of another phase)."""
+    state_tensors_per_param: ClassVar[int] = 2
+    """fp32 tensors per trainable parameter in a checkpoint beyond the weights (Adam's moments; ZeRO adds a master
+    copy): for the disk-space estimate before the first step."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device) -> None:
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.per_layer = cfg.optim.per_layer
+        self.grad_accum_steps = 1
+        self.raw_model: nn.Module | None = None  # what methods, optimizers and checkpoints see
+        self.model: Any = None  # what forward calls (a wrapper, an engine, or the model itself)
+        self.access: ParamAccess = LOCAL_ACCESS
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Refuse, with a :class:`~megatron_pept.errors.ConfigError`, settings this backend cannot run."""
+
+    @classmethod
+    def init_process_group(cls, *, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        comm.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout_minutes=int(os.environ.get("MEGATRON_PEPT_PG_TIMEOUT_MIN", "30")),
+        )
+
+    def wrap(self, model: nn.Module, *, grad_accum_steps: int) -> Any:
+        """Take the materialised, initialised model; returns what forward calls (also :attr:`model`)."""
+        self.raw_model, self.grad_accum_steps = model, grad_accum_steps
+        self.model = self._wrap(model)
+        return self.model
+
+    def _wrap(self, model: nn.Module) -> Any:
+        return model
+
+    def use_optimizer(self, optimizer: Any, *, replacing: bool) -> None:
+        """Called with every optimizer the run trains with: the first (``replacing=False``) and each one that
+        replaces it (``replacing=True``, only if :attr:`can_replace_optimizer`)."""
+
+    def grad_reduce_hook(self) -> Callable[[torch.Tensor], None] | None:
+        """For per-layer updates on a backend that does not reduce gradients itself: averages one gradient over
+        the data-parallel ranks, in place, inside its backward hook."""
+        return None
+
+    # -- one optimizer step ---------------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> torch.Tensor:
+        """Backward of one micro-batch's mean loss, the data-parallel gradient sync only on the ``last`` one;
+        returns the micro-batch's share of the step's loss (detached)."""
+        scaled = loss / self.grad_accum_steps
+        with self._gradient_sync(last):
+            scaled.backward()
+        return scaled.detach()
+
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def step(
+        self, optimizer: Any, params: list[nn.Parameter], *, max_norm: float, accept: Callable[[float], bool]
+    ) -> tuple[float, bool]:
+        """End the optimizer step once every micro-batch's backward ran: the gradient norm (before clipping) and
+        whether the update was applied. ``accept(grad_norm)`` decides (the non-finite guard); an optimizer that
+        steps in backward (per-layer) has already applied it."""
+        protocol = optimizer_protocol(optimizer)
+        if protocol.steps_in_backward:
+            grad_norm = full(protocol.disarm()).item()
+            ok = accept(grad_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            grad_norm = full(norm).item()
+            ok = accept(grad_norm)
+            if ok:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, ok
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save_native(self, folder: Path) -> bool:
+        """Write what this backend keeps in its own checkpoint format into ``folder``; True if that holds the
+        model's weights (which the DCP state then leaves out)."""
+        return False
+
+    def load_native(self, folder: Path) -> bool:
+        """Load what :meth:`save_native` wrote; True if it restored the model's weights."""
+        return False
+
+    def checkpoint_bytes(self, model: nn.Module, trainable: list[nn.Parameter]) -> int:
+        """About how large one checkpoint is: the model's tensors plus the optimizer's fp32 state tensors."""
+        tensors = [*model.parameters(), *model.buffers()]
+        weights = sum(self.access.numel(t) * t.element_size() for t in tensors)
+        state = sum(self.access.numel(p) for p in trainable) * 4 * self.state_tensors_per_param
+        return weights + state + (1 << 20)
+
+
+class DDPBackend(Backend):
+    """``DistributedDataParallel``: gradients all-reduced in buckets during the last micro-batch's backward. With
+    per-layer updates the model is not wrapped: each gradient is averaged in its own hook before its step."""
+
+    name = "ddp"
+    uses_process_group = True
+
+    def _wrap(self, model: nn.Module) -> Any:
+        if self.per_layer:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+    def use_optimizer(self, optimizer: Any, *, replacing: bool) -> None:
+        if replacing and not self.per_layer:
+            # DDP fixes the set of parameters it reduces when it wraps the model: wrap again.
+            self.model = self._wrap(self.raw_model)
+
+    def grad_reduce_hook(self) -> Callable[[torch.Tensor], None] | None:
+        world = self.dims.world_size
+        if world == 1:
+            return None
+
+        def reduce(grad: torch.Tensor) -> None:
+            comm.all_reduce_sum(grad)
+            grad.div_(world)
+
+        return reduce
+
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if enabled or self.per_layer:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+
+class FSDP2Backend(Backend):
+    """``fully_shard`` on every transformer block, then on the root: parameters become DTensors sharded by rows."""
+
+    name = "fsdp2"
+    uses_process_group = True
+
+    def _wrap(self, model: nn.Module) -> Any:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {"mesh": self.dims.mesh}
+        if self.device.type == "cuda":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers.values():
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()

@@ -1,0 +1,258 @@
+"""The architecture's rules (docs/architecture.md), checked on the source and by extending the stack the way the
+guide says: a new method and a new backend, each one class plus its registration, train without touching the
+trainer."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_pept.config import MethodConfig, describe_config, load_config
+from megatron_pept.distributed import BACKENDS, Backend, register_backend
+from megatron_pept.errors import ConfigError
+from megatron_pept.methods import METHODS, Method, register_method
+from megatron_pept.models.loss import cross_entropy_loss
+from megatron_pept.trainer import Trainer
+
+PACKAGE = Path(__file__).resolve().parents[2] / "megatron_pept"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every ``megatron_pept...`` module a file imports (at any level: inside functions too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.startswith("megatron_pept")}
+
+
+def files(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py")) if (PACKAGE / folder).is_dir() else [PACKAGE / folder]
+
+
+@pytest.mark.parametrize(
+    "folder,forbidden",
+    [
+        ("optim", ("megatron_pept.distributed",)),
+        ("distributed", ("megatron_pept.optim", "megatron_pept.methods", "megatron_pept.checkpoint")),
+        ("sharding.py", ("megatron_pept.optim", "megatron_pept.distributed", "megatron_pept.methods")),
+        ("models", ("megatron_pept.distributed", "megatron_pept.methods", "megatron_pept.trainer")),
+        ("checkpoint", ("megatron_pept.trainer",)),
+    ],
+)
+def test_who_may_import_whom(folder: str, forbidden: tuple[str, ...]) -> None:
+    for path in files(folder):
+        bad = [m for m in imported_modules(path) if m.startswith(forbidden)]
+        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+def calls_named(path: Path, names: set[str]) -> list[str]:
+    return [
+        f"{path.name}:{node.lineno}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+    ]
+
+
+def test_the_trainer_and_checkpoint_code_probe_nothing() -> None:
+    """Optional hooks are declared (Method, Backend, the shard-aware optimizer protocol), never found by probing;
+    checkpoint code reads no private attribute of an optimizer."""
+    probing = [
+        c for f in [PACKAGE / "trainer.py", *files("checkpoint")] for c in calls_named(f, {"getattr", "hasattr"})
+    ]
+    assert not probing, probing
+    for path in files("checkpoint"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "optimizer":
+                assert not node.attr.startswith("_"), f"{path.name}:{node.lineno} reads optimizer.{node.attr}"
+
+
+def test_the_trainer_names_no_backend_and_no_method() -> None:
+    source = (PACKAGE / "trainer.py").read_text()
+    strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    names = set(BACKENDS) | set(METHODS)
+    assert not strings & names, strings & names
+    identifiers = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    identifiers |= {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
+    assert not identifiers & {"engine", "DistributedDataParallel", "fully_shard", "no_sync", "deepspeed"}
+    assert len(source.splitlines()) <= 420  # one step body for every backend keeps it small
+
+
+def test_no_sharding_arithmetic_outside_the_views_module() -> None:
+    """The FSDP row-chunk arithmetic (ceil(rows / world)) exists once, in megatron_pept/sharding.py."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "sharding.py":
+            assert "// world)" not in path.read_text(), path
+
+
+# -- a new method, as docs/architecture.md describes ------------------------------------------------------------
+
+
+class FullRankSGD(Method):
+    """The guide's example: every parameter trains with plain SGD."""
+
+    name = "full_sgd"
+    config_keys = ()
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for _, p in self.trainable_parameters(model)], lr=self.optim_cfg.lr)
+
+
+@pytest.fixture
+def registered_sgd():
+    register_method(FullRankSGD)
+    yield FullRankSGD
+    del METHODS[FullRankSGD.name]
+
+
+def tiny(data: Path, run_dir: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"data.path={data}",
+            "data.seq_len=32",
+            "train.steps=4",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+            "train.eval_interval=0",
+            "train.eval_at_start=false",
+            "optim.lr=0.5",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            "train.max_grad_norm=0",
+            "metrics.tensorboard=false",
+            "metrics.peak_tflops=1.0",
+            *overrides,
+        ],
+    )
+
+
+def test_a_new_method_registers_and_trains(registered_sgd, quickstart_data: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny(quickstart_data, tmp_path / "sgd", "method.name=full_sgd", "train.steps=1"))
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    # The step by hand: the mean loss of the step's two micro-batches, and SGD's w <- w - lr * grad.
+    model = trainer.raw_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    position = trainer.loader.state_dict()
+    losses = []
+    for _ in range(trainer.grad_accum_steps):
+        inputs, targets = trainer.loader.next_batch()
+        losses.append(cross_entropy_loss(model(inputs), targets))
+    grads = torch.autograd.grad(torch.stack(losses).mean(), list(model.parameters()))
+    expected = {n: before[n] - 0.5 * g for (n, _), g in zip(model.named_parameters(), grads)}
+    trainer.loader.load_state_dict(position)
+    result = trainer.train()
+    assert len(result.train_losses) == 1
+    assert result.train_losses[0] == pytest.approx(float(torch.stack(losses).mean().detach()), rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6)
+    assert sum(not torch.equal(p, before[n]) for n, p in model.named_parameters()) == len(before)
+    trainer.close()
+
+
+def test_an_unknown_method_lists_the_registered_ones(registered_sgd) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'full_sgd'"):
+        load_config(None, ["data.path=/d", "method.name=full_sdg"])
+
+
+# -- a new backend ----------------------------------------------------------------------------------------------
+
+
+class CountingBackend(Backend):
+    """One process that counts what the trainer asks of its backend."""
+
+    name = "counting"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: dict[str, list] = {"backward": [], "step": [], "optimizers": []}
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> torch.Tensor:
+        self.calls["backward"].append(last)
+        return super().backward(loss, last=last)
+
+    def step(self, optimizer, params, *, max_norm, accept):
+        self.calls["step"].append(max_norm)
+        return super().step(optimizer, params, max_norm=max_norm, accept=accept)
+
+    def use_optimizer(self, optimizer, *, replacing: bool) -> None:
+        self.calls["optimizers"].append(replacing)
+
+
+@pytest.fixture
+def registered_backend():
+    register_backend(CountingBackend)
+    yield CountingBackend
+    del BACKENDS[CountingBackend.name]
+
+
+def test_a_new_backend_registers_and_runs_the_one_step_body(registered_backend, quickstart_data, tmp_path) -> None:
+    overrides = ["method.name=relora", "method.warm_start_steps=2", "method.reset_every=100", "method.rank=4"]
+    counted = Trainer(tiny(quickstart_data, tmp_path / "c", "parallel.backend=counting", *overrides))
+    losses = counted.train().train_losses
+    calls = counted.backend.calls
+    assert calls["backward"] == [False, True] * 4  # two micro-batches per step; gradient sync on the last
+    assert calls["step"] == [0.0] * 4
+    assert calls["optimizers"] == [False, True]  # the warm-start switch replaced the optimizer through it
+    counted.close()
+    reference = Trainer(tiny(quickstart_data, tmp_path / "s", *overrides))
+    assert reference.train().train_losses == losses  # the same arithmetic as the single-process backend
+    reference.close()
+
+
+# -- config follows the registry ---------------------------------------------------------------------------------
+
+
+def test_each_method_declares_real_config_keys_and_help_config_shows_them() -> None:
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    text = describe_config()
+    for name, cls in METHODS.items():
+        assert set(cls.config_keys) <= fields, name
+    assert "used by: relora, redora, repissa, reloqra" in text  # method.reset_every
+    assert "used by: galore_dynamic, galore_dynamic_ef" in text  # method.dynamic_first
+
+
+class RecordingConfig(MethodConfig):
+    """Records which fields code in megatron_pept/methods reads."""
+
+    def __getattribute__(self, name: str):
+        if name in {f.name for f in dataclasses.fields(MethodConfig)}:
+            caller = sys._getframe(1).f_code.co_filename
+            if "megatron_pept/methods" in caller.replace("\\", "/"):
+                object.__getattribute__(self, "__dict__").setdefault("_reads", set()).add(name)
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize("method", sorted(n for n in METHODS if n != "full_sgd"))
+def test_a_method_reads_only_the_keys_it_declares(method: str, quickstart_data: Path, tmp_path: Path) -> None:
+    cfg = tiny(
+        quickstart_data,
+        tmp_path / method,
+        f"method.name={method}",
+        "method.rank=4",
+        "method.reset_every=2",
+        "method.update_proj_gap=2",
+        "method.dynamic_first=2",
+        "optim.lr=3e-3",
+        *(["method.warm_start_steps=1"] if method in ("lora", "relora") else []),
+    )
+    recording = RecordingConfig(**dataclasses.asdict(cfg.method))
+    object.__getattribute__(recording, "__dict__")["_reads"] = set()
+    cfg.method = recording
+    trainer = Trainer(cfg)
+    trainer.train()
+    trainer.save_checkpoint()
+    trainer.close()
+    reads = object.__getattribute__(recording, "__dict__")["_reads"] - {"name"}
+    if METHODS[method].config_keys:
+        assert reads, "nothing recorded: the recording config is not the one the method reads"
+    assert reads <= set(METHODS[method].config_keys), sorted(reads - set(METHODS[method].config_keys))
