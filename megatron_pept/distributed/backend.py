@@ -30,6 +30,7 @@ from torch import nn
 
 from megatron_pept.config import Config
 from megatron_pept.distributed import comm
+from megatron_pept.errors import ConfigError
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess, full, optimizer_protocol
 
 if TYPE_CHECKING:
@@ -185,6 +186,15 @@ class FSDP2Backend(Backend):
 
     name = "fsdp2"
     uses_process_group = True
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        if cfg.method.warm_start_steps > 0 and cfg.method.base_dtype == "bf16":
+            raise ConfigError(
+                "method.base_dtype=bf16 with method.warm_start_steps > 0 cannot run with parallel.backend=fsdp2 in "
+                "this version: the warm start trains an fp32 master that becomes the bf16 base at the switch, and "
+                "FSDP2 cannot change a sharded parameter's dtype; use parallel.backend=ddp or base_dtype=fp32"
+            )
 
     def _wrap(self, model: nn.Module) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -133,6 +133,13 @@ class LowRankLinear(nn.Linear):
         for p in self.adapter_parameters():
             p.requires_grad_(active)
 
+    @torch.no_grad()
+    def set_base_dtype(self, dtype: torch.dtype | None) -> None:
+        """Store the frozen base in ``dtype`` from now on (None: keep it as it is); its values are rounded once."""
+        if dtype is None or self.weight.dtype == dtype:
+            return
+        self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=self.weight.requires_grad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight.dtype == x.dtype or torch.is_autocast_enabled() else self.weight.to(x.dtype)
         base = F.linear(x, weight)

@@ -106,7 +106,8 @@ class LowRankMethod(Method):
                 kind=self.kind,
                 dropout=self.cfg.dropout,
                 qr_residual=self.cfg.qr_residual if self.kind == "qr" else False,
-                base_dtype=self.base_dtype,
+                # A full-rank warm start trains the base: it keeps an fp32 master until the switch.
+                base_dtype=self.base_dtype if self.lowrank_phase else None,
             )
             layer.set_lowrank_active(self.lowrank_phase)
             setattr(model.get_submodule(parent_name), leaf, layer)
@@ -143,6 +144,7 @@ class LowRankMethod(Method):
         for i, (_, layer) in enumerate(lowrank_layers(model)):
             layer.set_lowrank_active(True)
             layer.decompose(layer.weight, generator=self._generator(layer.weight.device, 1_000_003 * i + 17))
+            layer.set_base_dtype(self.base_dtype)  # the warm-start master, stored as the frozen base from now on
         self.lowrank_phase = True
         new = self.build_optimizer(model)
         for group in new.param_groups:
@@ -217,6 +219,8 @@ class LowRankMethod(Method):
         """Put the layers in the phase this method is in (after :meth:`load_state_dict`)."""
         for _, layer in lowrank_layers(model):
             layer.set_lowrank_active(self.lowrank_phase)
+            if self.lowrank_phase:
+                layer.set_base_dtype(self.base_dtype)
 
     def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Each adapted layer's merged weight (base plus its low-rank update) under the plain layer's name."""

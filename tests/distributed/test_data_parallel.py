@@ -195,6 +195,10 @@ def test_deepspeed_zero_matches_one_process(method, stage, deepspeed_results, qu
     [
         (["parallel.backend=deepspeed", "optim.per_layer=true"], "DeepSpeed owns the optimizer step"),
         (["parallel.backend=deepspeed", "method.name=relora", "method.warm_start_steps=5"], "fixed set"),
+        (
+            ["parallel.backend=fsdp2", "method.name=relora", "method.warm_start_steps=5", "method.base_dtype=bf16"],
+            "cannot change a sharded parameter's dtype",
+        ),
     ],
 )
 def test_unsupported_combinations_are_refused(overrides: list[str], match: str) -> None:

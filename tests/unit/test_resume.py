@@ -15,6 +15,13 @@ from megatron_pept.trainer import Trainer
 CASES = {
     "relora-warm-start": ["method.name=relora", "method.rank=4", "method.warm_start_steps=3", "method.reset_every=2"],
     "lora-warm-start": ["method.name=lora", "method.rank=4", "method.warm_start_steps=3"],
+    "relora-bf16-base-warm-start": [
+        "method.name=relora",
+        "method.rank=4",
+        "method.warm_start_steps=3",
+        "method.reset_every=2",
+        "method.base_dtype=bf16",
+    ],
     "galore-per-layer": [
         "method.name=galore_dynamic_ef",
         "method.rank=4",
@@ -47,3 +54,20 @@ def test_resume_is_bit_identical(case: str, stop: int, quickstart_data: Path, tm
         assert torch.equal(final[name], value), name
     trainable = {n for n, p in resumed.raw_model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in whole.raw_model.named_parameters() if p.requires_grad}
+
+
+def test_a_bf16_base_warm_starts_on_an_fp32_master(quickstart_data: Path, tmp_path: Path) -> None:
+    """With method.base_dtype=bf16 the full-rank warm start trains an fp32 master (exactly full-rank training, no
+    update lost to bf16 rounding); at the switch the base is stored in bf16, rounded once."""
+    relora = ["method.name=relora", "method.rank=4", "method.base_dtype=bf16", "method.warm_start_steps=3"]
+    warm = Trainer(tiny(quickstart_data, tmp_path / "warm", *relora, "train.steps=2"))
+    full = Trainer(tiny(quickstart_data, tmp_path / "full", "train.steps=2"))
+    assert warm.train().train_losses == full.train().train_losses
+    reference = dict(full.raw_model.named_parameters())
+    for name, p in warm.raw_model.named_parameters():
+        if not name.endswith(("lora_A", "lora_B")):
+            assert p.dtype == torch.float32 and torch.equal(p, reference[name]), name
+    switched = Trainer(tiny(quickstart_data, tmp_path / "switch", *relora, "train.steps=4"))
+    switched.train()
+    layer = switched.raw_model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.lowrank_active and layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
