@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint"),
+        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint", "quant"),
         default="model",
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(lambda: _comm_suite(args), prog=PROG)
     if args.suite == "checkpoint":
         return run_cli(lambda: _checkpoint_suite(args), prog=PROG)
+    if args.suite == "quant":
+        return run_cli(lambda: _quant_suite(args), prog=PROG)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -229,6 +231,31 @@ def _comm_suite(args: argparse.Namespace) -> int:
         grad = bc.GradMemorySettings(model=args.comm_model, rank=args.rank, methods=methods, backends=backends)
         result = bc.run_grad_memory_benchmark(grad)
         print(bc.format_grad_memory_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _quant_suite(args: argparse.Namespace) -> int:
+    """Frozen-base quantisation: bytes against fp32 and what requantising at every ReLoRA merge does (50 merges of
+    updates 1e-3 and 1e-2 of the weight's norm, a 512 x 512 matrix)."""
+    import torch
+
+    from megatron_pept.quant import FORMATS, quantize, quantized_bytes, requantisation_drift
+
+    weight = torch.randn(512, 512) * 0.02
+    result: dict = {"bytes_vs_fp32": {}, "drift": {}}
+    for fmt in FORMATS:
+        result["bytes_vs_fp32"][fmt] = quantized_bytes(quantize(weight, fmt)) / (weight.numel() * 4)
+        for scale in (1e-3, 1e-2):
+            runs = requantisation_drift(fmt, restarts=50, update_scale=scale)
+            result["drift"][f"{fmt}@{scale:g}"] = {
+                name: {key: [round(v[0], 4), round(v[9], 4), round(v[-1], 4)] for key, v in curves.items()}
+                for name, curves in runs.items()
+            }
+    print("values after merges 1, 10 and 50 (see megatron_pept.quant.requantisation_drift)", file=sys.stderr)
+    print(json.dumps(result, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

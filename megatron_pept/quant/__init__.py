@@ -1,0 +1,166 @@
+"""Low-precision storage of frozen base weights: quantise a dense fp32 matrix into plain tensors (state_dict and DCP
+friendly, so checkpoints restore them bit for bit) and dequantise them back.
+
+Formats:
+
+* ``int8``: per-output-channel (row) absmax: ``scale_i = max_j |W_ij| / 127``, ``q = round(W / scale)`` in
+  ``[-127, 127]``; error at most ``scale_i / 2`` per element; 1 byte per weight plus 4 per row.
+* ``nf4``: QLoRA's 4-bit NormalFloat, blockwise (``block_size`` weights share an absmax), with the block scales
+  double-quantised to int8 in groups of ``scaler_block_size`` (torchao's ``NF4Tensor``, the implementation
+  torchtune's QLoRA uses, does both); about 0.52 bytes per weight.
+
+``round="stochastic"`` (int8) rounds up or down with the probability of the distance, so a requantised weight is
+unbiased: updates smaller than half a step survive in expectation instead of being rounded away at every merge.
+What requantisation does over many ReLoRA restarts is measured by :func:`requantisation_drift`
+(``python tools/bench.py --suite quant``; docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORMATS = ("int8", "nf4")
+NF4_BLOCK = 64
+NF4_SCALER_BLOCK = 256
+
+
+def _nf4_module():  # torchao is a dependency; imported when NF4 is used (it loads slowly)
+    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+
+    return nf4_tensor
+
+
+@torch.no_grad()
+def quantize(
+    weight: torch.Tensor,
+    fmt: str,
+    *,
+    round: str = "nearest",
+    generator: torch.Generator | None = None,
+    block_size: int = NF4_BLOCK,
+    scaler_block_size: int = NF4_SCALER_BLOCK,
+) -> dict[str, torch.Tensor]:
+    """The quantised form of the 2-D ``weight`` as named tensors (see the module docstring)."""
+    if weight.dim() != 2:
+        raise ValueError(f"only matrices are quantised; got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    if fmt == "int8":
+        scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        x = w / scale
+        if round == "stochastic":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            q = torch.floor(x + noise)
+        elif round == "nearest":
+            q = torch.round(x)
+        else:
+            raise ValueError(f"unknown rounding {round!r}; choose nearest or stochastic")
+        return {"q": q.clamp_(-127, 127).to(torch.int8), "scale": scale.squeeze(1)}
+    if fmt == "nf4":
+        if round != "nearest":
+            raise ValueError("nf4 rounds to the nearest code only")
+        if w.numel() % block_size or (w.numel() // block_size) % scaler_block_size:
+            raise ValueError(
+                f"nf4 needs the weight's size ({w.numel()}) to divide into blocks of {block_size} and the blocks "
+                f"into groups of {scaler_block_size}"
+            )
+        t = _nf4_module().to_nf4(w.contiguous(), block_size=block_size, scaler_block_size=scaler_block_size)
+        return {
+            "q": t.quantized_data,
+            "scalers": t.quantized_scalers,
+            "factor": t.quantization_factor,
+            "mean": t.scaler_mean.reshape(1),
+            "codebook": t.nf4,
+        }
+    raise ValueError(f"unknown quantisation format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+@torch.no_grad()
+def dequantize(
+    parts: dict[str, torch.Tensor],
+    fmt: str,
+    shape: tuple[int, int] | torch.Size,
+    *,
+    block_size: int = NF4_BLOCK,
+    scaler_block_size: int = NF4_SCALER_BLOCK,
+) -> torch.Tensor:
+    """The fp32 matrix of ``shape`` that ``parts`` encode."""
+    if fmt == "int8":
+        return parts["q"].float() * parts["scale"][:, None]
+    if fmt == "nf4":
+        nf4 = _nf4_module()
+        shape = torch.Size(shape)
+        meta = nf4.SubclassTensorArgs(
+            shape, torch.empty(shape, device="meta").stride(), 0, torch.float32, parts["q"].device, False
+        )
+        t = nf4.NF4Tensor(
+            meta,
+            block_size,
+            shape.numel() // block_size,
+            scaler_block_size,
+            parts["scalers"],
+            parts["factor"],
+            parts["mean"].reshape(()),
+            parts["q"],
+            parts["codebook"],
+        )
+        return t.get_original_weight().float().view(shape)
+    raise ValueError(f"unknown quantisation format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def quantized_bytes(parts: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+@torch.no_grad()
+def requantisation_drift(
+    fmt: str,
+    *,
+    shape: tuple[int, int] = (512, 512),
+    restarts: int = 50,
+    update_scale: float = 1e-3,
+    strategies: tuple[str, ...] = ("nearest", "stochastic", "carry", "master"),
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """What requantising the base at every ReLoRA merge does to the training merged into it.
+
+    A weight ``W0`` (init-like scale) gets, at each of ``restarts`` merges, a rank-8 update ``dW_k`` of Frobenius
+    norm ``update_scale * ||W0||``; the exact base is ``W_k = W0 + sum dW``. Each strategy keeps only the
+    quantised base and requantises at every merge: ``nearest``; ``stochastic`` (int8: unbiased rounding, no extra
+    memory); ``carry`` (what the last requantisation lost is added into the next merge: a full-size fp32 residual);
+    ``master`` (an exact fp32 master is merged into and quantised afresh each time: a full-size fp32 copy, which can
+    live in host memory while the device holds only the quantised base). Per strategy and restart:
+
+    * ``lost``: ``||(deq(Q_k) - deq(Q_0)) - (W_k - W0)|| / ||W_k - W0||``, the share of everything merged so far
+      that the stored base does not hold (1.0: the updates vanished or were replaced by noise of their size);
+    * ``error``: ``||deq(Q_k) - W_k|| / ||W0||``, the stored base's whole error (the first quantisation included).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(shape, generator=gen) * 0.02
+    updates = []
+    for _ in range(restarts):
+        d = torch.randn(shape[0], 8, generator=gen) @ torch.randn(8, shape[1], generator=gen)
+        updates.append(d * (update_scale * w0.norm() / d.norm()))
+    out: dict[str, dict[str, list[float]]] = {}
+    for strategy in strategies:
+        if strategy == "stochastic" and fmt != "int8":
+            continue
+        rounding = "stochastic" if strategy == "stochastic" else "nearest"
+        sr = torch.Generator().manual_seed(seed + 1)
+        parts = quantize(w0, fmt, round=rounding, generator=sr)
+        start = dequantize(parts, fmt, shape)
+        exact, residual = w0.clone(), torch.zeros(shape)
+        lost, error = [], []
+        for d in updates:
+            exact += d
+            merged = exact.clone() if strategy == "master" else dequantize(parts, fmt, shape) + d
+            if strategy == "carry":
+                merged += residual
+            parts = quantize(merged, fmt, round=rounding, generator=sr)
+            stored = dequantize(parts, fmt, shape)
+            if strategy == "carry":
+                residual = merged - stored
+            lost.append(float(((stored - start) - (exact - w0)).norm() / (exact - w0).norm()))
+            error.append(float((stored - exact).norm() / w0.norm()))
+        out[strategy] = {"lost": lost, "error": error}
+    return out
