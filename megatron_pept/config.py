@@ -152,7 +152,10 @@ class MethodConfig:
     each key below says which methods read it)."""
     base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4"] = "auto"
     """Storage of the frozen base weights of low-rank methods; auto keeps them like the other master weights
-    (fp32). bf16 halves their memory but rounds every merge. Ignored by methods that train every weight."""
+    (fp32). bf16 halves their memory but rounds every merge (a warm start trains an fp32 master until the switch).
+    int8 (per-row absmax) and nf4 (QLoRA's 4-bit NormalFloat, double-quantised scales): the forward uses the
+    dequantised base, merges go into an exact fp32 master that is quantised afresh at each restart (no drift);
+    single and ddp backends in this version."""
     rank: int = 128
     """Rank r of the low-rank adapters (ReLoRA: 128; the Approximations paper: 256)."""
     alpha: float = 32.0

@@ -189,6 +189,11 @@ class FSDP2Backend(Backend):
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
+        if cfg.method.base_dtype in ("int8", "nf4"):
+            raise ConfigError(
+                f"method.base_dtype={cfg.method.base_dtype} cannot run with parallel.backend=fsdp2 in this version "
+                "(quantised bases are not sharded yet); use parallel.backend=ddp or single"
+            )
         if cfg.method.warm_start_steps > 0 and cfg.method.base_dtype == "bf16":
             raise ConfigError(
                 "method.base_dtype=bf16 with method.warm_start_steps > 0 cannot run with parallel.backend=fsdp2 in "

@@ -272,6 +272,11 @@ class DeepSpeedBackend(Backend):
                 "optim.per_layer=true cannot run with parallel.backend=deepspeed: DeepSpeed owns the optimizer step; "
                 "use parallel.backend=fsdp2 or ddp"
             )
+        if cfg.method.base_dtype in ("int8", "nf4"):
+            raise ConfigError(
+                f"method.base_dtype={cfg.method.base_dtype} cannot run with parallel.backend=deepspeed in this version "
+                "(quantised bases are not partitioned yet); use parallel.backend=ddp or single"
+            )
         if cfg.method.warm_start_steps > 0:
             raise ConfigError(
                 "method.warm_start_steps > 0 cannot run with parallel.backend=deepspeed in this version: the "

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_pept.errors import ConfigError
+from megatron_pept.quant import dequantize, part_shapes, quantize
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
 
 LOWRANK_KINDS = ("lora", "dora", "pissa", "qr")
@@ -90,6 +91,7 @@ class LowRankLinear(nn.Linear):
         dropout: float = 0.0,
         qr_residual: bool = False,
         base_dtype: torch.dtype | None = None,
+        base_format: str | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         if kind not in LOWRANK_KINDS:
@@ -111,6 +113,13 @@ class LowRankLinear(nn.Linear):
             # the update merged at the end of the cycle is measured against.
             self.register_buffer("lora_A0", torch.empty(rank, in_features, device=device))
             self.register_buffer("lora_B0", torch.empty(out_features, rank, device=device))
+        # A quantised base (megatron_pept.quant): the forward of the low-rank phase uses the dequantised base; the
+        # exact fp32 ``weight`` is the master that merges go into, quantised afresh at each (re)initialisation, so
+        # requantisation never drifts (docs/benchmarks.md).
+        self.base_format = base_format
+        if base_format is not None:
+            for name, (shape, dtype) in part_shapes(base_format, (out_features, in_features)).items():
+                self.register_buffer(f"base_{name}", torch.empty(shape, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lowrank_active = True
         # How whole tensors are read and written (plain, FSDP2 shards, DeepSpeed ZeRO partitions).
@@ -140,8 +149,27 @@ class LowRankLinear(nn.Linear):
             return
         self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=self.weight.requires_grad)
 
+    def _quant_parts(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"base_{name}") for name in part_shapes(self.base_format, self.weight.shape)}
+
+    @torch.no_grad()
+    def requantize(self) -> None:
+        """Store the quantised base from the exact ``weight`` (after every change of the base)."""
+        if self.base_format is None:
+            return
+        parts = quantize(self.param_access.get(self.weight).float(), self.base_format)
+        for name, value in parts.items():
+            self.param_access.set(getattr(self, f"base_{name}"), value)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base the low-rank phase computes with: the dequantised one for a quantised base, else ``weight``."""
+        if self.base_format is None or not self.lowrank_active:
+            return self.weight
+        return dequantize(self._quant_parts(), self.base_format, self.weight.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight.dtype == x.dtype or torch.is_autocast_enabled() else self.weight.to(x.dtype)
+        weight = self.base_weight()
+        weight = weight if weight.dtype == x.dtype or torch.is_autocast_enabled() else weight.to(x.dtype)
         base = F.linear(x, weight)
         if not self.lowrank_active:
             return base
@@ -150,13 +178,16 @@ class LowRankLinear(nn.Linear):
             return base + update
         # DoRA: rescale each output row of (W + s B A) to the learned magnitude; the norm is treated as a constant
         # (DoRA section 4.3, as peft does).
-        norm = row_norms(self.weight.float() + self.scale * self.lora_B @ self.lora_A).detach()
+        norm = row_norms(self.base_weight().float() + self.scale * self.lora_B @ self.lora_A).detach()
         return (self.magnitude / norm).to(base.dtype) * (base + update)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """The dense weight this layer currently applies, in fp32 (whole, also when the layer is sharded)."""
-        weight = self.param_access.get(self.weight).float()
+    def merged_weight(self, *, as_computed: bool = False) -> torch.Tensor:
+        """The dense weight of the exact base plus the adapter, in fp32 (whole, also when the layer is sharded):
+        what a merge folds into the base. ``as_computed``: with the base the forward uses (the dequantised one for
+        a quantised base), i.e. the function the layer applies (what an export ships)."""
+        exact = not as_computed or self.base_format is None or not self.lowrank_active
+        weight = self.param_access.get(self.weight if exact else self.base_weight()).float()
         if not self.lowrank_active:
             return weight.clone()
         merged = weight + self.scale * (
@@ -186,6 +217,7 @@ class LowRankLinear(nn.Linear):
                 self.param_access.set(param, value)
                 self.param_access.set(buffer, value)
         self.param_access.set(self.weight, base)
+        self.requantize()  # RePiSSA and ReLoQRa quantise the residual left after their factors are taken out
 
     @torch.no_grad()
     def init_adapters_only(self, *, generator: torch.Generator | None = None) -> None:
@@ -196,6 +228,7 @@ class LowRankLinear(nn.Linear):
         if self.kind in ("pissa", "qr"):
             self.param_access.set(self.lora_A0, self.param_access.get(self.lora_A))
             self.param_access.set(self.lora_B0, self.param_access.get(self.lora_B))
+        self.requantize()  # defined values (the full-rank phase computes with the exact weight)
 
     @torch.no_grad()
     def cycle_update(self, merged: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,5 +250,5 @@ class LowRankLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, kind={self.kind}, rank={self.rank}, "
-            f"alpha={self.alpha}, active={self.lowrank_active}"
+            f"alpha={self.alpha}, active={self.lowrank_active}, base={self.base_format or self.weight.dtype}"
         )

@@ -34,6 +34,7 @@ from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.lowrank import LowRankLinear
 from megatron_pept.optim import JaggedSchedule, Schedule
 from megatron_pept.optim.pruning import reset_optimizer_state
+from megatron_pept.quant import FORMATS as QUANT_FORMATS
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
 
 _BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -68,12 +69,8 @@ class LowRankMethod(Method):
 
     def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
-        if cfg.base_dtype in ("int8", "nf4"):
-            raise ConfigError(
-                f"method.base_dtype={cfg.base_dtype} (quantised frozen weights) is not available in this version; "
-                "use auto, fp32 or bf16"
-            )
-        self.base_dtype = _BASE_DTYPES[cfg.base_dtype]
+        self.base_format = cfg.base_dtype if cfg.base_dtype in QUANT_FORMATS else None
+        self.base_dtype = _BASE_DTYPES.get(cfg.base_dtype)  # None: fp32 (also the exact master of a quantised base)
         self.restart_count = 0
         self.lowrank_phase = cfg.warm_start_steps == 0
         self.param_access: ParamAccess = LOCAL_ACCESS
@@ -108,6 +105,7 @@ class LowRankMethod(Method):
                 qr_residual=self.cfg.qr_residual if self.kind == "qr" else False,
                 # A full-rank warm start trains the base: it keeps an fp32 master until the switch.
                 base_dtype=self.base_dtype if self.lowrank_phase else None,
+                base_format=self.base_format,
             )
             layer.set_lowrank_active(self.lowrank_phase)
             setattr(model.get_submodule(parent_name), leaf, layer)
@@ -227,8 +225,8 @@ class LowRankMethod(Method):
         dense: dict[str, torch.Tensor] = {}
         skip = set()
         for name, layer in lowrank_layers(model):
-            dense[f"{name}.weight"] = layer.merged_weight().float()
-            skip.update(f"{name}.{p}" for p, _ in layer.named_parameters(recurse=False))
+            dense[f"{name}.weight"] = layer.merged_weight(as_computed=True).float()  # the function as trained
+            skip.update(f"{name}.{key}" for key in layer.state_dict())  # adapters, factors, quantised parts
         for name, value in model.state_dict().items():
             if name not in skip and name not in dense:
                 dense[name] = value.float() if value.is_floating_point() else value

@@ -59,11 +59,9 @@ def quantize(
     if fmt == "nf4":
         if round != "nearest":
             raise ValueError("nf4 rounds to the nearest code only")
-        if w.numel() % block_size or (w.numel() // block_size) % scaler_block_size:
-            raise ValueError(
-                f"nf4 needs the weight's size ({w.numel()}) to divide into blocks of {block_size} and the blocks "
-                f"into groups of {scaler_block_size}"
-            )
+        if w.numel() % block_size:
+            raise ValueError(f"nf4 needs the weight's size ({w.numel()}) to divide into blocks of {block_size}")
+        scaler_block_size = scaler_group(w.numel() // block_size, scaler_block_size)
         t = _nf4_module().to_nf4(w.contiguous(), block_size=block_size, scaler_block_size=scaler_block_size)
         return {
             "q": t.quantized_data,
@@ -90,6 +88,7 @@ def dequantize(
     if fmt == "nf4":
         nf4 = _nf4_module()
         shape = torch.Size(shape)
+        scaler_block_size = shape.numel() // block_size // parts["factor"].numel()
         meta = nf4.SubclassTensorArgs(
             shape, torch.empty(shape, device="meta").stride(), 0, torch.float32, parts["q"].device, False
         )
@@ -105,6 +104,30 @@ def dequantize(
             parts["codebook"],
         )
         return t.get_original_weight().float().view(shape)
+    raise ValueError(f"unknown quantisation format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def scaler_group(n_blocks: int, largest: int = NF4_SCALER_BLOCK) -> int:
+    """Blocks per group of double-quantised scales: ``largest``, or for a small matrix the largest divisor of its
+    block count below it (torchao needs the groups to tile the blocks)."""
+    return next(d for d in range(min(largest, n_blocks), 0, -1) if n_blocks % d == 0)
+
+
+def part_shapes(fmt: str, shape: tuple[int, int] | torch.Size, *, block_size: int = NF4_BLOCK) -> dict:
+    """``name -> (shape, dtype)`` of the tensors :func:`quantize` returns for a ``shape`` matrix (to allocate them
+    before the values exist, e.g. on the meta device or to load a checkpoint into)."""
+    rows, cols = shape
+    if fmt == "int8":
+        return {"q": ((rows, cols), torch.int8), "scale": ((rows,), torch.float32)}
+    if fmt == "nf4":
+        n_blocks = rows * cols // block_size
+        return {
+            "q": ((rows * cols // 2,), torch.uint8),
+            "scalers": ((n_blocks,), torch.int8),
+            "factor": ((n_blocks // scaler_group(n_blocks),), torch.float32),
+            "mean": ((1,), torch.float32),
+            "codebook": ((16,), torch.float32),
+        }
     raise ValueError(f"unknown quantisation format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 

@@ -16,18 +16,23 @@ from megatron_pept.trainer import Trainer
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("method", ["full", "relora", "redora", "galore"])
+@pytest.mark.parametrize(
+    "method", ["full", "relora", "redora", "repissa", "galore", "relora@nf4", "repissa@int8", "reloqra@nf4"]
+)
 def test_exported_model_matches_ours(method: str, quickstart_data: Path, tmp_path: Path) -> None:
+    """Quantised bases (METHOD@FORMAT) export dequantised: transformers computes what our model computes."""
     from megatron_pept.checkpoint.hf_export import export_to_hf
 
+    name, _, fmt = method.partition("@")
     trainer = Trainer(
         tiny(
             quickstart_data,
             tmp_path / "run",
-            f"method.name={method}",
+            f"method.name={name}",
             "method.rank=4",
             "method.reset_every=4",
             "checkpoint.interval=3",
+            *([f"method.base_dtype={fmt}"] if fmt else []),
         )
     )
     trainer.train()

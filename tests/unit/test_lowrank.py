@@ -290,6 +290,50 @@ def test_rank_and_target_errors() -> None:
         LowRankLinear(64, 32, rank=100, alpha=1.0)
     with pytest.raises(ConfigError, match="matches no linear layer"):
         lowrank_model("relora", target_modules=["nope_proj"])
-    with pytest.raises(ConfigError, match="not available in this version"):
-        lowrank_model("relora", base_dtype="nf4")
     assert isinstance(build_method(MethodConfig(name="repissa"), optim_cfg=OptimConfig(), total_steps=1), LowRankMethod)
+
+
+QUANT_ERROR = {"int8": 0.01, "nf4": 0.12}  # relative Frobenius error of one quantisation of an init-scale weight
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+@pytest.mark.parametrize("method_name", ["lora", "relora", "redora", "repissa", "reloqra"])
+def test_a_quantised_base_merges_exactly_and_computes_within_one_quantisation(method_name: str, fmt: str) -> None:
+    """The forward uses the dequantised base; a restart merges into the exact fp32 master and quantises it afresh
+    (RePiSSA and ReLoQRa: the residual after their factors), so the exact merged weight is kept (to fp32 rounding)
+    and the computed one is within one quantisation of it, restart after restart (no drift)."""
+    kw = {"qr_residual": True} if method_name == "reloqra" else {}
+    model, method = lowrank_model(method_name, base_dtype=fmt, **kw)
+    reference, ref_method = lowrank_model(method_name, **kw)  # the same run with an fp32 base
+    layers, ref_layers = lowrank_layers(model), dict(lowrank_layers(reference))
+    for name, layer in layers:
+        assert layer.weight.dtype == torch.float32 and layer.base_q.dtype in (torch.int8, torch.uint8)
+        torch.testing.assert_close(layer.weight, ref_layers[name].weight)  # the same exact master
+        computed = layer.merged_weight(as_computed=True)
+        assert float((computed - layer.merged_weight()).norm() / layer.merged_weight().norm()) < QUANT_ERROR[fmt]
+    opt, ref_opt = method.build_optimizer(model), ref_method.build_optimizer(reference)
+    restarts = 5 if method_name != "lora" else 0
+    errors = []
+    for k in range(restarts):
+        perturb_adapters(model, seed=k + 1)
+        perturb_adapters(reference, seed=k + 1)
+        exact = {name: layer.merged_weight() for name, layer in layers}
+        method._restart(model, opt)
+        ref_method._restart(reference, ref_opt)
+        for name, layer in layers:
+            torch.testing.assert_close(layer.merged_weight(), exact[name], rtol=0, atol=2e-5)  # exact merge
+            torch.testing.assert_close(layer.merged_weight(), ref_layers[name].merged_weight(), rtol=0, atol=2e-5)
+            computed = layer.merged_weight(as_computed=True)
+            errors.append(float((computed - exact[name]).norm() / exact[name].norm()))
+    assert all(e < QUANT_ERROR[fmt] for e in errors), max(errors)
+
+
+def test_quantised_bases_are_refused_where_they_are_not_sharded_yet() -> None:
+    from megatron_pept.config import load_config
+    from megatron_pept.errors import ConfigError
+
+    for backend, word in (("fsdp2", "sharded"), ("deepspeed", "partitioned")):
+        with pytest.raises(ConfigError, match=f"quantised bases are not {word} yet"):
+            load_config(
+                None, ["data.path=x", f"parallel.backend={backend}", "method.name=relora", "method.base_dtype=nf4"]
+            )

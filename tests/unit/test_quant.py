@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_pept.quant import dequantize, quantize, quantized_bytes, requantisation_drift
+from megatron_pept.quant import dequantize, part_shapes, quantize, quantized_bytes, requantisation_drift
 
 
 def weight(rows: int = 128, cols: int = 256, seed: int = 0) -> torch.Tensor:
@@ -63,6 +63,9 @@ def test_bad_requests_are_refused() -> None:
         quantize(weight(), "fp3")
     with pytest.raises(ValueError, match="divide into blocks"):
         quantize(torch.randn(10, 10), "nf4")
+    for fmt in ("int8", "nf4"):  # the shapes announced before quantising are the ones produced
+        parts = quantize(torch.randn(176, 64), fmt)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in parts.items()} == part_shapes(fmt, (176, 64))
     with pytest.raises(ValueError, match="nearest code only"):
         quantize(weight(), "nf4", round="stochastic")
 

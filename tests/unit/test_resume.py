@@ -15,6 +15,14 @@ from megatron_pept.trainer import Trainer
 CASES = {
     "relora-warm-start": ["method.name=relora", "method.rank=4", "method.warm_start_steps=3", "method.reset_every=2"],
     "lora-warm-start": ["method.name=lora", "method.rank=4", "method.warm_start_steps=3"],
+    "relora-nf4-base-warm-start": [
+        "method.name=relora",
+        "method.rank=4",
+        "method.warm_start_steps=3",
+        "method.reset_every=2",
+        "method.base_dtype=nf4",
+    ],
+    "redora-int8-base": ["method.name=redora", "method.rank=4", "method.reset_every=2", "method.base_dtype=int8"],
     "relora-bf16-base-warm-start": [
         "method.name=relora",
         "method.rank=4",
