@@ -46,6 +46,7 @@ def files(folder: str) -> list[Path]:
         ("sharding.py", ("megatron_pept.optim", "megatron_pept.distributed", "megatron_pept.methods")),
         ("models", ("megatron_pept.distributed", "megatron_pept.methods", "megatron_pept.trainer")),
         ("checkpoint", ("megatron_pept.trainer",)),
+        ("quant", ("megatron_pept.distributed", "megatron_pept.methods", "megatron_pept.optim")),
     ],
 )
 def test_who_may_import_whom(folder: str, forbidden: tuple[str, ...]) -> None:
