@@ -20,7 +20,6 @@ collectives (barriers, object broadcasts) live in :mod:`megatron_pept.distribute
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,29 +50,12 @@ def all_gather_(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
     return out
 
 
-def world_rank() -> int:
-    return dist.get_rank() if distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if distributed() else 1
-
-
 # -- whole tensors ------------------------------------------------------------------------------------------------
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    return isinstance(t, DTensor)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (all-gathered when sharded); a plain tensor is returned as it is."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``t`` as a plain tensor (the tensor itself when it is not sharded)."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
@@ -275,8 +257,6 @@ of, in ZeRO's order (the same on every rank), each with this rank's :class:`Flat
 
 # -- the protocol of shard-aware optimizers -----------------------------------------------------------------------
 
-STATE_LAYOUTS = ("rows", "replicated", "local")
-
 
 class ShardAwareOptimizer:
     """What an optimizer declares about its state and the views it steps; the defaults are those of a plain
@@ -328,10 +308,6 @@ class ShardAwareOptimizer:
     def release(self) -> None:
         """The optimizer is being replaced (per-layer updates remove their backward hooks)."""
 
-    def wrapped(self) -> Iterator[Any]:
-        """The optimizers this one steps through (itself, or one per parameter for per-layer updates)."""
-        yield self
-
 
 class _PlainOptimizer(ShardAwareOptimizer):
     """The protocol's defaults for an optimizer that does not declare it."""
@@ -341,9 +317,6 @@ class _PlainOptimizer(ShardAwareOptimizer):
 
     def owner(self, p: torch.Tensor) -> Any:
         return self.optimizer
-
-    def wrapped(self) -> Iterator[Any]:
-        yield self.optimizer
 
 
 def optimizer_protocol(optimizer: Any) -> ShardAwareOptimizer:

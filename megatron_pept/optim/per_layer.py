@@ -111,9 +111,6 @@ class PerLayerOptimizer(ShardAwareOptimizer):
     def owner(self, p: torch.Tensor) -> torch.optim.Optimizer:
         return self.optimizers[p]
 
-    def wrapped(self) -> Iterator[torch.optim.Optimizer]:
-        return iter(self.optimizers.values())
-
     def state_layout(self, p: torch.Tensor, key: str) -> str | None:
         return optimizer_protocol(self.optimizers[p]).state_layout(p, key)
 
