@@ -597,19 +597,11 @@ def _require(cond: bool, message: str) -> None:
 def _check_registered(cfg: Config) -> None:
     """The method and the backend exist in their registries (the only lists of names), and the backend can run
     this config."""
-    from megatron_pept.distributed import BACKENDS
-    from megatron_pept.methods import METHODS
+    from megatron_pept.distributed import backend_class
+    from megatron_pept.methods import method_class
 
-    if cfg.method.name not in METHODS:
-        close = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHODS)}"
-        raise ConfigError(f"unknown method.name '{cfg.method.name}'{hint}")
-    name = cfg.parallel.backend
-    if name not in BACKENDS:
-        close = difflib.get_close_matches(name, list(BACKENDS), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key 'parallel.backend' must be one of {', '.join(BACKENDS)}; got {name!r}{hint}")
-    BACKENDS[cfg.parallel.backend].validate(cfg)
+    method_class(cfg.method.name)
+    backend_class(cfg.parallel.backend).validate(cfg)
 
 
 def validate(cfg: Config) -> None:

@@ -20,6 +20,7 @@ Backends (one class each, :mod:`.backend` and :mod:`.deepspeed_backend`, registe
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -112,8 +113,11 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def backend_class(name: str) -> type[Backend]:
+    """The registered backend ``parallel.backend=name`` selects; a ConfigError naming the choices otherwise."""
     if name not in BACKENDS:
-        raise ConfigError(f"unknown parallel.backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        close = difflib.get_close_matches(name, list(BACKENDS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key 'parallel.backend' must be one of {', '.join(BACKENDS)}; got {name!r}{hint}")
     return BACKENDS[name]
 
 

@@ -4,6 +4,7 @@ validation and ``--help-config`` read it). :func:`register_method` adds one (see
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 
 from megatron_pept.config import MethodConfig, OptimConfig
@@ -29,26 +30,33 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def ignored_keys(cfg: MethodConfig) -> list[str]:
-    """``method.*`` fields set away from their default that the chosen method does not read."""
-    read = {"name", *METHODS[cfg.name].config_keys}
+def method_class(name: str) -> type[Method]:
+    """The registered method ``method.name=name`` selects; a ConfigError suggesting the closest name otherwise."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(METHODS)}"
+        raise ConfigError(f"unknown method.name '{name}'{hint}")
+    return METHODS[name]
+
+
+def ignored_keys(cfg: MethodConfig) -> dict[str, object]:
+    """``method.*`` fields set away from their default that the chosen method does not read, with their values."""
+    read = {"name", *method_class(cfg.name).config_keys}
     values, defaults = dataclasses.asdict(cfg), dataclasses.asdict(MethodConfig())
-    return [key for key, value in values.items() if key not in read and value != defaults[key]]
+    return {key: value for key, value in values.items() if key not in read and value != defaults[key]}
 
 
 def build_method(cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> Method:
-    if cfg.name not in METHODS:
-        raise ConfigError(f"unknown method.name '{cfg.name}'; choose one of {', '.join(METHODS)}")
+    cls = method_class(cfg.name)
     ignored = ignored_keys(cfg)
     if ignored:
-        values = dataclasses.asdict(cfg)
         logger.warning(
             "method.name=%s does not read %s: %s",
             cfg.name,
             "this setting" if len(ignored) == 1 else "these settings",
-            ", ".join(f"method.{k}={values[k]!r}" for k in ignored),
+            ", ".join(f"method.{k}={v!r}" for k, v in ignored.items()),
         )
-    return METHODS[cfg.name](cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
+    return cls(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
 
 
-__all__ = ["METHODS", "Method", "StepEnd", "build_method", "ignored_keys", "register_method"]
+__all__ = ["METHODS", "Method", "StepEnd", "build_method", "ignored_keys", "method_class", "register_method"]
