@@ -168,8 +168,9 @@ class LowRankLinear(nn.Linear):
         return dequantize(self._quant_parts(), self.base_format, self.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_weight()
-        weight = weight if weight.dtype == x.dtype or torch.is_autocast_enabled() else weight.to(x.dtype)
+        base_weight = self.base_weight()  # dequantised once per forward for a quantised base
+        use_as_is = base_weight.dtype == x.dtype or torch.is_autocast_enabled()
+        weight = base_weight if use_as_is else base_weight.to(x.dtype)
         base = F.linear(x, weight)
         if not self.lowrank_active:
             return base
@@ -178,7 +179,7 @@ class LowRankLinear(nn.Linear):
             return base + update
         # DoRA: rescale each output row of (W + s B A) to the learned magnitude; the norm is treated as a constant
         # (DoRA section 4.3, as peft does).
-        norm = row_norms(self.base_weight().float() + self.scale * self.lora_B @ self.lora_A).detach()
+        norm = row_norms(base_weight.float() + self.scale * self.lora_B @ self.lora_A).detach()
         return (self.magnitude / norm).to(base.dtype) * (base + update)
 
     @torch.no_grad()
