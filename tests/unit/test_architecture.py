@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import tiny as trainer_tiny
 
 from megatron_pept.config import MethodConfig, describe_config, load_config
 from megatron_pept.distributed import BACKENDS, Backend, register_backend
@@ -115,25 +116,18 @@ def registered_sgd():
 
 
 def tiny(data: Path, run_dir: Path, *overrides: str):
-    return load_config(
-        None,
-        [
-            f"run_dir={run_dir}",
-            f"data.path={data}",
-            "data.seq_len=32",
-            "train.steps=4",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=4",
-            "train.eval_interval=0",
-            "train.eval_at_start=false",
-            "optim.lr=0.5",
-            "optim.warmup_steps=0",
-            "optim.schedule=constant",
-            "train.max_grad_norm=0",
-            "metrics.tensorboard=false",
-            "metrics.peak_tflops=1.0",
-            *overrides,
-        ],
+    """test_trainer's small run: 4 steps at a constant rate, no clipping and no validation."""
+    return trainer_tiny(
+        data,
+        run_dir,
+        "train.steps=4",
+        "train.eval_interval=0",
+        "train.eval_at_start=false",
+        "optim.lr=0.5",
+        "optim.warmup_steps=0",
+        "optim.schedule=constant",
+        "train.max_grad_norm=0",
+        *overrides,
     )
 
 
