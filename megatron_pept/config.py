@@ -150,12 +150,20 @@ class MethodConfig:
     """Training method: full, lora, relora, redora, repissa, reloqra, galore, galore_ef, galore_dynamic,
     galore_dynamic_ef, galore_8bit, galore_adafactor, adam_mini (the registry in megatron_pept.methods.METHODS;
     each key below says which methods read it)."""
-    base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4"] = "auto"
+    base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4", "fp8"] = "auto"
     """Storage of the frozen base weights of low-rank methods; auto keeps them like the other master weights
     (fp32). bf16 halves their memory but rounds every merge (a warm start trains an fp32 master until the switch).
-    int8 (per-row absmax) and nf4 (QLoRA's 4-bit NormalFloat, double-quantised scales): the forward uses the
-    dequantised base, merges go into an exact fp32 master that is quantised afresh at each restart (no drift);
-    single and ddp backends in this version."""
+    int8 (per-row absmax), nf4 (QLoRA's 4-bit NormalFloat, blockwise) and fp8 (e4m3 with per-row scales; CUDA GPUs
+    of compute capability 8.9 or later): the forward uses the dequantised base; merges go into the master
+    (method.base_master). Backends: single, ddp, fsdp2 (parts sharded by rows/blocks), deepspeed ZeRO-1/2."""
+    base_master: Literal["host", "device", "none"] = "host"
+    """With a quantised base: where the exact fp32 master that merges go into lives. host: CPU memory (on a GPU run
+    the device holds only the quantised base; under fsdp2 the master is sharded beside the other shards instead);
+    device: beside the quantised base; none: no master, each merge requantises the dequantised base plus the update
+    (least memory, but requantisation drifts: docs/benchmarks.md)."""
+    nf4_double_quant: bool = True
+    """With base_dtype=nf4: quantise the per-block scales again to int8 (QLoRA's double quantisation, about 0.52
+    bytes per weight); false keeps fp32 block scales (about 0.56 bytes per weight, slightly more exact)."""
     rank: int = 128
     """Rank r of the low-rank adapters (ReLoRA: 128; the Approximations paper: 256)."""
     alpha: float = 32.0
@@ -647,6 +655,16 @@ def validate(cfg: Config) -> None:
     _require(me.restart_warmup_steps >= 0, f"method.restart_warmup_steps must be >= 0; got {me.restart_warmup_steps}")
     _require(0.0 <= me.prune_ratio <= 1.0, f"method.prune_ratio must be in [0, 1]; got {me.prune_ratio}")
     _require(bool(me.target_modules), "method.target_modules is empty; name at least one linear layer pattern")
+    quantised = me.base_dtype in ("int8", "nf4", "fp8")
+    _require(
+        quantised or me.base_master == "host",
+        f"method.base_master={me.base_master} applies to a quantised base only; set method.base_dtype to int8, nf4 "
+        "or fp8, or drop method.base_master",
+    )
+    _require(
+        me.nf4_double_quant or me.base_dtype == "nf4",
+        "method.nf4_double_quant=false applies to method.base_dtype=nf4 only; drop it or set base_dtype=nf4",
+    )
     _require(me.galore_scale > 0, f"method.galore_scale must be > 0; got {me.galore_scale}")
     _require(me.update_proj_gap >= 1, f"method.update_proj_gap must be >= 1; got {me.update_proj_gap}")
     _require(me.ef_weight >= 0, f"method.ef_weight must be >= 0; got {me.ef_weight}")

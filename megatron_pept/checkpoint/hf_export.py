@@ -44,15 +44,15 @@ def dense_state_dict(checkpoint: Path) -> tuple[LlamaArgs, dict[str, torch.Tenso
     method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=cfg.train.steps, seed=cfg.train.seed)
     method.convert(model)
     model.to_empty(device="cpu")
+    method_state = load_full_tensors(checkpoint, prefix="extra.method.") if method.state_dict() else {}
+    if method_state:  # the saved phase decides which tensors the model holds (e.g. a quantised base)
+        method.load_state_dict(method_state)
+        if method.has_phases:
+            method.apply_phase(model)
     state = load_full_tensors(checkpoint, prefix="model.")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rope_" not in k]:
         raise UserError(f"{checkpoint} does not match the model its meta.json describes ({(missing + unexpected)[0]})")
-    method_state = load_full_tensors(checkpoint, prefix="extra.method.") if method.state_dict() else {}
-    if method_state:
-        method.load_state_dict(method_state)
-        if method.has_phases:
-            method.apply_phase(model)
     dense = method.export_weights(model)
     return args, dense, meta
 

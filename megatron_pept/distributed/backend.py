@@ -189,10 +189,12 @@ class FSDP2Backend(Backend):
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
-        if cfg.method.base_dtype in ("int8", "nf4"):
+        if cfg.method.base_dtype in ("int8", "nf4", "fp8") and cfg.method.warm_start_steps > 0:
             raise ConfigError(
-                f"method.base_dtype={cfg.method.base_dtype} cannot run with parallel.backend=fsdp2 in this version "
-                "(quantised bases are not sharded yet); use parallel.backend=ddp or single"
+                f"method.base_dtype={cfg.method.base_dtype} with method.warm_start_steps > 0 cannot run with "
+                "parallel.backend=fsdp2: the switch replaces the trained dense weights by the quantised base, and "
+                "FSDP2 fixes a module's parameters when it shards it; use method.warm_start_steps=0 or "
+                "parallel.backend=ddp"
             )
         if cfg.method.warm_start_steps > 0 and cfg.method.base_dtype == "bf16":
             raise ConfigError(
@@ -205,6 +207,9 @@ class FSDP2Backend(Backend):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs: dict[str, Any] = {"mesh": self.dims.mesh}
+        for module in model.modules():  # quantised bases (held as buffers, which FSDP2 leaves whole): by rows
+            if getattr(module, "quantised", False):
+                module.shard_base(self.dims.mesh)
         if self.device.type == "cuda":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers.values():

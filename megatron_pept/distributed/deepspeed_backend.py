@@ -272,10 +272,12 @@ class DeepSpeedBackend(Backend):
                 "optim.per_layer=true cannot run with parallel.backend=deepspeed: DeepSpeed owns the optimizer step; "
                 "use parallel.backend=fsdp2 or ddp"
             )
-        if cfg.method.base_dtype in ("int8", "nf4"):
+        if cfg.method.base_dtype in ("int8", "nf4", "fp8") and p.zero_stage == 3:
             raise ConfigError(
-                f"method.base_dtype={cfg.method.base_dtype} cannot run with parallel.backend=deepspeed in this version "
-                "(quantised bases are not partitioned yet); use parallel.backend=ddp or single"
+                f"method.base_dtype={cfg.method.base_dtype} cannot run with ZeRO-3: ZeRO-3 partitions parameters, and "
+                "a quantised base is frozen state that ZeRO-3 would keep whole on every rank, so it would save "
+                "nothing there; use parallel.zero_stage=1 or 2 (the base is replicated, as the weights are) or "
+                "parallel.backend=fsdp2 (the quantised base is sharded by rows)"
             )
         if cfg.method.warm_start_steps > 0:
             raise ConfigError(

@@ -32,7 +32,10 @@ from torch import nn
 
 from megatron_pept.errors import ConfigError
 from megatron_pept.quant import dequantize, part_shapes, quantize
-from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
+from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess, full
+
+BASE_MASTERS = ("host", "device", "none")
+SHARDED_PARTS = ("q", "scale", "scalers", "absmax")  # parts with a row, block or element on dim 0 (not the tiny ones)
 
 LOWRANK_KINDS = ("lora", "dora", "pissa", "qr")
 
@@ -73,6 +76,26 @@ def qr_factors(weight: torch.Tensor, *, rank: int, scale: float) -> tuple[torch.
     return r[:rank] / scale, q[:, :rank].contiguous()
 
 
+class _QuantisedBaseLinear(torch.autograd.Function):
+    """``x @ W^T`` for the frozen dequantised base ``W`` without keeping ``W`` alive for backward: backward
+    dequantises it again from the stored parts (as QLoRA's kernels do), so a step holds one layer's dense base at a
+    time, not the whole model's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, layer: LowRankLinear) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        weight = ctx.layer.dequantized_base().to(ctx.dtype)
+        return (grad.to(ctx.dtype) @ weight).to(ctx.x_dtype), None, None
+
+
 class LowRankLinear(nn.Linear):
     """A frozen ``weight`` plus a trainable low-rank term; see the module docstring for the kinds.
 
@@ -92,6 +115,8 @@ class LowRankLinear(nn.Linear):
         qr_residual: bool = False,
         base_dtype: torch.dtype | None = None,
         base_format: str | None = None,
+        base_master: str = "host",
+        double_quant: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
         if kind not in LOWRANK_KINDS:
@@ -113,13 +138,18 @@ class LowRankLinear(nn.Linear):
             # the update merged at the end of the cycle is measured against.
             self.register_buffer("lora_A0", torch.empty(rank, in_features, device=device))
             self.register_buffer("lora_B0", torch.empty(out_features, rank, device=device))
-        # A quantised base (megatron_pept.quant): the forward of the low-rank phase uses the dequantised base; the
-        # exact fp32 ``weight`` is the master that merges go into, quantised afresh at each (re)initialisation, so
-        # requantisation never drifts (docs/benchmarks.md).
-        self.base_format = base_format
+        # A quantised base (megatron_pept.quant): in the low-rank phase the layer holds the base only as the
+        # quantised parts ``base_*`` (the forward dequantises them) and, unless ``base_master="none"``, an exact fp32
+        # master ``base_master`` that merges go into and that is quantised afresh at each (re)initialisation, so
+        # requantisation never drifts (docs/benchmarks.md). The dense ``weight`` parameter exists only while it
+        # trains (the full-rank warm start) and until the first :meth:`decompose`.
+        if base_master not in BASE_MASTERS:
+            raise ConfigError(f"method.base_master must be one of {', '.join(BASE_MASTERS)}; got {base_master!r}")
+        self.base_format, self.base_master_mode, self.double_quant = base_format, base_master, double_quant
         if base_format is not None:
-            for name, (shape, dtype) in part_shapes(base_format, (out_features, in_features)).items():
+            for name, (shape, dtype) in self._part_shapes().items():
                 self.register_buffer(f"base_{name}", torch.empty(shape, dtype=dtype, device=device))
+        self.master_on_host = base_master == "host"  # off the accelerator (a no-op on a CPU run)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lowrank_active = True
         # How whole tensors are read and written (plain, FSDP2 shards, DeepSpeed ZeRO partitions).
@@ -138,40 +168,132 @@ class LowRankLinear(nn.Linear):
     def set_lowrank_active(self, active: bool) -> None:
         """Low-rank phase (base frozen, adapters train) or full-rank phase (base trains, adapters unused)."""
         self.lowrank_active = active
-        self.weight.requires_grad_(not active)
+        if self.weight is not None:
+            self.weight.requires_grad_(not active)
         for p in self.adapter_parameters():
             p.requires_grad_(active)
 
     @torch.no_grad()
     def set_base_dtype(self, dtype: torch.dtype | None) -> None:
         """Store the frozen base in ``dtype`` from now on (None: keep it as it is); its values are rounded once."""
-        if dtype is None or self.weight.dtype == dtype:
+        if dtype is None or self.weight is None or self.weight.dtype == dtype:
             return
         self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=self.weight.requires_grad)
 
-    def _quant_parts(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, f"base_{name}") for name in part_shapes(self.base_format, self.weight.shape)}
+    # -- a quantised base ---------------------------------------------------------------------------------------
+
+    @property
+    def quantised(self) -> bool:
+        """The base is held quantised now (a quantised format, the low-rank phase, the dense weight dropped)."""
+        return self.base_format is not None and self.weight is None
+
+    def _part_shapes(self) -> dict:
+        kwargs = {"double_quant": self.double_quant} if self.base_format == "nf4" else {}
+        return part_shapes(self.base_format, (self.out_features, self.in_features), **kwargs)
+
+    def _quant_kwargs(self) -> dict:
+        return {"double_quant": self.double_quant} if self.base_format == "nf4" else {}
+
+    def dequantized_base(self) -> torch.Tensor:
+        """The fp32 base the low-rank phase computes with, whole (gathered when its parts are sharded)."""
+        parts = {name: full(getattr(self, f"base_{name}")) for name in self._part_shapes()}
+        return dequantize(parts, self.base_format, (self.out_features, self.in_features), **self._quant_kwargs())
 
     @torch.no_grad()
-    def requantize(self) -> None:
-        """Store the quantised base from the exact ``weight`` (after every change of the base)."""
-        if self.base_format is None:
+    def hold_quantised(self, *, values: bool = True) -> None:
+        """Hold the base quantised from now on: the dense ``weight`` becomes the master (or is dropped with
+        ``base_master="none"``) and the parts are quantised from it (``values=False``: only the storage is made,
+        for a checkpoint to fill). Idempotent; a no-op without a quantised format."""
+        if self.base_format is None or self.weight is None:
             return
-        parts = quantize(self.param_access.get(self.weight).float(), self.base_format)
+        dense = self.param_access.get(self.weight).float() if values else None
+        self.weight = None
+        if self.base_master_mode != "none":
+            device = torch.device("cpu") if self.master_on_host else self.lora_A.device
+            self.register_buffer("base_master", torch.zeros((self.out_features, self.in_features), device=device))
+        if dense is not None:
+            self._store_base(dense)
+
+    @torch.no_grad()
+    def hold_dense(self) -> None:
+        """The inverse of :meth:`hold_quantised` (a layer put back into the full-rank phase): the dense trainable
+        ``weight`` again, from the master (or the dequantised base without one)."""
+        if not self.quantised:
+            return
+        dense = self.exact_base()
+        if "base_master" in self._buffers:
+            del self._buffers["base_master"]
+        self.weight = nn.Parameter(torch.zeros(dense.shape, device=self.lora_A.device))
+        self.param_access.set(self.weight, dense)
+
+    def shard_base(self, mesh) -> None:
+        """Shard the quantised parts (rows, per-row scales, blocks and block scales) and the master by their first
+        dimension over ``mesh`` (FSDP2's layout; tiny parts stay whole): each rank keeps its piece, the forward
+        all-gathers the parts of one layer at a time and merges gather the master. DCP reshards them on resume."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        self.master_on_host = False  # a sharded master lives beside the other shards
+        for name in [*(f"base_{n}" for n in SHARDED_PARTS), "base_master"]:
+            value = self._buffers.get(name)
+            if value is not None and value.dim() >= 1 and value.shape[0] >= mesh.size():
+                self._buffers[name] = distribute_tensor(value, mesh, [Shard(0)], src_data_rank=None)
+
+    def exact_base(self) -> torch.Tensor:
+        """The base merges start from, whole and fp32: the dense weight, the master, or (no master) the
+        dequantised base."""
+        if self.weight is not None:
+            return self.param_access.get(self.weight).float()
+        if self.base_master_mode == "none":
+            return self.dequantized_base()
+        return full(self.base_master).float().to(self.lora_A.device)
+
+    @torch.no_grad()
+    def _store_base(self, base: torch.Tensor) -> None:
+        """Set the base to the whole fp32 ``base``: the dense weight, or the master and the quantised parts."""
+        if self.weight is not None:
+            self.param_access.set(self.weight, base)
+            if self.base_format is not None:
+                self._requantize(base)  # defined values (unused until the low-rank phase)
+            return
+        if self.base_master_mode != "none":
+            self.param_access.set(self.base_master, base)
+        self._requantize(base)
+
+    @torch.no_grad()
+    def _requantize(self, base: torch.Tensor) -> None:
+        parts = quantize(base.float(), self.base_format, **self._quant_kwargs())
         for name, value in parts.items():
             self.param_access.set(getattr(self, f"base_{name}"), value)
 
+    def _apply(self, fn, recurse=True):
+        # The quantised parts and the master change device with the module but never dtype (a cast of the scales
+        # would change what the parts encode; DeepSpeed's bf16 casts the whole module); a host master stays on
+        # the CPU.
+        keep = {n: t for n, t in self._buffers.items() if n.startswith("base_") and t is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in keep.items():
+            moved = self._buffers[name]
+            if old.is_meta:
+                value = moved if moved.dtype == old.dtype else torch.empty_like(moved, dtype=old.dtype)
+            else:
+                value = old.to(device=moved.device)
+            if name == "base_master" and self.master_on_host and value.device.type != "cpu":
+                value = value.cpu()
+            self._buffers[name] = value
+        return out
+
     def base_weight(self) -> torch.Tensor:
-        """The base the low-rank phase computes with: the dequantised one for a quantised base, else ``weight``."""
-        if self.base_format is None or not self.lowrank_active:
-            return self.weight
-        return dequantize(self._quant_parts(), self.base_format, self.weight.shape)
+        """The base the forward computes with: the dequantised one for a quantised base, else ``weight``."""
+        return self.dequantized_base() if self.quantised else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_weight = self.base_weight()  # dequantised once per forward for a quantised base
-        use_as_is = base_weight.dtype == x.dtype or torch.is_autocast_enabled()
-        weight = base_weight if use_as_is else base_weight.to(x.dtype)
-        base = F.linear(x, weight)
+        if self.quantised:
+            base_weight = self.dequantized_base()  # dequantised once per forward, again in backward
+            base = _QuantisedBaseLinear.apply(x, base_weight, self)
+        else:
+            base_weight = self.weight
+            use_as_is = base_weight.dtype == x.dtype or torch.is_autocast_enabled()
+            base = F.linear(x, base_weight if use_as_is else base_weight.to(x.dtype))
         if not self.lowrank_active:
             return base
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
@@ -187,8 +309,7 @@ class LowRankLinear(nn.Linear):
         """The dense weight of the exact base plus the adapter, in fp32 (whole, also when the layer is sharded):
         what a merge folds into the base. ``as_computed``: with the base the forward uses (the dequantised one for
         a quantised base), i.e. the function the layer applies (what an export ships)."""
-        exact = not as_computed or self.base_format is None or not self.lowrank_active
-        weight = self.param_access.get(self.weight if exact else self.base_weight()).float()
+        weight = self.dequantized_base() if as_computed and self.quantised else self.exact_base()
         if not self.lowrank_active:
             return weight.clone()
         merged = weight + self.scale * (
@@ -199,9 +320,12 @@ class LowRankLinear(nn.Linear):
         return merged
 
     @torch.no_grad()
-    def decompose(self, weight: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
-        """Set base and adapters from the dense ``weight`` according to the kind (see the module docstring)."""
-        base = self.param_access.get(weight).float()
+    def decompose(self, weight: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> None:
+        """Set base and adapters from the dense ``weight`` (default: the current exact base) according to the kind
+        (see the module docstring); a quantised format is held quantised from now on."""
+        base = self.exact_base() if weight is None else self.param_access.get(weight).float()
+        if self.base_format is not None and self.weight is not None:
+            self.hold_quantised()
         if self.kind in ("lora", "dora"):
             kaiming_lora_init(self.lora_A, self.lora_B, generator=generator, access=self.param_access)
             if self.magnitude is not None:
@@ -217,24 +341,24 @@ class LowRankLinear(nn.Linear):
             for param, buffer, value in ((self.lora_A, self.lora_A0, a), (self.lora_B, self.lora_B0, b)):
                 self.param_access.set(param, value)
                 self.param_access.set(buffer, value)
-        self.param_access.set(self.weight, base)
-        self.requantize()  # RePiSSA and ReLoQRa quantise the residual left after their factors are taken out
+        self._store_base(base)  # RePiSSA and ReLoQRa quantise the residual left after their factors are taken out
 
     @torch.no_grad()
     def init_adapters_only(self, *, generator: torch.Generator | None = None) -> None:
         """Give the adapters defined values without touching the base (full-rank phase: they are unused)."""
         kaiming_lora_init(self.lora_A, self.lora_B, generator=generator, access=self.param_access)
         if self.magnitude is not None:
-            self.param_access.set(self.magnitude, row_norms(self.param_access.get(self.weight)))
+            self.param_access.set(self.magnitude, row_norms(self.exact_base()))
         if self.kind in ("pissa", "qr"):
             self.param_access.set(self.lora_A0, self.param_access.get(self.lora_A))
             self.param_access.set(self.lora_B0, self.param_access.get(self.lora_B))
-        self.requantize()  # defined values (the full-rank phase computes with the exact weight)
+        if self.base_format is not None:
+            self._store_base(self.exact_base())  # defined parts (the full-rank phase computes with the weight)
 
     @torch.no_grad()
     def cycle_update(self, merged: torch.Tensor | None = None) -> torch.Tensor:
         """How much the effective weight moved since the last (re)initialisation (fp32, dense)."""
-        start = self.param_access.get(self.weight).float()
+        start = self.exact_base()
         if self.kind in ("pissa", "qr"):
             start = start + self.scale * (self.param_access.get(self.lora_B0) @ self.param_access.get(self.lora_A0))
         return (self.merged_weight() if merged is None else merged) - start
@@ -249,7 +373,9 @@ class LowRankLinear(nn.Linear):
         return update_sq
 
     def extra_repr(self) -> str:
+        dtype = self.weight.dtype if self.weight is not None else None
         return (
             f"in={self.in_features}, out={self.out_features}, kind={self.kind}, rank={self.rank}, "
-            f"alpha={self.alpha}, active={self.lowrank_active}, base={self.base_format or self.weight.dtype}"
+            f"alpha={self.alpha}, active={self.lowrank_active}, base={self.base_format or dtype}"
+            + (f", master={self.base_master_mode}" if self.base_format else "")
         )

@@ -35,6 +35,7 @@ from megatron_pept.methods.lowrank import LowRankLinear
 from megatron_pept.optim import JaggedSchedule, Schedule
 from megatron_pept.optim.pruning import reset_optimizer_state
 from megatron_pept.quant import FORMATS as QUANT_FORMATS
+from megatron_pept.quant import fp8_supported
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
 
 _BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,6 +59,8 @@ class LowRankMethod(Method):
     has_phases = True  # full-rank warm start, then low-rank
     config_keys = (
         "base_dtype",
+        "base_master",
+        "nf4_double_quant",
         "rank",
         "alpha",
         "dropout",
@@ -106,6 +109,8 @@ class LowRankMethod(Method):
                 # A full-rank warm start trains the base: it keeps an fp32 master until the switch.
                 base_dtype=self.base_dtype if self.lowrank_phase else None,
                 base_format=self.base_format,
+                base_master=self.cfg.base_master,
+                double_quant=self.cfg.nf4_double_quant,
             )
             layer.set_lowrank_active(self.lowrank_phase)
             setattr(model.get_submodule(parent_name), leaf, layer)
@@ -116,8 +121,12 @@ class LowRankMethod(Method):
     def after_init(self, model: nn.Module) -> None:
         """Initialise the adapters from the freshly initialised weights (also during a warm start, so every
         tensor holds defined values; they are re-made from the warmed-up weights at the switch)."""
+        if self.base_format == "fp8":
+            problem = fp8_supported(next(model.parameters()).device)
+            if problem:
+                raise ConfigError(problem)
         for i, (_, layer) in enumerate(lowrank_layers(model)):
-            gen = self._generator(layer.weight.device, 1_000_003 * i)
+            gen = self._generator(layer.lora_A.device, 1_000_003 * i)
             if self.lowrank_phase:
                 layer.decompose(layer.weight, generator=gen)
             else:
@@ -141,7 +150,8 @@ class LowRankMethod(Method):
     def _switch_to_lowrank(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         for i, (_, layer) in enumerate(lowrank_layers(model)):
             layer.set_lowrank_active(True)
-            layer.decompose(layer.weight, generator=self._generator(layer.weight.device, 1_000_003 * i + 17))
+            # Quantised bases are quantised here, from the exact warmed-up weight (kept as the master).
+            layer.decompose(generator=self._generator(layer.lora_A.device, 1_000_003 * i + 17))
             layer.set_base_dtype(self.base_dtype)  # the warm-start master, stored as the frozen base from now on
         self.lowrank_phase = True
         new = self.build_optimizer(model)
@@ -156,7 +166,7 @@ class LowRankMethod(Method):
         update_sq = 0.0
         adapters: list[torch.Tensor] = []
         for i, (_, layer) in enumerate(lowrank_layers(model)):
-            gen = self._generator(layer.weight.device, 1_000_003 * i + 31 * self.restart_count)
+            gen = self._generator(layer.lora_A.device, 1_000_003 * i + 31 * self.restart_count)
             update_sq += layer.restart(generator=gen)
             adapters.extend(layer.adapter_parameters())
         gen = self._generator(torch.device("cpu"), 97 * self.restart_count)
@@ -219,6 +229,9 @@ class LowRankMethod(Method):
             layer.set_lowrank_active(self.lowrank_phase)
             if self.lowrank_phase:
                 layer.set_base_dtype(self.base_dtype)
+                layer.hold_quantised(values=False)  # the storage the checkpoint holds (values loaded next)
+            else:
+                layer.hold_dense()
 
     def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Each adapted layer's merged weight (base plus its low-rank update) under the plain layer's name."""

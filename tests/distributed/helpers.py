@@ -61,3 +61,18 @@ def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun") -> dict:
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert not extensions.exists(), f"a C++ extension was compiled during the runs: {sorted(extensions.rglob('*'))}"
     return torch.load(tmp / "out.pt", weights_only=True)
+
+
+def quantised_bases(model) -> dict:
+    """Each quantised layer's fp32 master (``NAME.base_master``) and the base its forward computes with
+    (``NAME.dequantized_base``), whole (every rank must call this: sharded parts are gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, module in model.named_modules():
+        if getattr(module, "quantised", False):
+            master = module._buffers.get("base_master")
+            if master is not None:
+                out[f"{name}.base_master"] = (master.full_tensor() if isinstance(master, DTensor) else master).cpu()
+            out[f"{name}.dequantized_base"] = module.dequantized_base().cpu()
+    return out

@@ -14,6 +14,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from helpers import quantised_bases
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.config import load_config
@@ -26,6 +27,7 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         t = p.detach()
         out[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu().clone()
+    out.update(quantised_bases(model))
     return out
 
 
@@ -58,6 +60,10 @@ def main() -> None:
             "params": full_params(trainer.raw_model),
             "split": torch.tensor(split),
             "midrow": torch.tensor(midrow),
+            # quantised-base tensors this rank holds only a piece of (FSDP2 shards them by rows)
+            "sharded_bases": torch.tensor(
+                sum(isinstance(t, DTensor) for n, t in trainer.raw_model.named_buffers() if ".base_" in n)
+            ),
         }
         trainer.close()
         del trainer

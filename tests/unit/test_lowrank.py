@@ -307,8 +307,9 @@ def test_a_quantised_base_merges_exactly_and_computes_within_one_quantisation(me
     reference, ref_method = lowrank_model(method_name, **kw)  # the same run with an fp32 base
     layers, ref_layers = lowrank_layers(model), dict(lowrank_layers(reference))
     for name, layer in layers:
-        assert layer.weight.dtype == torch.float32 and layer.base_q.dtype in (torch.int8, torch.uint8)
-        torch.testing.assert_close(layer.weight, ref_layers[name].weight)  # the same exact master
+        assert layer.weight is None and layer.base_q.dtype in (torch.int8, torch.uint8)  # no dense weight
+        assert layer.base_master.dtype == torch.float32
+        torch.testing.assert_close(layer.base_master, ref_layers[name].weight)  # the same exact master
         computed = layer.merged_weight(as_computed=True)
         assert float((computed - layer.merged_weight()).norm() / layer.merged_weight().norm()) < QUANT_ERROR[fmt]
     opt, ref_opt = method.build_optimizer(model), ref_method.build_optimizer(reference)
@@ -328,12 +329,60 @@ def test_a_quantised_base_merges_exactly_and_computes_within_one_quantisation(me
     assert all(e < QUANT_ERROR[fmt] for e in errors), max(errors)
 
 
-def test_quantised_bases_are_refused_where_they_are_not_sharded_yet() -> None:
+def test_quantised_bases_are_refused_where_they_cannot_run() -> None:
     from megatron_pept.config import load_config
     from megatron_pept.errors import ConfigError
 
-    for backend, word in (("fsdp2", "sharded"), ("deepspeed", "partitioned")):
-        with pytest.raises(ConfigError, match=f"quantised bases are not {word} yet"):
-            load_config(
-                None, ["data.path=x", f"parallel.backend={backend}", "method.name=relora", "method.base_dtype=nf4"]
-            )
+    base = ["data.path=x", "method.name=relora", "method.base_dtype=nf4"]
+    with pytest.raises(ConfigError, match="warm_start_steps > 0 cannot run with parallel.backend=fsdp2"):
+        load_config(None, [*base, "parallel.backend=fsdp2", "method.warm_start_steps=10"])
+    with pytest.raises(ConfigError, match="cannot run with ZeRO-3"):
+        load_config(None, [*base, "parallel.backend=deepspeed", "parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match="base_master=none applies to a quantised base only"):
+        load_config(None, ["data.path=x", "method.name=relora", "method.base_master=none"])
+    with pytest.raises(ConfigError, match="nf4_double_quant=false applies to method.base_dtype=nf4 only"):
+        load_config(
+            None, ["data.path=x", "method.name=relora", "method.base_dtype=int8", "method.nf4_double_quant=false"]
+        )
+    for ok in (["parallel.backend=fsdp2"], ["parallel.backend=deepspeed", "parallel.zero_stage=2"]):
+        load_config(None, [*base, *ok])  # accepted
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_without_a_master_the_layer_holds_only_the_quantised_base_and_merges_within_one_quantisation(fmt: str) -> None:
+    """base_master=none: no fp32 copy of the base anywhere in the module (its tensors are the quantised parts and
+    the adapters); a restart requantises the dequantised base plus the update, so the computed weight after it is
+    within one quantisation of the merged weight before it."""
+    model, method = lowrank_model("relora", base_dtype=fmt, base_master="none")
+    for name, layer in lowrank_layers(model):
+        assert layer.weight is None and "base_master" not in dict(layer.named_buffers())
+        floats = [t for t in layer.state_dict().values() if t.is_floating_point() and t.numel() >= layer.in_features]
+        assert sum(t.numel() for t in floats) < layer.in_features * layer.out_features / 4, name  # no dense copy
+    opt = method.build_optimizer(model)
+    for k in range(3):
+        perturb_adapters(model, seed=k + 1)
+        before = {name: layer.merged_weight() for name, layer in lowrank_layers(model)}
+        method._restart(model, opt)
+        for name, layer in lowrank_layers(model):
+            after = layer.merged_weight()  # = the dequantised base now (the adapter restarts at B = 0)
+            assert 0 < float((after - before[name]).norm() / before[name].norm()) < QUANT_ERROR[fmt], name
+
+
+def test_the_quantised_base_does_not_keep_its_dense_form_alive_for_backward() -> None:
+    """The forward's dense base is dequantised again in backward instead of being saved by autograd: the tensors
+    saved for backward hold no [out, in] float matrix, and the input gradient equals the dense computation's."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(64, 48, rank=4, alpha=8, base_format="nf4")
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    layer.decompose(generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(3, 64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert not [t for t in saved if tuple(t.shape) == (48, 64)]
+    y.square().sum().backward()
+    dense_x = x.detach().clone().requires_grad_(True)
+    w = layer.dequantized_base() + layer.scale * (layer.lora_B @ layer.lora_A).detach()
+    torch.nn.functional.linear(dense_x, w).square().sum().backward()
+    torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_pept.quant import dequantize, part_shapes, quantize, quantized_bytes, requantisation_drift
+from megatron_pept.quant import (
+    FORMATS,
+    dequantize,
+    fp8_supported,
+    part_shapes,
+    quantize,
+    quantized_bytes,
+    requantisation_drift,
+)
 
 
 def weight(rows: int = 128, cols: int = 256, seed: int = 0) -> torch.Tensor:
@@ -88,3 +96,143 @@ def test_requantising_at_every_merge_drifts_unless_the_loss_is_carried(fmt: str)
     assert max(master) <= 1.01 * master[0]  # quantised afresh from an exact master: no drift at all
     if fmt == "nf4":
         assert nearest["error"][-1] > 1.05 * nearest["error"][0]  # nearest NF4 requantisation random-walks
+
+
+def test_nf4_without_double_quant_packs_the_same_bytes_as_torchao() -> None:
+    """The codes are the nearest of torchao's code values, packed in its nibble order: torchao codes with the exact
+    block absmax too (only its stored scales are double-quantised), so the bytes must be identical."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(5)) * 0.02  # no zero blocks
+    ours = quantize(w, "nf4", double_quant=False)
+    t = to_nf4(w, block_size=64, scaler_block_size=256)
+    assert torch.equal(ours["codebook"], t.nf4)
+    assert ours["q"].dtype == torch.uint8 and torch.equal(ours["q"], t.quantized_data)
+    assert torch.equal(ours["q"], quantize(w, "nf4")["q"])
+    assert torch.equal(ours["absmax"], w.reshape(-1, 64).abs().amax(dim=1))
+    # A zero block: torchao divides 0 by 0 and stores code 0 (-1.0); ours stores code 7 (0.0) and decodes to zero.
+    w = weight()
+    ours, theirs = quantize(w, "nf4", double_quant=False)["q"], to_nf4(w, 64, 256).quantized_data
+    zero = (w.reshape(-1, 64).abs().amax(dim=1) == 0).repeat_interleave(32)  # the zero blocks' bytes
+    assert zero.sum() == 128 and torch.equal(ours[~zero], theirs[~zero]) and (ours[zero] == 0x77).all()
+    assert torch.equal(
+        dequantize(quantize(w, "nf4", double_quant=False), "nf4", w.shape, double_quant=False)[3],
+        torch.zeros(w.shape[1]),
+    )
+
+
+def test_nf4_without_double_quant_is_nearest_and_within_half_the_widest_gap() -> None:
+    w = weight()
+    parts = quantize(w, "nf4", double_quant=False)
+    assert {k: v.dtype for k, v in parts.items()} == {
+        "q": torch.uint8,
+        "absmax": torch.float32,
+        "codebook": torch.float32,
+    }
+    got = dequantize(parts, "nf4", w.shape, double_quant=False)
+    codebook, absmax = parts["codebook"], parts["absmax"][:, None]
+    err = (got - w).reshape(-1, 64).abs()
+    bound = codebook.diff().max() / 2 * absmax  # (1.0 - 0.6962) / 2 = 0.152 of the block absmax
+    assert (err <= bound * (1 + 1e-6)).all()
+    assert (err / bound.clamp_min(1e-30)).max() > 0.3  # the bound is tight: Gaussian weights come close to it
+    # Nearest: no other code value (times the block's absmax) is closer to any weight.
+    best = (w.reshape(-1, 64, 1) - codebook * absmax[..., None]).abs().amin(dim=-1)
+    assert torch.allclose(err, best, rtol=0, atol=1e-9)
+    # The exact absmax is kept: each block's largest weight comes back exactly (double quantisation loses that).
+    at_max = w.reshape(-1, 64).abs().argmax(dim=1, keepdim=True)
+    assert (err.gather(1, at_max) == 0).all()
+    dq = dequantize(quantize(w, "nf4"), "nf4", w.shape)
+    assert ((dq - w).reshape(-1, 64).abs().gather(1, at_max)[parts["absmax"] > 0] > 0).any()
+    assert quantized_bytes(parts) == w.numel() // 2 + 4 * w.numel() // 64 + 4 * 16
+    assert (quantized_bytes(parts) - 64) / w.numel() == 0.5 + 4 / 64  # plus the 64-byte codebook
+    # Frobenius: fp32 block scales do no worse than double-quantised ones. The codes are the same and the gap is
+    # about 1e-4 of the error, so it takes a matrix this size to stand above the blocks' noise (at 128 x 256 the
+    # order flips for some seeds: the absmax is not the least-squares scale for fixed codes).
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    plain = dequantize(quantize(w, "nf4", double_quant=False), "nf4", w.shape, double_quant=False)
+    assert (plain - w).norm() < (dequantize(quantize(w, "nf4"), "nf4", w.shape) - w).norm()
+
+
+def test_fp8_rows_are_within_e4m3_precision() -> None:
+    w = weight()
+    w[5] = torch.logspace(-6, 0, w.shape[1]) * 0.05  # small against the row's absmax: fp8 subnormals
+    parts = quantize(w, "fp8")
+    assert parts["q"].dtype == torch.float8_e4m3fn and parts["q"].shape == w.shape
+    assert parts["scale"].dtype == torch.float32 and parts["scale"].shape == (w.shape[0],)
+    got = dequantize(parts, "fp8", w.shape)
+    scale = w.abs().amax(dim=1, keepdim=True) / 448
+    assert torch.equal(parts["scale"][:, None][scale > 0], scale[scale > 0])
+    # x = w / scale lies in [-448, 448]. Normal e4m3 (|x| >= 2^-6) has 3 mantissa bits: x in [2^e, 2^(e+1)) is
+    # rounded to a multiple of 2^(e-3), an error of at most 2^(e-4) <= 2^-4 |x|. Subnormals are multiples of 2^-9:
+    # an error of at most 2^-10. Times the scale: |deq - w| <= 2^-4 |w| + 2^-10 scale; the fp32 division and
+    # multiplication add a few 2^-24 relative (the factor 1 + 2^-16 covers them with room).
+    bound = 2**-4 * w.abs() * (1 + 2**-16) + 2**-10 * scale
+    err = (got - w).abs()
+    assert (err <= bound).all()
+    assert (err / bound.clamp_min(1e-30)).max() > 0.9  # tight: some weight lands near halfway between fp8 values
+    sub = (w / scale).abs() < 2**-6
+    assert sub[5].sum() > 50 and (err[sub] / bound[sub]).max() > 0.3  # the subnormal floor is reached too
+    assert (err[sub] <= 2**-10 * scale.expand_as(w)[sub] * (1 + 2**-16)).all()
+    assert torch.equal(got[3], torch.zeros(w.shape[1]))  # a zero row: scale 1, no division by zero
+    assert quantized_bytes(parts) == w.numel() + 4 * w.shape[0]
+    with pytest.raises(ValueError, match="nearest value only"):
+        quantize(w, "fp8", round="stochastic")
+
+
+@pytest.mark.parametrize("shape", [(176, 64), (128, 256)])
+def test_announced_part_shapes_are_the_ones_produced(shape: tuple[int, int]) -> None:
+    assert FORMATS == ("int8", "nf4", "fp8")
+    w = torch.randn(shape)
+    for fmt, kw in [
+        ("int8", {}),
+        ("fp8", {}),
+        ("nf4", {}),
+        ("nf4", {"double_quant": True}),
+        ("nf4", {"double_quant": False}),
+    ]:
+        parts = quantize(w, fmt, **kw)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in parts.items()} == part_shapes(fmt, shape, **kw)
+    assert set(part_shapes("nf4", shape, double_quant=False)) == {"q", "absmax", "codebook"}
+    assert set(part_shapes("fp8", shape)) == {"q", "scale"}
+
+
+def test_new_formats_restore_bit_exactly_from_a_checkpoint_file(tmp_path: Path) -> None:
+    w = weight()
+    for fmt, kw in [("fp8", {}), ("nf4", {"double_quant": False})]:
+        parts = quantize(w, fmt, **kw)
+        torch.save(parts, tmp_path / "base.pt")
+        loaded = torch.load(tmp_path / "base.pt", weights_only=True)
+        assert all(
+            torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)) and loaded[k].dtype == v.dtype
+            for k, v in parts.items()
+        )
+        assert torch.equal(dequantize(loaded, fmt, w.shape, **kw), dequantize(parts, fmt, w.shape, **kw))
+    with pytest.raises(ValueError, match="double_quant=True"):  # parts and setting that do not match are named
+        dequantize(quantize(w, "nf4"), "nf4", w.shape, double_quant=False)
+    with pytest.raises(ValueError, match="double_quant=False"):
+        dequantize(quantize(w, "nf4", double_quant=False), "nf4", w.shape)
+
+
+def test_fp8_is_supported_only_on_cuda_with_compute_capability_8_9(monkeypatch: pytest.MonkeyPatch) -> None:
+    line = fp8_supported(torch.device("cpu"))
+    assert line is not None and "\n" not in line
+    assert "compute capability 8.9" in line and "this run's device is cpu" in line and "use int8 or nf4" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, supported in [((9, 0), True), ((8, 9), True), ((8, 6), False), ((8, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        line = fp8_supported(torch.device("cuda", 0))
+        assert (line is None) == supported
+        if not supported:
+            assert f"compute capability {capability[0]}.{capability[1]}; use int8 or nf4" in line
+
+
+def test_fp8_requantisation_drift_rounds_to_the_nearest_only() -> None:
+    """fp8 has no stochastic strategy; its nearest requantisation loses the merged updates (1e-3 of the weight
+    against about 2^-5 relative precision) and carrying the loss keeps them, as for int8."""
+    runs = requantisation_drift("fp8", shape=(128, 256), restarts=50, update_scale=1e-3)
+    assert set(runs) == {"nearest", "carry", "master"}
+    nearest, carry, master = runs["nearest"], runs["carry"], runs["master"]
+    assert 0.02 < carry["error"][0] < 0.03  # fp8 e4m3 on Gaussian rows: about 2.6%
+    assert max(carry["error"]) < 1.5 * carry["error"][0] and carry["lost"][-1] < carry["lost"][0]
+    assert nearest["lost"][-1] > 1.0 and carry["error"][-1] < nearest["error"][-1]
+    assert max(master["error"]) <= 1.01 * master["error"][0]
