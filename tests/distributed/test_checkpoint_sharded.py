@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LOSS_TOL, WEIGHT_TOL, base, launch
+from helpers import LOSS_TOL, WEIGHT_TOL, base, launch, quantised_bases
 
 from megatron_pept.config import load_config
 from megatron_pept.trainer import Trainer
@@ -17,6 +17,7 @@ METHODS = {
     "full": [],
     "relora": ["method.reset_every=3"],
     "galore_dynamic_ef": ["method.dynamic_first=2", "method.dynamic_cap=3"],
+    "relora@nf4": ["method.reset_every=3", "method.base_dtype=nf4"],  # sharded quantised parts and master
 }
 STEPS, STOP = 8, 5
 
@@ -25,7 +26,7 @@ def overrides(data: Path, run_dir: Path, method: str) -> list[str]:
     return base(data, run_dir, 2) + [
         f"train.steps={STEPS}",
         "parallel.backend=fsdp2",
-        f"method.name={method}",
+        f"method.name={method.split('@')[0]}",
         "checkpoint.interval=100",
         "data.allow_reshard=true",
         *METHODS[method],
@@ -117,9 +118,13 @@ def test_fsdp2_checkpoint_resumes_on_one_process(method: str, fsdp2_runs, quicks
     result = trainer.train()
     whole = results[f"whole-{method}"]
     assert result.train_losses == pytest.approx(whole["losses"][STOP:], abs=LOSS_TOL)
-    params = dict(trainer.raw_model.named_parameters())
+    params = {**dict(trainer.raw_model.named_parameters()), **quantised_bases(trainer.raw_model)}
+    assert params.keys() == whole["params"].keys()
     for name, value in whole["params"].items():
-        assert torch.allclose(params[name].detach(), value, atol=WEIGHT_TOL), name
+        if name.endswith(".dequantized_base"):  # a master equal to ~1e-7 may round a weight to the next code
+            assert float((params[name] - value).norm() / value.norm()) < 1e-3, name
+        else:
+            assert torch.allclose(params[name].detach(), value, atol=WEIGHT_TOL), name
 
 
 def test_fsdp2_checkpoint_exports_to_hf(fsdp2_runs, quickstart_data: Path) -> None:
@@ -139,6 +144,7 @@ def test_fsdp2_checkpoint_exports_to_hf(fsdp2_runs, quickstart_data: Path) -> No
 
 
 ZERO_METHODS = {**METHODS, "adam_mini": []}
+ZERO_CASES = [(m, stage) for stage in (2, 3) for m in ZERO_METHODS if not (stage == 3 and "@nf4" in m)]  # refused
 
 
 def zero_overrides(data: Path, run_dir: Path, method: str, stage: int) -> list[str]:
@@ -147,7 +153,7 @@ def zero_overrides(data: Path, run_dir: Path, method: str, stage: int) -> list[s
         "parallel.backend=deepspeed",
         f"parallel.zero_stage={stage}",
         "model.num_layers=3",  # partitions cut matrices mid-row
-        f"method.name={method}",
+        f"method.name={method.split('@')[0]}",
         "checkpoint.interval=100",
         *ZERO_METHODS[method],
     ]
@@ -158,23 +164,21 @@ def zero_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     pytest.importorskip("deepspeed")
     tmp = tmp_path_factory.mktemp("zero-ckpt")
     runs = []
-    for stage in (2, 3):
-        for method in ZERO_METHODS:
-            name = f"z{stage}-{method}"
-            runs.append(
-                {
-                    "name": f"whole-{name}",
-                    "overrides": zero_overrides(quickstart_data, tmp / f"w-{name}", method, stage),
-                }
-            )
-            cut = zero_overrides(quickstart_data, tmp / f"c-{name}", method, stage)
-            runs.append({"name": f"stop-{name}", "overrides": cut, "stop_after": STOP})
-            runs.append({"name": f"resume-{name}", "overrides": cut})
+    for method, stage in ZERO_CASES:
+        name = f"z{stage}-{method}"
+        runs.append(
+            {
+                "name": f"whole-{name}",
+                "overrides": zero_overrides(quickstart_data, tmp / f"w-{name}", method, stage),
+            }
+        )
+        cut = zero_overrides(quickstart_data, tmp / f"c-{name}", method, stage)
+        runs.append({"name": f"stop-{name}", "overrides": cut, "stop_after": STOP})
+        runs.append({"name": f"resume-{name}", "overrides": cut})
     return launch(runs, tmp, launcher="deepspeed")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("method", list(ZERO_METHODS))
+@pytest.mark.parametrize("method,stage", ZERO_CASES)
 def test_deepspeed_resume_is_bit_identical(method: str, stage: int, zero_runs) -> None:
     """DeepSpeed's own checkpoint (loaded without executing pickled code) plus our state: the GaLore and Adam-mini
     fragments' state, the method, the loader and RNG."""

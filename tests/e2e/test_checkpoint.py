@@ -27,6 +27,8 @@ METHODS = {
     "full": [],
     "relora": ["method.reset_every=4", "method.rank=4"],
     "galore_dynamic_ef": ["method.rank=4", "method.dynamic_first=2", "method.dynamic_cap=3"],
+    # an NF4 base: its quantised parts and exact master are saved and restored bit for bit
+    "relora@nf4": ["method.reset_every=4", "method.rank=4", "method.base_dtype=nf4"],
 }
 STEPS = 12
 
@@ -49,7 +51,7 @@ def command(data: Path, run_dir: Path, method: str, *extra: str, launcher: list[
         "metrics.peak_tflops=1",
         "data.verify_checksums=false",
         "checkpoint.interval=1",  # a save after every step: kills often land inside one
-        f"method.name={method}",
+        f"method.name={method.split('@')[0]}",
         *METHODS[method],
         *extra,
     ]
@@ -171,7 +173,7 @@ def references(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_kill_9_and_resume_ends_bit_identical(method: str, references, quickstart_data: Path, tmp_path: Path):
     """Two kills at seeded random points (a step boundary or any stage of a save), each resumed, then the run
     finishes: its final weights equal the uninterrupted run's bit for bit."""
-    first = 2 * list(METHODS).index(method)  # the three methods' kills cover every point between them
+    first = 2 * list(METHODS).index(method)  # the methods' kills cover every point between them
     points = [list(SYNC_POINTS)[(first + k) % len(SYNC_POINTS)] for k in range(2)]
     events = random_faults(random.Random(f"kill-{method}"), points)
     cmd = command(quickstart_data, tmp_path, method)
