@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint", "quant"),
+        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint", "quant", "quant_memory"),
         default="model",
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
@@ -62,14 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
         "GaLore's overhead in a 60m training step, per-layer update memory (see --optim-bench); comm: bytes "
         "communicated per step by 2 gloo ranks, each method against full on the same backend (see --comm-*); "
         "grad_memory: live gradient bytes per rank with and without per-layer updates under ddp and fsdp2; "
-        "checkpoint: save (sync and async) and load times against torch.save (--comm-model sets the size)",
+        "checkpoint: save (sync and async) and load times against torch.save (--comm-model sets the size); quant: "
+        "bytes and requantisation drift of the quantised frozen-base formats; quant_memory: peak RSS, frozen-base "
+        "bytes and step time of ReLoRA training per base (bf16, fp32, int8 and nf4 with and without the fp32 "
+        "master), each in a fresh process, against bf16 (--model, --steps, --batch-size, --seq-len, --rank, "
+        "--threads)",
     )
     parser.add_argument(
         "--optim-bench",
         default="state_bytes,step_time,refresh,overhead,per_layer_memory",
         help="optim suite: comma-separated measurements to run (default: all)",
     )
-    parser.add_argument("--rank", type=int, default=256, help="optim and comm suites: GaLore rank (default 256)")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="optim and comm suites: GaLore rank (default 256); quant_memory: ReLoRA rank (default 128)",
+    )
     parser.add_argument(
         "--optim-model", default="350m", choices=list(MODEL_SHAPES), help="optim suite: model shapes (default 350m)"
     )
@@ -90,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-vocab", type=int, default=data.tokenizer_vocab, help="data suite: tokenizer vocabulary size"
     )
     parser.add_argument("--workers", type=int, default=data.workers, help="data suite: tokenizer processes")
-    parser.add_argument("--steps", type=int, default=data.steps, help="data suite: timed training steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"data suite: timed training steps (default {data.steps}); quant_memory: training steps per base, "
+        "the first untimed (default 4)",
+    )
     parser.add_argument(
         "--model",
         default=defaults.model,
@@ -176,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(lambda: _checkpoint_suite(args), prog=PROG)
     if args.suite == "quant":
         return run_cli(lambda: _quant_suite(args), prog=PROG)
+    if args.suite == "quant_memory":
+        return run_cli(lambda: _quant_memory_suite(args), prog=PROG)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -223,12 +240,12 @@ def _comm_suite(args: argparse.Namespace) -> int:
         if "full" not in methods:
             methods = ("full", *methods)
         settings = bc.CommBenchSettings(
-            model=args.comm_model, rank=args.rank, methods=methods, backends=backends, zero_stage=args.zero_stage
+            model=args.comm_model, rank=_rank(args, 256), methods=methods, backends=backends, zero_stage=args.zero_stage
         )
         result = bc.run_comm_benchmark(settings)
         print(bc.format_comm_result(result))
     else:
-        grad = bc.GradMemorySettings(model=args.comm_model, rank=args.rank, methods=methods, backends=backends)
+        grad = bc.GradMemorySettings(model=args.comm_model, rank=_rank(args, 256), methods=methods, backends=backends)
         result = bc.run_grad_memory_benchmark(grad)
         print(bc.format_grad_memory_result(result))
     if args.json is not None:
@@ -262,6 +279,35 @@ def _quant_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank(args: argparse.Namespace, default: int) -> int:
+    return default if args.rank is None else args.rank
+
+
+def _quant_memory_suite(args: argparse.Namespace) -> int:
+    """Peak RSS, frozen-base bytes and step time of ReLoRA training per base storage (megatron_pept.bench.quant)."""
+    from megatron_pept.bench.quant import (
+        QuantMemorySettings,
+        format_quant_memory_result,
+        run_quant_memory_benchmark,
+    )
+
+    defaults = QuantMemorySettings()
+    settings = QuantMemorySettings(
+        model=args.model,
+        steps=defaults.steps if args.steps is None else args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        rank=_rank(args, defaults.rank),
+        threads=args.threads,
+    )
+    result = run_quant_memory_benchmark(settings)
+    print(format_quant_memory_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def _checkpoint_suite(args: argparse.Namespace) -> int:
     from megatron_pept.bench.checkpoint import CheckpointBenchSettings, run_checkpoint_benchmark
 
@@ -280,7 +326,7 @@ def _optim_suite(args: argparse.Namespace) -> int:
     unknown = [name for name in which if name not in BENCHES]
     if unknown:
         raise UserError(f"unknown --optim-bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
-    settings = OptimBenchSettings(model=args.optim_model, rank=args.rank, blocks=args.blocks, rounds=args.rounds)
+    settings = OptimBenchSettings(model=args.optim_model, rank=_rank(args, 256), blocks=args.blocks, rounds=args.rounds)
     result = run_optim_benchmarks(settings, which=which)
     print(json.dumps(result, indent=2))
     if args.json is not None:
@@ -292,7 +338,10 @@ def _optim_suite(args: argparse.Namespace) -> int:
 def _data_suite(args: argparse.Namespace) -> int:
     result = run_data_benchmark(
         DataBenchSettings(
-            corpus_mb=args.corpus_mb, tokenizer_vocab=args.tokenizer_vocab, workers=args.workers, steps=args.steps
+            corpus_mb=args.corpus_mb,
+            tokenizer_vocab=args.tokenizer_vocab,
+            workers=args.workers,
+            steps=DataBenchSettings().steps if args.steps is None else args.steps,
         )
     )
     print(format_data_result(result))

@@ -236,6 +236,7 @@ class LowRankLinear(nn.Linear):
         for name in [*(f"base_{n}" for n in SHARDED_PARTS), "base_master"]:
             value = self._buffers.get(name)
             if value is not None and value.dim() >= 1 and value.shape[0] >= mesh.size():
+                value = value.to(self.lora_A.device)  # a host master joins the device's shards
                 self._buffers[name] = distribute_tensor(value, mesh, [Shard(0)], src_data_rank=None)
 
     def exact_base(self) -> torch.Tensor:

@@ -93,3 +93,85 @@ def test_checkpoint_benchmark_reports_what_it_measured(quickstart_data: Path, tm
     # ... which holds every parameter and both of its Adam moments in fp32, plus the format's few kilobytes.
     num_params = sum(p.numel() for p in trainer.raw_model.parameters())
     assert 3 * 4 * num_params < nbytes < 3 * 4 * num_params + 64_000
+
+
+def test_quant_memory_benchmark_reports_what_the_models_hold(quickstart_data: Path) -> None:
+    import math
+
+    from megatron_pept.bench.quant import (
+        BASES,
+        QuantMemorySettings,
+        format_quant_memory_result,
+        run_quant_memory_benchmark,
+    )
+    from megatron_pept.config import ModelConfig
+    from megatron_pept.models import build_model, llama_args
+    from megatron_pept.quant import part_shapes
+
+    rank = 16
+    settings = QuantMemorySettings(
+        model="debug", steps=2, batch_size=1, seq_len=32, rank=rank, data=str(quickstart_data)
+    )
+    result = run_quant_memory_benchmark(settings)
+    runs = result["runs"]
+    assert list(runs) == list(BASES)
+
+    # The frozen base each run must hold, from the model's shapes and megatron_pept.quant.part_shapes alone.
+    args = llama_args(ModelConfig(name="debug"), vocab_size=runs["bf16"]["vocab_size"], max_seq_len=32)
+    h, kv, ff = args.hidden_size, args.num_kv_heads * args.head_dim, args.intermediate_size
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (ff, h), (ff, h), (h, ff)] * args.num_layers
+    weights = sum(rows * cols for rows, cols in shapes)
+
+    def quantised(fmt: str) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for s in shapes for shape, dtype in part_shapes(fmt, s).values())
+
+    expected = {
+        "bf16": 2 * weights,
+        "fp32": 4 * weights,
+        "int8": quantised("int8") + 4 * weights,  # the parts and the fp32 master
+        "int8/none": quantised("int8"),
+        "nf4": quantised("nf4") + 4 * weights,
+        "nf4/none": quantised("nf4"),
+    }
+    assert {base: run["frozen_base_bytes"] for base, run in runs.items()} == expected
+    assert {base: run["master_bytes"] for base, run in runs.items()} == {
+        base: 4 * weights if master == "host" else 0 for base, (_, master) in BASES.items()
+    }
+    frozen = {base: run["frozen_base_bytes"] for base, run in runs.items()}
+    assert frozen["nf4/none"] < frozen["int8/none"] < frozen["bf16"] < frozen["fp32"]
+
+    # What trains is the same for every base: the adapters, and everything of the dense model but the projections.
+    with torch.device("meta"):
+        dense_params = sum(p.numel() for p in build_model(args).parameters())
+    adapters = sum(rank * (rows + cols) for rows, cols in shapes)
+    trainable = 4 * (dense_params - weights + adapters)
+    for base, run in runs.items():
+        assert run["trainable_bytes"] == trainable, base
+        assert 2 * trainable <= run["optimizer_state_bytes"] < 2 * trainable + 4096, base  # AdamW's two moments
+        assert run["peak_rss_bytes"] > 0 and run["build_peak_rss_bytes"] <= run["peak_rss_bytes"], base
+        assert run["train_peak_rss_bytes"] is None or 0 < run["train_peak_rss_bytes"] <= run["peak_rss_bytes"]
+        assert run["peak_rss_bytes"] > run["frozen_base_bytes"] + run["trainable_bytes"], base
+        seconds = run["step_seconds"]
+        assert len(seconds) == 2 and all(t > 0 for t in seconds), base
+        assert run["median_step_seconds"] == seconds[1], base  # the first step is not timed
+        ratios = run["vs_bf16"]
+        assert ratios["frozen_base_bytes"] == frozen[base] / frozen["bf16"], base
+        assert ratios["peak_rss_bytes"] == run["peak_rss_bytes"] / runs["bf16"]["peak_rss_bytes"], base
+        assert ratios["median_step_seconds"] == run["median_step_seconds"] / runs["bf16"]["median_step_seconds"]
+    record = json.loads(json.dumps(result))
+    assert record["runs"]["nf4/none"]["frozen_base_bytes"] == expected["nf4/none"]
+
+    table = format_quant_memory_result(result).splitlines()
+    rows = [line for line in table if line.startswith(("| bf16", "| fp32", "| int8", "| nf4"))]
+    assert len(rows) == len(BASES)
+    assert rows[0].startswith("| bf16 | - | ") and "(1.000x)" in rows[0]
+    assert rows[5].startswith("| nf4 | none | ")
+
+
+def test_quant_memory_settings_are_checked() -> None:
+    from megatron_pept.bench.quant import QuantMemorySettings, run_quant_memory_benchmark
+
+    with pytest.raises(ConfigError, match="--steps must be at least 2"):
+        run_quant_memory_benchmark(QuantMemorySettings(model="debug", steps=1))
+    with pytest.raises(ConfigError, match="must include the baseline 'bf16'"):
+        run_quant_memory_benchmark(QuantMemorySettings(model="debug", bases=("int8",)))

@@ -386,3 +386,28 @@ def test_the_quantised_base_does_not_keep_its_dense_form_alive_for_backward() ->
     w = layer.dequantized_base() + layer.scale * (layer.lora_B @ layer.lora_A).detach()
     torch.nn.functional.linear(dense_x, w).square().sum().backward()
     torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_nf4_without_double_quantisation_keeps_fp32_block_scales_and_merges_exactly() -> None:
+    """method.nf4_double_quant=false: the layer stores fp32 block absmaxes (no int8 scalers); merges still go into
+    the exact master, and each block's largest weight comes back exactly (its scale is that weight), which the
+    double-quantised scales do not give."""
+    model, method = lowrank_model("relora", base_dtype="nf4", nf4_double_quant=False)
+    double, _ = lowrank_model("relora", base_dtype="nf4")
+    for (name, layer), (_, other) in zip(lowrank_layers(model), lowrank_layers(double), strict=True):
+        buffers = dict(layer.named_buffers())
+        assert "base_absmax" in buffers and "base_scalers" not in buffers, name
+        assert buffers["base_absmax"].dtype == torch.float32
+        torch.testing.assert_close(layer.base_master, other.base_master, rtol=0, atol=0)
+        blocks = layer.base_master.flatten().view(-1, 64)
+        top = blocks.abs().argmax(dim=1, keepdim=True)
+        mine = layer.dequantized_base().flatten().view(-1, 64).gather(1, top)
+        theirs = other.dequantized_base().flatten().view(-1, 64).gather(1, top)
+        assert torch.equal(mine, blocks.gather(1, top)), name
+        assert not torch.equal(theirs, blocks.gather(1, top)), name
+    opt = method.build_optimizer(model)
+    perturb_adapters(model)
+    merged = {name: layer.merged_weight() for name, layer in lowrank_layers(model)}
+    method._restart(model, opt)
+    for name, layer in lowrank_layers(model):
+        torch.testing.assert_close(layer.merged_weight(), merged[name], rtol=0, atol=2e-5)
