@@ -55,6 +55,10 @@ class ModelConfig:
     """Standard deviation of the normal initialisation; o_proj/down_proj use init_std / sqrt(2 * num_layers)."""
     attention: Literal["sdpa", "flash", "te"] = "sdpa"
     """Attention kernel: torch SDPA (default, CPU and GPU), flash-attn or transformer-engine (GPU extras)."""
+    init_from: str | None = None
+    """A Hugging Face LLaMA folder (config.json and safetensors) to start from instead of a random initialisation:
+    continued pretraining, or ReLoRA/GaLore on top of a released model. Its config must match this model (a
+    mismatch is refused with the overrides that would match); a resumed run loads its checkpoint instead."""
 
 
 @dataclass

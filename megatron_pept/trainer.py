@@ -26,6 +26,7 @@ from megatron_pept.methods import build_method
 from megatron_pept.metrics import MetricsWriter, log_step, peak_memory_gb, peak_tflops, setup_console_logging
 from megatron_pept.metrics.timing import StepTimer
 from megatron_pept.models import build_model, llama_args
+from megatron_pept.models.hf_import import load_hf_weights
 from megatron_pept.models.loss import cross_entropy_loss, per_window_loss
 from megatron_pept.optim import build_schedule
 from megatron_pept.optim.per_layer import PerLayerOptimizer
@@ -113,6 +114,9 @@ class Trainer:
         # Every rank initialises the full model from the same seed, so the weights do not depend on the layout.
         model.to_empty(device=self.device)
         model.init_weights(generator=torch.Generator(device=self.device).manual_seed(t.seed))
+        if cfg.model.init_from:  # before the method makes its adapters or projections from the weights
+            loaded = load_hf_weights(model, cfg.model.init_from)
+            logger.info("initialised %d tensors from %s", loaded, cfg.model.init_from)
         self.method.after_init(model)
         model.model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
@@ -189,7 +193,7 @@ class Trainer:
             self.cfg, model_args=self.model_args, method=self.method, backend=self.dims.backend, index=index
         )
         meta["tokens_seen"] = self.state.tokens_seen
-        tokenizer = Path(index.root) / "tokenizer.model"
+        tokenizer = Path(index.root) / index.tokenizer_file
         self.checkpointer.save(
             self.state.step,
             model=self.raw_model,
@@ -197,7 +201,7 @@ class Trainer:
             parts=self._checkpoint_parts(),
             meta=meta,
             backend=self.backend,
-            files={"tokenizer/tokenizer.model": tokenizer} if tokenizer.is_file() else {},
+            files={f"tokenizer/{index.tokenizer_file}": tokenizer} if tokenizer.is_file() else {},
         )
         self._last_saved_step = self.state.step
 

@@ -23,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", nargs="+", required=True, metavar="FILE", help="text sources (files, globs, folders, datasets names)"
     )
     parser.add_argument(
-        "--tokenizer", required=True, metavar="DIR", help="tokenizer folder (or .model file) from train_tokenizer.py"
+        "--tokenizer",
+        required=True,
+        metavar="DIR",
+        help="tokenizer folder (or .model file) from train_tokenizer.py, or a Hugging Face tokenizer.json (or the "
+        "model folder holding it)",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="shard folder to create (or to resume)")
     parser.add_argument("--text-field", default="text", help="field holding the text (default text)")

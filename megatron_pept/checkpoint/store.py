@@ -108,6 +108,13 @@ def verify(folder: Path, *, checksums: bool = True) -> str | None:
     cannot be read that way means the checkpoint is not complete (never an exception)."""
     marker = folder / MARKER
     if not marker.is_file():
+        from megatron_pept.models.hf_import import is_hf_model_folder
+
+        if is_hf_model_folder(folder):
+            return (
+                f"{folder} is a Hugging Face model folder, not a checkpoint; to start from its weights use "
+                f"model.init_from={folder} (and checkpoint.resume=auto or none)"
+            )
         return f"{folder} is not a complete checkpoint (no {MARKER}; it was interrupted while being written)"
     try:
         files = json.loads(marker.read_text())["files"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from megatron_pept.data.shards import INDEX_FILE, SPLITS, DataIndex, ShardInfo, ShardWriter, SplitInfo, token_dtype
 from megatron_pept.data.sources import iter_corpus, resolve_source
-from megatron_pept.data.tokenizer import MODEL_FILE, load_tokenizer
+from megatron_pept.data.tokenizer import HF_FILE, MODEL_FILE, HFTokenizer, load_tokenizer
 from megatron_pept.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -251,6 +251,8 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
     if opts.shard_tokens < 1:
         raise DataError(f"shard size must be >= 1 token; got {opts.shard_tokens}")
     tokenizer = load_tokenizer(opts.tokenizer)
+    if opts.add_bos and tokenizer.bos_id is None:
+        raise DataError(f"{tokenizer.path} has no beginning-of-text token; prepare without --add-bos")
     dtype = choose_token_dtype(tokenizer.vocab_size, opts.dtype)
     fingerprint = opts.fingerprint(tokenizer.sha256)
     out = Path(opts.output)
@@ -355,7 +357,8 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         raise DataError("the input holds no non-empty document for the train split; check --input / --text-field")
     if opts.val_fraction > 0 and splits["val"].documents == 0:
         logger.warning("no document fell into the validation split (%.3f%% of a small corpus)", 100 * opts.val_fraction)
-    shutil.copyfile(tokenizer.path, out / MODEL_FILE)
+    tokenizer_file = HF_FILE if isinstance(tokenizer, HFTokenizer) else MODEL_FILE
+    shutil.copyfile(tokenizer.path, out / tokenizer_file)
     index = DataIndex(
         root=out,
         dtype=dtype.str,
@@ -363,6 +366,7 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         eos_id=tokenizer.eos_id,
         bos_id=tokenizer.bos_id if opts.add_bos else None,
         tokenizer_sha256=tokenizer.sha256,
+        tokenizer_file=tokenizer_file,
         splits=splits,
         extra={"prepared_with": fingerprint},
     )

@@ -4,7 +4,7 @@ Layout of a data folder::
 
     index.json            format, dtype, vocab size, special ids, tokenizer checksum, and per split the
                           documents, tokens and shards (file, tokens, documents, sha256)
-    tokenizer.model       copy of the tokenizer the tokens came from
+    tokenizer.model       copy of the tokenizer the tokens came from (tokenizer.json for a Hugging Face one)
     train-00000.bin ...   documents back to back, each followed by EOS (and preceded by BOS if configured)
     val-00000.bin ...
 
@@ -67,6 +67,8 @@ class DataIndex:
     tokenizer_sha256: str
     splits: dict[str, SplitInfo]
     extra: dict[str, Any] = field(default_factory=dict)
+    tokenizer_file: str = "tokenizer.model"
+    """The tokenizer's file in the folder: ``tokenizer.model`` (SentencePiece) or ``tokenizer.json`` (Hugging Face)."""
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -80,7 +82,7 @@ class DataIndex:
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
             "bos_id": self.bos_id,
-            "tokenizer": {"file": "tokenizer.model", "sha256": self.tokenizer_sha256},
+            "tokenizer": {"file": self.tokenizer_file, "sha256": self.tokenizer_sha256},
             "splits": {
                 name: {
                     "documents": s.documents,
@@ -131,6 +133,7 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
             eos_id=int(raw["eos_id"]),
             bos_id=None if raw.get("bos_id") is None else int(raw["bos_id"]),
             tokenizer_sha256=str(raw["tokenizer"]["sha256"]),
+            tokenizer_file=str(raw["tokenizer"].get("file", "tokenizer.model")),
             splits=splits,
             extra={k: v for k, v in raw.items() if k not in known},
         )

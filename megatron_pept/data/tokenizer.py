@@ -1,8 +1,12 @@
-"""SentencePiece tokenizers: training, loading, and conversion to a Hugging Face ``tokenizers`` pipeline.
+"""Tokenizers: SentencePiece (training, loading, conversion to a Hugging Face ``tokenizers`` pipeline) and
+existing Hugging Face tokenizers (``tokenizer.json``, read with the ``tokenizers`` library).
 
-A tokenizer folder holds ``tokenizer.model`` (SentencePiece) and ``tokenizer_meta.json`` (vocabulary size,
-special ids, normalisation settings, the model file's sha256). Shard indexes record that checksum, so data made
-with one tokenizer is never silently read with another.
+A tokenizer folder of ours holds ``tokenizer.model`` (SentencePiece) and ``tokenizer_meta.json`` (vocabulary size,
+special ids, normalisation settings, the model file's sha256). A Hugging Face tokenizer is a ``tokenizer.json``
+(a model folder or the file itself); its BOS and EOS come from the folder's ``tokenizer_config.json`` or
+``special_tokens_map.json`` when present, else from the usual names (``<s>``/``</s>``,
+``<|begin_of_text|>``/``<|end_of_text|>``, ``<|endoftext|>``). Shard indexes record the tokenizer file's name
+and checksum, so data made with one tokenizer is never silently read with another.
 
 Text is kept as it is by default, as LLaMA's tokenizer does: no Unicode normalisation, spaces, tabs and newlines
 all survive, so ``decode(encode(text)) == text`` for every string (``normalization="identity"``). The earlier
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     import tokenizers  # a dependency of transformers, needed only to export
 
 MODEL_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
 NORMALIZATIONS = ("identity", "nfkc")
 
@@ -61,12 +66,95 @@ class Tokenizer:
         return self.processor.decode(ids)
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load from a tokenizer folder (with ``tokenizer.model``) or the ``.model`` file itself."""
+@dataclass(frozen=True)
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (``tokenizers`` library) with the same interface as :class:`Tokenizer`.
+    Texts are encoded without the pipeline's own special tokens: the data pipeline adds BOS/EOS itself."""
+
+    backend: Any  # tokenizers.Tokenizer
+    path: Path
+    sha256: str
+    bos_id: int | None
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: list[str], *, num_threads: int = -1) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
+_EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
+
+
+def _special_token(folder: Path, key: str) -> str | None:
+    """``bos_token``/``eos_token`` as the model folder's tokenizer_config.json or special_tokens_map.json names it."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            value = json.loads(file.read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, dict):  # {"content": "<s>", ...}
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def load_hf_tokenizer(file: Path) -> HFTokenizer:
+    try:
+        import tokenizers
+    except ImportError:
+        raise DataError("a tokenizer.json needs the tokenizers package: pip install tokenizers") from None
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as err:  # the Rust library raises its own exception type
+        raise DataError(f"{file} is not a Hugging Face tokenizer.json ({err})") from None
+
+    def token_id(key: str, names: tuple[str, ...]) -> int | None:
+        named = _special_token(file.parent, key)
+        for token in (named,) if named else names:
+            found = backend.token_to_id(token)
+            if found is not None:
+                return found
+        if named:
+            raise DataError(f"{file.parent} names {key} {named!r}, which {file.name} does not hold")
+        return None
+
+    eos = token_id("eos_token", _EOS_NAMES)
+    if eos is None:
+        raise DataError(
+            f"{file} has no end-of-text token (looked for eos_token in tokenizer_config.json or "
+            f"special_tokens_map.json beside it, then {', '.join(_EOS_NAMES)}); add eos_token to a "
+            "tokenizer_config.json in that folder"
+        )
+    return HFTokenizer(
+        backend=backend, path=file, sha256=sha256_file(file), bos_id=token_id("bos_token", _BOS_NAMES), eos_id=eos
+    )
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer | HFTokenizer:
+    """Load from a tokenizer folder (ours with ``tokenizer.model``, or a Hugging Face model folder with
+    ``tokenizer.json``), a ``.model`` file or a ``tokenizer.json`` file."""
     path = Path(path)
+    if path.is_dir() and not (path / MODEL_FILE).is_file() and (path / HF_FILE).is_file():
+        return load_hf_tokenizer(path / HF_FILE)
+    if path.suffix == ".json" and path.is_file():
+        return load_hf_tokenizer(path)
     model_path = path / MODEL_FILE if path.is_dir() else path
     if not model_path.is_file():
-        raise DataError(f"no tokenizer at {path}: expected {MODEL_FILE}; make one with tools/train_tokenizer.py")
+        raise DataError(
+            f"no tokenizer at {path}: expected {MODEL_FILE} (make one with tools/train_tokenizer.py) or a Hugging "
+            f"Face {HF_FILE}"
+        )
     processor = spm.SentencePieceProcessor()
     try:
         processor.load(str(model_path))

@@ -37,9 +37,15 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _NF4_CHUNK = 1 << 18  # elements matched against the 16 codes at a time (16 fp32 distances each)
 
 
-def _nf4_module():  # torchao is a dependency; imported when NF4 is used (it loads slowly)
-    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+def _nf4_module():  # torchao (the quant extra) is imported when NF4 is used (it loads slowly)
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError:
+        from megatron_pept.errors import ConfigError
 
+        raise ConfigError(
+            "method.base_dtype=nf4 needs torchao: pip install 'megatron_pept[quant]' (or pip install torchao)"
+        ) from None
     return nf4_tensor
 
 

@@ -293,3 +293,53 @@ def test_unsupported_combinations_are_refused(overrides: list[str], match: str) 
 
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["data.path=x", *overrides])
+
+
+INIT_FROM_RUNS = {  # name -> backend overrides and method: a run that starts from an HF folder
+    "fsdp2-relora": ["parallel.backend=fsdp2", "method.name=relora", "method.reset_every=2"],
+    "ddp-galore": ["parallel.backend=ddp", "method.name=galore"],
+    "zero2-full": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "method.name=full"],
+    "zero3-relora": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "method.name=relora"],
+}
+
+
+@pytest.fixture(scope="module")
+def init_from_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """An HF export of a short run, then 2-rank runs of several methods and backends that start from it."""
+    pytest.importorskip("transformers")
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    tmp = tmp_path_factory.mktemp("init-from")
+    source = base(quickstart_data, tmp / "source", 2) + ["train.steps=30", "checkpoint.interval=30"]
+    Trainer(load_config(None, source)).train()
+    folder = export_to_hf(tmp / "source", tmp / "hf")
+    results = {}
+    for launcher in ("torchrun", "deepspeed"):
+        runs = [
+            {
+                "name": name,
+                "overrides": base(quickstart_data, tmp / name, 2) + [f"model.init_from={folder}", *extra],
+            }
+            for name, extra in INIT_FROM_RUNS.items()
+            if (launcher == "deepspeed") == name.startswith("zero")
+        ]
+        if launcher == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            continue
+        results.update(launch(runs, tmp, **({"launcher": launcher} if launcher == "deepspeed" else {})))
+    return results, folder
+
+
+@pytest.mark.parametrize("name", list(INIT_FROM_RUNS))
+def test_init_from_an_hf_folder_under_every_backend_matches_one_process(
+    name, init_from_results, quickstart_data, tmp_path
+) -> None:
+    """model.init_from loads before the model is sharded, so two ranks of any backend start from the same weights
+    and train like one process (the loss of the first step already shows the loaded weights)."""
+    results, folder = init_from_results
+    if name.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    extra = [o for o in INIT_FROM_RUNS[name] if not o.startswith("parallel.")]
+    losses, params = single(base(quickstart_data, tmp_path, 2) + [f"model.init_from={folder}", *extra])
+    fresh, _ = single(base(quickstart_data, tmp_path / "fresh", 2) + extra)
+    assert losses[0] < fresh[0] - 0.5, (losses, fresh)  # it did start from the trained weights
+    compare(results[name], losses, params, weight_tol=WEIGHT_TOL)
