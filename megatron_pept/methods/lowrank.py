@@ -76,10 +76,10 @@ def qr_factors(weight: torch.Tensor, *, rank: int, scale: float) -> tuple[torch.
     return r[:rank] / scale, q[:, :rank].contiguous()
 
 
-class _QuantisedBaseLinear(torch.autograd.Function):
-    """``x @ W^T`` for the frozen dequantised base ``W`` without keeping ``W`` alive for backward: backward
-    dequantises it again from the stored parts (as QLoRA's kernels do), so a step holds one layer's dense base at a
-    time, not the whole model's."""
+class _FrozenBaseLinear(torch.autograd.Function):
+    """``x @ W^T`` for a frozen base ``W`` stored in another form than it is computed in (quantised, or bf16 under
+    an fp32 compute) without keeping the computed form alive for backward: backward makes it again from the stored
+    base (as QLoRA's kernels do), so a step holds one layer's dense base at a time, not the whole model's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, layer: LowRankLinear) -> torch.Tensor:
@@ -92,7 +92,7 @@ class _QuantisedBaseLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        weight = ctx.layer.dequantized_base().to(ctx.dtype)
+        weight = ctx.layer.base_weight().to(ctx.dtype)
         return (grad.to(ctx.dtype) @ weight).to(ctx.x_dtype), None, None
 
 
@@ -288,13 +288,11 @@ class LowRankLinear(nn.Linear):
         return self.dequantized_base() if self.quantised else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantised:
-            base_weight = self.dequantized_base()  # dequantised once per forward, again in backward
-            base = _QuantisedBaseLinear.apply(x, base_weight, self)
+        base_weight = self.base_weight()  # a quantised base: dequantised once per forward, again in backward
+        if self.quantised or (base_weight.dtype != x.dtype and not base_weight.requires_grad):
+            base = _FrozenBaseLinear.apply(x, base_weight, self)  # no dense fp32 copy kept for backward
         else:
-            base_weight = self.weight
-            use_as_is = base_weight.dtype == x.dtype or torch.is_autocast_enabled()
-            base = F.linear(x, base_weight if use_as_is else base_weight.to(x.dtype))
+            base = F.linear(x, base_weight)
         if not self.lowrank_active:
             return base
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale

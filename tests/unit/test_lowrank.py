@@ -368,22 +368,27 @@ def test_without_a_master_the_layer_holds_only_the_quantised_base_and_merges_wit
             assert 0 < float((after - before[name]).norm() / before[name].norm()) < QUANT_ERROR[fmt], name
 
 
-def test_the_quantised_base_does_not_keep_its_dense_form_alive_for_backward() -> None:
-    """The forward's dense base is dequantised again in backward instead of being saved by autograd: the tensors
-    saved for backward hold no [out, in] float matrix, and the input gradient equals the dense computation's."""
+@pytest.mark.parametrize("base", ["nf4", "int8", "bf16"])
+def test_a_frozen_base_stored_in_another_form_does_not_keep_its_computed_form_alive_for_backward(base: str) -> None:
+    """The forward's dense fp32 base (dequantised, or cast up from bf16) is made again in backward instead of being
+    saved by autograd: the tensors saved for backward hold no [out, in] matrix, and the input gradient equals the
+    dense computation's."""
     torch.manual_seed(0)
-    layer = LowRankLinear(64, 48, rank=4, alpha=8, base_format="nf4")
+    quantised = base != "bf16"
+    layer = LowRankLinear(64, 48, rank=4, alpha=8, base_format=base if quantised else None)
     torch.nn.init.normal_(layer.weight, std=0.02)
     layer.decompose(generator=torch.Generator().manual_seed(0))
+    if not quantised:
+        layer.set_base_dtype(torch.bfloat16)
     torch.nn.init.normal_(layer.lora_B, std=0.02)
     x = torch.randn(3, 64, requires_grad=True)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
-    assert not [t for t in saved if tuple(t.shape) == (48, 64)]
+    assert saved and not [t for t in saved if tuple(t.shape) == (48, 64)]
     y.square().sum().backward()
     dense_x = x.detach().clone().requires_grad_(True)
-    w = layer.dequantized_base() + layer.scale * (layer.lora_B @ layer.lora_A).detach()
+    w = layer.base_weight().float() + layer.scale * (layer.lora_B @ layer.lora_A).detach()
     torch.nn.functional.linear(dense_x, w).square().sum().backward()
     torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-6)
 
