@@ -47,6 +47,9 @@ class ModelConfig:
     """Override of the named size's SwiGLU hidden width."""
     rope_theta: float = 10000.0
     """Base of the rotary embedding frequencies."""
+    max_position_embeddings: int | None = None
+    """The context an export declares (config.json's max_position_embeddings); training is unaffected (it uses
+    data.seq_len). null: 2048, the context of LLaMA and of the papers' named sizes, or data.seq_len if larger."""
     norm_eps: float = 1e-6
     """Epsilon inside RMSNorm."""
     tie_embeddings: bool = False
@@ -645,6 +648,11 @@ def validate(cfg: Config) -> None:
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must each be in [0, 1); got {list(o.betas)}")
     _require(o.eps > 0, f"optim.eps must be > 0; got {o.eps}")
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0; got {m.rope_theta}")
+    _require(
+        m.max_position_embeddings is None or m.max_position_embeddings >= cfg.data.seq_len,
+        f"model.max_position_embeddings={m.max_position_embeddings} is shorter than data.seq_len={cfg.data.seq_len}, "
+        "the context the model trains at; raise it or leave it null",
+    )
     _require(m.init_std > 0, f"model.init_std must be > 0; got {m.init_std}")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         value = getattr(m, name)

@@ -5,8 +5,12 @@ tokenizer) that transformers loads with from_pretrained / AutoTokenizer.
   python tools/convert_to_hf.py --checkpoint runs/quickstart --output hf/quickstart
 
 --checkpoint takes a checkpoint folder (step_00000300), a checkpoints folder or a run_dir (then the newest
-complete checkpoint). Checkpoints of any method and of single/DDP/FSDP2 runs on any number of ranks: adapters are
-merged into dense weights, low-precision bases dequantised, optimizer state left out.
+complete checkpoint). Checkpoints of any method and of single/DDP/FSDP2 runs on any number of ranks and of
+DeepSpeed ZeRO-1/2/3 runs (consolidated by DeepSpeed's own functions, read without pickle): adapters are merged
+into dense weights, low-precision bases dequantised, optimizer state left out. config.json is read the same by
+transformers 4.x and 5.x; it declares model.max_position_embeddings as the context (null: 2048, or data.seq_len if
+larger; --max-position-embeddings overrides it). The tokenizer is the run's SentencePiece model converted, or its
+Hugging Face tokenizer.json carried as it is.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype (default fp32)"
     )
+    parser.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context the export declares (default: the run's model.max_position_embeddings, else 2048 or "
+        "data.seq_len if larger)",
+    )
     return parser
 
 
@@ -41,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from megatron_pept.checkpoint.hf_export import export_to_hf
 
-        out = export_to_hf(args.checkpoint, args.output, dtype=args.dtype)
+        out = export_to_hf(
+            args.checkpoint, args.output, dtype=args.dtype, max_position_embeddings=args.max_position_embeddings
+        )
         print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained and AutoTokenizer)")
         return 0
 

@@ -1,16 +1,27 @@
 """Export a checkpoint to a Hugging Face ``LlamaForCausalLM`` folder: ``config.json``, safetensors weights and a
-tokenizer ``AutoTokenizer`` loads.
+tokenizer ``AutoTokenizer`` loads, read the same way by transformers 4.x and 5.x.
 
 The model is rebuilt exactly as the run built it (shape from the checkpoint's ``meta.json``, the method's
 conversion from its saved config, the method's phase from its saved state), the whole weights are read from the
-DCP shards of any number of ranks, and every low-rank layer is replaced by the dense weight it applies (LoRA /
-ReLoRA: ``W + s B A``; DoRA: magnitude times the normalised direction; bases in low precision dequantised to
-float). Optimizer state is not read. Nothing is loaded with pickle.
+DCP shards of any number of ranks or, for a DeepSpeed run, consolidated from its ZeRO partitions by DeepSpeed's own
+``zero_to_fp32`` functions, and every low-rank layer is replaced by the dense weight it applies (LoRA / ReLoRA:
+``W + s B A``; DoRA: magnitude times the normalised direction; bases in low precision dequantised to float).
+Optimizer state is not read. Nothing is loaded with pickle.
+
+``config.json`` carries the keys of both transformers lines (5.x's ``dtype`` and ``rope_parameters`` beside 4.x's
+``torch_dtype``, ``rope_theta`` and ``rope_scaling``); its ``max_position_embeddings`` is
+``model.max_position_embeddings`` (null: 2048, or ``data.seq_len`` if larger), not the training length. The
+tokenizer is the run's SentencePiece model converted, or its Hugging Face ``tokenizer.json`` carried as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +33,17 @@ from megatron_pept.config import config_from_dict
 from megatron_pept.errors import UserError
 from megatron_pept.methods import build_method
 from megatron_pept.models import build_model
-from megatron_pept.models.hf import hf_config_dict
+from megatron_pept.models.hf import DEFAULT_CONTEXT, declared_context, hf_config_dict
 from megatron_pept.models.llama import LlamaArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEEPSPEED_TAG = "state"  # the tag DeepSpeedBackend.save_native saves under (its ``latest`` file names it too)
 
 
 def dense_state_dict(checkpoint: Path) -> tuple[LlamaArgs, dict[str, torch.Tensor], dict[str, Any]]:
-    """The plain LLaMA weights (HF names) a checkpoint's model applies, whole and in fp32, with its arguments."""
-    meta = read_meta(checkpoint)
-    if "model_args" not in meta or "config" not in meta:
-        raise UserError(f"{checkpoint}/meta.json lacks the model description; was it written by megatron_pept?")
-    if (checkpoint / "deepspeed").is_dir():
-        raise UserError(
-            f"{checkpoint} is a DeepSpeed checkpoint; exporting those is not supported in this version "
-            "(train with parallel.backend=fsdp2 or ddp to export directly)"
-        )
+    """The plain LLaMA weights (HF names) a checkpoint's model applies, whole and in fp32, with its arguments.
+    A DeepSpeed checkpoint's model comes from its ZeRO files (:func:`deepspeed_model_state`), any other's from DCP."""
+    meta = _run_meta(checkpoint)
     args = LlamaArgs(**meta["model_args"])
     cfg = config_from_dict(meta["config"])
     model = build_model(args, device="meta")
@@ -49,7 +55,10 @@ def dense_state_dict(checkpoint: Path) -> tuple[LlamaArgs, dict[str, torch.Tenso
         method.load_state_dict(method_state)
         if method.has_phases:
             method.apply_phase(model)
-    state = load_full_tensors(checkpoint, prefix="model.")
+    if (checkpoint / "deepspeed").is_dir():
+        state = deepspeed_model_state(checkpoint, model.state_dict())
+    else:
+        state = load_full_tensors(checkpoint, prefix="model.")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rope_" not in k]:
         raise UserError(f"{checkpoint} does not match the model its meta.json describes ({(missing + unexpected)[0]})")
@@ -57,8 +66,91 @@ def dense_state_dict(checkpoint: Path) -> tuple[LlamaArgs, dict[str, torch.Tenso
     return args, dense, meta
 
 
-def export_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp32") -> Path:
-    """Write the Hugging Face folder for ``checkpoint`` (a checkpoint, a checkpoints folder or a run_dir)."""
+def _run_meta(checkpoint: Path) -> dict[str, Any]:
+    meta = read_meta(checkpoint)
+    if "model_args" not in meta or "config" not in meta:
+        raise UserError(f"{checkpoint}/meta.json lacks the model description; was it written by megatron_pept?")
+    return meta
+
+
+class _WeightsOnlyTorch:
+    """``torch`` as DeepSpeed's ``zero_to_fp32`` sees it during an export: the same module, except that ``load``
+    unpickles nothing (``weights_only=True``, with only the few DeepSpeed classes its files hold allowed)."""
+
+    def __init__(self, allowed: list[type]) -> None:
+        self._allowed = allowed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def load(self, f: Any, map_location: Any = None, **kwargs: Any) -> Any:
+        kwargs.pop("weights_only", None)
+        with torch.serialization.safe_globals(self._allowed):
+            return torch.load(f, map_location=map_location, weights_only=True, **kwargs)
+
+
+def deepspeed_model_state(checkpoint: Path, needed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model tensors (names of ``needed``, the model's ``state_dict``) of a DeepSpeed checkpoint, whole, on CPU.
+
+    DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` (tag ``state``) consolidates them: the fp32
+    master weights of the trained parameters from the optimizer partitions of every rank; under ZeRO-2/3 the frozen
+    parameters (a ReLoRA layer's ``weight``), which its module-state files hold (whole under ZeRO-2, in per-rank
+    fragments under ZeRO-3); and the persistent buffers (``lora_A0``/``lora_B0``, a quantised base's ``base_*``
+    parts and master), floating ones widened to fp32, whole (ZeRO never partitions buffers). ZeRO-1 records no
+    frozen parameters: those are taken from the module state in rank 0's file, which holds them whole (ZeRO-1 never
+    partitions parameters). Its files are read with ``weights_only=True``: the functions run with a ``torch``
+    whose ``load`` unpickles nothing.
+    """
+    folder = checkpoint / "deepspeed"
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils import zero_to_fp32
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        raise UserError(
+            f"{checkpoint} is a DeepSpeed checkpoint; exporting it needs deepspeed: pip install deepspeed"
+        ) from None
+    safe_torch = _WeightsOnlyTorch([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+    def cannot(reason: str) -> UserError:
+        return UserError(
+            f"{checkpoint}: DeepSpeed's partitions cannot be exported ({reason}); DeepSpeed's own script consolidates "
+            f"the raw weights (adapters not merged; it unpickles, so only for a checkpoint you trust): python "
+            f"{folder}/zero_to_fp32.py {folder} OUT --tag {DEEPSPEED_TAG} --safe_serialization"
+        )
+
+    original = zero_to_fp32.torch
+    zero_to_fp32.torch = safe_torch
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+            missing = [name for name in needed if name not in state]
+            if missing:  # ZeRO-1: frozen parameters are only in the module state
+                model_file = zero_to_fp32.get_model_state_files(str(folder / DEEPSPEED_TAG))[0]
+                module = safe_torch.load(model_file, map_location="cpu")["module"]
+                for name in missing:
+                    value = module.get(name)
+                    if torch.is_tensor(value) and value.shape == needed[name].shape:
+                        state[name] = value
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
+        lines = str(err).strip().splitlines()
+        raise cannot((lines[-1] if lines else type(err).__name__)[:200]) from None
+    finally:
+        zero_to_fp32.torch = original
+    missing = [name for name in needed if name not in state and "rope_" not in name]
+    if missing:
+        raise cannot(f"it holds no {missing[0]}")
+    return state
+
+
+def export_to_hf(
+    checkpoint: str | Path, output: str | Path, *, dtype: str = "fp32", max_position_embeddings: int | None = None
+) -> Path:
+    """Write the Hugging Face folder for ``checkpoint`` (a checkpoint, a checkpoints folder or a run_dir).
+
+    ``max_position_embeddings`` overrides the checkpoint's ``model.max_position_embeddings`` (the context the
+    export declares; null: 2048, or the training ``data.seq_len`` if larger)."""
     try:
         import transformers
     except ImportError:
@@ -69,8 +161,23 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp
     if output.exists() and any(output.iterdir()):
         raise UserError(f"{output} exists and is not empty; choose a new folder (nothing is overwritten)")
     path = resolve_checkpoint(checkpoint)
+    cfg = config_from_dict(_run_meta(path)["config"])
+    if max_position_embeddings is not None:
+        context = declared_context(
+            max_position_embeddings,
+            cfg.data.seq_len,
+            source="--max-position-embeddings",
+            fix=f"give {cfg.data.seq_len} or more",
+        )
+    else:
+        context = declared_context(
+            cfg.model.max_position_embeddings,
+            cfg.data.seq_len,
+            source=f"model.max_position_embeddings in {path}/meta.json",
+            fix=f"export with --max-position-embeddings {max(DEFAULT_CONTEXT, cfg.data.seq_len)}",
+        )
     args, dense, meta = dense_state_dict(path)
-    hf_cfg = transformers.LlamaConfig(**hf_config_dict(args), use_cache=True)
+    hf_cfg = transformers.LlamaConfig(**hf_config_dict(args, max_position_embeddings=context), use_cache=True)
     tok_meta = meta.get("tokenizer", {})
     if tok_meta.get("eos_id") is not None:
         hf_cfg.eos_token_id = tok_meta["eos_id"]
@@ -84,19 +191,107 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     hf.save_pretrained(tmp, safe_serialization=True)
-    tokenizer_file = path / "tokenizer" / "tokenizer.model"
-    if tokenizer_file.is_file():
-        _save_tokenizer(transformers, tokenizer_file, tmp, bos_id=tok_meta.get("bos_id"))
+    _write_config_for_both_lines(tmp / "config.json", rope_theta=args.rope_theta, dtype=DTYPES[dtype])
+    sp_model, hf_json = path / "tokenizer" / "tokenizer.model", path / "tokenizer" / "tokenizer.json"
+    if sp_model.is_file():
+        _save_tokenizer(transformers, sp_model, tmp, bos_id=tok_meta.get("bos_id"), model_max_length=context)
+    elif hf_json.is_file():
+        _save_hf_tokenizer(
+            transformers,
+            hf_json,
+            tmp,
+            bos_id=tok_meta.get("bos_id"),
+            eos_id=tok_meta.get("eos_id"),
+            model_max_length=context,
+        )
     if output.exists():
         output.rmdir()
     tmp.rename(output)
     return output
 
 
-def _save_tokenizer(transformers: Any, model_file: Path, folder: Path, *, bos_id: int | None) -> None:
+def _write_config_for_both_lines(path: Path, *, rope_theta: float, dtype: torch.dtype) -> None:
+    """Complete the ``config.json`` transformers wrote with the other line's keys, all saying the same: the weights'
+    dtype as ``dtype`` (5.x) and ``torch_dtype`` (4.x, and 5.x's old name for it), the RoPE base as
+    ``rope_parameters`` (5.x) and ``rope_theta`` with ``rope_scaling: null`` (4.x: plain RoPE)."""
+    config = json.loads(path.read_text())
+    config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["rope_parameters"] = {**(config.get("rope_parameters") or {}), "rope_type": "default"}
+    config["rope_parameters"]["rope_theta"] = config["rope_theta"] = float(rope_theta)
+    config["rope_scaling"] = None
+    config["architectures"], config["model_type"] = ["LlamaForCausalLM"], "llama"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_tokenizer_config_for_both_lines(folder: Path, *, model_max_length: int | None) -> None:
+    """``tokenizer_config.json`` in a form transformers 4.x and 5.x both read: the class ``PreTrainedTokenizerFast``
+    (5.x writes ``TokenizersBackend``, unknown to 4.x) and extra special tokens as ``additional_special_tokens``
+    (5.x writes a list under ``extra_special_tokens``, which 4.x reads as a dict of named tokens; 5.x reads
+    ``additional_special_tokens`` as its old name). ``model_max_length``: the exported model's context."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, dict) and extra:  # named extra tokens: a dict in both lines
+        config["extra_special_tokens"] = extra
+    elif extra:
+        config["additional_special_tokens"] = [t["content"] if isinstance(t, dict) else str(t) for t in extra]
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _save_hf_tokenizer(
+    transformers: Any,
+    file: Path,
+    folder: Path,
+    *,
+    bos_id: int | None,
+    eos_id: int | None,
+    model_max_length: int | None = None,
+) -> None:
+    """Write the run's Hugging Face ``tokenizer.json`` for ``AutoTokenizer``, carried as it is (the same pipeline:
+    ``AutoTokenizer`` encodes and decodes as ``tokenizers.Tokenizer`` does), with ``tokenizer_config.json`` naming
+    its BOS and EOS (the tokens of the ids in meta.json: BOS only if the data was prepared with it). If the data
+    has BOS but the pipeline does not add it, a warning says so (the model saw BOS before each document)."""
+    import tokenizers
+
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as err:  # the Rust library raises its own exception type
+        raise UserError(f"{file} is not a Hugging Face tokenizer.json ({err}); the checkpoint is damaged") from None
+    special: dict[str, str] = {}
+    for key, token_id in (("bos_token", bos_id), ("eos_token", eos_id)):
+        if token_id is None:
+            continue
+        token = backend.id_to_token(token_id)
+        if token is None:
+            raise UserError(
+                f"{file} has no token of id {token_id}, the {key} of the checkpoint's meta.json: the tokenizer does "
+                "not belong to this checkpoint's data"
+            )
+        special[key] = token
+    unk = getattr(backend.model, "unk_token", None)
+    if isinstance(unk, str) and backend.token_to_id(unk) is not None:
+        special["unk_token"] = unk
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(file), clean_up_tokenization_spaces=False, **special)
+    tok.save_pretrained(folder)
+    _write_tokenizer_config_for_both_lines(folder, model_max_length=model_max_length)
+    if bos_id is not None and backend.encode("a").ids[:1] != [bos_id]:
+        warnings.warn(
+            f"the data was prepared with BOS ({special['bos_token']!r}) before each document, but {file.name} does "
+            "not add it: prepend it to the exported tokenizer's ids (tokenizer.bos_token_id) when using the model",
+            stacklevel=2,
+        )
+
+
+def _save_tokenizer(
+    transformers: Any, model_file: Path, folder: Path, *, bos_id: int | None, model_max_length: int | None = None
+) -> None:
     """Write the run's tokenizer for ``AutoTokenizer``: ``tokenizer.json`` (a ``tokenizers`` pipeline built from
     the SentencePiece model, :func:`~megatron_pept.data.tokenizer.sentencepiece_to_hf`), ``tokenizer_config.json``
-    and a copy of ``tokenizer.model``. It adds BOS only if the data did (``bos_id``), never EOS.
+    (``model_max_length``: the exported model's context) and a copy of ``tokenizer.model``. It adds BOS only if
+    the data did (``bos_id``), never EOS.
 
     With a tokenizer trained under the default ``identity`` normalisation with byte fallback, ``AutoTokenizer``
     gives SentencePiece's ids for every text (BOS aside; text spelling "<s>" is read as the special token) and
@@ -106,9 +301,6 @@ def _save_tokenizer(transformers: Any, model_file: Path, folder: Path, *, bos_id
     ``tokenizer.json`` as written (transformers 5's ``LlamaTokenizer`` would rebuild its own pipeline, which drops
     the dummy prefix before a leading space).
     """
-    import json
-    import warnings
-
     from megatron_pept.data.tokenizer import hf_conversion_caveats, load_tokenizer, sentencepiece_to_hf
 
     sp = load_tokenizer(model_file).processor
@@ -127,8 +319,5 @@ def _save_tokenizer(transformers: Any, model_file: Path, folder: Path, *, bos_id
         clean_up_tokenization_spaces=False,  # it would delete spaces before punctuation when decoding
     )
     tok.save_pretrained(folder)
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 5 writes TokenizersBackend, unknown to 4.x
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_tokenizer_config_for_both_lines(folder, model_max_length=model_max_length)
     shutil.copyfile(model_file, folder / "tokenizer.model")

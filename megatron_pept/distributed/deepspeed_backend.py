@@ -337,7 +337,14 @@ class DeepSpeedBackend(Backend):
         return grad_norm, accept(grad_norm)
 
     def save_native(self, folder: Path) -> bool:
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        """DeepSpeed's own checkpoint in ``folder/deepspeed`` under the tag ``state``, with the ``latest`` file that
+        names it (content ``state``, as DeepSpeed writes it), so that its ``zero_to_fp32.py`` beside it consolidates
+        the weights without ``--tag``. Written by rank 0 after every rank saved, whatever checkpoint engine is
+        configured (DeepSpeed defers ``latest`` to a later commit with the decoupled one)."""
+        ds_folder = folder / "deepspeed"
+        self.engine.save_checkpoint(str(ds_folder), tag="state", save_latest=False)
+        if self.engine.global_rank == 0:
+            (ds_folder / "latest").write_text("state")
         return True
 
     def load_native(self, folder: Path) -> bool:

@@ -14,9 +14,29 @@ from torch import nn
 from megatron_pept.errors import UserError
 from megatron_pept.models.llama import LlamaArgs
 
+# The context an export declares when model.max_position_embeddings is null: LLaMA's, and that of the papers'
+# named sizes (ReLoRA, GaLore); a longer data.seq_len wins.
+DEFAULT_CONTEXT = 2048
 
-def hf_config_dict(args: LlamaArgs) -> dict[str, Any]:
-    """The ``LlamaConfig`` keyword arguments describing ``args`` (also the content of an export's config.json)."""
+
+def declared_context(max_position_embeddings: int | None, seq_len: int, *, source: str, fix: str) -> int:
+    """``max_position_embeddings`` of an export: the configured value, else the larger of 2048 and ``seq_len``.
+    A value shorter than the ``seq_len`` the model was trained on is refused in one line naming ``source`` (the
+    setting it came from) and ``fix`` (what to do)."""
+    if max_position_embeddings is None:
+        return max(DEFAULT_CONTEXT, seq_len)
+    if max_position_embeddings < seq_len:
+        raise UserError(
+            f"{source} is {max_position_embeddings}, shorter than the {seq_len}-token sequences the model was "
+            f"trained on (data.seq_len); {fix}"
+        )
+    return max_position_embeddings
+
+
+def hf_config_dict(args: LlamaArgs, *, max_position_embeddings: int | None = None) -> dict[str, Any]:
+    """The ``LlamaConfig`` keyword arguments describing ``args`` (the content of an export's config.json, which
+    :func:`megatron_pept.checkpoint.hf_export.export_to_hf` completes with the keys of both transformers lines).
+    ``max_position_embeddings``: the context to declare (default ``args.max_seq_len``, the training length)."""
     return dict(
         architectures=["LlamaForCausalLM"],
         model_type="llama",
@@ -29,7 +49,7 @@ def hf_config_dict(args: LlamaArgs) -> dict[str, Any]:
         hidden_act="silu",
         rms_norm_eps=args.norm_eps,
         rope_theta=args.rope_theta,
-        max_position_embeddings=args.max_seq_len,
+        max_position_embeddings=max_position_embeddings or args.max_seq_len,
         tie_word_embeddings=args.tie_embeddings,
         attention_bias=False,
         mlp_bias=False,

@@ -186,3 +186,129 @@ def test_deepspeed_resume_is_bit_identical(method: str, stage: int, zero_runs) -
     assert resumed["losses"] == whole["losses"][STOP:]
     for name, value in whole["params"].items():
         assert torch.equal(resumed["params"][name], value), name
+
+
+# -- DeepSpeed checkpoints exported to Hugging Face -----------------------------------------------------------------
+
+# ReLoRA on every ZeRO stage (a restart at step 3 merges into the frozen weights), and a quantised base on ZeRO-2.
+DS_EXPORT_CASES = {
+    "z1-relora": (1, []),
+    "z2-relora": (2, []),
+    "z3-relora": (3, []),
+    "z2-relora@nf4": (2, ["method.base_dtype=nf4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def zero_export_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    pytest.importorskip("deepspeed")
+    tmp = tmp_path_factory.mktemp("zero-export")
+    runs = [
+        {
+            "name": name,
+            "overrides": base(quickstart_data, tmp / name, 2)
+            + [
+                "train.steps=5",
+                "parallel.backend=deepspeed",
+                f"parallel.zero_stage={stage}",
+                "model.num_layers=3",
+                "method.name=relora",
+                "method.reset_every=3",
+                "checkpoint.interval=100",
+                *extra,
+            ],
+        }
+        for name, (stage, extra) in DS_EXPORT_CASES.items()
+    ]
+    return launch(runs, tmp, launcher="deepspeed"), tmp
+
+
+def merged_reference_logits(params: dict, checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of our plain model holding the final weights the 2-rank run reported, each ReLoRA layer merged here
+    (W + alpha/rank B A, W the frozen weight or the base the quantised layer computes with): independent of the
+    export's reading of DeepSpeed's files and of the method's own merge."""
+    import json
+
+    from megatron_pept.models import build_model
+    from megatron_pept.models.llama import LlamaArgs
+
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    scale = meta["config"]["method"]["alpha"] / meta["config"]["method"]["rank"]
+    model = build_model(LlamaArgs(**meta["model_args"]), device="cpu")
+    state = {}
+    for name in model.state_dict():
+        stem = name.removesuffix(".weight")
+        if f"{stem}.lora_A" in params:
+            frozen = params.get(name, params.get(f"{stem}.dequantized_base"))
+            state[name] = frozen + scale * params[f"{stem}.lora_B"] @ params[f"{stem}.lora_A"]
+        else:
+            state[name] = params[name]
+    model.load_state_dict(state)
+    model.init_rope()
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+@pytest.mark.parametrize("name", list(DS_EXPORT_CASES))
+def test_deepspeed_checkpoint_exports_to_hf(name: str, zero_export_runs) -> None:
+    """A 2-rank ZeRO checkpoint exports: DeepSpeed's own consolidation (trained masters from the optimizer
+    partitions, frozen weights from the module states, buffers such as the quantised base's parts), then the
+    method's merge; transformers' logits equal those of the weights the run ended with."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    results, tmp = zero_export_runs
+    (checkpoint,) = sorted((tmp / name / "checkpoints").glob("step_*"))
+    assert (checkpoint / "deepspeed" / "latest").read_text() == "state"  # zero_to_fp32 needs no --tag
+    params = results[name]["params"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_to_hf(tmp / name, tmp / f"hf-{name}")).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, merged_reference_logits(params, checkpoint, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["z1-relora", "z2-relora", "z3-relora"])
+def test_deepspeed_zero_to_fp32_runs_without_tag(name: str, zero_export_runs, tmp_path: Path) -> None:
+    """DeepSpeed's own script beside the checkpoint finds the tag in the `latest` file save_native writes; the
+    weights it consolidates are the run's final ones (the trained parameters; frozen ones from ZeRO-2 on)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    results, tmp = zero_export_runs
+    (checkpoint,) = sorted((tmp / name / "checkpoints").glob("step_*"))
+    folder = checkpoint / "deepspeed"
+    proc = subprocess.run(
+        [sys.executable, str(folder / "zero_to_fp32.py"), str(folder), str(tmp_path / "out"), "--safe_serialization"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    consolidated = load_file(tmp_path / "out" / "model.safetensors")
+    params = results[name]["params"]
+    trained = {k for k in params if k.endswith((".lora_A", ".lora_B")) or "embed" in k or "norm" in k}
+    assert trained <= consolidated.keys()
+    if not name.startswith("z1"):
+        assert consolidated.keys() == params.keys()
+    for key, value in consolidated.items():
+        assert torch.equal(value, params[key]), key
+
+
+def test_an_unreadable_deepspeed_checkpoint_names_zero_to_fp32(zero_export_runs, tmp_path: Path) -> None:
+    """What the export cannot consolidate (here a rank's partition gone) is one line naming DeepSpeed's script."""
+    import shutil
+
+    from megatron_pept.checkpoint.hf_export import dense_state_dict
+    from megatron_pept.errors import UserError
+
+    _, tmp = zero_export_runs
+    (checkpoint,) = sorted((tmp / "z2-relora" / "checkpoints").glob("step_*"))
+    copy = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    (copy / "deepspeed" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(UserError, match=r"cannot be exported \(.*\); .*zero_to_fp32\.py .* --tag state") as err:
+        dense_state_dict(copy)
+    assert "\n" not in str(err.value)

@@ -1,8 +1,14 @@
 """HF export: transformers loads the exported folder, its logits equal our model's (adapters merged), generate
-runs, and AutoTokenizer encodes like the run's SentencePiece model."""
+runs, and AutoTokenizer encodes like the run's SentencePiece model or its Hugging Face tokenizer.json; config.json
+and tokenizer_config.json read the same in transformers 4.x (checked when MEGATRON_PEPT_TF4_PYTHON names a python
+that has it) and 5.x; max_position_embeddings comes from the model configuration."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,3 +70,285 @@ def test_export_refuses_to_overwrite_and_needs_a_checkpoint(quickstart_data: Pat
     with pytest.raises(UserError, match="not empty"):
         export_to_hf(tmp_path / "run", tmp_path / "hf")
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+
+
+# -- config.json and tokenizer_config.json for transformers 4.x and 5.x ---------------------------------------------
+
+IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
+TEXTS = ["Once upon a time a small fox found a shiny stone.", " Two  spaces,\ta tab\n\nand 12345 é 😀 ", ""]
+
+
+@pytest.fixture(scope="module")
+def relora_export(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A short ReLoRA run with a RoPE base other than transformers' default (10000), exported in fp32 and bf16:
+    {"fp32": folder, "bf16": folder, "logits": our model's logits on IDS, "run": run_dir}."""
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    tmp = tmp_path_factory.mktemp("hf-both")
+    overrides = ["method.name=relora", "method.rank=4", "method.reset_every=2", "model.rope_theta=50000"]
+    trainer = Trainer(tiny(quickstart_data, tmp / "run", *overrides, "train.steps=3", "checkpoint.interval=3"))
+    trainer.train()
+    with torch.no_grad():
+        logits = trainer.raw_model.eval()(IDS)
+    return {
+        "fp32": export_to_hf(tmp / "run", tmp / "fp32"),
+        "bf16": export_to_hf(tmp / "run", tmp / "bf16", dtype="bf16"),
+        "logits": logits,
+        "run": tmp / "run",
+    }
+
+
+def test_config_json_carries_the_keys_of_both_transformers_lines(relora_export: dict) -> None:
+    """transformers 5 writes only dtype and rope_parameters; 4.x reads torch_dtype and rope_theta (a missing
+    rope_theta silently becomes 10000 there). Both sets are written, saying the same."""
+    for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        cfg = json.loads((relora_export[name] / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+        assert cfg["torch_dtype"] == cfg["dtype"] == dtype, name
+        assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 50000.0, name
+        assert (
+            cfg["rope_parameters"]["rope_type"] == "default" and "rope_scaling" in cfg and cfg["rope_scaling"] is None
+        )
+        assert cfg["max_position_embeddings"] == 2048  # not the training seq_len (32)
+        loaded = transformers.AutoConfig.from_pretrained(relora_export[name])  # 5.x reads its own keys alike
+        assert loaded.rope_parameters["rope_theta"] == 50000.0 and loaded.dtype == getattr(torch, dtype)
+        tok_cfg = json.loads((relora_export[name] / "tokenizer_config.json").read_text())
+        assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["model_max_length"] == 2048
+        assert not isinstance(tok_cfg.get("extra_special_tokens"), list)  # 4.x reads that key as a dict
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(relora_export["bf16"] / "model.safetensors").values()} == {torch.bfloat16}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(relora_export["fp32"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, relora_export["logits"], atol=1e-5, rtol=1e-5)
+
+
+def extra_tokens_tokenizer(folder: Path) -> Path:
+    """A tokenizer with extra special tokens saved by transformers 5 (which lists them under extra_special_tokens),
+    then rewritten by the export's function."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from megatron_pept.checkpoint.hf_export import _write_tokenizer_config_for_both_lines
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "<pad>": 2, "<tool>": 3, "hi": 4}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", extra_special_tokens=["<pad>", "<tool>"]
+    )
+    tok.save_pretrained(folder)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["extra_special_tokens"] == ["<pad>", "<tool>"]
+    _write_tokenizer_config_for_both_lines(folder, model_max_length=64)
+    return folder
+
+
+def test_extra_special_tokens_are_written_in_a_form_both_lines_read(tmp_path: Path) -> None:
+    """transformers 5 saves extra special tokens as a list under extra_special_tokens, which 4.x takes for a dict
+    of named tokens; they are rewritten as additional_special_tokens, which 5.x reads back as the same tokens."""
+    folder = extra_tokens_tokenizer(tmp_path)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "extra_special_tokens" not in cfg and cfg["additional_special_tokens"] == ["<pad>", "<tool>"]
+    loaded = transformers.AutoTokenizer.from_pretrained(folder)
+    assert loaded.extra_special_tokens == ["<pad>", "<tool>"] and loaded.model_max_length == 64
+    assert loaded("hi <tool>")["input_ids"] == [4, 3]
+
+
+def test_max_position_embeddings_comes_from_the_model_config(quickstart_data: Path, tmp_path: Path) -> None:
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+    from megatron_pept.models.hf import declared_context
+
+    assert declared_context(None, 32, source="x", fix="y") == 2048  # LLaMA's context ...
+    assert declared_context(None, 4096, source="x", fix="y") == 4096  # ... or a longer training length
+    assert declared_context(3000, 32, source="x", fix="y") == 3000
+    with pytest.raises(UserError, match=r"^model.max_position_embeddings is 16, shorter than the 32-token .*; fix$"):
+        declared_context(16, 32, source="model.max_position_embeddings", fix="fix")
+
+    run = tmp_path / "run"
+    Trainer(
+        tiny(quickstart_data, run, "model.max_position_embeddings=4096", "train.steps=2", "checkpoint.interval=2")
+    ).train()
+    assert (
+        json.loads((export_to_hf(run, tmp_path / "a") / "config.json").read_text())["max_position_embeddings"] == 4096
+    )
+    out = export_to_hf(run, tmp_path / "b", max_position_embeddings=1024)  # tools/convert_to_hf.py's override
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 1024
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1024
+    with pytest.raises(UserError, match=r"--max-position-embeddings is 16, shorter .*; give 32 or more$"):
+        export_to_hf(run, tmp_path / "c", max_position_embeddings=16)
+    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.tmp").exists()
+
+
+# -- a Hugging Face tokenizer.json carried -------------------------------------------------------------------------
+
+HF_TEXTS = [f"Doc {i}: the fox ate {i * 7} berries.\n\tThen it slept  under tree {i % 5}." for i in range(300)]
+
+
+def train_bpe(texts: list[str], *, bos: bool):
+    """A small byte-level BPE trained with the tokenizers library (ids 0-3: <unk>, <s>, </s>, <pad>); with ``bos``
+    a post-processor puts <s> before each text, as LLaMA 3's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=360,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Data prepared with a tokenizer.json (BOS before each document), a short run whose checkpoint carries it,
+    and the export: {"backend": the tokenizers.Tokenizer, "export": folder, "checkpoint": folder}."""
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+    from megatron_pept.data.prepare import PrepareOptions, prepare_dataset
+
+    tmp = tmp_path_factory.mktemp("hf-tok")
+    backend = train_bpe(HF_TEXTS, bos=True)
+    (tmp / "tok").mkdir()
+    backend.save(str(tmp / "tok" / "tokenizer.json"))
+    (tmp / "tok" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (tmp / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in HF_TEXTS))
+    options = PrepareOptions(
+        inputs=(str(tmp / "corpus.jsonl"),),
+        tokenizer=str(tmp / "tok"),
+        output=str(tmp / "data"),
+        val_fraction=0.1,
+        add_bos=True,
+        workers=1,
+    )
+    prepare_dataset(options, show_progress=False)
+    Trainer(tiny(tmp / "data", tmp / "run", "train.steps=2", "checkpoint.interval=2")).train()
+    checkpoint = tmp / "run" / "checkpoints" / "step_00000002"
+    assert (checkpoint / "tokenizer" / "tokenizer.json").is_file()
+    assert not (checkpoint / "tokenizer" / "tokenizer.model").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = export_to_hf(tmp / "run", tmp / "hf")
+    assert not [w for w in caught if "BOS" in str(w.message)]  # the pipeline adds the data's BOS itself
+    return {"backend": backend, "export": out, "checkpoint": checkpoint}
+
+
+def test_an_hf_tokenizer_json_is_exported_for_autotokenizer(hf_tokenizer_export: dict) -> None:
+    """AutoTokenizer on the export encodes and decodes as the tokenizers.Tokenizer the data was made with; BOS
+    and EOS are the tokens of the ids in the checkpoint's meta.json."""
+    backend, out = hf_tokenizer_export["backend"], hf_tokenizer_export["export"]
+    meta = json.loads((hf_tokenizer_export["checkpoint"] / "meta.json").read_text())["tokenizer"]
+    assert (meta["bos_id"], meta["eos_id"]) == (1, 2)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["vocab_size"]) == (1, 2, backend.get_vocab_size())
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["model_max_length"] == 2048
+    for text in [*TEXTS, *HF_TEXTS[:3], "unseen words: zebra quokka ÆØÅ"]:
+        ids = backend.encode(text).ids
+        assert ids[0] == 1 and tok(text)["input_ids"] == ids, text
+        assert tok(text, add_special_tokens=False)["input_ids"] == backend.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids, skip_special_tokens=True) == backend.decode(ids) == text, text
+
+
+def test_an_hf_tokenizer_without_the_datas_bos_exports_with_a_warning(tmp_path: Path) -> None:
+    from megatron_pept.checkpoint.hf_export import _save_hf_tokenizer
+
+    backend = train_bpe(HF_TEXTS[:50], bos=False)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "out").mkdir()
+    with pytest.warns(UserWarning, match=r"prepared with BOS \('<s>'\) .* does not add it"):
+        _save_hf_tokenizer(transformers, tmp_path / "tokenizer.json", tmp_path / "out", bos_id=1, eos_id=2)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok(TEXTS[0])["input_ids"] == backend.encode(TEXTS[0]).ids and tok.bos_token == "<s>"
+    with pytest.raises(UserError, match="has no token of id 999"):
+        _save_hf_tokenizer(transformers, tmp_path / "tokenizer.json", tmp_path / "x", bos_id=None, eos_id=999)
+
+
+# -- the export as transformers 4.x reads it ---------------------------------------------------------------------
+
+TF4_ENV = "MEGATRON_PEPT_TF4_PYTHON"
+TF4_SCRIPT = """
+import json, sys
+import torch, transformers
+from safetensors.torch import save_file
+ids, texts, models, tokenizers, out = sys.argv[1:]
+ids, texts = torch.tensor(json.loads(ids)), json.loads(texts)
+report, logits = {"version": transformers.__version__}, {}
+for name, folder in {**json.loads(models), **json.loads(tokenizers)}.items():
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    report[name] = {
+        "tokenizer": type(tok).__name__, "model_max_length": tok.model_max_length,
+        "ids": [tok(t)["input_ids"] for t in texts], "decoded": [tok.decode(tok(t)["input_ids"]) for t in texts],
+        "special": [tok.bos_token, tok.eos_token, tok.unk_token, list(tok.additional_special_tokens)],
+    }
+    if name not in json.loads(models):
+        continue
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    report[name].update(
+        rope_theta=cfg.rope_theta, torch_dtype=str(cfg.torch_dtype), rope_scaling=cfg.rope_scaling,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits[name] = model(ids % cfg.vocab_size).logits.contiguous()
+save_file(logits, out)
+print(json.dumps(report))
+"""
+
+
+def test_transformers_4_reads_the_export_as_5_does(relora_export: dict, hf_tokenizer_export: dict, tmp_path: Path):
+    """With MEGATRON_PEPT_TF4_PYTHON=<a python with transformers 4.x and torch> (e.g. a venv with
+    transformers==4.46.3), that interpreter loads the exports (a SentencePiece and a tokenizer.json tokenizer, fp32
+    and bf16 weights, extra special tokens) and must read the same config, compute the same logits and encode and
+    decode as transformers 5 does here."""
+    python = os.environ.get(TF4_ENV)
+    if not python:
+        pytest.skip(f"{TF4_ENV} is not set: no transformers 4.x python to load the export with")
+    from safetensors.torch import load_file
+
+    models = {"sp": relora_export["fp32"], "bf16": relora_export["bf16"], "json": hf_tokenizer_export["export"]}
+    extra = extra_tokens_tokenizer(tmp_path / "extra")
+    texts = [*TEXTS, HF_TEXTS[0], "hi <tool> hi"]
+    proc = subprocess.run(
+        [
+            python,
+            "-c",
+            TF4_SCRIPT,
+            json.dumps(IDS.tolist()),
+            json.dumps(texts),
+            json.dumps({k: str(v) for k, v in models.items()}),
+            json.dumps({"extra": str(extra)}),
+            str(tmp_path / "logits.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["version"].startswith("4."), report["version"]
+    theirs = load_file(tmp_path / "logits.safetensors")
+    for name, folder in {**models, "extra": extra}.items():
+        got, tok = report[name], transformers.AutoTokenizer.from_pretrained(folder)
+        assert got["tokenizer"] == "PreTrainedTokenizerFast" and got["model_max_length"] == tok.model_max_length
+        assert got["ids"] == [tok(t)["input_ids"] for t in texts], name
+        assert got["decoded"] == [tok.decode(tok(t)["input_ids"]) for t in texts], name
+        assert got["special"] == [tok.bos_token, tok.eos_token, tok.unk_token, list(tok.extra_special_tokens)], name
+        if name == "extra":
+            continue
+        cfg = transformers.AutoConfig.from_pretrained(folder)
+        assert got["rope_theta"] == cfg.rope_parameters["rope_theta"], name
+        assert got["torch_dtype"] == str(cfg.dtype) and got["rope_scaling"] is None, name
+        assert got["max_position_embeddings"] == cfg.max_position_embeddings == 2048, name
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs[name], hf(IDS % cfg.vocab_size).logits, atol=1e-5, rtol=1e-5)
+    assert report["sp"]["rope_theta"] == 50000.0 and report["bf16"]["torch_dtype"] == "torch.bfloat16"
+    assert report["extra"]["special"][3] == ["<pad>", "<tool>"]
+    torch.testing.assert_close(theirs["sp"], relora_export["logits"], atol=1e-5, rtol=1e-5)
