@@ -51,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        from megatron_pept.signals import caught_early
         from megatron_pept.trainer import Trainer
 
-        Trainer(cfg).train()
+        with caught_early(cfg.checkpoint.save_on_signal):  # a stop signal during the set-up is not lost
+            trainer = Trainer(cfg)
+            result = trainer.train()
+        if result.interrupted:
+            _report_stop(trainer, result.steps)
         _shutdown_process_group(synchronize=True)
     except UserError as err:
         print(f"megatron_pept: error: {err}", file=sys.stderr)
@@ -67,6 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _shutdown_process_group(synchronize=False)  # after an error: no collective, the other ranks may be gone
     return 0
+
+
+def _report_stop(trainer, step: int) -> None:
+    """One line from rank 0 when the run stopped on a stop signal: which signal, and what a resume starts from."""
+    from megatron_pept.checkpoint import newest_complete
+    from megatron_pept.distributed import comm
+    from megatron_pept.signals import received_signal
+
+    if comm.rank() != 0:
+        return
+    name = received_signal() or "a stop signal received by another rank"
+    found = newest_complete(trainer.checkpointer.root, checksums=False)  # the marker only: the job's time is short
+    saved = (
+        f"checkpoint {found.path.name} saved"
+        if found is not None and found.step == step
+        else "no checkpoint saved at this step (see the log above)"
+    )
+    resume = f"resumes from step {found.step}" if found is not None else "starts from the beginning"
+    print(
+        f"megatron_pept: stopped at step {step} on {name}: {saved}; the same command (checkpoint.resume=auto) {resume}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _shutdown_process_group(*, synchronize: bool) -> None:

@@ -3,6 +3,8 @@
 # tests/e2e/test_slurm.py). This host is both controller and the only compute node (partition `debug`); no
 # accounting, no cgroups, no systemd needed. Needs root (Debian/Ubuntu: installs munge + slurm with apt).
 # Idempotent: re-running installs nothing new, rewrites the config, and only starts daemons that are not running.
+# cred_expire=30 (default 120): a requeued job may start again after about that long (tests/e2e/test_slurm.py
+# waits for a requeued job to run).
 #
 #   sudo tools/slurm_local.sh && sbatch --wait launch/slurm.sbatch --config configs/quickstart.yaml
 set -euo pipefail
@@ -30,6 +32,7 @@ ClusterName=local
 SlurmctldHost=${HOST}
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=30
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
@@ -52,11 +55,14 @@ cmp -s /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf || changed=1
 mv /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf
 
 running() { pgrep -x -r R,S,D "$1" >/dev/null; } # zombies of an earlier start do not count
-if ! running slurmctld; then
-  slurmctld
-elif ((changed)); then
-  scontrol reconfigure
+if ((changed)) && running slurmctld; then # restart: some settings (AuthInfo) are read only when a daemon starts
+  scontrol shutdown || true                 # jobs' processes (slurmstepd) keep running
+  for _ in $(seq 30); do
+    running slurmctld || running slurmd || break
+    sleep 1
+  done
 fi
+running slurmctld || slurmctld
 running slurmd || slurmd
 
 for _ in $(seq 60); do

@@ -1,18 +1,28 @@
 """The launchers for real: two torchrun "nodes" on one machine (c10d rendezvous on 127.0.0.1) train and match one
-process; every launch script parses (the SLURM one runs for real in tests/e2e/test_slurm.py)."""
+process; a stop signal sent to a launcher (SIGTERM, SIGUSR1) saves and exits 0, and resuming ends bit-identical;
+two one-node jobs run on one host at once; every launch script parses (the SLURM one runs for real in
+tests/e2e/test_slurm.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from megatron_pept.checkpoint import list_checkpoints, newest_complete
+from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.config import load_config
+from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
 from megatron_pept.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +111,246 @@ def test_two_node_deepspeed_no_ssh_matches_one_process(quickstart_data: Path, tm
     assert len(logged) == 3
     reference = Trainer(load_config(None, overrides(quickstart_data, tmp_path / "single"))).train().train_losses
     assert logged == pytest.approx(reference, abs=2e-4)
+
+
+# -- stop signals sent to the launcher, and one-node jobs side by side ---------------------------------------------
+
+STOP_STEPS = 6
+# The environment of a one-node job left to its defaults (no endpoint, id or port from the caller's environment).
+ONE_NODE_ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("NNODES", "RDZV_ENDPOINT", "RDZV_ID", "MASTER_PORT")},
+    "NPROC_PER_NODE": "2",
+    "NUM_GPUS": "2",
+    "PYTHON": sys.executable,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",  # log lines arrive as they happen
+}
+
+
+def stop_command(script: str, data: Path, run_dir: Path) -> list[str]:
+    """A 2-rank job of STOP_STEPS steps that saves only on a stop signal and at the end: the same command starts,
+    resumes and (without a signal) runs the reference."""
+    backend = ["parallel.backend=deepspeed", "parallel.zero_stage=2"] if script == "deepspeed.sh" else []
+    return [
+        str(REPO / "launch" / script),
+        *overrides(data, run_dir),
+        f"train.steps={STOP_STEPS}",
+        "checkpoint.interval=100",
+        "parallel.backend=ddp",
+        *backend,
+    ]
+
+
+def process_tree(pid: int) -> dict[int, str]:
+    """``pid`` and every process below it (torchrun starts each worker in a session of its own), each with its
+    start time (so that a pid reused later by another process is never killed for it)."""
+    children: dict[int, list[int]] = {}
+    started: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # gone meanwhile
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            started[int(stat.parent.name)] = fields[19]
+    found, todo = {pid: started.get(pid, "")}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = started.get(child, "")
+            todo.append(child)
+    return found
+
+
+def start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Job:
+    """A launcher started in a session of its own, with its output read line by line. ``seen`` remembers every
+    process ever found below it, so that cleanup kills the workers even once the launcher has gone."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], tmp: Path) -> None:
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**env, "TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.seen: dict[int, str] = {}  # pid -> start time
+
+    def frozen_worker(self) -> int:
+        """Read until a worker says it froze at its fault point (megatron_pept.faults); return that worker's pid."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if FAULT_FROZEN_LINE in line:
+                self.seen.update(process_tree(self.proc.pid))
+                return int(re.search(r"\(pid (\d+)\)", line).group(1))
+        pytest.fail(f"setup: the job ended (exit {self.proc.wait()}) before its fault point:\n{self.output()[-3000:]}")
+
+    def finish(self, timeout: float = 600) -> int:
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.lines.append(out)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.seen.update(process_tree(self.proc.pid))
+        for pid, started in self.seen.items():
+            if start_time(pid) == started:  # still that process
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Iterator:
+    started: list[Job] = []
+
+    def start(cmd: list[str], env: dict[str, str] = ONE_NODE_ENV) -> Job:
+        started.append(Job(cmd, env, tmp_path))
+        return started[-1]
+
+    yield start
+    for job in started:
+        job.kill()
+
+
+def wait_until_pending(pid: int, sig: signal.Signals, launcher: subprocess.Popen, timeout: float = 120) -> None:
+    """Return once ``sig`` is pending on the stopped process ``pid`` (it has reached it: it is handled as soon as the
+    process continues). Fails if the launcher exits first or the signal never arrives."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            pytest.fail(f"worker {pid} is gone before {sig.name} reached it (launcher exit {launcher.poll()})")
+        pending = 0
+        for field in ("SigPnd", "ShdPnd"):
+            pending |= int(re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+        if pending & (1 << (sig - 1)):
+            return
+        if launcher.poll() is not None:
+            pytest.fail(f"the launcher exited ({launcher.returncode}) on {sig.name} before the worker got it")
+        time.sleep(0.02)
+    pytest.fail(f"{sig.name} did not reach worker {pid} within {timeout} s")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    found = newest_complete(run_dir / "checkpoints")
+    assert found is not None and found.step == STOP_STEPS, found
+    return load_full_tensors(found.path, prefix="model.")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    job = Job(stop_command("torchrun.sh", quickstart_data, run_dir), ONE_NODE_ENV, run_dir)
+    try:
+        assert job.finish() == 0, job.output()[-3000:]
+    finally:
+        job.kill()
+    return final_weights(run_dir)
+
+
+@pytest.mark.parametrize(
+    "script, sig",
+    [("torchrun.sh", signal.SIGTERM), ("torchrun.sh", signal.SIGUSR1), ("deepspeed.sh", signal.SIGUSR1)],
+    ids=["torchrun-SIGTERM", "torchrun-SIGUSR1", "deepspeed-SIGUSR1"],
+)
+def test_stop_signal_to_the_launcher_saves_exits_0_and_resumes(
+    script: str, sig: signal.Signals, uninterrupted, jobs, quickstart_data: Path, tmp_path: Path
+) -> None:
+    """The signal goes to the launcher's process only (as `kill PID` or SLURM's batch-step warning would): rank 0 is
+    frozen after step 3 (before its stop-signal check), the launcher gets the signal, the test waits until it has
+    reached the frozen worker and lets it go on. Both ranks save step 3 and exit 0, and so does the launcher;
+    the same command then resumes and ends with the uninterrupted run's weights, bit for bit (torchrun; the
+    DeepSpeed job resumes from step 3 and finishes)."""
+    if script == "deepspeed.sh":
+        pytest.importorskip("deepspeed")
+    cmd = stop_command(script, quickstart_data, tmp_path / "run")
+    job = jobs(cmd, {**ONE_NODE_ENV, ENV_VAR: "step.end@3"})
+    worker = job.frozen_worker()
+    job.proc.send_signal(sig)
+    wait_until_pending(worker, sig, job.proc)
+    os.kill(worker, signal.SIGCONT)
+    assert job.finish() == 0, job.output()[-3000:]
+    log = job.output()
+    assert f"{sig.name} sent to worker(s)" in log, log[-3000:]
+    assert f"megatron_pept: stopped at step 3 on {sig.name}: checkpoint step_00000003 saved" in log, log[-3000:]
+    assert [f.step for f in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
+
+    resumed = jobs(cmd)
+    assert resumed.finish() == 0, resumed.output()[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step_00000003'}" in resumed.output()
+    assert f"step {STOP_STEPS}/{STOP_STEPS}" in resumed.output()
+    if script == "torchrun.sh":
+        weights = final_weights(tmp_path / "run")
+        assert weights.keys() == uninterrupted.keys()
+        for name, value in uninterrupted.items():
+            assert torch.equal(weights[name], value), name
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_two_one_node_jobs_run_side_by_side(script: str, jobs, quickstart_data: Path, tmp_path: Path) -> None:
+    """Job A is frozen after its first step (its rendezvous store and port held), then job B runs from start to end
+    on the same host with the same defaults, then A goes on: both exit 0 with a complete final checkpoint. With a
+    shared default port and rendezvous id, B joined A's rendezvous (torchrun) or failed to bind (deepspeed)."""
+    if script == "deepspeed.sh":
+        pytest.importorskip("deepspeed")
+    first = jobs(stop_command(script, quickstart_data, tmp_path / "a"), {**ONE_NODE_ENV, ENV_VAR: "step.end@1"})
+    frozen = first.frozen_worker()
+    second = jobs(stop_command(script, quickstart_data, tmp_path / "b"))
+    assert second.finish(timeout=300) == 0, second.output()[-3000:]
+    os.kill(frozen, signal.SIGCONT)
+    assert first.finish() == 0, first.output()[-3000:]
+    for run in ("a", "b"):
+        found = newest_complete(tmp_path / run / "checkpoints")
+        assert found is not None and found.step == STOP_STEPS, run
+
+
+def test_a_stop_signal_before_the_training_loop_is_kept_for_it() -> None:
+    """The entry point catches the stop signals from the moment its configuration is read
+    (megatron_pept.signals.caught_early): one received while the model is built or a checkpoint loaded is not
+    lost, the loop's StopSignals starts with it (and stops at the end of the first step); outside, none is kept."""
+    from megatron_pept.signals import StopSignals, caught_early, received_signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with caught_early():
+        signal.raise_signal(signal.SIGUSR1)
+        with StopSignals(enabled=True) as stop:
+            assert stop.received
+    assert received_signal() == "SIGUSR1"
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers restored
+    with StopSignals(enabled=True) as stop:  # no early catcher: a signal from an earlier run does not count
+        assert not stop.received
+    with caught_early(enabled=False):  # checkpoint.save_on_signal=false: nothing installed
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_signal_wrapper_refuses_bad_input() -> None:
+    """`python -m megatron_pept.signals` with no launcher, an unknown one, or torchrun's own signal list: one line."""
+    for args in ([], ["mpirun"], ["torchrun", "--signals-to-handle=SIGTERM", "x.py"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "megatron_pept.signals", *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("megatron_pept.signals: error:"), proc.stderr
+
+
+def test_torchrun_script_refuses_a_bad_node_count() -> None:
+    env = {**ONE_NODE_ENV, "NNODES": "two"}
+    proc = subprocess.run([str(REPO / "launch/torchrun.sh")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "torchrun.sh: error: NNODES must be a node count such as 2 (or MIN:MAX), got 'two'\n"
 
 
 @pytest.mark.parametrize("script", [*sorted(p.name for p in (REPO / "launch").glob("*.sh")), "slurm.sbatch"])
