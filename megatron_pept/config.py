@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_pept.assets import missing_config_hint, resolve_config_path
 from megatron_pept.errors import ConfigError
 
 MODEL_SIZES = ("debug", "60m", "130m", "250m", "350m", "1b", "7b")
@@ -67,7 +68,7 @@ class ModelConfig:
 @dataclass
 class DataSource:
     path: str = ""
-    """Shard folder made by tools/prepare_data.py."""
+    """Shard folder made by megatron-pept-prepare-data (tools/prepare_data.py in a checkout)."""
     weight: float = 1.0
     """Relative share of training samples drawn from this folder."""
 
@@ -75,7 +76,8 @@ class DataSource:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Folder of token shards with an index.json (made by tools/prepare_data.py); its val split is validated on."""
+    """Folder of token shards with an index.json (made by megatron-pept-prepare-data, tools/prepare_data.py in a
+    checkout); its val split is validated on."""
     blend: list[DataSource] = field(default_factory=list)
     """Train on a weighted mixture instead of `path` alone: a list of {path, weight}; validation stays on `path`
     (or the first entry when `path` is empty)."""
@@ -579,9 +581,19 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def _config_file(path: str | os.PathLike[str]) -> Path:
+    resolved = resolve_config_path(path)
+    if not resolved.exists():
+        raise ConfigError(f"config file {resolved.resolve()} does not exist{missing_config_hint(path)}")
+    return resolved
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or only defaults when ``path`` is None), apply overrides, type-check and validate."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    """Read a YAML file (or only defaults when ``path`` is None), apply overrides, type-check and validate.
+
+    ``path`` may also be the bare name of a shipped configuration (``quickstart``), found in the installed
+    package (or the checkout's ``configs/``) when no file of that name is here."""
+    raw = _read_yaml(_config_file(path)) if path is not None else {}
     return config_from_dict(apply_overrides(raw, list(overrides or [])))
 
 
@@ -696,7 +708,8 @@ def validate(cfg: Config) -> None:
     _check_registered(cfg)
     _require(
         bool(d.path) or d.builtin is not None or bool(d.blend),
-        "data.path is empty; point it at a shard folder made by tools/prepare_data.py (or set data.builtin)",
+        "data.path is empty; point it at a shard folder made by megatron-pept-prepare-data (tools/prepare_data.py "
+        "in a checkout), or set data.builtin",
     )
     for i, source in enumerate(d.blend):
         _require(bool(source.path), f"data.blend[{i}].path is empty; give each blended source a shard folder")

@@ -115,8 +115,7 @@ class Trainer:
         model.to_empty(device=self.device)
         model.init_weights(generator=torch.Generator(device=self.device).manual_seed(t.seed))
         if cfg.model.init_from:  # before the method makes its adapters or projections from the weights
-            loaded = load_hf_weights(model, cfg.model.init_from)
-            logger.info("initialised %d tensors from %s", loaded, cfg.model.init_from)
+            load_hf_weights(model, cfg.model.init_from)
         self.method.after_init(model)
         model.model.activation_checkpointing = t.activation_checkpointing
         if t.compile:

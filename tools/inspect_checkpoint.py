@@ -1,15 +1,13 @@
 #!/usr/bin/env python
-"""Print what a checkpoint holds: step, tokens, method and phase, backend and ranks, sizes, and whether it is
-complete (marker present and every file's size and sha256 as recorded). Exits 1 if any checkpoint shown is
-incomplete or damaged, 2 on a usage error.
+"""Print what a checkpoint holds and whether it is complete.
 
-  python tools/inspect_checkpoint.py runs/quickstart            # every checkpoint of the run
-  python tools/inspect_checkpoint.py runs/quickstart/checkpoints/step_00000300
+The tool lives in the package (:mod:`megatron_pept.tools.inspect_checkpoint`) and is installed as the console script
+``megatron-pept-inspect-checkpoint``; this file keeps ``python tools/inspect_checkpoint.py``
+working in a checkout (same flags, output and exit codes). ``--help`` for every option.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,73 +16,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_pept.cli import run_cli
+from megatron_pept.tools.inspect_checkpoint import build_parser, main  # noqa: E402
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a checkpoint folder, a checkpoints folder or a run_dir")
-    parser.add_argument("--no-checksums", action="store_true", help="check sizes only (fast on large checkpoints)")
-    return parser
-
-
-def describe(folder: Path, *, checksums: bool) -> tuple[str, bool]:
-    """The report of one checkpoint folder, and whether it is complete and intact."""
-    from megatron_pept.checkpoint import verify
-    from megatron_pept.checkpoint.export import read_meta
-    from megatron_pept.errors import UserError
-
-    problem = verify(folder, checksums=checksums)
-    try:
-        meta = read_meta(folder)
-    except UserError as err:
-        meta, problem = {}, problem or str(err)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    phase = {None: "-", 0: "warm start (full rank)", 1: "low rank"}.get(meta.get("phase"), str(meta.get("phase")))
-    lines = [
-        f"{folder}",
-        f"  complete   {'yes' if problem is None else 'NO: ' + problem}",
-        f"  step       {meta.get('step', '?')} of {meta.get('total_steps', '?')}",
-        f"  tokens     {meta.get('tokens_seen', '?'):,}"
-        if isinstance(meta.get("tokens_seen"), int)
-        else "  tokens     ?",
-        f"  method     {meta.get('method', '?')} (phase: {phase})",
-        f"  model      {meta.get('model', '?')}",
-        f"  backend    {meta.get('backend', '?')} on {meta.get('world_size', '?')} rank(s)",
-        f"  size       {size / 1e6:.1f} MB in {sum(1 for p in folder.rglob('*') if p.is_file())} files",
-        f"  saved      {meta.get('created', '?')}",
-    ]
-    return "\n".join(lines), problem is None
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def run() -> int:
-        from megatron_pept.checkpoint import list_checkpoints
-        from megatron_pept.errors import UserError
-
-        path = Path(args.path)
-        if not path.exists():
-            raise UserError(f"{path} does not exist")
-        folders = [path] if (path / "meta.json").exists() or (path / "state").exists() else []
-        for candidate in (path, path / "checkpoints"):
-            folders = folders or [f.path for f in list_checkpoints(candidate)]
-        if not folders:
-            raise UserError(f"no checkpoint in {path}")
-        latest = None
-        for root in {f.parent for f in folders}:
-            if (root / "latest").is_file():
-                latest = (root / "latest").read_text().strip()
-        intact = True
-        for folder in folders:
-            report, ok = describe(folder, checksums=not args.no_checksums)
-            print(report + ("\n  latest     yes" if folder.name == latest else ""))
-            intact = intact and ok
-        return 0 if intact else 1  # a damaged or incomplete checkpoint is a failed check
-
-    return run_cli(run, prog="inspect_checkpoint.py")
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="inspect_checkpoint.py"))

@@ -1,101 +1,24 @@
 #!/usr/bin/env python
 """Tokenize a text corpus into a shard folder for training (data.path).
 
-  python tools/prepare_data.py --input c4/*.jsonl --tokenizer data/tokenizer --output data/c4
-
-Inputs as for train_tokenizer.py. Each document becomes [BOS] ids EOS; documents are held out for validation by
-a seeded hash of their number. Interrupted? Run the same command again: finished shards are kept, the rest is
-redone, and the result is identical to an uninterrupted run.
+The tool lives in the package (:mod:`megatron_pept.tools.prepare_data`) and is installed as the console script
+``megatron-pept-prepare-data``; this file keeps ``python tools/prepare_data.py``
+working in a checkout (same flags, output and exit codes). ``--help`` for every option.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+from pathlib import Path
 
-from megatron_pept.cli import run_cli
+try:
+    import megatron_pept  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_pept.tools.prepare_data import build_parser, main  # noqa: E402
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE", help="text sources (files, globs, folders, datasets names)"
-    )
-    parser.add_argument(
-        "--tokenizer",
-        required=True,
-        metavar="DIR",
-        help="tokenizer folder (or .model file) from train_tokenizer.py, or a Hugging Face tokenizer.json (or the "
-        "model folder holding it)",
-    )
-    parser.add_argument("--output", required=True, metavar="DIR", help="shard folder to create (or to resume)")
-    parser.add_argument("--text-field", default="text", help="field holding the text (default text)")
-    parser.add_argument("--split", default="train", help="split of a datasets source (default train)")
-    parser.add_argument(
-        "--shard-tokens",
-        type=int,
-        default=1 << 27,
-        help="tokens per shard, closed at a document boundary (default 134M)",
-    )
-    parser.add_argument(
-        "--val-fraction", type=float, default=0.005, help="share of documents held out for validation (default 0.005)"
-    )
-    parser.add_argument("--add-bos", action="store_true", help="start each document with BOS (EOS always ends it)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out (default 0)")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "uint16", "uint32"),
-        default="auto",
-        help="token dtype (auto: uint16 when the vocabulary fits)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)"
-    )
-    parser.add_argument(
-        "--batch-documents", type=int, default=256, help="documents per batch sent to a worker (default 256)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def run() -> int:
-        from megatron_pept.data.prepare import PrepareOptions, prepare_dataset
-
-        result = prepare_dataset(
-            PrepareOptions(
-                inputs=tuple(args.input),
-                tokenizer=args.tokenizer,
-                output=args.output,
-                text_field=args.text_field,
-                split=args.split,
-                shard_tokens=args.shard_tokens,
-                val_fraction=args.val_fraction,
-                add_bos=args.add_bos,
-                seed=args.seed,
-                dtype=args.dtype,
-                workers=args.workers,
-                batch_documents=args.batch_documents,
-            ),
-            show_progress=not args.no_progress,
-        )
-        if result.already_complete:
-            print(f"{args.output} is already complete (same inputs and settings); nothing to do")
-            return 0
-        splits = result.index.splits
-        print(
-            f"wrote {args.output}: train {splits['train'].documents:,} documents / {splits['train'].tokens:,} tokens "
-            f"in {len(splits['train'].shards)} shards, val {splits['val'].documents:,} documents / "
-            f"{splits['val'].tokens:,} tokens; {result.text_bytes / 1e6:.1f} MB of text in {result.seconds:.1f} s "
-            f"({result.mb_per_sec:.1f} MB/s){' (resumed)' if result.resumed else ''}"
-        )
-        return 0
-
-    return run_cli(run, prog="prepare_data.py")
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="prepare_data.py"))

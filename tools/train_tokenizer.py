@@ -1,91 +1,24 @@
 #!/usr/bin/env python
 """Train a SentencePiece tokenizer on a text corpus.
 
-  python tools/train_tokenizer.py --input c4/*.jsonl --vocab-size 32000 --output data/tokenizer
-
-Inputs: .txt (a document per line), .jsonl/.json (a text field), .parquet, a folder of those, a folder saved
-with datasets' save_to_disk, or a Hugging Face datasets name. Writes tokenizer.model and tokenizer_meta.json.
-
-By default text is kept exactly, as LLaMA's tokenizer does (no normalisation; spaces, tabs and newlines survive,
-newlines as the byte piece <0x0A>; digits split): decode(encode(text)) == text. --normalization nfkc trains as
-earlier versions did.
+The tool lives in the package (:mod:`megatron_pept.tools.train_tokenizer`) and is installed as the console script
+``megatron-pept-train-tokenizer``; this file keeps ``python tools/train_tokenizer.py``
+working in a checkout (same flags, output and exit codes). ``--help`` for every option.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+from pathlib import Path
 
-from megatron_pept.cli import run_cli
+try:
+    import megatron_pept  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_pept.tools.train_tokenizer import build_parser, main  # noqa: E402
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_tokenizer.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE", help="text sources (files, globs, folders, datasets names)"
-    )
-    parser.add_argument("--vocab-size", type=int, required=True, help="number of pieces, e.g. 32000")
-    parser.add_argument("--output", required=True, metavar="DIR", help="new folder for the tokenizer")
-    parser.add_argument(
-        "--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm (default bpe)"
-    )
-    parser.add_argument(
-        "--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets (default text)"
-    )
-    parser.add_argument("--split", default="train", help="split of a datasets source (default train)")
-    parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads (default: all cores)"
-    )
-    parser.add_argument(
-        "--no-byte-fallback", action="store_true", help="map unseen characters to <unk> instead of UTF-8 bytes"
-    )
-    parser.add_argument(
-        "--max-sentences", type=int, default=5_000_000, help="lines sampled for training, 0 for all (default 5M)"
-    )
-    parser.add_argument(
-        "--character-coverage",
-        type=float,
-        default=0.9995,
-        help="share of characters covered by pieces (default 0.9995)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of SentencePiece's sentence sampling (default 0)")
-    parser.add_argument(
-        "--normalization",
-        choices=("identity", "nfkc"),  # megatron_pept.data.tokenizer.NORMALIZATIONS (a test checks)
-        default="identity",
-        help="identity (default, LLaMA's): text kept exactly, whitespace and newlines included, digits split; "
-        "nfkc: the earlier behaviour (SentencePiece's defaults): NFKC, newlines and tabs read as spaces, runs of "
-        "spaces collapsed, lines stripped, digits not split",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def run() -> int:
-        from megatron_pept.data.tokenizer import train_tokenizer_from_sources
-
-        tok = train_tokenizer_from_sources(
-            args.input,
-            output_dir=args.output,
-            vocab_size=args.vocab_size,
-            model_type=args.model_type,
-            text_field=args.text_field,
-            split=args.split,
-            num_threads=args.threads,
-            byte_fallback=not args.no_byte_fallback,
-            max_sentences=args.max_sentences,
-            character_coverage=args.character_coverage,
-            seed=args.seed,
-            normalization=args.normalization,
-        )
-        print(f"wrote {tok.path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:16]}...)")
-        return 0
-
-    return run_cli(run, prog="train_tokenizer.py")
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="train_tokenizer.py"))

@@ -178,7 +178,7 @@ def _import_transformers() -> Any:
         import transformers
     except ImportError:
         raise UserError(
-            "the benchmark compares against transformers, which is not installed; pip install transformers"
+            "the benchmark compares against transformers, which is not installed; pip install 'megatron_pept[hf]'"
         ) from None
     return transformers
 

@@ -34,7 +34,10 @@ def load_full_tensors(path: Path, *, prefix: str) -> dict[str, torch.Tensor]:
     of any number of ranks. Under DeepSpeed checkpoints the model comes from DeepSpeed's own files instead."""
     state_dir = path / "state"
     if not (state_dir / ".metadata").is_file():
-        raise UserError(f"{path} has no DCP state folder (a DeepSpeed checkpoint? see tools/convert_to_hf.py)")
+        raise UserError(
+            f"{path} has no DCP state folder (a DeepSpeed checkpoint? export it with megatron-pept-convert-to-hf, "
+            "tools/convert_to_hf.py in a checkout)"
+        )
     metadata = dcp.FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
     out = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)

@@ -21,6 +21,7 @@ import io
 import json
 import pickle
 import shutil
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -73,20 +74,20 @@ def _run_meta(checkpoint: Path) -> dict[str, Any]:
     return meta
 
 
-class _WeightsOnlyTorch:
-    """``torch`` as DeepSpeed's ``zero_to_fp32`` sees it during an export: the same module, except that ``load``
-    unpickles nothing (``weights_only=True``, with only the few DeepSpeed classes its files hold allowed)."""
+def _weights_only_torch(allowed: list[type]) -> types.ModuleType:
+    """``torch`` as DeepSpeed's ``zero_to_fp32`` sees it during an export: a module with torch's names, except
+    that ``load`` unpickles nothing (``weights_only=True``, with only the few DeepSpeed classes its files hold
+    allowed)."""
 
-    def __init__(self, allowed: list[type]) -> None:
-        self._allowed = allowed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-    def load(self, f: Any, map_location: Any = None, **kwargs: Any) -> Any:
+    def load(f: Any, map_location: Any = None, **kwargs: Any) -> Any:
         kwargs.pop("weights_only", None)
-        with torch.serialization.safe_globals(self._allowed):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(f, map_location=map_location, weights_only=True, **kwargs)
+
+    view = types.ModuleType("torch")
+    view.__dict__.update(vars(torch))
+    view.load = load
+    return view
 
 
 def deepspeed_model_state(checkpoint: Path, needed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,7 +112,7 @@ def deepspeed_model_state(checkpoint: Path, needed: dict[str, torch.Tensor]) -> 
         raise UserError(
             f"{checkpoint} is a DeepSpeed checkpoint; exporting it needs deepspeed: pip install deepspeed"
         ) from None
-    safe_torch = _WeightsOnlyTorch([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+    safe_torch = _weights_only_torch([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
 
     def cannot(reason: str) -> UserError:
         return UserError(
@@ -154,7 +155,9 @@ def export_to_hf(
     try:
         import transformers
     except ImportError:
-        raise UserError("exporting needs the transformers package: pip install transformers") from None
+        raise UserError(
+            "exporting needs the transformers package: pip install 'megatron_pept[hf]' (or pip install transformers)"
+        ) from None
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype}")
     output = Path(output)
@@ -271,7 +274,7 @@ def _save_hf_tokenizer(
                 "not belong to this checkpoint's data"
             )
         special[key] = token
-    unk = getattr(backend.model, "unk_token", None)
+    unk = json.loads(file.read_text()).get("model", {}).get("unk_token")  # BPE and WordLevel models name one
     if isinstance(unk, str) and backend.token_to_id(unk) is not None:
         special["unk_token"] = unk
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(file), clean_up_tokenization_spaces=False, **special)

@@ -104,12 +104,15 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
     """Parse and sanity-check a folder's index; every problem is one :class:`DataError` line."""
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data path {root} does not exist; make it with tools/prepare_data.py")
+        raise DataError(
+            f"data path {root} does not exist; make it with megatron-pept-prepare-data (tools/prepare_data.py in a "
+            "checkout)"
+        )
     path = root / INDEX_FILE
     if not path.is_file():
         raise DataError(
             f"{root} has no {INDEX_FILE}: it is not a prepared shard folder (or its preparation did not finish); "
-            "run tools/prepare_data.py --output on it"
+            "run megatron-pept-prepare-data --output on it (tools/prepare_data.py in a checkout)"
         )
     try:
         raw = json.loads(path.read_text())
@@ -140,7 +143,10 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
         if isinstance(err, DataError):
             raise
-        raise DataError(f"{path} is malformed ({type(err).__name__}: {err}); re-run tools/prepare_data.py") from None
+        raise DataError(
+            f"{path} is malformed ({type(err).__name__}: {err}); re-run megatron-pept-prepare-data "
+            "(tools/prepare_data.py in a checkout)"
+        ) from None
     if index.dtype not in ("<u2", "<u4", "uint16", "uint32"):
         raise DataError(f"{path}: unsupported token dtype {index.dtype!r} (uint16 or uint32)")
     return index
@@ -192,7 +198,10 @@ def verify_shards(
     for shard in index.splits[split].shards:
         path = index.root / shard.file
         if not path.is_file():
-            raise DataError(f"shard {path} listed in the index is missing; re-run tools/prepare_data.py")
+            raise DataError(
+                f"shard {path} listed in the index is missing; re-run megatron-pept-prepare-data "
+                "(tools/prepare_data.py in a checkout)"
+            )
         stat = path.stat()
         if stat.st_size != shard.tokens * itemsize:
             raise DataError(

@@ -152,8 +152,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer | HFTokenizer:
     model_path = path / MODEL_FILE if path.is_dir() else path
     if not model_path.is_file():
         raise DataError(
-            f"no tokenizer at {path}: expected {MODEL_FILE} (make one with tools/train_tokenizer.py) or a Hugging "
-            f"Face {HF_FILE}"
+            f"no tokenizer at {path}: expected {MODEL_FILE} (make one with megatron-pept-train-tokenizer, "
+            f"tools/train_tokenizer.py in a checkout) or a Hugging Face {HF_FILE}"
         )
     processor = spm.SentencePieceProcessor()
     try:

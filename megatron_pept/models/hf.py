@@ -62,7 +62,9 @@ def to_hf_model(model: nn.Module, *, attn_implementation: str = "sdpa", use_cach
     try:
         import transformers
     except ImportError:
-        raise UserError("this needs the transformers package: pip install transformers") from None
+        raise UserError(
+            "this needs the transformers package: pip install 'megatron_pept[hf]' (or pip install transformers)"
+        ) from None
     hf_cfg = transformers.LlamaConfig(
         **hf_config_dict(model.args), use_cache=use_cache, attn_implementation=attn_implementation
     )

@@ -12,6 +12,7 @@ mapping: our parameters are named as in ``transformers.LlamaForCausalLM``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from megatron_pept.errors import ConfigError
 from megatron_pept.models.llama import LlamaArgs
 
+logger = logging.getLogger("megatron_pept")
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -136,4 +138,5 @@ def load_hf_weights(model: nn.Module, folder: str | Path) -> int:
                         f"{list(target.shape)}"
                     )
                 target.copy_(value.to(dtype=target.dtype, device=target.device))
+    logger.info("initialised %d tensors from %s", len(targets), folder)
     return len(targets)
