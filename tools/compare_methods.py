@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from megatron_pept.config import load_config
+        from megatron_pept.errors import UserError
         from megatron_pept.trainer import Trainer
 
         results = []
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, [*shared, *overrides, f"run_dir={run_dir}"])
             with Trainer(cfg) as trainer:  # each run releases its run_dir when done
                 result = trainer.train()
+            if not result.val_losses:  # stopped by a signal, or train.eval_interval=0
+                raise UserError(
+                    f"run {label} ({run_dir}) ended at step {trainer.state.step} without a validation loss; rerun to "
+                    "resume it, and keep train.eval_interval > 0"
+                )
             last = max(result.val_losses)
             results.append({"run": label, "val_loss": result.val_losses[last], "val_losses": result.val_losses})
             print(f"{label}: val_loss {result.val_losses[last]:.4f} at step {last}", flush=True)
