@@ -114,7 +114,8 @@ WORKER_ENV = "LOCAL_RANK"  # set by torchrun and by deepspeed's launcher in each
 _TORCHRUN_OWN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's default, less the stop signals handled here
 
 
-def _children() -> dict[int, list[int]]:
+def process_children() -> dict[int, list[int]]:
+    """Parent pid -> its child pids, from /proc (processes that end meanwhile are skipped)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -138,7 +139,7 @@ def worker_pids(root: int | None = None) -> list[int]:
     environment sets ``LOCAL_RANK``. Their own children (data-loader workers, compile workers) are not included;
     deepspeed's intermediate launcher process is skipped (the launcher of this process runs without the
     variable)."""
-    children = _children()
+    children = process_children()
     found, todo = [], list(children.get(os.getpid() if root is None else root, []))
     while todo:
         pid = todo.pop()

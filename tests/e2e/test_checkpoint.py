@@ -21,6 +21,7 @@ import torch
 from megatron_pept.checkpoint import list_checkpoints, newest_complete
 from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
+from megatron_pept.signals import process_children
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = {
@@ -108,13 +109,7 @@ def start_frozen(cmd: list[str], fault: str) -> tuple[subprocess.Popen, list[str
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun starts each worker in a session of its own, so killing torchrun's
     process group would leave the workers running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(stat.parent.name))
+    children = process_children()
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
