@@ -33,6 +33,10 @@ SCRIPTS = (
     "megatron-pept-inspect-checkpoint",
     "megatron-pept-bench",
     "megatron-pept-launch-dir",
+    "megatron-pept-study",
+    "megatron-pept-plot-runs",
+    "megatron-pept-analyze-rank",
+    "megatron-pept-gpu-check",
 )
 
 pytestmark = pytest.mark.slow

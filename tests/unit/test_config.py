@@ -137,6 +137,21 @@ def test_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "typo.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+STUDIES = REPO / "configs" / "studies"  # study specs (megatron-pept-study), not run configs
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if STUDIES not in p.parents), ids=lambda p: p.name
+)
 def test_shipped_configs_load(path: Path) -> None:
     load_config(path, ["data.path=/somewhere"])
+
+
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_specs_load(path: Path) -> None:
+    from megatron_pept.study.runner import load_spec
+
+    spec = load_spec(path)
+    for method in spec.methods:  # every run the study would start is a valid config
+        for extra in ([], method.grid_overrides, method.memory_overrides):
+            load_config(spec.config, [*spec.overrides, f"method.name={method.name}", *method.overrides, *extra])

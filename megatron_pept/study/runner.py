@@ -1,0 +1,440 @@
+"""A method study: several methods on the same model, data and token budget, each at the best learning rate of
+its own grid, with quality (validation loss, perplexity, bits per byte), trainable parameters, the peak-memory
+split and throughput in one table, each also as a ratio to a baseline method (``full``).
+
+A study is a YAML spec (see ``configs/study_cpu.yaml``)::
+
+    config: quickstart            # the base run config (a file, relative to the spec, or a shipped name)
+    overrides: [train.seed=0]     # applied to every run
+    steps: 1500                   # the token budget of a final run, in optimizer steps
+    grid_steps: 250               # budget of a learning-rate grid run (default: steps, the grid is the study)
+    checkpoint_interval: 100      # every run saves this often, so an interrupted study resumes mid-run
+    probe_steps: 8                # steps of the speed probe (the memory probe runs 3 of them under MemTracker)
+    baseline: full                # the label the ratios divide by
+    methods:
+      - name: relora              # method.name; label defaults to the name
+        label: relora
+        lrs: [1.0e-3, 2.0e-3, 4.0e-3]
+        overrides: [method.rank=64]
+        probe_overrides: [method.warm_start_steps=0]    # probe memory and speed in the low-rank phase
+        grid_overrides: [method.warm_start_steps=25]    # scale step counts to the shorter grid runs
+
+Layout of the output folder: ``grid/<label>/lr<lr>/`` and ``final/<label>/`` are ordinary run folders
+(checkpoints, TensorBoard events, config.yaml) with a ``result.json`` once finished;
+``probes/<label>.json`` (memory split and speed);
+``study.json`` and ``study.md``. Rerunning the same command skips every run with a ``result.json``, resumes a
+half-finished run from its last checkpoint, and rebuilds the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_pept.errors import UserError
+
+RESULT_FILE = "result.json"
+
+
+class StudyError(UserError):
+    """A study spec that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    label: str
+    lrs: tuple[float, ...]
+    overrides: tuple[str, ...] = ()
+    probe_overrides: tuple[str, ...] = ()
+    grid_overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    config: str
+    methods: tuple[MethodSpec, ...]
+    steps: int
+    grid_steps: int
+    overrides: tuple[str, ...] = ()
+    checkpoint_interval: int = 100
+    probe_steps: int = 8
+    baseline: str = "full"
+    source: Path = field(default=Path("."))
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise StudyError(f"{what} must be a list of KEY=VALUE strings, got {value!r}")
+    return tuple(value)
+
+
+def load_spec(path: str | os.PathLike[str]) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"no study spec at {path}: give a YAML file (configs/study_cpu.yaml is an example)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise StudyError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path} must be a mapping with config, steps and methods")
+    known = {"config", "overrides", "steps", "grid_steps", "checkpoint_interval", "probe_steps", "baseline", "methods"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}")
+    for key in ("config", "steps", "methods"):
+        if key not in raw:
+            raise StudyError(f"{path}: missing {key!r}")
+    steps = raw["steps"]
+    grid_steps = raw.get("grid_steps", steps)
+    for key, value in (("steps", steps), ("grid_steps", grid_steps), ("probe_steps", raw.get("probe_steps", 8))):
+        if not isinstance(value, int) or value < 1:
+            raise StudyError(f"{path}: {key} must be a positive integer, got {value!r}")
+    if grid_steps > steps:
+        raise StudyError(f"{path}: grid_steps ({grid_steps}) is larger than steps ({steps}); a grid run is a proxy")
+    methods = []
+    for i, entry in enumerate(raw["methods"] or []):
+        if not isinstance(entry, dict) or "name" not in entry or "lrs" not in entry:
+            raise StudyError(f"{path}: methods[{i}] needs a name and a list of lrs")
+        lrs = entry["lrs"]
+        if not isinstance(lrs, list) or not lrs or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
+            raise StudyError(f"{path}: methods[{i}].lrs must be a non-empty list of positive numbers, got {lrs!r}")
+        extra = sorted(set(entry) - {"name", "label", "lrs", "overrides", "probe_overrides", "grid_overrides"})
+        if extra:
+            raise StudyError(f"{path}: methods[{i}] has unknown key(s) {', '.join(extra)}")
+        label = str(entry.get("label", entry["name"]))
+        if not label.replace("_", "").replace("-", "").isalnum():
+            raise StudyError(f"{path}: methods[{i}].label {label!r} must be letters, digits, - and _ (a folder name)")
+        methods.append(
+            MethodSpec(
+                name=str(entry["name"]),
+                label=label,
+                lrs=tuple(float(x) for x in lrs),
+                overrides=_strings(entry.get("overrides"), f"methods[{i}].overrides"),
+                probe_overrides=_strings(entry.get("probe_overrides"), f"methods[{i}].probe_overrides"),
+                grid_overrides=_strings(entry.get("grid_overrides"), f"methods[{i}].grid_overrides"),
+            )
+        )
+    if not methods:
+        raise StudyError(f"{path}: methods is empty")
+    labels = [m.label for m in methods]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise StudyError(f"{path}: label(s) {', '.join(dupes)} used twice; give each method entry its own label")
+    baseline = str(raw.get("baseline", "full"))
+    if baseline not in labels:
+        raise StudyError(f"{path}: baseline {baseline!r} is not one of the methods ({', '.join(labels)})")
+    config = str(raw["config"])
+    if (path.parent / config).is_file():
+        config = str(path.parent / config)
+    return StudySpec(
+        config=config,
+        methods=tuple(methods),
+        steps=steps,
+        grid_steps=grid_steps,
+        overrides=_strings(raw.get("overrides"), "overrides"),
+        checkpoint_interval=int(raw.get("checkpoint_interval", 100)),
+        probe_steps=int(raw.get("probe_steps", 8)),
+        baseline=baseline,
+        source=path,
+    )
+
+
+def lr_folder(lr: float) -> str:
+    return f"lr{lr:.3g}"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def bits_per_byte(val_loss: float, *, target_tokens: int, target_bytes: int) -> float:
+    """Nats per token -> bits per byte of the text those tokens encode."""
+    return val_loss * target_tokens / (math.log(2) * max(target_bytes, 1))
+
+
+def validation_bytes(trainer: Any) -> tuple[int, int]:
+    """(tokens, UTF-8 bytes) of the targets the trainer's validation scores: each window's targets decoded with
+    the data's tokenizer (a window that starts inside a word may lose its leading space: at most one byte per
+    window)."""
+    from megatron_pept.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(trainer.cfg.data.path) / trainer.data_index.tokenizer_file)
+    tokens = nbytes = 0
+    for _, targets, weights in trainer.val_batches:
+        for window, weight in zip(targets.tolist(), weights.tolist()):
+            if weight <= 0:
+                continue
+            tokens += len(window)
+            nbytes += len(tokenizer.decode(window).encode("utf-8"))
+    return tokens, nbytes
+
+
+def median_tokens_per_sec(run_dir: Path, *, skip_first: int = 2) -> float:
+    """Median of the per-step ``perf/tokens_per_sec`` of a run (the first steps, which warm caches, left out;
+    steps that also validated or saved are slower and the median ignores them). Shares the machine with whatever
+    else ran: the study's speed figures come from :func:`probe`."""
+    from megatron_pept.study.plots import read_run
+
+    steps, values = read_run(run_dir).series.get("perf/tokens_per_sec", ([], []))
+    kept = [v for step, v in zip(steps, values) if step > skip_first] or values
+    return statistics.median(kept) if kept else float("nan")
+
+
+def train_run(config: str, overrides: list[str], run_dir: Path, *, what: str) -> dict[str, Any]:
+    """One run to its end (resuming it if it has a checkpoint); its result, also kept in ``result.json``."""
+    done = run_dir / RESULT_FILE
+    if done.is_file():
+        _log(f"{what}: finished before, kept ({done})")
+        return json.loads(done.read_text())
+    _log(f"{what}: training in {run_dir}")
+    from megatron_pept.config import load_config
+    from megatron_pept.trainer import Trainer
+
+    cfg = load_config(config, [*overrides, f"run_dir={run_dir}"])
+    started = time.perf_counter()
+    with Trainer(cfg) as trainer:
+        result = trainer.train()
+        if result.interrupted:
+            raise StudyError(f"run {run_dir} stopped by a signal at step {result.steps}; rerun the study to resume it")
+        if not result.val_losses:
+            raise StudyError(f"run {run_dir} ended without a validation loss; keep train.eval_interval > 0")
+        last = max(result.val_losses)
+        val_loss = result.val_losses[last]
+        tokens, nbytes = validation_bytes(trainer)
+        trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in trainer.raw_model.parameters())
+    record = {
+        "run_dir": str(run_dir),
+        "overrides": overrides,
+        "steps": result.steps,
+        "tokens_seen": result.tokens_seen,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss) if val_loss < 50 else float("inf"),
+        "val_losses": {str(k): v for k, v in sorted(result.val_losses.items())},
+        "val_tokens": tokens,
+        "val_bytes": nbytes,
+        "bits_per_byte": bits_per_byte(val_loss, target_tokens=tokens, target_bytes=nbytes),
+        "trainable_params": trainable,
+        "params": total,
+        "tokens_per_sec": median_tokens_per_sec(run_dir),
+        "resumed_from": result.resumed_from,
+        "seconds_this_session": time.perf_counter() - started,
+        "load_average": os.getloadavg()[0],
+    }
+    _write_json(done, record)
+    return record
+
+
+MEMORY_STEPS = 3
+
+
+def probe(config: str, overrides: list[str], steps: int, out: Path) -> dict[str, Any]:
+    """Memory and speed of a method, from a fresh run (no checkpoint, no TensorBoard, no validation): the
+    peak-memory split of its first ``MEMORY_STEPS`` steps (MemTracker against the allocator), then the median
+    time of ``steps`` more steps, timed back to back in one process (the study's runs are long and share the
+    machine with whatever else runs; these few steps are its throughput figures)."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    import contextlib
+    import shutil
+    import tempfile
+
+    import torch
+
+    from megatron_pept.config import load_config
+    from megatron_pept.study.memory import AllocatorPeak, split_from_snapshot, tracked_steps
+    from megatron_pept.trainer import Trainer
+
+    run_dir = Path(tempfile.mkdtemp(prefix="probe-", dir=out.parent))
+    try:
+        cfg = load_config(
+            config,
+            [*overrides, f"run_dir={run_dir}", "checkpoint.interval=0", "metrics.tensorboard=false"],
+        )
+        with contextlib.ExitStack() as stack:
+            measured = stack.enter_context(AllocatorPeak(cfg_device(cfg)))
+            trainer = stack.enter_context(Trainer(cfg))
+            with tracked_steps(trainer.raw_model, [trainer.optimizer], trainer.device) as peak_snapshot:
+                for _ in range(MEMORY_STEPS):
+                    trainer.train_step()
+                snapshot = peak_snapshot()
+            stack.pop_all().__exit__(None, None, None)  # trainer closes, then the allocator count ends
+        split = split_from_snapshot(snapshot, measured.peak)
+        with Trainer(cfg) as trainer:
+            seconds = []
+            for _ in range(steps):
+                started = time.perf_counter()
+                trainer.train_step()
+                if trainer.device.type == "cuda":
+                    torch.cuda.synchronize(trainer.device)
+                seconds.append(time.perf_counter() - started)
+            tokens_per_step, device = trainer.tokens_per_step, str(trainer.device)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    step_seconds = statistics.median(seconds[2:] if len(seconds) > 4 else seconds)
+    record = {
+        "device": device,
+        "overrides": overrides,
+        "memory_steps": MEMORY_STEPS,
+        "speed_steps": steps,
+        "step_seconds": step_seconds,
+        "tokens_per_sec": tokens_per_step / step_seconds,
+        "load_average": os.getloadavg()[0],
+        **split.as_dict(),
+    }
+    _write_json(out, record)
+    return record
+
+
+def cfg_device(cfg: Any) -> Any:
+    import torch
+
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def _log(message: str) -> None:
+    print(f"study: {message}", flush=True)
+
+
+def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -> dict[str, Any]:
+    """Run (or finish) the study and write ``study.json`` and ``study.md`` into ``output``."""
+    labels = [m.label for m in spec.methods]
+    unknown = sorted(set(only or []) - set(labels))
+    if unknown:
+        raise StudyError(f"--only {', '.join(unknown)}: not in the spec (its labels: {', '.join(labels)})")
+    if output.exists() and not output.is_dir():
+        raise StudyError(f"--output {output} is a file; give a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    common = [*spec.overrides, f"checkpoint.interval={spec.checkpoint_interval}", "checkpoint.keep_last=1"]
+    rows: dict[str, Any] = {}
+    for method in spec.methods:
+        if only and method.label not in only:
+            continue
+        base = [*common, f"method.name={method.name}", *method.overrides]
+        grid: dict[str, Any] = {}
+        for lr in method.lrs:
+            run_dir = output / "grid" / method.label / lr_folder(lr)
+            overrides = [*base, *method.grid_overrides, f"optim.lr={lr}", f"train.steps={spec.grid_steps}"]
+            what = f"{method.label} lr {lr:g} (grid run of {spec.grid_steps} steps)"
+            grid[f"{lr:g}"] = train_run(spec.config, overrides, run_dir, what=what)
+        finite = {lr: r for lr, r in grid.items() if math.isfinite(r["val_loss"])}
+        if not finite:
+            raise StudyError(f"every grid run of {method.label} diverged; lower its lrs")
+        best_lr = min(finite, key=lambda lr: finite[lr]["val_loss"])
+        edge = best_lr in (f"{min(method.lrs):g}", f"{max(method.lrs):g}") and len(method.lrs) > 1
+        if spec.grid_steps == spec.steps:
+            final = grid[best_lr]
+        else:
+            what = f"{method.label} lr {best_lr} (final run of {spec.steps} steps)"
+            overrides = [*base, f"optim.lr={best_lr}", f"train.steps={spec.steps}"]
+            final = train_run(spec.config, overrides, output / "final" / method.label, what=what)
+        (output / "probes").mkdir(exist_ok=True)
+        _log(f"{method.label}: memory and speed probe ({MEMORY_STEPS} + {spec.probe_steps} steps)")
+        measured = probe(
+            spec.config,
+            [*base, *method.probe_overrides, f"optim.lr={best_lr}", f"train.steps={spec.steps}"],
+            spec.probe_steps,
+            output / "probes" / f"{method.label}.json",
+        )
+        rows[method.label] = {
+            "method": method.name,
+            "label": method.label,
+            "best_lr": float(best_lr),
+            "best_lr_at_grid_edge": edge,
+            "grid": {lr: r["val_loss"] for lr, r in grid.items()},
+            "final": final,
+            "probe": measured,
+        }
+    study = {
+        "spec": str(spec.source),
+        "config": spec.config,
+        "steps": spec.steps,
+        "grid_steps": spec.grid_steps,
+        "baseline": spec.baseline,
+        "methods": rows,
+    }
+    _write_json(output / "study.json", study)
+    (output / "study.md").write_text(study_markdown(study))
+    return study
+
+
+def _ratio(value: float, base: float) -> str:
+    if not (math.isfinite(value) and math.isfinite(base)) or base == 0:
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+def study_markdown(study: dict[str, Any]) -> str:
+    """The study's tables: the results, the ratios to the baseline, and the learning-rate grids."""
+    rows = study["methods"]
+    base = rows.get(study["baseline"])
+    mib = 2**20
+    lines = [
+        f"Steps per final run: {study['steps']}; learning-rate grid runs: {study['grid_steps']} steps.",
+        "",
+        "| method | lr | val loss | val ppl | bits/byte | trainable params | weights MiB | grads MiB | "
+        "optimizer MiB | activations MiB | tracked peak MiB | measured peak MiB | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in rows.items():
+        f, m = row["final"], row["probe"]
+        lr = f"{row['best_lr']:.3g}" + (" (grid edge)" if row["best_lr_at_grid_edge"] else "")
+        lines.append(
+            f"| {label} | {lr} | {f['val_loss']:.4f} | {f['val_ppl']:.2f} | {f['bits_per_byte']:.4f} | "
+            f"{f['trainable_params']:,} | {m['weights'] / mib:.1f} | {m['gradients'] / mib:.1f} | "
+            f"{m['optimizer'] / mib:.1f} | {m['activations'] / mib:.1f} | {m['tracked_peak'] / mib:.1f} | "
+            f"{m['measured_peak'] / mib:.1f} | {m['tokens_per_sec']:,.0f} |"
+        )
+    if base is not None:
+        bf, bm = base["final"], base["probe"]
+        lines += [
+            "",
+            f"Ratios to `{study['baseline']}`:",
+            "",
+            "| method | val loss | bits/byte | trainable params | weights | grads | optimizer | activations | "
+            "measured peak | tokens/s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, row in rows.items():
+            f, m = row["final"], row["probe"]
+            cells = [
+                _ratio(f["val_loss"], bf["val_loss"]),
+                _ratio(f["bits_per_byte"], bf["bits_per_byte"]),
+                _ratio(f["trainable_params"], bf["trainable_params"]),
+                *(_ratio(m[k], bm[k]) for k in ("weights", "gradients", "optimizer", "activations", "measured_peak")),
+                _ratio(m["tokens_per_sec"], bm["tokens_per_sec"]),
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lrs = sorted({lr for row in rows.values() for lr in row["grid"]}, key=float)
+    lines += [
+        "",
+        f"Validation loss of each learning-rate grid run ({study['grid_steps']} steps; best in bold):",
+        "",
+        "| method | " + " | ".join(lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for label, row in rows.items():
+        cells = []
+        for lr in lrs:
+            value = row["grid"].get(lr)
+            text = "" if value is None else (f"{value:.4f}" if math.isfinite(value) else "diverged")
+            cells.append(f"**{text}**" if value is not None and float(lr) == row["best_lr"] else text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
