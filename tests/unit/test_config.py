@@ -153,5 +153,5 @@ def test_shipped_study_specs_load(path: Path) -> None:
 
     spec = load_spec(path)
     for method in spec.methods:  # every run the study would start is a valid config
-        for extra in ([], method.grid_overrides, method.memory_overrides):
+        for extra in ([], method.grid_overrides, method.probe_overrides):
             load_config(spec.config, [*spec.overrides, f"method.name={method.name}", *method.overrides, *extra])
