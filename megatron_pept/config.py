@@ -157,8 +157,8 @@ LOWRANK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class MethodConfig:
     name: str = "full"
     """Training method: full, lora, relora, redora, repissa, reloqra, galore, galore_ef, galore_dynamic,
-    galore_dynamic_ef, galore_8bit, galore_adafactor, adam_mini (the registry in megatron_pept.methods.METHODS;
-    each key below says which methods read it)."""
+    galore_dynamic_ef, galore_8bit, galore_adafactor, adam_mini, apollo, apollo_mini, fira (the registry in
+    megatron_pept.methods.METHODS; each key below says which methods read it)."""
     base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4", "fp8"] = "auto"
     """Storage of the frozen base weights of low-rank methods; auto keeps them like the other master weights
     (fp32). bf16 halves their memory but rounds every merge (a warm start trains an fp32 master until the switch).
@@ -174,7 +174,8 @@ class MethodConfig:
     """With base_dtype=nf4: quantise the per-block scales again to int8 (QLoRA's double quantisation, about 0.52
     bytes per weight); false keeps fp32 block scales (about 0.56 bytes per weight, slightly more exact)."""
     rank: int = 128
-    """Rank r of the low-rank adapters (ReLoRA: 128; the Approximations paper: 256)."""
+    """Rank r of the low-rank adapters (ReLoRA: 128; the Approximations paper: 256), of GaLore's and Fira's
+    projection, and of APOLLO's random projection (apollo_mini's is 1)."""
     alpha: float = 32.0
     """Adapter scale numerator: the adapter adds (alpha / rank) * B @ A (ReLoRA's code uses alpha 32)."""
     dropout: float = 0.0
@@ -199,9 +200,11 @@ class MethodConfig:
     """reloqra only: subtract the QR factors from the base (function-preserving) instead of the paper's literal
     eq. 5, which adds them to the weight at every restart."""
     galore_scale: float = 0.25
-    """GaLore family: the projected-back update is multiplied by this (GaLore's alpha)."""
+    """GaLore family and fira: the projected-back update is multiplied by this (GaLore's alpha; Fira's alpha,
+    which its residual G - alpha P P^T G uses too, as the fira package computes it)."""
     update_proj_gap: int = 200
-    """GaLore family: steps between projector refreshes (galore, galore_ef, galore_8bit, galore_adafactor)."""
+    """GaLore family: steps between projector refreshes (galore, galore_ef, galore_8bit, galore_adafactor, fira;
+    apollo and apollo_mini: steps between redraws of the random projection)."""
     ef_weight: float = 0.2
     """galore_ef, galore_dynamic_ef: weight of the residual G - P P^T G fed back into the next step's gradient
     (the Approximations paper uses 0.1 and 0.2)."""
@@ -224,6 +227,13 @@ class MethodConfig:
     """Randomized range finder: power iterations (each sharpens the subspace at the cost of two matmuls)."""
     adafactor_beta1: float | None = None
     """galore_adafactor: first-moment decay, or null for none (Adafactor's default)."""
+    apollo_scale: float | None = None
+    """apollo, apollo_mini: the scaled gradient is multiplied by sqrt(apollo_scale) (apollo-torch's `scale`, the
+    APOLLO scripts' --apollo_scale); null: 1 for apollo, 128 for apollo_mini (the paper's sqrt(128) multiplier)."""
+    norm_growth_limit: float = 1.01
+    """apollo, apollo_mini, fira: Fira's norm-growth limiter; an update (APOLLO: the scaled gradient; Fira: the
+    scaled residual) whose norm grew more than this factor over the previous step's is scaled down to that growth
+    (both papers: 1.01); 0 turns it off."""
     adam_mini_partition: Literal["neuron", "tensor"] = "neuron"
     """adam_mini: the blocks sharing one second moment outside queries and keys (one per head in both) and the
     embedding and LM head (full Adam in both). neuron: one per output row of v_proj, o_proj and the MLP matrices
@@ -627,7 +637,12 @@ def _check_registered(cfg: Config) -> None:
     from megatron_pept.distributed import backend_class
     from megatron_pept.methods import method_class
 
-    method_class(cfg.method.name)
+    backends = method_class(cfg.method.name).backends
+    if backends is not None and cfg.parallel.backend not in backends:
+        raise ConfigError(
+            f"method.name={cfg.method.name} runs with parallel.backend={' or '.join(backends)} in this version; got "
+            f"parallel.backend={cfg.parallel.backend}"
+        )
     backend_class(cfg.parallel.backend).validate(cfg)
 
 
@@ -699,6 +714,14 @@ def validate(cfg: Config) -> None:
         f"got {me.dynamic_growth}",
     )
     _require(me.dynamic_cap >= 1, f"method.dynamic_cap must be >= 1; got {me.dynamic_cap}")
+    _require(
+        me.apollo_scale is None or me.apollo_scale > 0,
+        f"method.apollo_scale must be > 0 (or null); got {me.apollo_scale}",
+    )
+    _require(
+        me.norm_growth_limit == 0 or me.norm_growth_limit > 1,
+        f"method.norm_growth_limit must be > 1 (or 0 to turn the limiter off); got {me.norm_growth_limit}",
+    )
     _require(me.svd_oversample >= 0, f"method.svd_oversample must be >= 0; got {me.svd_oversample}")
     _require(me.svd_power_iters >= 0, f"method.svd_power_iters must be >= 0; got {me.svd_power_iters}")
     if me.adafactor_beta1 is not None:

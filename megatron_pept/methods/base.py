@@ -39,6 +39,8 @@ class Method:
     config_keys: ClassVar[tuple[str, ...]] = ()
     """The ``method.*`` fields (besides ``name``) this method reads; ``--help-config`` lists them per key and a
     non-default value of any other field is reported as ignored."""
+    backends: ClassVar[tuple[str, ...] | None] = None
+    """The ``parallel.backend`` values this method runs under (config validation refuses the others); None: all."""
     has_phases: ClassVar[bool] = False
     """The method's state says which parameters train (e.g. a full-rank warm start before the low-rank phase):
     after a checkpoint load the trainer calls :meth:`apply_phase` and builds the optimizer again."""

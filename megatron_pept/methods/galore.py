@@ -10,19 +10,28 @@
 | ``galore_adafactor`` | GaLore with Adafactor (factored second moments) in the projection |
 | ``adam_mini`` | Adam-mini: one second moment per head (queries, keys), per row (values, outputs, MLP), full Adam for
   the embedding and the LM head |
+| ``apollo`` | APOLLO: Adam moments of a random rank-``r`` projection give a scaling factor per channel, applied to
+  the raw gradient; norm-growth limiter |
+| ``apollo_mini`` | APOLLO-Mini: the same at rank 1 with one factor per tensor (scale 128) |
+| ``fira`` | Fira: GaLore plus the projection's residual, scaled per channel by the projected Adam update's norm
+  ratio; norm-growth limiter |
 
 GaLore projects the targeted matrices (``method.target_modules``, default every attention and MLP projection);
 embeddings, norms and the LM head use the same optimizer unprojected, as galore-torch does.
 
 Scalars under ``galore/``: ``refreshes`` (projector refreshes so far, all matrices), ``svd_seconds`` (time spent
 computing projectors so far), ``subspace_overlap`` (mean ``||P_old^T P_new||_F^2 / r`` over the matrices refreshed
-in a step; 1 = same subspace), ``ef_residual_norm`` (global norm of the error-feedback residuals).
+in a step; 1 = same subspace), ``ef_residual_norm`` (global norm of the error-feedback residuals); APOLLO and
+Fira add ``scaling_factor`` (mean over the matrices of their mean scaling factor in the step), ``limited_fraction``
+(share of the matrices whose update the norm-growth limiter shrank in the step) and ``limiter_activations`` (how
+many times it did so far, all matrices).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+import math
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +50,8 @@ class GaLoreMethod(Method):
     optimizer_kind: ClassVar[str] = "adamw"
     error_feedback: ClassVar[bool] = False
     dynamic: ClassVar[bool] = False
+    update_rule: ClassVar[str] = "galore"
+    """How the projected moments make the update (:mod:`megatron_pept.optim.galore`): galore, apollo or fira."""
     config_keys = (
         "rank",
         "target_modules",
@@ -56,6 +67,7 @@ class GaLoreMethod(Method):
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
         self.refreshes = 0
         self.svd_seconds = 0.0
+        self.limiter_activations = 0
         self._rank_checked = False  # the clamped-rank warning is given once
 
     def galore_targets(self, model: nn.Module) -> set[nn.Parameter]:
@@ -68,17 +80,47 @@ class GaLoreMethod(Method):
             and matches_target(name, self.cfg.target_modules)
         }
 
+    def projected_settings(self) -> dict[str, Any]:
+        """The settings of the projected parameter group (keys of :data:`~megatron_pept.optim.galore.
+        GALORE_GROUP_DEFAULTS`), read from the ``method.*`` keys this method declares."""
+        c = self.cfg
+        # Only the keys this method declares are read (a dynamic schedule has no fixed gap, a static one no growth).
+        schedule = (
+            dict(
+                dynamic_first=c.dynamic_first,
+                dynamic_growth=c.dynamic_growth,
+                dynamic_cap=c.dynamic_cap,
+                dynamic_rule=c.dynamic_rule,
+            )
+            if self.dynamic
+            else dict(update_proj_gap=c.update_proj_gap)
+        )
+        return dict(
+            rank=c.rank,
+            scale=c.galore_scale,
+            proj_type="std",
+            dynamic_gap=self.dynamic,
+            **schedule,
+            ef_weight=c.ef_weight if self.error_feedback else 0.0,
+            svd=c.svd,
+            svd_oversample=c.svd_oversample,
+            svd_power_iters=c.svd_power_iters,
+            seed=self.seed,
+        )
+
     def param_groups(self, model: nn.Module) -> list[dict]:
-        c, wd = self.cfg, self.optim_cfg.weight_decay
+        wd = self.optim_cfg.weight_decay
+        settings = self.projected_settings()
+        rank = settings["rank"]
         targets = self.galore_targets(model)
         if not self._rank_checked:
             self._rank_checked = True
-            small = [tuple(p.shape) for p in targets if min(p.shape) < c.rank]
+            small = [tuple(p.shape) for p in targets if min(p.shape) < rank]
             if small:
                 logger.warning(
                     "method.rank=%d exceeds the smaller side of %d of the %d projected matrices (e.g. %dx%d): they are "
                     "projected at that side's size instead, so their optimizer state is not compressed",
-                    c.rank,
+                    rank,
                     len(small),
                     len(targets),
                     *small[0],
@@ -91,44 +133,23 @@ class GaLoreMethod(Method):
                 decay.append(p)
             else:
                 no_decay.append(p)
-        # Only the keys this method declares are read (a dynamic schedule has no fixed gap, a static one no growth).
-        schedule = (
-            dict(
-                dynamic_first=c.dynamic_first,
-                dynamic_growth=c.dynamic_growth,
-                dynamic_cap=c.dynamic_cap,
-                dynamic_rule=c.dynamic_rule,
-            )
-            if self.dynamic
-            else dict(update_proj_gap=c.update_proj_gap)
-        )
-        galore = dict(
-            rank=c.rank,
-            scale=c.galore_scale,
-            proj_type="std",
-            dynamic_gap=self.dynamic,
-            **schedule,
-            ef_weight=c.ef_weight if self.error_feedback else 0.0,
-            svd=c.svd,
-            svd_oversample=c.svd_oversample,
-            svd_power_iters=c.svd_power_iters,
-            seed=self.seed,
-            weight_decay=wd,
-        )
         groups = [
             {"params": decay, "weight_decay": wd},
             {"params": no_decay, "weight_decay": 0.0},
-            {"params": projected, **galore},
+            {"params": projected, **settings, "weight_decay": wd},
         ]
         return [g for g in groups if g["params"]]
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         o = self.optim_cfg
         groups = self.param_groups(model)
+        names = {p: n for n, p in self.trainable_parameters(model)}  # seeds random projections
         if self.optimizer_kind == "adafactor":
-            return GaLoreAdafactor(groups, lr=o.lr, beta1=self.cfg.adafactor_beta1, weight_decay=o.weight_decay)
+            return GaLoreAdafactor(
+                groups, lr=o.lr, beta1=self.cfg.adafactor_beta1, weight_decay=o.weight_decay, param_names=names
+            )
         cls = GaLoreAdamW8bit if self.optimizer_kind == "adamw8bit" else GaLoreAdamW
-        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, param_names=names)
 
     def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
         stats = optimizer_protocol(optimizer).step_stats()
@@ -143,13 +164,23 @@ class GaLoreMethod(Method):
             end.scalars["galore/subspace_overlap"] = sum(stats["overlaps"]) / len(stats["overlaps"])
         if self.error_feedback:
             end.scalars["galore/ef_residual_norm"] = stats["ef_residual_sq"] ** 0.5
+        if stats["scaled_matrices"]:
+            limited = int(stats["limited_matrices"])
+            self.limiter_activations += limited
+            end.scalars["galore/scaling_factor"] = float(stats["scaling_factor_sum"]) / stats["scaled_matrices"]
+            end.scalars["galore/limited_fraction"] = limited / stats["scaled_matrices"]
+            end.scalars["galore/limiter_activations"] = float(self.limiter_activations)
         return end
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"refreshes": torch.tensor(self.refreshes), "svd_seconds": torch.tensor(self.svd_seconds)}
+        state = {"refreshes": torch.tensor(self.refreshes), "svd_seconds": torch.tensor(self.svd_seconds)}
+        if self.update_rule != "galore":
+            state["limiter_activations"] = torch.tensor(self.limiter_activations)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.refreshes, self.svd_seconds = int(state["refreshes"]), float(state["svd_seconds"])
+        self.limiter_activations = int(state.get("limiter_activations", 0))
 
 
 class GaLore(GaLoreMethod):
@@ -190,6 +221,69 @@ class GaLoreAdafactorMethod(GaLoreMethod):
     config_keys = (*GaLoreMethod.config_keys, "adafactor_beta1")
 
 
+class Fira(GaLoreMethod):
+    """Fira (Chen et al. 2024): GaLore's projected AdamW update plus the residual ``G - scale * P P^T G`` scaled
+    per channel by ``||U|| / ||R||`` of the projected update ``U`` and gradient ``R``, with the norm-growth limiter
+    on the scaled residual (as the fira package computes it; see :mod:`megatron_pept.optim.galore`)."""
+
+    name = "fira"
+    update_rule = "fira"
+    backends = ("single",)
+    config_keys = (*GaLoreMethod.config_keys, "norm_growth_limit")
+
+    def projected_settings(self) -> dict[str, Any]:
+        return {
+            **super().projected_settings(),
+            "update_rule": self.update_rule,
+            "norm_growth_limit": self.cfg.norm_growth_limit,
+        }
+
+
+class Apollo(GaLoreMethod):
+    """APOLLO (Zhu et al. 2025): Adam moments of a random Gaussian projection of the gradient (rank
+    ``method.rank``, redrawn every ``method.update_proj_gap`` steps from a seed of the parameter's name and the
+    refresh count), used only for a scaling factor per channel, applied to the raw gradient; norm-growth limiter;
+    the update multiplied by ``sqrt(method.apollo_scale)``."""
+
+    name = "apollo"
+    update_rule = "apollo"
+    backends = ("single",)
+    scale_type: ClassVar[str] = "channel"
+    default_apollo_scale: ClassVar[float] = 1.0
+    config_keys = ("rank", "target_modules", "update_proj_gap", "apollo_scale", "norm_growth_limit")
+
+    def projection_rank(self) -> int:
+        return self.cfg.rank
+
+    def projected_settings(self) -> dict[str, Any]:
+        c = self.cfg
+        apollo_scale = self.default_apollo_scale if c.apollo_scale is None else c.apollo_scale
+        return dict(
+            rank=self.projection_rank(),
+            scale=math.sqrt(apollo_scale),  # apollo-torch's `scale` is the square of the multiplier
+            proj_type="std",
+            update_proj_gap=c.update_proj_gap,
+            projector="random",
+            update_rule=self.update_rule,
+            scale_type=self.scale_type,
+            norm_growth_limit=c.norm_growth_limit,
+            seed=self.seed,
+        )
+
+
+class ApolloMini(Apollo):
+    """APOLLO-Mini: rank 1, one scaling factor per tensor, ``method.apollo_scale`` 128 by default (the paper's
+    sqrt(128) multiplier)."""
+
+    name = "apollo_mini"
+    scale_type = "tensor"
+    default_apollo_scale = 128.0
+    config_keys = ("target_modules", "update_proj_gap", "apollo_scale", "norm_growth_limit")
+
+    def projection_rank(self) -> int:
+        return 1
+
+
 class AdamMiniMethod(Method):
     """Adam-mini over every parameter (see :mod:`megatron_pept.optim.adam_mini`). Queries and keys: one block per
     head; embedding and LM head: full Adam; other matrices: one block per output row (``method.adam_mini_partition
@@ -225,4 +319,15 @@ class AdamMiniMethod(Method):
         return AdamMini(self.param_groups(model), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
-GALORE_METHODS = (GaLore, GaLoreEF, GaLoreDynamic, GaLoreDynamicEF, GaLore8bit, GaLoreAdafactorMethod, AdamMiniMethod)
+GALORE_METHODS = (
+    GaLore,
+    GaLoreEF,
+    GaLoreDynamic,
+    GaLoreDynamicEF,
+    GaLore8bit,
+    GaLoreAdafactorMethod,
+    AdamMiniMethod,
+    Apollo,
+    ApolloMini,
+    Fira,
+)

@@ -10,6 +10,19 @@ same optimizer unprojected. A projected step, for a weight ``W`` with gradient `
 4. the inner optimizer turns ``R`` into a low-rank update ``U`` (its moments have ``R``'s shape);
 5. ``W <- W - lr_t * scale * project_back(U)``, and decoupled weight decay on the full weight.
 
+Two more update rules reuse steps 2-4 (group key ``update_rule``; AdamW only) and replace step 5:
+
+* ``apollo`` (APOLLO, Zhu et al. 2025): the projector is a Gaussian matrix (``projector="random"``, seeded per
+  parameter name and refresh, regenerated rather than stored), and the moments only measure a scaling factor
+  ``s`` per channel or per tensor (``scale_type``; :mod:`megatron_pept.optim.scaling`):
+  ``W <- W - lr_t * scale * limit(s * G)``.
+* ``fira`` (Fira, Chen et al. 2024): GaLore's update plus the residual the projection misses, scaled per
+  channel: ``W <- W - lr_t * (scale * P U + limit(s * (G - scale * P R)))``.
+
+``limit`` is Fira's norm-growth limiter (``norm_growth_limit``, 1.01 in both papers; 0 turns it off). Both rules
+compute exactly what apollo-torch's ``APOLLOAdamW`` and fira's ``FiraAdamW`` compute, in the same order (tested
+bit for bit); ``scale`` here is the multiplier itself (apollo-torch's ``scale`` argument is its square).
+
 The AdamW update is galore-torch's (Hugging Face AdamW form: ``denom = sqrt(v) + eps``, bias corrections folded
 into the step size, weight decay applied after the update), so with a full SVD it reproduces galore-torch's
 ``GaLoreAdamW`` step for step; tested. Every piece of state, the projector and its refresh count and seed
@@ -20,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -30,14 +43,18 @@ from megatron_pept.optim.adamw import KeepStateDtypes
 from megatron_pept.optim.projector import (
     RefreshSchedule,
     column_major,
+    name_seed,
     project,
     project_back,
     projected_shape,
+    projection_seed,
     projection_side,
+    random_projection,
     randomized_basis,
     subspace_overlap,
     svd_basis,
 )
+from megatron_pept.optim.scaling import SCALE_TYPES, limit_norm_growth, scaling_factor
 from megatron_pept.optim.sharded import ShardedOptimizer
 from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout
 
@@ -56,7 +73,13 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
     svd_oversample=8,
     svd_power_iters=1,
     seed=0,
+    projector="svd",
+    update_rule="galore",
+    scale_type="channel",
+    norm_growth_limit=0.0,
 )
+PROJECTORS = ("svd", "random")
+UPDATE_RULES = ("galore", "apollo", "fira")
 
 
 class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
@@ -66,16 +89,25 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
     # projection's state can then be kept by rows, per fragment (see _ZeroView).
     elementwise_inner = True
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        param_names: Mapping[torch.Tensor, str] | None = None,
+    ) -> None:
         super().__init__(params, defaults)
+        # Names seed random projections (projector="random"): a name, unlike a place in a list, is the same on
+        # every rank and in every per-layer optimizer.
+        self.param_names = dict(param_names or {})
         for group in self.param_groups:
             if "rank" in group:
                 for key, value in GALORE_GROUP_DEFAULTS.items():
                     group.setdefault(key, value)
-                if group["proj_type"] != "std":
-                    raise ValueError(f"proj_type {group['proj_type']!r} is not supported; only 'std'")
-                if group["svd"] not in ("full", "randomized"):
-                    raise ValueError(f"svd must be 'full' or 'randomized'; got {group['svd']!r}")
+                self._check_group(group)
+        # The random projectors in use, regenerated from (seed, refresh) when missing (e.g. after a checkpoint
+        # load): param -> ((seed, refresh), projector). Shared with the per-layer optimizers split from this one.
+        self._random_bases: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
         # A stable number per parameter: seeds its randomized sketches (kept when split for per-layer updates).
         self.param_index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         # Group of each parameter, fixed at construction (DeepSpeed later swaps ``params`` for flat partitions).
@@ -85,8 +117,50 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         self.last_svd_seconds = 0.0
         self.last_overlaps: list[float] = []
         self.last_ef_residual_sq = 0.0
+        self._reset_scaling_stats()
         self.zero_layout: ZeroLayout | None = None
         self._zero_first: int | None = None
+        if any(isinstance(p, DTensor) for g in self.param_groups if _scales(g) for p in g["params"]):
+            raise NotImplementedError(
+                "update_rule apollo/fira on FSDP2 row shards is not implemented yet; use parallel.backend=single"
+            )
+
+    def _check_group(self, group: dict) -> None:
+        if group["proj_type"] != "std":
+            raise ValueError(f"proj_type {group['proj_type']!r} is not supported; only 'std'")
+        if group["svd"] not in ("full", "randomized"):
+            raise ValueError(f"svd must be 'full' or 'randomized'; got {group['svd']!r}")
+        if group["projector"] not in PROJECTORS:
+            raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}; got {group['projector']!r}")
+        if group["update_rule"] not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {group['update_rule']!r}")
+        if group["scale_type"] not in SCALE_TYPES:
+            raise ValueError(f"scale_type must be one of {', '.join(SCALE_TYPES)}; got {group['scale_type']!r}")
+        if not (group["norm_growth_limit"] == 0 or group["norm_growth_limit"] > 1):
+            raise ValueError(f"norm_growth_limit must be > 1 (or 0: off); got {group['norm_growth_limit']}")
+        if _scales(group) and not isinstance(self, GaLoreAdamW):
+            raise ValueError(f"update_rule {group['update_rule']!r} needs Adam moments (GaLoreAdamW)")
+        if group["projector"] == "random":
+            unnamed = [tuple(p.shape) for p in group["params"] if p not in self.param_names]
+            if unnamed:
+                raise ValueError(
+                    f"projector='random' seeds each projection from its parameter's name; pass param_names= with "
+                    f"every parameter of the group ({len(unnamed)} unnamed, e.g. of shape {unnamed[0]})"
+                )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch takes the groups' settings from the saved dict: one saved before a setting existed lacks it.
+        for group in self.param_groups:
+            if "rank" in group:
+                for key, value in GALORE_GROUP_DEFAULTS.items():
+                    group.setdefault(key, value)
+
+    def _reset_scaling_stats(self) -> None:
+        # Tensors, summed without a host synchronisation; the method reads them once per step.
+        self.last_scaling_sum: torch.Tensor | float = 0.0
+        self.last_scaled = 0
+        self.last_limited: torch.Tensor | int = 0
 
     # -- to be provided by subclasses --------------------------------------------------------------------------
 
@@ -114,7 +188,16 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
             rule=group["dynamic_rule"],
         )
 
-    def _refresh(self, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str, view: _View) -> None:
+    def _refresh(
+        self, p: torch.Tensor, state: dict[str, Any], grad: torch.Tensor, group: dict, side: str, view: _View
+    ) -> None:
+        if group["projector"] == "random":  # no gradient needed: a fresh draw, kept out of the state
+            start = time.perf_counter()
+            state["refreshes"] += 1
+            self._random_basis(p, state, group["rank"], side, view.shape, grad.device)
+            self.last_svd_seconds += time.perf_counter() - start
+            self.last_refreshes += 1
+            return
         whole = view.gather(grad)  # sharded: the whole gradient, on refresh steps only
         start = time.perf_counter()
         if group["svd"] == "full":
@@ -139,6 +222,59 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         state["refreshes"] += 1
         self.last_refreshes += 1
 
+    def _random_basis(
+        self, p: torch.Tensor, state: dict[str, Any], rank: int, side: str, shape: torch.Size, device: torch.device
+    ) -> torch.Tensor:
+        """The random projector of the current refresh, drawn again if this optimizer does not hold it (first use,
+        after a checkpoint load or a rollback): it is a function of the parameter's seed and refresh count."""
+        key = (int(state["seed"]), int(state["refreshes"]) - 1)
+        held = self._random_bases.get(p)
+        if held is None or held[0] != key:
+            basis = random_projection(tuple(shape), rank=rank, side=side, seed=projection_seed(*key))
+            held = self._random_bases[p] = (key, basis.to(device))
+        return held[1]
+
+    def _full_update(
+        self,
+        state: dict[str, Any],
+        grad: torch.Tensor,
+        low: torch.Tensor,
+        update: torch.Tensor,
+        basis: torch.Tensor,
+        side: str,
+        group: dict,
+        view: _View,
+        *,
+        first: bool,
+    ) -> torch.Tensor:
+        """The full-size update the step size multiplies, by the group's ``update_rule``: GaLore's ``scale *
+        P U``, APOLLO's ``scale * limit(s * G)`` or Fira's ``scale * P U + limit(s * (G - scale * P R))``, with
+        ``R`` the projected gradient, ``U`` the inner optimizer's update of it and ``s`` its scaling factor."""
+        rule = group["update_rule"]
+        if rule == "galore":
+            return view.back(update, basis, side) * group["scale"]
+        if type(view) is not _View:
+            raise NotImplementedError(f"update_rule {rule!r} on sharded parameters is not implemented yet")
+        factor = scaling_factor(update, low, side=side, scale_type=group["scale_type"])
+        self.last_scaling_sum = self.last_scaling_sum + factor.mean()
+        self.last_scaled += 1
+        if rule == "apollo":
+            return self._limit(state, grad * factor, group, first=first) * group["scale"]
+        residual = (grad - view.back(low, basis, side) * group["scale"]) * factor
+        return view.back(update, basis, side) * group["scale"] + self._limit(state, residual, group, first=first)
+
+    def _limit(self, state: dict[str, Any], update: torch.Tensor, group: dict, *, first: bool) -> torch.Tensor:
+        gamma = group["norm_growth_limit"]
+        if gamma == 0:
+            return update
+        if first:  # nothing to compare with yet: the first norm is the reference, as in both packages
+            state["limiter_norm"].copy_(torch.linalg.vector_norm(update))
+            return update
+        update, norm, limited = limit_norm_growth(update, state["limiter_norm"], gamma=gamma)
+        state["limiter_norm"].copy_(norm)
+        self.last_limited = self.last_limited + limited.to(torch.int64)
+        return update
+
     def _projected_step(self, p: torch.Tensor, group: dict, index: int, view: _View) -> None:
         """One projected step on whatever part of ``p`` this rank holds (see :class:`_View`): the whole matrix, its
         FSDP2 rows (a right projection is local, a left one needs one all-reduce of ``r x n``), or a ZeRO fragment
@@ -154,16 +290,24 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         if not state:
             state["step"] = torch.tensor(0.0)
             state["refreshes"] = torch.tensor(0)
-            state["seed"] = torch.tensor(group["seed"] * 100_003 + index)
+            if group["projector"] == "random":
+                state["seed"] = torch.tensor(name_seed(self.param_names[p], base_seed=group["seed"]))
+            else:
+                state["seed"] = torch.tensor(group["seed"] * 100_003 + index)
             self._init_inner_state(state, view.low_shape(grad, side, rank), grad, group)
             if group["ef_weight"] > 0:
                 state["ef_residual"] = torch.zeros_like(grad)
+            if _scales(group) and group["norm_growth_limit"] > 0:
+                state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=grad.device)
         if group["ef_weight"] > 0:
             grad = grad + group["ef_weight"] * state["ef_residual"]
         step = int(state["step"])
         if step == 0 or self._schedule(group).is_refresh(step):
-            self._refresh(state, grad, {**group, "rank": rank}, side, view)
-        basis = state["projector"]
+            self._refresh(p, state, grad, {**group, "rank": rank}, side, view)
+        if group["projector"] == "random":
+            basis = self._random_basis(p, state, rank, side, view.shape, grad.device)
+        else:
+            basis = state["projector"]
         low = view.project(grad, basis, side)
         if group["ef_weight"] > 0:
             residual = grad - view.back(low, basis, side)
@@ -171,7 +315,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
             self.last_ef_residual_sq += float(view.sum_all(residual.square().sum()))
         state["step"] += 1
         update, step_size = self._inner_update(state, low, group, view.with_param(param))
-        full_update = view.back(update, basis, side) * group["scale"]
+        full_update = self._full_update(state, grad, low, update, basis, side, group, view, first=step == 0)
         param.add_(full_update.to(param.dtype), alpha=-step_size)
         self._decay(param, group, step_size)
 
@@ -206,7 +350,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         """How a state tensor of an FSDP2 (row-sharded) parameter is laid out across ranks, for checkpoints:
         ``rows`` (this rank's rows, reshardable), ``replicated`` (whole on every rank) or ``local`` (rank-specific
         but not by rows: 8-bit quantisation blocks; reloads on the same number of ranks only)."""
-        if key in ("step", "refreshes", "seed"):
+        if key in ("step", "refreshes", "seed", "limiter_norm"):
             return "replicated"
         if self.zero_layout is not None:  # ZeRO: projected state whole on every rank, the rest per fragment
             projected = "rank" in self.param_groups[self._group_index[id(p)]]
@@ -231,6 +375,8 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
     def attach_zero(self, layout: ZeroLayout) -> None:
         """Under ZeRO, projected-space moments are kept whole (every rank computes the same ones from the
         all-reduced low-rank gradient), error-feedback buffers and element-wise moments per fragment."""
+        if any(_scales(g) for g in self.param_groups):
+            raise NotImplementedError("update_rule apollo/fira under DeepSpeed ZeRO is not implemented yet")
         super().attach_zero(layout)
         self._zero_first = next(iter(layout), None)
 
@@ -240,6 +386,9 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
             "svd_seconds": self.last_svd_seconds,
             "overlaps": list(self.last_overlaps),
             "ef_residual_sq": self.last_ef_residual_sq,
+            "scaling_factor_sum": self.last_scaling_sum,
+            "scaled_matrices": self.last_scaled,
+            "limited_matrices": self.last_limited,
         }
 
     @torch.no_grad()
@@ -253,6 +402,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         if layout is None or any(id(f) == self._zero_first for g in self.param_groups for f in g["params"]):
             self.last_refreshes, self.last_svd_seconds, self.last_overlaps = 0, 0.0, []
             self.last_ef_residual_sq = 0.0
+            self._reset_scaling_stats()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -281,8 +431,10 @@ class GaLoreAdamW(GaLoreOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        param_names: Mapping[torch.Tensor, str] | None = None,
     ) -> None:
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, param_names=param_names)
 
     def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
@@ -370,6 +522,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         weight_decay: float = 0.0,
         scale_parameter: bool = False,
         relative_step: bool = False,
+        param_names: Mapping[torch.Tensor, str] | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -381,7 +534,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             scale_parameter=scale_parameter,
             relative_step=relative_step,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, param_names=param_names)
 
     def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
         if group["beta1"] is not None:
@@ -484,6 +637,11 @@ class GaLoreAdafactor(GaLoreOptimizer):
     def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["weight_decay"] * step_size)
+
+
+def _scales(group: dict) -> bool:
+    """The group's update is scaled from its projected moments (APOLLO, Fira) rather than projected back."""
+    return group.get("update_rule", "galore") != "galore"
 
 
 class _View:

@@ -12,11 +12,17 @@ dimension and compresses the smaller one to ``r`` (GaLore's rule, galore-torch's
 So the projector costs ``min(m, n) * r`` and the optimizer state ``max(m, n) * r``, the smaller of the two
 layouts' projector, and for a weight sharded by rows (FSDP2, dim 0) the common tall/square case projects on the
 right, which is local to each row shard.
+
+APOLLO's projector is not a subspace of the gradient but a Gaussian matrix with entries of variance ``1 / r``
+(:func:`random_projection`), the same shapes and sides. It is a pure function of an integer seed, and the seed of
+each refresh a pure function of the parameter's name and the refresh count (:func:`name_seed`,
+:func:`projection_seed`), so every process regenerates it, without communication, from two numbers.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -81,6 +87,36 @@ def randomized_basis(
     u_small, _, _ = torch.linalg.svd(q.T @ g, full_matrices=False)
     basis = (q @ u_small[:, :rank]).contiguous()  # m x r (of g)
     return basis.T.contiguous() if side == "right" else basis
+
+
+def _hash63(text: str) -> int:
+    """A non-negative 63-bit integer from ``text``, the same in every process and Python version (unlike
+    ``hash``, which is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def name_seed(name: str, *, base_seed: int = 0) -> int:
+    """The seed of a parameter's random projections: from its name (``model.layers.0.mlp.up_proj.weight``) and
+    the run's seed, so it does not depend on the parameter's place in a list (which changes with sharding, frozen
+    parameters or per-layer optimizers)."""
+    return _hash63(f"{base_seed}/{name}")
+
+
+def projection_seed(seed: int, refresh: int) -> int:
+    """The generator seed of refresh number ``refresh`` (0-based) of the parameter whose seed is ``seed``."""
+    return _hash63(f"{seed}/{refresh}")
+
+
+@torch.no_grad()
+def random_projection(shape: tuple[int, int], *, rank: int, side: str, seed: int) -> torch.Tensor:
+    """APOLLO's projector for an ``m x n`` gradient: a Gaussian matrix with entries of variance ``1 / rank``,
+    ``r x n`` for a right projection, ``m x r`` for a left one (the layouts of :func:`svd_basis`), fp32, drawn on
+    the CPU from a generator seeded with ``seed`` (so it is the same on any device; move it afterwards). The draw
+    is apollo-torch's (``torch.randn`` of that shape from a fresh generator, divided by ``sqrt(rank)``)."""
+    m, n = shape
+    size = (rank, n) if side == "right" else (m, rank)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(size, generator=generator, dtype=torch.float32) / math.sqrt(rank)
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor, *, side: str) -> torch.Tensor:

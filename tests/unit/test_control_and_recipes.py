@@ -48,6 +48,9 @@ def test_control_shape_tool() -> None:
 
 APPROX = dict(lr=1.5e-3, global_batch_size=1152, micro_batch_size=48, seq_len=256, steps=20000, model="350m")
 MAGNITUDE_JOINT = {"method.optimizer_reset": "magnitude_joint"}  # ours; the papers prune each moment on its own
+SCRIPTS_60M = dict(model="60m", lr=1e-2, warmup_steps=1000, steps=10000, global_batch_size=512, seq_len=256)
+SCRIPTS_60M |= dict(max_grad_norm=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6)
+PURE_BF16 = {"train.dtype": "auto"}  # the scripts cast the whole model (and so the optimizer state) to bf16
 
 # recipe -> (the paper's settings it carries, its departures from the paper: key -> our value). Every departure must
 # be declared in the recipe's header on a line "# Departure: KEY ..."; the paper's settings are checked as stated.
@@ -110,8 +113,24 @@ RECIPES = {
         dict(name="adam_mini", adam_mini_partition="tensor") | APPROX | dict(lr=5e-4),
         {},
     ),
+    # The APOLLO and Fira authors' 60M C4 scripts (scripts/pretrain_c4/llama_60m_apollo{,_mini}.sh;
+    # pre_training_c4/scripts/llama_60m.sh): the model cast to bf16 there, autocast over fp32 masters here.
+    "apollo_60m": (
+        dict(name="apollo", rank=128, apollo_scale=1.0, update_proj_gap=200, norm_growth_limit=1.01) | SCRIPTS_60M,
+        PURE_BF16,
+    ),
+    "apollo_mini_60m": (
+        dict(name="apollo_mini", apollo_scale=128.0, update_proj_gap=200, norm_growth_limit=1.01) | SCRIPTS_60M,
+        PURE_BF16,
+    ),
+    "fira_60m": (
+        dict(name="fira", rank=128, galore_scale=0.25, update_proj_gap=200, svd="full", norm_growth_limit=1.01)
+        | SCRIPTS_60M,
+        PURE_BF16,
+    ),
 }
 WHERE = {"lr": "optim", "steps": "train", "global_batch_size": "train", "micro_batch_size": "train", "seq_len": "data"}
+WHERE |= {"warmup_steps": "optim", "eps": "optim", "betas": "optim", "weight_decay": "optim", "max_grad_norm": "train"}
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -132,5 +151,5 @@ def test_recipes_carry_the_papers_settings_and_declare_departures(recipe: str) -
 
 def test_every_recipe_is_checked() -> None:
     shipped = {p.stem for p in (REPO / "configs").glob("*.yaml")} - {"quickstart"}
-    papers = {name for name in shipped if name.startswith(("relora_", "lora_", "approx_"))}
+    papers = {name for name in shipped if name.startswith(("relora_", "lora_", "approx_", "apollo_", "fira_"))}
     assert papers == set(RECIPES)
