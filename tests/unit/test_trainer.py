@@ -172,10 +172,11 @@ def test_per_layer_clipping_uses_the_previous_norm(max_norm: float, quickstart_d
 def test_every_public_method_name_is_registered() -> None:
     from megatron_pept.methods import METHODS
 
-    # The method names of the public interface (../shared/DESIGN.md); the registry is the code's only list.
+    # The method names of the public interface (../shared/DESIGN.md, plus those added since: APOLLO, APOLLO-Mini
+    # and Fira); the registry is the code's only list.
     METHOD_NAMES = (
         *("full", "lora", "relora", "redora", "repissa", "reloqra", "galore", "galore_ef", "galore_dynamic"),
-        *("galore_dynamic_ef", "galore_8bit", "galore_adafactor", "adam_mini"),
+        *("galore_dynamic_ef", "galore_8bit", "galore_adafactor", "adam_mini", "apollo", "apollo_mini", "fira"),
     )
 
     assert set(METHOD_NAMES) <= set(METHODS)
