@@ -38,6 +38,14 @@ class MemorySplit:
     other: int
     tracked_peak: int  # the sum of the above (MemTracker's peak)
     measured_peak: int  # the allocator's peak over the same steps
+    # The largest each part grew to at any moment of the steps (Table 3's columns: the gradients of a full step
+    # exist after backward, when the activations are gone, so these add up to more than the peak). Gradients
+    # include an incoming gradient while it is accumulated into .grad; optimizer state includes the temporaries
+    # of the optimizer step.
+    max_weights: int = 0
+    max_gradients: int = 0
+    max_optimizer: int = 0
+    max_activations: int = 0
 
     @property
     def split_error(self) -> float:
@@ -64,6 +72,15 @@ def _tracker_class() -> type:
         def __init__(self, root: torch.nn.Module) -> None:
             super().__init__()
             self._root = root
+            self.largest: dict[Any, dict[str, int]] = {}  # device -> part -> largest bytes seen
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            super()._update_peak_stats(peak_state)  # runs after every operation
+            for dev, snap in self._curr_mem_snap.items():
+                parts, largest = group_parts(snap), self.largest.setdefault(dev, {})
+                for part, nbytes in parts.items():
+                    if nbytes > largest.get(part, 0):
+                        largest[part] = nbytes
 
         def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True):
             for param in module.parameters():
@@ -120,28 +137,36 @@ class AllocatorPeak:
 
 @contextlib.contextmanager
 def tracked_steps(model: torch.nn.Module, optimizers: list[Any], device: torch.device) -> Iterator[Callable]:
-    """Track the steps run inside the block; yields a function returning the snapshot (category -> bytes) at the
-    tracked peak. ``optimizers`` are those that exist already (optimizers created later, e.g. per layer, are
-    found by MemTracker's global optimizer hook on their first step)."""
+    """Track the steps run inside the block; yields a function returning (the snapshot at the tracked peak, the
+    largest bytes of each part at any moment), both grouped by :func:`group_parts`. ``optimizers`` are those that
+    exist already (optimizers created later, e.g. per layer, are found by MemTracker's global optimizer hook on
+    their first step)."""
     tracker = _tracker_class()(model)
     tracker.track_external(model, *[o for o in optimizers if isinstance(o, torch.optim.Optimizer)])
     with tracker:
-        yield lambda: tracker.get_tracker_snapshot("peak").get(device, {})
+        yield lambda: (
+            group_parts(tracker.get_tracker_snapshot("peak").get(device, {})),
+            dict(tracker.largest.get(device, {})),
+        )
 
 
-def split_from_snapshot(snapshot: dict[Any, int], measured_peak: int) -> MemorySplit:
+def group_parts(snapshot: dict[Any, int]) -> dict[str, int]:
+    """MemTracker's categories -> weights (parameters and buffers), gradients, optimizer, activations
+    (activations and backward temporaries), other."""
     by_name = {str(k).rsplit(".", 1)[-1].upper(): int(v) for k, v in snapshot.items()}
-    weights = by_name.get("PARAM", 0) + by_name.get("BUFFER", 0)
-    gradients = by_name.get("GRAD", 0)
-    optimizer = by_name.get("OPT", 0)
-    activations = by_name.get("ACT", 0) + by_name.get("TEMP", 0)
-    other = by_name.get("OTH", 0) + by_name.get("INP", 0)
+    return {
+        "weights": by_name.get("PARAM", 0) + by_name.get("BUFFER", 0),
+        "gradients": by_name.get("GRAD", 0),
+        "optimizer": by_name.get("OPT", 0),
+        "activations": by_name.get("ACT", 0) + by_name.get("TEMP", 0),
+        "other": by_name.get("OTH", 0) + by_name.get("INP", 0),
+    }
+
+
+def split_from_snapshot(parts: dict[str, int], largest: dict[str, int], measured_peak: int) -> MemorySplit:
     return MemorySplit(
-        weights=weights,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=activations,
-        other=other,
-        tracked_peak=weights + gradients + optimizer + activations + other,
+        **parts,
+        tracked_peak=sum(parts.values()),
         measured_peak=measured_peak,
+        **{f"max_{k}": largest.get(k, 0) for k in ("weights", "gradients", "optimizer", "activations")},
     )

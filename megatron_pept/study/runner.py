@@ -271,9 +271,9 @@ def probe(config: str, overrides: list[str], steps: int, out: Path) -> dict[str,
             with tracked_steps(trainer.raw_model, [trainer.optimizer], trainer.device) as peak_snapshot:
                 for _ in range(MEMORY_STEPS):
                     trainer.train_step()
-                snapshot = peak_snapshot()
+                parts, largest = peak_snapshot()
             stack.pop_all().__exit__(None, None, None)  # trainer closes, then the allocator count ends
-        split = split_from_snapshot(snapshot, measured.peak)
+        split = split_from_snapshot(parts, largest, measured.peak)
         with Trainer(cfg) as trainer:
             seconds = []
             for _ in range(steps):
@@ -402,14 +402,28 @@ def study_markdown(study: dict[str, Any]) -> str:
             f"{m['optimizer'] / mib:.1f} | {m['activations'] / mib:.1f} | {m['tracked_peak'] / mib:.1f} | "
             f"{m['measured_peak'] / mib:.1f} | {m['tokens_per_sec']:,.0f} |"
         )
+    lines += [
+        "",
+        "Largest size of each part at any moment of a step (the columns of the Approximations paper's Table 3; the "
+        "gradients of a step exist after its backward, when its activations are gone, so their sum is more than "
+        "the peak; gradients include a layer's incoming gradient while it is accumulated, optimizer state the "
+        "optimizer step's own temporaries):",
+        "",
+        "| method | weights MiB | grads MiB | optimizer MiB | activations MiB | sum MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in rows.items():
+        m = row["probe"]
+        parts = [m.get(f"max_{k}", 0) for k in ("weights", "gradients", "optimizer", "activations")]
+        lines.append(f"| {label} | " + " | ".join(f"{p / mib:.1f}" for p in [*parts, sum(parts)]) + " |")
     if base is not None:
         bf, bm = base["final"], base["probe"]
         lines += [
             "",
             f"Ratios to `{study['baseline']}`:",
             "",
-            "| method | val loss | bits/byte | trainable params | weights | grads | optimizer | activations | "
-            "measured peak | tokens/s |",
+            "| method | val loss | bits/byte | trainable params | weights | largest grads | largest optimizer | "
+            "activations | measured peak | tokens/s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label, row in rows.items():
@@ -418,7 +432,10 @@ def study_markdown(study: dict[str, Any]) -> str:
                 _ratio(f["val_loss"], bf["val_loss"]),
                 _ratio(f["bits_per_byte"], bf["bits_per_byte"]),
                 _ratio(f["trainable_params"], bf["trainable_params"]),
-                *(_ratio(m[k], bm[k]) for k in ("weights", "gradients", "optimizer", "activations", "measured_peak")),
+                *(
+                    _ratio(m[k], bm[k])
+                    for k in ("weights", "max_gradients", "max_optimizer", "activations", "measured_peak")
+                ),
                 _ratio(m["tokens_per_sec"], bm["tokens_per_sec"]),
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
