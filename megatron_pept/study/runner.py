@@ -313,6 +313,21 @@ def _log(message: str) -> None:
     print(f"study: {message}", flush=True)
 
 
+def set_aside_if_stale(run_dir: Path, lr: float, stale: Path) -> None:
+    """A final run (finished or not) trained at another learning rate than the grid's best now (the grid was
+    extended, say) moves to ``stale/`` instead of being resumed or reused."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return
+    used = float((yaml.safe_load(config.read_text()) or {}).get("optim", {}).get("lr", lr))
+    if math.isclose(used, lr, rel_tol=1e-9):
+        return
+    stale.mkdir(parents=True, exist_ok=True)
+    target = stale / f"{run_dir.name}-lr{used:.3g}"
+    _log(f"{run_dir} trained at lr {used:g}, the grid's best is now {lr:g}: moved to {target}")
+    os.replace(run_dir, target)
+
+
 def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -> dict[str, Any]:
     """Run (or finish) the study and write ``study.json`` and ``study.md`` into ``output``."""
     labels = [m.label for m in spec.methods]
@@ -344,7 +359,9 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
         else:
             what = f"{method.label} lr {best_lr} (final run of {spec.steps} steps)"
             overrides = [*base, f"optim.lr={best_lr}", f"train.steps={spec.steps}"]
-            final = train_run(spec.config, overrides, output / "final" / method.label, what=what)
+            run_dir = output / "final" / method.label
+            set_aside_if_stale(run_dir, float(best_lr), output / "stale")
+            final = train_run(spec.config, overrides, run_dir, what=what)
         (output / "probes").mkdir(exist_ok=True)
         _log(f"{method.label}: memory and speed probe ({MEMORY_STEPS} + {spec.probe_steps} steps)")
         measured = probe(

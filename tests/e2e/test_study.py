@@ -181,3 +181,15 @@ def test_killed_study_resumes_without_redoing_finished_runs(quickstart_data: Pat
     assert resumed["resumed_from"] and resumed["resumed_from"].endswith("step_00000002")
     assert resumed["steps"] == STEPS
     assert set(json.loads((out / "study.json").read_text())["methods"]) == {"full", "galore"}
+
+
+def test_a_final_run_at_another_lr_is_set_aside(tmp_path: Path) -> None:
+    from megatron_pept.study.runner import set_aside_if_stale
+
+    run = tmp_path / "final" / "galore"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": 0.008}}))
+    set_aside_if_stale(run, 0.008, tmp_path / "stale")  # same lr: kept, to be resumed or reused
+    assert run.is_dir()
+    set_aside_if_stale(run, 0.016, tmp_path / "stale")  # the extended grid's best is another lr
+    assert not run.exists() and (tmp_path / "stale" / "galore-lr0.008" / "config.yaml").is_file()
