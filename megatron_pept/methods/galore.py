@@ -228,7 +228,6 @@ class Fira(GaLoreMethod):
 
     name = "fira"
     update_rule = "fira"
-    backends = ("single",)
     config_keys = (*GaLoreMethod.config_keys, "norm_growth_limit")
 
     def projected_settings(self) -> dict[str, Any]:
@@ -247,7 +246,6 @@ class Apollo(GaLoreMethod):
 
     name = "apollo"
     update_rule = "apollo"
-    backends = ("single",)
     scale_type: ClassVar[str] = "channel"
     default_apollo_scale: ClassVar[float] = 1.0
     config_keys = ("rank", "target_modules", "update_proj_gap", "apollo_scale", "norm_growth_limit")

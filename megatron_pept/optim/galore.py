@@ -21,7 +21,11 @@ Two more update rules reuse steps 2-4 (group key ``update_rule``; AdamW only) an
 
 ``limit`` is Fira's norm-growth limiter (``norm_growth_limit``, 1.01 in both papers; 0 turns it off). Both rules
 compute exactly what apollo-torch's ``APOLLOAdamW`` and fira's ``FiraAdamW`` compute, in the same order (tested
-bit for bit); ``scale`` here is the multiplier itself (apollo-torch's ``scale`` argument is its square).
+bit for bit); ``scale`` here is the multiplier itself (apollo-torch's ``scale`` argument is its square). Sharded
+(FSDP2 rows, ZeRO fragments), each rank scales its own part of ``G``: the random projection is drawn whole from
+its seed on every rank and sliced like an SVD projector, a channel's factor is local (a right projection's rows
+are whole where they are held, a left projection's columns whole on every rank), and the per-tensor factor and
+the limiter's norm come from squared norms summed over the ranks (one all-reduce of two numbers per matrix).
 
 The AdamW update is galore-torch's (Hugging Face AdamW form: ``denom = sqrt(v) + eps``, bias corrections folded
 into the step size, weight decay applied after the update), so with a full SVD it reproduces galore-torch's
@@ -54,7 +58,12 @@ from megatron_pept.optim.projector import (
     subspace_overlap,
     svd_basis,
 )
-from megatron_pept.optim.scaling import SCALE_TYPES, limit_norm_growth, scaling_factor
+from megatron_pept.optim.scaling import (
+    SCALE_TYPES,
+    limit_norm_growth,
+    scaling_factor,
+    tensor_factor_from_squares,
+)
 from megatron_pept.optim.sharded import ShardedOptimizer
 from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout
 
@@ -120,10 +129,6 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         self._reset_scaling_stats()
         self.zero_layout: ZeroLayout | None = None
         self._zero_first: int | None = None
-        if any(isinstance(p, DTensor) for g in self.param_groups if _scales(g) for p in g["params"]):
-            raise NotImplementedError(
-                "update_rule apollo/fira on FSDP2 row shards is not implemented yet; use parallel.backend=single"
-            )
 
     def _check_group(self, group: dict) -> None:
         if group["proj_type"] != "std":
@@ -194,7 +199,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         if group["projector"] == "random":  # no gradient needed: a fresh draw, kept out of the state
             start = time.perf_counter()
             state["refreshes"] += 1
-            self._random_basis(p, state, group["rank"], side, view.shape, grad.device)
+            self._random_basis(p, state, group["rank"], side, view, grad.device)
             self.last_svd_seconds += time.perf_counter() - start
             self.last_refreshes += 1
             return
@@ -223,15 +228,17 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         self.last_refreshes += 1
 
     def _random_basis(
-        self, p: torch.Tensor, state: dict[str, Any], rank: int, side: str, shape: torch.Size, device: torch.device
+        self, p: torch.Tensor, state: dict[str, Any], rank: int, side: str, view: _View, device: torch.device
     ) -> torch.Tensor:
         """The random projector of the current refresh, drawn again if this optimizer does not hold it (first use,
-        after a checkpoint load or a rollback): it is a function of the parameter's seed and refresh count."""
+        after a checkpoint load or a rollback): it is a function of the parameter's seed and refresh count. Every
+        rank draws the whole matrix (``r x min(m, n)``) and keeps its part as an SVD projector's (a left
+        projector's rows under FSDP2), so a shard is projected by exactly the rows of one process's matrix."""
         key = (int(state["seed"]), int(state["refreshes"]) - 1)
         held = self._random_bases.get(p)
         if held is None or held[0] != key:
-            basis = random_projection(tuple(shape), rank=rank, side=side, seed=projection_seed(*key))
-            held = self._random_bases[p] = (key, basis.to(device))
+            basis = random_projection(tuple(view.shape), rank=rank, side=side, seed=projection_seed(*key))
+            held = self._random_bases[p] = (key, view.local_basis(basis.to(device), side))
         return held[1]
 
     def _full_update(
@@ -253,24 +260,54 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         rule = group["update_rule"]
         if rule == "galore":
             return view.back(update, basis, side) * group["scale"]
-        if type(view) is not _View:
-            raise NotImplementedError(f"update_rule {rule!r} on sharded parameters is not implemented yet")
-        factor = scaling_factor(update, low, side=side, scale_type=group["scale_type"])
-        self.last_scaling_sum = self.last_scaling_sum + factor.mean()
+        scale_type, gamma = group["scale_type"], group["norm_growth_limit"]
+        # Sharded, a right projection's U and R hold only this rank's rows (channels): a factor per channel is
+        # local, one per tensor sums squared norms over the ranks.
+        split = view.sharded and view.low_split(side)
+        if split and scale_type == "tensor":
+            squares = torch.stack([view.owned_rows(update).square().sum(), view.owned_rows(low).square().sum()])
+            squares = view.sum_all(squares)
+            factor = tensor_factor_from_squares(squares[0], squares[1])
+        else:
+            factor = scaling_factor(update, low, side=side, scale_type=scale_type)
+        if rule == "apollo":
+            scaled = grad * view.expand(factor, side)
+        else:
+            scaled = (grad - view.back(low, basis, side) * group["scale"]) * view.expand(factor, side)
+        norm, mean = None, factor.mean()
+        if view.sharded:  # the limiter's norm and the logged mean factor over the whole matrix: one all-reduce
+            channels_split = split and scale_type == "channel"
+            if gamma > 0 or channels_split:
+                zero = scaled.new_zeros(())
+                sums = view.sum_all(
+                    torch.stack(
+                        [
+                            scaled.square().sum() if gamma > 0 else zero,
+                            view.owned_rows(factor).sum() if channels_split else zero,
+                        ]
+                    )
+                )
+                norm = sums[0].sqrt()
+                mean = sums[1] / view.shape[0] if channels_split else mean
+        self.last_scaling_sum = self.last_scaling_sum + mean
         self.last_scaled += 1
         if rule == "apollo":
-            return self._limit(state, grad * factor, group, first=first) * group["scale"]
-        residual = (grad - view.back(low, basis, side) * group["scale"]) * factor
-        return view.back(update, basis, side) * group["scale"] + self._limit(state, residual, group, first=first)
+            return self._limit(state, scaled, group, first=first, norm=norm) * group["scale"]
+        return view.back(update, basis, side) * group["scale"] + self._limit(
+            state, scaled, group, first=first, norm=norm
+        )
 
-    def _limit(self, state: dict[str, Any], update: torch.Tensor, group: dict, *, first: bool) -> torch.Tensor:
+    def _limit(
+        self, state: dict[str, Any], update: torch.Tensor, group: dict, *, first: bool, norm: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Fira's limiter on ``update``; ``norm``: the whole matrix's norm of it when ``update`` is a shard."""
         gamma = group["norm_growth_limit"]
         if gamma == 0:
             return update
         if first:  # nothing to compare with yet: the first norm is the reference, as in both packages
-            state["limiter_norm"].copy_(torch.linalg.vector_norm(update))
+            state["limiter_norm"].copy_(torch.linalg.vector_norm(update) if norm is None else norm)
             return update
-        update, norm, limited = limit_norm_growth(update, state["limiter_norm"], gamma=gamma)
+        update, norm, limited = limit_norm_growth(update, state["limiter_norm"], gamma=gamma, norm=norm)
         state["limiter_norm"].copy_(norm)
         self.last_limited = self.last_limited + limited.to(torch.int64)
         return update
@@ -305,7 +342,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         if step == 0 or self._schedule(group).is_refresh(step):
             self._refresh(p, state, grad, {**group, "rank": rank}, side, view)
         if group["projector"] == "random":
-            basis = self._random_basis(p, state, rank, side, view.shape, grad.device)
+            basis = self._random_basis(p, state, rank, side, view, grad.device)
         else:
             basis = state["projector"]
         low = view.project(grad, basis, side)
@@ -375,8 +412,6 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
     def attach_zero(self, layout: ZeroLayout) -> None:
         """Under ZeRO, projected-space moments are kept whole (every rank computes the same ones from the
         all-reduced low-rank gradient), error-feedback buffers and element-wise moments per fragment."""
-        if any(_scales(g) for g in self.param_groups):
-            raise NotImplementedError("update_rule apollo/fira under DeepSpeed ZeRO is not implemented yet")
         super().attach_zero(layout)
         self._zero_first = next(iter(layout), None)
 
@@ -648,6 +683,8 @@ class _View:
     """The part of a parameter this rank steps, and how projections and statistics over the whole parameter are
     computed from it. This base class is the whole parameter (one process, DDP)."""
 
+    sharded = False  # other ranks hold other parts of the parameter
+
     def __init__(self, p: torch.Tensor) -> None:
         self.shape = p.shape
         self.value: torch.Tensor | None = None  # set by with_param: this rank's part of the parameter
@@ -683,11 +720,29 @@ class _View:
     def sum_all(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    # APOLLO / Fira: scaling the full-size gradient by a factor of the projected moments
+
+    def low_split(self, side: str) -> bool:
+        """The projected gradient and moments hold only this rank's rows (channels) of a right projection."""
+        return False
+
+    def owned_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of a row-split projected tensor (or per-row factor) that this rank counts in sums over the
+        matrix: each row on exactly one rank."""
+        return t
+
+    def expand(self, factor: torch.Tensor, side: str) -> torch.Tensor:
+        """A scaling factor (per row ``k x 1`` of a right projection, per column ``n`` of a left one, or 0-d) laid
+        out to multiply this rank's gradient."""
+        return factor
+
 
 class _RowShard(_View):
     """This rank's rows of a parameter FSDP2 shards on dim 0 (:class:`~megatron_pept.sharding.RowShard`): a right
     projection is local to the rows; a left projection sums ``P_rows^T G_rows`` over the ranks; the projector of a
     left projection is kept by rows."""
+
+    sharded = True
 
     def __init__(self, dt: DTensor) -> None:
         super().__init__(dt)
@@ -719,6 +774,9 @@ class _RowShard(_View):
     def sum_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.rows.all_reduce(t)
 
+    def low_split(self, side: str) -> bool:
+        return side == "right"  # m x r, kept by rows; a left projection's r x n is whole on every rank
+
 
 class _ZeroView(_View):
     """A fragment (:class:`~megatron_pept.sharding.FlatFragment`) of a matrix: a piece of a ZeRO partition,
@@ -726,6 +784,8 @@ class _ZeroView(_View):
     rows projected (one all-reduce of the low-rank size), the projector and the projected-space state are whole on
     every rank, and the update is computed for the fragment's elements only. ``flat``/``flat_grad``: the 1-D
     tensors the fragment's offset points into."""
+
+    sharded = True
 
     def __init__(
         self, frag: FlatFragment, flat: torch.Tensor, flat_grad: torch.Tensor, *, row_local: bool = False
@@ -778,3 +838,19 @@ class _ZeroView(_View):
 
     def sum_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.frag.all_reduce(t)
+
+    def low_split(self, side: str) -> bool:
+        return self._rows_of_right(side)
+
+    def owned_rows(self, t: torch.Tensor) -> torch.Tensor:
+        # A row cut by the fragment's start is completed on both ranks: it counts on the rank holding its start.
+        f = self.frag
+        return t[1:] if f.numel and f.lo % f.cols else t
+
+    def expand(self, factor: torch.Tensor, side: str) -> torch.Tensor:
+        if factor.ndim == 0:
+            return factor
+        f = self.frag
+        if side == "right" and not self.row_local:
+            factor = factor[f.r0 : f.r1]  # m x 1, whole on every rank: this fragment's rows
+        return f.from_rows(factor.expand(f.r1 - f.r0, f.cols))

@@ -8,6 +8,11 @@ row of a right projection, a column of a left one: one per entry of the kept, la
 ``||U_channel|| / (||R_channel|| + 1e-8)``; APOLLO-Mini takes one factor for the whole tensor, ``||U|| / (||R|| +
 1e-8)``. APOLLO multiplies the raw full gradient by it; Fira multiplies the part of the gradient the projection
 misses. The ``1e-8`` is the reference packages' (apollo-torch, fira).
+
+Sharded (FSDP2 rows, ZeRO fragments), a channel is never split across ranks (a right projection's rows are whole on
+the rank that holds them, a left projection's columns are whole on every rank), but a tensor may be: the per-tensor
+factor and the limiter's norm are then made from squared norms summed over the ranks
+(:func:`tensor_factor_from_squares`, ``limit_norm_growth(..., norm=)``).
 """
 
 from __future__ import annotations
@@ -29,14 +34,21 @@ def scaling_factor(update_low: torch.Tensor, grad_low: torch.Tensor, *, side: st
     return factor.unsqueeze(1) if side == "right" else factor
 
 
+def tensor_factor_from_squares(update_sq: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
+    """The per-tensor factor ``||U|| / (||R|| + 1e-8)`` from the squared norms ``||U||^2`` and ``||R||^2`` (summed
+    over the ranks that hold parts of ``U`` and ``R``)."""
+    return update_sq.sqrt() / (grad_sq.sqrt() + 1e-8)
+
+
 def limit_norm_growth(
-    update: torch.Tensor, previous_norm: torch.Tensor, *, gamma: float
+    update: torch.Tensor, previous_norm: torch.Tensor, *, gamma: float, norm: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fira's norm-growth limiter: if ``||update||`` grew by more than ``gamma`` times over the last (limited)
     norm, scale it down to exactly ``gamma`` times that norm. Returns the limited update, its norm (to pass as
     ``previous_norm`` next step) and whether it was limited (a bool tensor: no host synchronisation). The ratio
-    is computed as the packages do, ``||update|| / (previous + 1e-8)``, so the results agree bit for bit."""
-    norm = torch.linalg.vector_norm(update)
+    is computed as the packages do, ``||update|| / (previous + 1e-8)``, so the results agree bit for bit. ``norm``:
+    the norm of the whole update when ``update`` is only this rank's part of it (computed from ``update`` if None)."""
+    norm = torch.linalg.vector_norm(update) if norm is None else norm
     ratio = norm / (previous_norm + 1e-8)
     limiter = ratio.clamp(min=gamma) / gamma  # exactly 1.0 below the threshold: the update is left as it is
     return update / limiter, norm / limiter, ratio > gamma

@@ -30,6 +30,9 @@ METHODS = {
     "galore_dynamic_ef": ["method.rank=4", "method.dynamic_first=2", "method.dynamic_cap=3"],
     # an NF4 base: its quantised parts and exact master are saved and restored bit for bit
     "relora@nf4": ["method.reset_every=4", "method.rank=4", "method.base_dtype=nf4"],
+    # seeds, refresh counts, moments and the limiter's norm; the random projection redrawn from them on resume
+    "apollo_mini": ["method.update_proj_gap=3"],
+    "fira": ["method.rank=4", "method.update_proj_gap=3"],  # + the saved SVD projector
 }
 STEPS = 12
 

@@ -240,10 +240,13 @@ def test_method_settings_and_scalars() -> None:
     assert int(method.state_dict()["limiter_activations"]) == method.limiter_activations
 
 
-def test_sharded_backends_are_refused_with_the_reason() -> None:
+def test_every_backend_is_accepted_and_bad_settings_are_refused() -> None:
+    """The three run on every backend (tests/distributed compare each with one process)."""
+    backends = [["parallel.backend=ddp"], ["parallel.backend=fsdp2"]]
+    backends += [["parallel.backend=deepspeed", f"parallel.zero_stage={stage}"] for stage in (1, 2, 3)]
     for name in ("apollo", "apollo_mini", "fira"):
-        with pytest.raises(ConfigError, match=f"method.name={name} runs with parallel.backend=single"):
-            load_config(None, ["data.path=/d", f"method.name={name}", "parallel.backend=fsdp2"])
+        for backend in backends:
+            assert load_config(None, ["data.path=/d", f"method.name={name}", *backend]).method.name == name
     with pytest.raises(ConfigError, match="norm_growth_limit must be > 1"):
         load_config(None, ["data.path=/d", "method.name=fira", "method.norm_growth_limit=0.5"])
     with pytest.raises(ConfigError, match="apollo_scale must be > 0"):

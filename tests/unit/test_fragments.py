@@ -51,3 +51,26 @@ def test_fragment_block_ids_and_views() -> None:
     assert flat[2:11].sum() == 0  # a view: writes reach the flat tensor
     sums = frag.block_sums(torch.ones(9), frag.block_ids(6), 4)
     assert sums.tolist() == [1.0, 6.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12)])
+@pytest.mark.parametrize("cuts", [[], [17], [3, 4, 29, 41], [0, 30, 30]])
+def test_fragment_scaling_factors_reassemble_and_count_each_row_once(shape: tuple[int, int], cuts: list[int]) -> None:
+    """APOLLO / Fira under ZeRO: a factor per row of a right projection (from row-local moments: a row cut by a
+    boundary is held whole by both pieces) or per column of a left one, laid out on each piece's elements,
+    reassembles the whole matrix's broadcast factor; the rows each piece counts in sums over the matrix (the
+    per-tensor factor, the logged mean) cover every row exactly once."""
+    m, n = shape
+    per_row, per_col = torch.arange(1.0, m + 1).unsqueeze(1), torch.arange(1.0, n + 1)
+    whole_rows, whole_cols = per_row.expand(m, n).reshape(-1), per_col.expand(m, n).reshape(-1)
+    views = pieces(shape, cuts, torch.zeros(shape))
+    for view in views:
+        view.row_local = True
+    held = [per_row[v.frag.r0 : v.frag.r1] for v in views]
+    assert torch.equal(torch.cat([v.owned_rows(rows) for v, rows in zip(views, held, strict=True)]), per_row)
+    assert torch.equal(torch.cat([v.expand(rows, "right") for v, rows in zip(views, held, strict=True)]), whole_rows)
+    assert torch.equal(torch.cat([v.expand(per_col, "left") for v in views]), whole_cols)
+    for view in views:  # a right projection kept whole on every rank (non-element-wise inner optimizers)
+        view.row_local = False
+    assert torch.equal(torch.cat([v.expand(per_row, "right") for v in views]), whole_rows)
+    assert all(v.expand(torch.tensor(2.0), "right").ndim == 0 for v in views)  # per tensor: a scalar
