@@ -379,6 +379,11 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
             "final": final,
             "probe": measured,
         }
+        write_tables(spec, output, rows)  # after each method, so a study cut short has its tables
+    return write_tables(spec, output, rows)
+
+
+def write_tables(spec: StudySpec, output: Path, rows: dict[str, Any]) -> dict[str, Any]:
     study = {
         "spec": str(spec.source),
         "config": spec.config,
