@@ -30,10 +30,11 @@ if [ ! -f "$DATA/index.json" ]; then
 fi
 "$PY" tools/study.py configs/studies/cpu_pydocs.yaml --output "$OUT"
 # Figures: the final runs' curves, and the rank of the update from step 200 (after ReLoRA's 150-step warm start)
-# to the end for full, ReLoRA and LoRA (ReLoRA Figures 3 and 4).
+# to the end for full, ReLoRA, GaLore and LoRA (ReLoRA Figures 3 and 4).
 "$PY" tools/plot_runs.py "$OUT"/final/* --output "$FIGS" --smooth 10
 CK=checkpoints/step_00000200
 "$PY" tools/analyze_rank.py --output "$FIGS/rank" --threshold 0.1 \
   --pair full "$OUT/final/full/$CK" "$OUT/final/full" \
   --pair relora "$OUT/final/relora/$CK" "$OUT/final/relora" \
+  --pair galore "$OUT/final/galore/$CK" "$OUT/final/galore" \
   --pair lora "$OUT/final/lora/$CK" "$OUT/final/lora"
