@@ -33,6 +33,21 @@ def projected(opt) -> list[tuple[dict, torch.Tensor]]:
 # -- the random projection --------------------------------------------------------------------------------------
 
 
+def train_both_bit_for_bit(ours_model, ours, ref_model, ref) -> list[int]:
+    """12 steps (refreshes at steps 0, 5 and 10) of ours and the reference on the same batches; every weight
+    equal bit for bit, and the model trained. Returns the number of limited matrices at each of our steps."""
+    data = batches(12)
+    limited = []
+    for ids in data:
+        train_steps(ours_model, ours, [ids])
+        limited.append(int(ours.step_stats()["limited_matrices"]))
+    train_steps(ref_model, ref, data)
+    for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), name
+    assert max_diff(ours_model, debug_model()) > 1e-2  # it trained
+    return limited
+
+
 @pytest.mark.parametrize("side,shape", [("right", (48, 16)), ("left", (16, 48))])
 def test_random_projection_is_apollo_torchs_draw(side: str, shape: tuple[int, int]) -> None:
     """Given the same integer seed our projector is the package's, bit for bit (same generator calls)."""
@@ -127,15 +142,7 @@ def test_apollo_equals_apollo_torch(name: str, monkeypatch: pytest.MonkeyPatch) 
             ref.state[p]["seed"] = projection_seed(seed, 0)
             following.update({projection_seed(seed, k): projection_seed(seed, k + 1) for k in range(4)})
     monkeypatch.setattr(apollo_torch.random_projector, "next_seed", lambda seed: following[seed])
-    data = batches(12)  # refreshes at steps 0, 5 and 10
-    limited = []
-    for ids in data:
-        train_steps(ours_model, ours, [ids])
-        limited.append(int(ours.step_stats()["limited_matrices"]))
-    train_steps(ref_model, ref, data)
-    for (pname, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(p, q), pname
-    assert max_diff(ours_model, debug_model()) > 1e-2  # it trained
+    limited = train_both_bit_for_bit(ours_model, ours, ref_model, ref)
     assert any(limited) and limited[0] == 0  # the limiter acted (never on the first step: nothing to compare)
     assert ours.param_groups[-1]["scale"] == math.sqrt(ref_kw["scale"])
 
@@ -153,15 +160,7 @@ def test_fira_equals_the_fira_package() -> None:
             ref.update(rank=4, update_proj_gap=5, alpha=0.25, proj_type="std")
         ref_groups.append(ref)
     ref = fira.FiraAdamW(ref_groups, lr=1e-2, eps=1e-6, weight_decay=0.01, no_deprecation_warning=True)
-    data = batches(12)  # refreshes at steps 0, 5 and 10
-    limited = []
-    for ids in data:
-        train_steps(ours_model, ours, [ids])
-        limited.append(int(ours.step_stats()["limited_matrices"]))
-    train_steps(ref_model, ref, data)
-    for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(p, q), name
-    assert max_diff(ours_model, debug_model()) > 1e-2
+    limited = train_both_bit_for_bit(ours_model, ours, ref_model, ref)
     assert any(limited)
 
 
