@@ -263,8 +263,10 @@ def uninterrupted(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.mark.parametrize(
     "script, sig",
-    [("torchrun.sh", signal.SIGTERM), ("torchrun.sh", signal.SIGUSR1), ("deepspeed.sh", signal.SIGUSR1)],
-    ids=["torchrun-SIGTERM", "torchrun-SIGUSR1", "deepspeed-SIGUSR1"],
+    # each signal and each launcher once (the launchers share one signal wrapper): SLURM's warning signal to
+    # torchrun, `kill`'s and scancel's SIGTERM to DeepSpeed's launcher
+    [("torchrun.sh", signal.SIGUSR1), ("deepspeed.sh", signal.SIGTERM)],
+    ids=["torchrun-SIGUSR1", "deepspeed-SIGTERM"],
 )
 def test_stop_signal_to_the_launcher_saves_exits_0_and_resumes(
     script: str, sig: signal.Signals, uninterrupted, jobs, quickstart_data: Path, tmp_path: Path

@@ -65,7 +65,7 @@ def test_variant_trains_debug_with_restarts(method: str, quickstart_data: Path, 
     assert lr[3] == 0.0  # step index 2 (logged as 3) is the first low-rank step: the jagged schedule restarts at 0
 
 
-@pytest.mark.parametrize("method", VARIANTS)
+@pytest.mark.parametrize("method", ["repissa", "reloqra"])  # the two whose init decomposes each 60m matrix
 def test_variant_trains_60m(method: str, quickstart_data: Path, tmp_path: Path) -> None:
     proc = train(
         tmp_path,
