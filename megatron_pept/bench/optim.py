@@ -11,7 +11,10 @@ processes launched by the same script), because these machines are noisy:
   model on built-in text) by full SVD and by the randomized range finder, with the gradient energy each captures;
 * ``overhead``: a whole training step of the ``60m`` model with ``galore`` against ``full`` (projector refresh
   amortised over the gap);
-* ``per_layer_memory``: peak resident memory of a few training steps with and without per-layer updates.
+* ``per_layer_memory``: peak resident memory of a few training steps with and without per-layer updates;
+* ``family``: the whole optimizer of ``full`` (AdamW), ``galore``, ``apollo``, ``apollo_mini`` and ``fira`` on the
+  parameters of a named model, built through the methods as training builds them: optimizer-state bytes and the
+  median step time between refreshes (interleaved rounds), each against AdamW and GaLore, and the refresh step.
 """
 
 from __future__ import annotations
@@ -279,6 +282,61 @@ def bench_per_layer_memory(s: OptimBenchSettings, *, model: str = "130m") -> dic
     return out
 
 
+FAMILY = ("full", "galore", "apollo", "apollo_mini", "fira")
+
+
+def bench_family(s: OptimBenchSettings) -> dict[str, Any]:
+    """State bytes and step time of the GaLore family's optimizers on one model's parameters, same gradients."""
+    model = _materialised(s.model, vocab_size=s.vocab_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    optimizers = {}
+    for name in FAMILY:
+        # the first step draws or computes every projector; the timed ones refresh none
+        keys = {} if name == "full" else {"update_proj_gap": 10**9, **({} if name == "apollo_mini" else {"rank": s.rank})}
+        cfg = MethodConfig(name=name, **keys)
+        optimizers[name] = build_method(cfg, optim_cfg=OptimConfig(), total_steps=10**6).build_optimizer(model)
+
+    def step(name: str) -> float:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        start = time.perf_counter()
+        optimizers[name].step()
+        return time.perf_counter() - start
+
+    first = {name: step(name) for name in FAMILY}  # state allocated, projectors computed (SVD) or drawn (seed)
+    times: dict[str, list[float]] = {name: [] for name in FAMILY}
+    for r in range(s.rounds):
+        for name in FAMILY if r % 2 == 0 else tuple(reversed(FAMILY)):
+            times[name].append(step(name))
+    out: dict[str, Any] = {"model": s.model, "rank": s.rank, "weight_bytes": weight_bytes}
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name in FAMILY:
+        opt = optimizers[name]
+        nbytes = state_bytes(opt)
+        projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+        out[name] = {
+            "state_bytes": nbytes,
+            # the projected matrices' share (moments, projectors), the rest being full Adam moments of the others
+            "projected_state_bytes": sum(
+                v.numel() * v.element_size() for p in projected for v in opt.state[p].values() if torch.is_tensor(v)
+            ),
+            "projected_weight_bytes": sum(p.numel() * p.element_size() for p in projected),
+            # APOLLO's random projectors live outside the state (redrawn from seeds): memory all the same
+            "held_projector_bytes": opt.held_projector_bytes() if isinstance(opt, GaLoreAdamW) else 0,
+            "state_vs_weights": nbytes / weight_bytes,
+            "state_vs_adamw": nbytes / state_bytes(optimizers["full"]),
+            "state_vs_galore": nbytes / state_bytes(optimizers["galore"]),
+            "step_seconds": med[name],
+            "step_vs_adamw": med[name] / med["full"],
+            "step_vs_galore": med[name] / med["galore"],
+            "first_step_seconds": first[name],
+        }
+    return out
+
+
 def _import_galore_torch() -> Any:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
@@ -294,6 +352,7 @@ BENCHES = {
     "refresh": bench_refresh,
     "overhead": bench_overhead,
     "per_layer_memory": bench_per_layer_memory,
+    "family": bench_family,
 }
 
 

@@ -227,6 +227,11 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         state["refreshes"] += 1
         self.last_refreshes += 1
 
+    def held_projector_bytes(self) -> int:
+        """Bytes of the random projectors this optimizer holds outside its state (APOLLO's, drawn from seeds and
+        never checkpointed): memory the step needs that ``state`` does not show."""
+        return sum(basis.numel() * basis.element_size() for _, basis in self._random_bases.values())
+
     def _random_basis(
         self, p: torch.Tensor, state: dict[str, Any], rank: int, side: str, view: _View, device: torch.device
     ) -> torch.Tensor:

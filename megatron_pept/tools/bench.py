@@ -56,7 +56,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
         "GaLore optimizer-state bytes, step time vs galore-torch, projector refresh (full vs randomized SVD), "
-        "GaLore's overhead in a 60m training step, per-layer update memory (see --optim-bench); comm: bytes "
+        "GaLore's overhead in a 60m training step, per-layer update memory, the family's (AdamW, galore, apollo, "
+        "apollo_mini, fira) optimizer-state bytes and step time (see --optim-bench); comm: bytes "
         "communicated per step by 2 gloo ranks, each method against full on the same backend (see --comm-*); "
         "grad_memory: live gradient bytes per rank with and without per-layer updates under ddp and fsdp2; "
         "checkpoint: save (sync and async) and load times against torch.save (--comm-model sets the size); quant: "
@@ -67,7 +68,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--optim-bench",
-        default="state_bytes,step_time,refresh,overhead,per_layer_memory",
+        default="state_bytes,step_time,refresh,overhead,per_layer_memory,family",
         help="optim suite: comma-separated measurements to run (default: all)",
     )
     parser.add_argument(

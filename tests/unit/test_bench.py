@@ -176,3 +176,34 @@ def test_quant_memory_settings_are_checked() -> None:
         run_quant_memory_benchmark(QuantMemorySettings(model="debug", steps=1))
     with pytest.raises(ConfigError, match="must include the baseline 'bf16'"):
         run_quant_memory_benchmark(QuantMemorySettings(model="debug", bases=("int8",)))
+
+
+def test_family_benchmark_counts_every_byte_the_optimizers_hold() -> None:
+    """The family benchmark on the debug model: AdamW's state is exactly two fp32 moments and a step counter per
+    parameter; GaLore and Fira hold an r x min(m, n) projector per matrix in their state; APOLLO's projectors are
+    counted beside the state (held, not checkpointed) at exactly that size; APOLLO-Mini holds rank-1 moments only."""
+    from megatron_pept.bench.optim import FAMILY, OptimBenchSettings, bench_family
+    from megatron_pept.config import ModelConfig
+    from megatron_pept.models import llama_args
+
+    rank = 4
+    out = bench_family(OptimBenchSettings(model="debug", rank=rank, rounds=1, vocab_size=256))
+    args = llama_args(ModelConfig(name="debug"), vocab_size=256)
+    h, kv, ff = args.hidden_size, args.num_kv_heads * args.head_dim, args.intermediate_size
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (ff, h), (ff, h), (h, ff)] * args.num_layers
+    projector_bytes = sum(4 * rank * min(shape) for shape in shapes)
+    matrix_bytes = sum(4 * m * n for m, n in shapes)
+    n_params = 2 + args.num_layers * 9 + 1  # embedding, final norm, lm_head; 7 matrices and 2 norms per block
+    full, galore, apollo, mini, fira = (out[name] for name in FAMILY)
+    assert full["state_bytes"] == 2 * out["weight_bytes"] + 4 * n_params
+    assert galore["projected_weight_bytes"] == matrix_bytes == apollo["projected_weight_bytes"]
+    assert galore["held_projector_bytes"] == fira["held_projector_bytes"] == 0
+    assert apollo["held_projector_bytes"] == projector_bytes
+    # APOLLO's state is GaLore's less its projectors (and a limiter norm per matrix): the moments are the same size
+    assert apollo["projected_state_bytes"] + projector_bytes == galore["projected_state_bytes"] + 4 * len(shapes)
+    assert mini["held_projector_bytes"] == sum(4 * min(shape) for shape in shapes)
+    assert mini["projected_state_bytes"] + mini["held_projector_bytes"] < 0.05 * matrix_bytes
+    assert mini["state_vs_galore"] < apollo["state_vs_galore"] < 1.0 < full["state_vs_galore"]
+    for name in FAMILY:
+        assert out[name]["step_seconds"] > 0
+        assert out[name]["state_vs_adamw"] == pytest.approx(out[name]["state_bytes"] / full["state_bytes"])
