@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
 from megatron_pept.methods import build_method
 from megatron_pept.models import build_model, llama_args
-from megatron_pept.optim.galore import GaLoreAdamW
+from megatron_pept.optim.galore import GaLoreAdamW, GaLoreOptimizer
 from megatron_pept.optim.projector import captured_energy, projection_side, randomized_basis, svd_basis
 
 
@@ -47,8 +47,10 @@ class OptimBenchSettings:
     vocab_size: int = 32000
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+def state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> int:
+    """Bytes of the tensors in ``optimizer.state``, of every parameter or of ``params`` only."""
+    states = optimizer.state.values() if params is None else (optimizer.state[p] for p in params)
+    return sum(v.numel() * v.element_size() for s in states for v in s.values() if torch.is_tensor(v))
 
 
 def _materialised(model_name: str, *, vocab_size: int, seed: int = 0, max_seq_len: int = 256) -> torch.nn.Module:
@@ -81,7 +83,7 @@ def bench_state_bytes(s: OptimBenchSettings) -> dict[str, Any]:
         out[f"{label}_ratio"] = out[f"{label}_bytes"] / out["adamw_bytes"]
         # The same, counting only the projected matrices on both sides.
         projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
-        ours = sum(v.numel() * v.element_size() for p in projected for v in opt.state[p].values() if torch.is_tensor(v))
+        ours = state_bytes(opt, projected)
         full = sum(2 * p.numel() * 4 for p in projected)
         out[f"{label}_matrices_ratio"] = ours / full
         del opt
@@ -295,7 +297,9 @@ def bench_family(s: OptimBenchSettings) -> dict[str, Any]:
     optimizers = {}
     for name in FAMILY:
         # the first step draws or computes every projector; the timed ones refresh none
-        keys = {} if name == "full" else {"update_proj_gap": 10**9, **({} if name == "apollo_mini" else {"rank": s.rank})}
+        keys: dict[str, int] = {} if name == "full" else {"update_proj_gap": 10**9}
+        if name in ("galore", "apollo", "fira"):  # apollo_mini's rank is 1 by definition
+            keys["rank"] = s.rank
         cfg = MethodConfig(name=name, **keys)
         optimizers[name] = build_method(cfg, optim_cfg=OptimConfig(), total_steps=10**6).build_optimizer(model)
 
@@ -313,22 +317,20 @@ def bench_family(s: OptimBenchSettings) -> dict[str, Any]:
             times[name].append(step(name))
     out: dict[str, Any] = {"model": s.model, "rank": s.rank, "weight_bytes": weight_bytes}
     med = {name: statistics.median(t) for name, t in times.items()}
+    total = {name: state_bytes(opt) for name, opt in optimizers.items()}
     for name in FAMILY:
-        opt = optimizers[name]
-        nbytes = state_bytes(opt)
+        opt, nbytes = optimizers[name], total[name]
         projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
         out[name] = {
             "state_bytes": nbytes,
             # the projected matrices' share (moments, projectors), the rest being full Adam moments of the others
-            "projected_state_bytes": sum(
-                v.numel() * v.element_size() for p in projected for v in opt.state[p].values() if torch.is_tensor(v)
-            ),
+            "projected_state_bytes": state_bytes(opt, projected),
             "projected_weight_bytes": sum(p.numel() * p.element_size() for p in projected),
             # APOLLO's random projectors live outside the state (redrawn from seeds): memory all the same
-            "held_projector_bytes": opt.held_projector_bytes() if isinstance(opt, GaLoreAdamW) else 0,
+            "held_projector_bytes": opt.held_projector_bytes() if isinstance(opt, GaLoreOptimizer) else 0,
             "state_vs_weights": nbytes / weight_bytes,
-            "state_vs_adamw": nbytes / state_bytes(optimizers["full"]),
-            "state_vs_galore": nbytes / state_bytes(optimizers["galore"]),
+            "state_vs_adamw": nbytes / total["full"],
+            "state_vs_galore": nbytes / total["galore"],
             "step_seconds": med[name],
             "step_vs_adamw": med[name] / med["full"],
             "step_vs_galore": med[name] / med["galore"],
