@@ -392,9 +392,10 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
             set_aside_if_stale(run_dir, float(best_lr), output / "stale")
             final = train_run(spec.config, overrides, run_dir, what=what)
         seeds = {str(first_seed[method.label]): final}
+        as_final = method.grid_overrides if spec.grid_steps == spec.steps else ()  # the final run was a grid run
         for seed in method.seeds:
             what = f"{method.label} lr {best_lr} seed {seed} (final run of {spec.steps} steps)"
-            overrides = [*base, f"optim.lr={best_lr}", f"train.steps={spec.steps}", f"train.seed={seed}"]
+            overrides = [*base, *as_final, f"optim.lr={best_lr}", f"train.steps={spec.steps}", f"train.seed={seed}"]
             run_dir = output / "final" / f"{method.label}_seed{seed}"
             set_aside_if_stale(run_dir, float(best_lr), output / "stale")
             seeds[str(seed)] = train_run(spec.config, overrides, run_dir, what=what)

@@ -49,7 +49,14 @@ def write_spec(folder: Path, data: Path, methods: list[dict]) -> Path:
 METHODS = [
     {"name": "full", "lrs": [1.0e-4, 3.0e-3]},
     {"name": "relora", "lrs": [3.0e-3], "overrides": LOWRANK, "probe_overrides": ["method.warm_start_steps=0"]},
-    {"name": "galore", "lrs": [3.0e-3], "overrides": GALORE, "seeds": [1]},
+    # grid_steps == steps here: the grid run is the final run, grid_overrides included, and so are its seed runs
+    {
+        "name": "galore",
+        "lrs": [3.0e-3],
+        "overrides": GALORE,
+        "grid_overrides": ["method.update_proj_gap=3"],
+        "seeds": [1],
+    },
     {
         "name": "galore_dynamic_ef",
         "lrs": [3.0e-3],
@@ -102,6 +109,7 @@ def test_seeds_repeat_the_final_run_at_the_best_lr(study: tuple[dict, Path]) -> 
     run = out / "final" / "galore_seed1"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["seed"] == 1 and config["optim"]["lr"] == 3.0e-3 and config["method"]["rank"] == 8
+    assert config["method"]["update_proj_gap"] == 3
     again = json.loads((run / "result.json").read_text())
     assert again["steps"] == STEPS and seeds["val_loss"]["1"] == again["val_loss"]
     assert again["val_loss"] != seeds["val_loss"]["0"]  # another initialisation and data order
