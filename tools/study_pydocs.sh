@@ -3,7 +3,7 @@
 # (Debian package python3.11-doc, PSF License v2), build the corpus, train a 4096-piece BPE tokenizer, prepare
 # train/validation shards (3% of documents held out, seed 0), run the study (resumable: rerun after an
 # interruption), and draw the plots and the rank analysis into docs/results/.
-#   bash tools/study_pydocs.sh                    # about 6.5 hours on 2 CPU cores (17 runs)
+#   bash tools/study_pydocs.sh                    # about 7 hours on 2 CPU cores (15 methods, 8 seed runs)
 # Environment: SRC (download folder), OUT (study folder), FIGS (figures folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,10 +18,11 @@ A study is a YAML spec (see ``configs/study_cpu.yaml``)::
         overrides: [method.rank=64]
         probe_overrides: [method.warm_start_steps=0]    # probe memory and speed in the low-rank phase
         grid_overrides: [method.warm_start_steps=25]    # scale step counts to the shorter grid runs
+        seeds: [1, 2]             # optional: the final run again with each train.seed, at the same lr (no grid)
 
 Layout of the output folder: ``grid/<label>/lr<lr>/`` and ``final/<label>/`` are ordinary run folders
 (checkpoints, TensorBoard events, config.yaml) with a ``result.json`` once finished;
-``probes/<label>.json`` (memory split and speed);
+``final/<label>_seed<N>/`` for each extra seed; ``probes/<label>.json`` (memory split and speed);
 ``study.json`` and ``study.md``. Rerunning the same command skips every run with a ``result.json``, resumes a
 half-finished run from its last checkpoint, and rebuilds the tables.
 """
@@ -56,6 +57,7 @@ class MethodSpec:
     overrides: tuple[str, ...] = ()
     probe_overrides: tuple[str, ...] = ()
     grid_overrides: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()  # extra final runs at the grid's best lr, one per train.seed
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,19 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
         lrs = entry["lrs"]
         if not isinstance(lrs, list) or not lrs or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
             raise StudyError(f"{path}: methods[{i}].lrs must be a non-empty list of positive numbers, got {lrs!r}")
-        extra = sorted(set(entry) - {"name", "label", "lrs", "overrides", "probe_overrides", "grid_overrides"})
+        extra = sorted(set(entry) - {"name", "label", "lrs", "overrides", "probe_overrides", "grid_overrides", "seeds"})
         if extra:
             raise StudyError(f"{path}: methods[{i}] has unknown key(s) {', '.join(extra)}")
         label = str(entry.get("label", entry["name"]))
         if not label.replace("_", "").replace("-", "").isalnum():
             raise StudyError(f"{path}: methods[{i}].label {label!r} must be letters, digits, - and _ (a folder name)")
+        seeds = entry.get("seeds") or []
+        if (
+            not isinstance(seeds, list)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+            or len(set(seeds)) != len(seeds)
+        ):
+            raise StudyError(f"{path}: methods[{i}].seeds must be a list of distinct integers >= 0, got {seeds!r}")
         methods.append(
             MethodSpec(
                 name=str(entry["name"]),
@@ -124,6 +133,7 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
                 overrides=_strings(entry.get("overrides"), f"methods[{i}].overrides"),
                 probe_overrides=_strings(entry.get("probe_overrides"), f"methods[{i}].probe_overrides"),
                 grid_overrides=_strings(entry.get("grid_overrides"), f"methods[{i}].grid_overrides"),
+                seeds=tuple(seeds),
             )
         )
     if not methods:
@@ -132,6 +142,12 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise StudyError(f"{path}: label(s) {', '.join(dupes)} used twice; give each method entry its own label")
+    folders = {f"{m.label}_seed{seed}": m.label for m in methods for seed in m.seeds}
+    clash = sorted(set(folders) & set(labels))
+    if clash:
+        raise StudyError(
+            f"{path}: label {clash[0]} is also the folder of {folders[clash[0]]}'s seed run; rename the label"
+        )
     baseline = str(raw.get("baseline", "full"))
     if baseline not in labels:
         raise StudyError(f"{path}: baseline {baseline!r} is not one of the methods ({', '.join(labels)})")
@@ -309,6 +325,13 @@ def cfg_device(cfg: Any) -> Any:
     return torch.device(want)
 
 
+def final_seed(config: str, overrides: list[str]) -> int:
+    """The train.seed a method's grid and final runs train with (its config and overrides)."""
+    from megatron_pept.config import load_config
+
+    return int(load_config(config, overrides).train.seed)
+
+
 def _log(message: str) -> None:
     print(f"study: {message}", flush=True)
 
@@ -338,10 +361,16 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
         raise StudyError(f"--output {output} is a file; give a folder")
     output.mkdir(parents=True, exist_ok=True)
     common = [*spec.overrides, f"checkpoint.interval={spec.checkpoint_interval}", "checkpoint.keep_last=1"]
+    chosen = [m for m in spec.methods if not only or m.label in only]
+    first_seed = {m.label: final_seed(spec.config, [*common, f"method.name={m.name}", *m.overrides]) for m in chosen}
+    for method in chosen:
+        if first_seed[method.label] in method.seeds:
+            raise StudyError(
+                f"{method.label}: seeds lists {first_seed[method.label]}, the seed of its final run already "
+                "(train.seed of the config and overrides); list only the other seeds"
+            )
     rows: dict[str, Any] = {}
-    for method in spec.methods:
-        if only and method.label not in only:
-            continue
+    for method in chosen:
         base = [*common, f"method.name={method.name}", *method.overrides]
         grid: dict[str, Any] = {}
         for lr in method.lrs:
@@ -362,6 +391,14 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
             run_dir = output / "final" / method.label
             set_aside_if_stale(run_dir, float(best_lr), output / "stale")
             final = train_run(spec.config, overrides, run_dir, what=what)
+        seeds = {str(first_seed[method.label]): final}
+        as_final = method.grid_overrides if spec.grid_steps == spec.steps else ()  # the final run was a grid run
+        for seed in method.seeds:
+            what = f"{method.label} lr {best_lr} seed {seed} (final run of {spec.steps} steps)"
+            overrides = [*base, *as_final, f"optim.lr={best_lr}", f"train.steps={spec.steps}", f"train.seed={seed}"]
+            run_dir = output / "final" / f"{method.label}_seed{seed}"
+            set_aside_if_stale(run_dir, float(best_lr), output / "stale")
+            seeds[str(seed)] = train_run(spec.config, overrides, run_dir, what=what)
         (output / "probes").mkdir(exist_ok=True)
         _log(f"{method.label}: memory and speed probe ({MEMORY_STEPS} + {spec.probe_steps} steps)")
         measured = probe(
@@ -379,6 +416,13 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
             "final": final,
             "probe": measured,
         }
+        if method.seeds:
+            losses = [r["val_loss"] for r in seeds.values()]
+            rows[method.label]["seeds"] = {
+                "val_loss": {seed: r["val_loss"] for seed, r in seeds.items()},
+                "mean": statistics.fmean(losses),
+                "stdev": statistics.stdev(losses),
+            }
         write_tables(spec, output, rows)  # after each method, so a study cut short has its tables
     return write_tables(spec, output, rows)
 
@@ -461,6 +505,7 @@ def study_markdown(study: dict[str, Any]) -> str:
                 _ratio(m["tokens_per_sec"], bm["tokens_per_sec"]),
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _seed_table(study)
     lrs = sorted({lr for row in rows.values() for lr in row["grid"]}, key=float)
     lines += [
         "",
@@ -477,3 +522,32 @@ def study_markdown(study: dict[str, Any]) -> str:
             cells.append(f"**{text}**" if value is not None and float(lr) == row["best_lr"] else text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_table(study: dict[str, Any]) -> list[str]:
+    """The methods with ``seeds``: each seed's final validation loss, their mean and standard deviation."""
+    rows = {label: row for label, row in study["methods"].items() if "seeds" in row}
+    if not rows:
+        return []
+    seeds = sorted({int(seed) for row in rows.values() for seed in row["seeds"]["val_loss"]})
+    base = study["methods"].get(study["baseline"])
+    base_loss = None if base is None else base.get("seeds", {}).get("mean", base["final"]["val_loss"])
+    lines = [
+        "",
+        "Validation loss of the final runs with other seeds (`train.seed`: initialisation, data order, random "
+        "projections), each at its method's best lr:",
+        "",
+        "| method | lr | "
+        + " | ".join(f"seed {seed}" for seed in seeds)
+        + " | mean | stdev |"
+        + (f" mean vs `{study['baseline']}` |" if base_loss is not None else ""),
+        "|---|---|" + "---|" * (len(seeds) + 2 + (base_loss is not None)),
+    ]
+    for label, row in rows.items():
+        losses = row["seeds"]["val_loss"]
+        cells = [f"{losses[str(seed)]:.4f}" if str(seed) in losses else "" for seed in seeds]
+        cells += [f"{row['seeds']['mean']:.4f}", f"{row['seeds']['stdev']:.4f}"]
+        if base_loss is not None:
+            cells.append(_ratio(row["seeds"]["mean"], base_loss))
+        lines.append(f"| {label} | {row['best_lr']:.3g} | " + " | ".join(cells) + " |")
+    return lines

@@ -49,7 +49,14 @@ def write_spec(folder: Path, data: Path, methods: list[dict]) -> Path:
 METHODS = [
     {"name": "full", "lrs": [1.0e-4, 3.0e-3]},
     {"name": "relora", "lrs": [3.0e-3], "overrides": LOWRANK, "probe_overrides": ["method.warm_start_steps=0"]},
-    {"name": "galore", "lrs": [3.0e-3], "overrides": GALORE},
+    # grid_steps == steps here: the grid run is the final run, grid_overrides included, and so are its seed runs
+    {
+        "name": "galore",
+        "lrs": [3.0e-3],
+        "overrides": GALORE,
+        "grid_overrides": ["method.update_proj_gap=3"],
+        "seeds": [1],
+    },
     {
         "name": "galore_dynamic_ef",
         "lrs": [3.0e-3],
@@ -93,6 +100,27 @@ def test_table_for_the_four_methods(study: tuple[dict, Path]) -> None:
     assert json.loads((out / "study.json").read_text())["methods"].keys() == rows.keys()
 
 
+def test_seeds_repeat_the_final_run_at_the_best_lr(study: tuple[dict, Path]) -> None:
+    result, out = study
+    rows = result["methods"]
+    assert [label for label, row in rows.items() if "seeds" in row] == ["galore"]
+    seeds = rows["galore"]["seeds"]
+    assert seeds["val_loss"]["0"] == rows["galore"]["final"]["val_loss"]  # the spec's own seed is the final run
+    run = out / "final" / "galore_seed1"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["seed"] == 1 and config["optim"]["lr"] == 3.0e-3 and config["method"]["rank"] == 8
+    assert config["method"]["update_proj_gap"] == 3
+    again = json.loads((run / "result.json").read_text())
+    assert again["steps"] == STEPS and seeds["val_loss"]["1"] == again["val_loss"]
+    assert again["val_loss"] != seeds["val_loss"]["0"]  # another initialisation and data order
+    losses = [seeds["val_loss"]["0"], seeds["val_loss"]["1"]]
+    assert seeds["mean"] == pytest.approx(sum(losses) / 2)
+    assert seeds["stdev"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
+    assert not (out / "grid" / "galore_seed1").exists()  # no grid of its own
+    row = f"| galore | 0.003 | {losses[0]:.4f} | {losses[1]:.4f} | {seeds['mean']:.4f} | {seeds['stdev']:.4f} |"
+    assert row in (out / "study.md").read_text()
+
+
 def test_memory_split_adds_up_to_the_measured_peak(study: tuple[dict, Path]) -> None:
     rows = study[0]["methods"]
     for label, row in rows.items():
@@ -132,6 +160,32 @@ def test_spec_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"config": "quickstart", "steps": 4, "methods": [{"name": "lora", "lrs": [1]}]}))
     with pytest.raises(StudyError, match="baseline 'full' is not one of the methods"):
         load_spec(bad)
+    for seeds in ([1, 1], [-1], "1", [1.5]):
+        bad.write_text(
+            yaml.safe_dump(
+                {"config": "quickstart", "steps": 4, "methods": [{"name": "full", "lrs": [1], "seeds": seeds}]}
+            )
+        )
+        with pytest.raises(StudyError, match=r"methods\[0\].seeds must be a list of distinct integers"):
+            load_spec(bad)
+    twice = [{"name": "full", "lrs": [1], "seeds": [2]}, {"name": "full", "label": "full_seed2", "lrs": [1]}]
+    bad.write_text(yaml.safe_dump({"config": "quickstart", "steps": 4, "methods": twice}))
+    with pytest.raises(StudyError, match="label full_seed2 is also the folder of full's seed run"):
+        load_spec(bad)
+    # the spec's own seed (train.seed, 0 here) is the final run already: refused before anything trains
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "config": "quickstart",
+                "overrides": ["train.seed=3"],
+                "steps": 4,
+                "methods": [{"name": "full", "lrs": [1], "seeds": [1, 3]}],
+            }
+        )
+    )
+    with pytest.raises(StudyError, match="full: seeds lists 3, the seed of its final run already"):
+        run_study(load_spec(bad), tmp_path / "out")
+    assert not (tmp_path / "out" / "grid").exists()
     code = subprocess.run(
         [sys.executable, "tools/study.py", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "o")],
         cwd=REPO,
