@@ -362,7 +362,8 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
     output.mkdir(parents=True, exist_ok=True)
     common = [*spec.overrides, f"checkpoint.interval={spec.checkpoint_interval}", "checkpoint.keep_last=1"]
     chosen = [m for m in spec.methods if not only or m.label in only]
-    first_seed = {m.label: final_seed(spec.config, [*common, f"method.name={m.name}", *m.overrides]) for m in chosen}
+    bases = {m.label: [*common, f"method.name={m.name}", *m.overrides] for m in chosen}
+    first_seed = {label: final_seed(spec.config, base) for label, base in bases.items()}
     for method in chosen:
         if first_seed[method.label] in method.seeds:
             raise StudyError(
@@ -371,7 +372,7 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
             )
     rows: dict[str, Any] = {}
     for method in chosen:
-        base = [*common, f"method.name={method.name}", *method.overrides]
+        base = bases[method.label]
         grid: dict[str, Any] = {}
         for lr in method.lrs:
             run_dir = output / "grid" / method.label / lr_folder(lr)
@@ -392,10 +393,9 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
             set_aside_if_stale(run_dir, float(best_lr), output / "stale")
             final = train_run(spec.config, overrides, run_dir, what=what)
         seeds = {str(first_seed[method.label]): final}
-        as_final = method.grid_overrides if spec.grid_steps == spec.steps else ()  # the final run was a grid run
-        for seed in method.seeds:
+        for seed in method.seeds:  # the final run (a grid run when grid_steps == steps) with another train.seed
             what = f"{method.label} lr {best_lr} seed {seed} (final run of {spec.steps} steps)"
-            overrides = [*base, *as_final, f"optim.lr={best_lr}", f"train.steps={spec.steps}", f"train.seed={seed}"]
+            overrides = [*final["overrides"], f"train.seed={seed}"]
             run_dir = output / "final" / f"{method.label}_seed{seed}"
             set_aside_if_stale(run_dir, float(best_lr), output / "stale")
             seeds[str(seed)] = train_run(spec.config, overrides, run_dir, what=what)

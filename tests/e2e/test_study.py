@@ -172,7 +172,7 @@ def test_spec_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"config": "quickstart", "steps": 4, "methods": twice}))
     with pytest.raises(StudyError, match="label full_seed2 is also the folder of full's seed run"):
         load_spec(bad)
-    # the spec's own seed (train.seed, 0 here) is the final run already: refused before anything trains
+    # the spec's own seed (train.seed, 3 here) is the final run already: refused before anything trains
     bad.write_text(
         yaml.safe_dump(
             {
