@@ -61,6 +61,7 @@ def test_two_node_torchrun_matches_one_process(quickstart_data: Path, tmp_path: 
         "RDZV_ENDPOINT": f"127.0.0.1:{port}",
         "RDZV_ID": "test",
         "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,  # the test's interpreter, not whichever `python` is first on PATH
     }
     args = [str(REPO / "launch/torchrun.sh"), *overrides(quickstart_data, tmp_path / "run"), "parallel.backend=ddp"]
     nodes = [
