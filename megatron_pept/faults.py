@@ -20,6 +20,11 @@ Points (``POINTS``), in the order a step passes them:
 * ``save.marked``: the completion marker is written in the temporary folder, which is not renamed yet.
 * ``save.renamed``: the folder has its final name; ``latest`` still names the previous checkpoint.
 * ``save.committed``: ``latest`` names the new checkpoint; older ones are not pruned yet.
+
+And one outside training:
+
+* ``prepare.encode``: ``megatron-pept-prepare-data``'s tokenizer (a worker process with ``--workers`` > 1) is about
+  to encode batch STEP of this invocation (counted from 0); RANK is 0.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import sys
 
 ENV_VAR = "MEGATRON_PEPT_FAULT"
 FAULT_FROZEN_LINE = "megatron_pept fault injection: frozen at"
-POINTS = ("step.end", "save.async", "save.written", "save.marked", "save.renamed", "save.committed")
+POINTS = ("step.end", "save.async", "save.written", "save.marked", "save.renamed", "save.committed", "prepare.encode")
 
 
 def parse_fault(spec: str) -> tuple[str, int, int, int | None]:

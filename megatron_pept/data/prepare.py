@@ -25,6 +25,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from megatron_pept.data.shards import INDEX_FILE, SPLITS, DataIndex, ShardInfo, 
 from megatron_pept.data.sources import iter_corpus, resolve_source
 from megatron_pept.data.tokenizer import HF_FILE, MODEL_FILE, HFTokenizer, load_tokenizer
 from megatron_pept.errors import DataError
+from megatron_pept.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +116,10 @@ def _worker_init(model_path: str, threads: int) -> None:
     _WORKER_THREADS = threads
 
 
-def _encode_batch(job: tuple[list[str], bool, str]) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode_batch(job: tuple[int, list[str], bool, str]) -> tuple[np.ndarray, np.ndarray, int]:
     """Encode documents into one flat array plus per-document lengths (cheap to send between processes)."""
-    texts, add_bos, dtype = job
+    batch, texts, add_bos, dtype = job
+    fault_point("prepare.encode", step=batch, rank=0)
     tok = _WORKER_TOKENIZER
     assert tok is not None
     pieces = tok.encode(texts, num_threads=_WORKER_THREADS)
@@ -130,6 +134,12 @@ def _encode_batch(job: tuple[list[str], bool, str]) -> tuple[np.ndarray, np.ndar
         flat[start + length - 1] = tok.eos_id
         start += length
     return flat, lengths, sum(len(t.encode("utf-8")) for t in texts)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the executor's worker processes (they hold nothing but a tokenizer; a stopped one ignores SIGTERM)."""
+    for proc in list((pool._processes or {}).values()):  # Python < 3.14 has no public terminate_workers()
+        proc.kill()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,8 +221,9 @@ def _jobs(
     opts: PrepareOptions,
     dtype: str,
     counters: dict[str, int],
-) -> Iterator[tuple[list[tuple[int, str]], tuple[list[str], bool, str]]]:
-    """Batches of (document number, split) with the texts that still need tokenizing."""
+) -> Iterator[tuple[list[tuple[int, str]], tuple[int, list[str], bool, str]]]:
+    """Batches of (document number, split) with the texts that still need tokenizing (and the batch's number)."""
+    batches = 0
     batch_meta: list[tuple[int, str]] = []
     batch_texts: list[str] = []
     for number, text in enumerate(documents, start=first_number):
@@ -223,10 +234,11 @@ def _jobs(
         batch_meta.append((number, split))
         batch_texts.append(text)
         if len(batch_texts) >= opts.batch_documents:
-            yield batch_meta, (batch_texts, opts.add_bos, dtype)
+            yield batch_meta, (batches, batch_texts, opts.add_bos, dtype)
+            batches += 1
             batch_meta, batch_texts = [], []
     if batch_texts:
-        yield batch_meta, (batch_texts, opts.add_bos, dtype)
+        yield batch_meta, (batches, batch_texts, opts.add_bos, dtype)
 
 
 def choose_token_dtype(vocab_size: int, requested: str) -> np.dtype:
@@ -305,9 +317,18 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         dtype=dtype.str,
         counters=counters,
     )
-    # Several processes, one SentencePiece thread each; or this process alone, encoding on every core.
+    # Several processes, one SentencePiece thread each; or this process alone, encoding on every core. An
+    # executor, not multiprocessing.Pool: a worker that dies (the out-of-memory killer, kill -9) breaks the
+    # executor and every waiting result raises, where Pool replaces the worker and waits forever for its batch.
     pool = (
-        mp.get_context("spawn").Pool(opts.workers, _worker_init, (str(tokenizer.path), 1)) if opts.workers > 1 else None
+        ProcessPoolExecutor(
+            opts.workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(str(tokenizer.path), 1),
+        )
+        if opts.workers > 1
+        else None
     )
     if pool is None:
         _worker_init(str(tokenizer.path), -1)
@@ -327,6 +348,7 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         text_bytes += nbytes
         bar.update(nbytes)
 
+    finished = False
     try:
         if pool is None:
             for meta, job in jobs:
@@ -336,18 +358,26 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
             # ahead into memory.
             inflight: deque = deque()
             for meta, job in jobs:
-                inflight.append((meta, pool.apply_async(_encode_batch, (job,))))
+                inflight.append((meta, pool.submit(_encode_batch, job)))
                 if len(inflight) >= 4 * opts.workers:
                     head_meta, head = inflight.popleft()
-                    consume(head_meta, head.get())
+                    consume(head_meta, head.result())
             while inflight:
                 head_meta, head = inflight.popleft()
-                consume(head_meta, head.get())
+                consume(head_meta, head.result())
+        finished = True
+    except BrokenProcessPool:
+        kept = sum(len(p.shards) for p in progress.values())
+        raise DataError(
+            f"a tokenizer worker process died (killed, or out of memory) while preparing {out}; the {kept} finished "
+            "shard(s) are kept: run the same command again to resume (with fewer --workers if memory ran out)"
+        ) from None
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            if not finished:  # an error or Ctrl-C: nothing waits for the batches in flight (nor for a hung worker)
+                _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
     splits = {s: w.close() for s, w in writers.items()}
     if splits["train"].documents == 0:
         for split in SPLITS:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import signal
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from megatron_pept.data.prepare import PrepareOptions, is_validation_document, p
 from megatron_pept.data.shards import ShardWriter, read_index
 from megatron_pept.data.tokenizer import train_tokenizer_from_sources
 from megatron_pept.errors import DataError
+from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
 
 
 def stdlib_documents(limit: int = 300) -> list[str]:
@@ -182,6 +187,53 @@ def test_resume_after_a_crash_is_byte_identical(tmp_path: Path, tokenizer_dir: P
     assert not list(crashed.glob(".*"))
     again = prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "crash"), show_progress=False)
     assert again.already_complete
+
+
+def test_a_killed_worker_is_one_line_and_the_same_command_resumes(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A tokenizer worker killed with -9 (as the out-of-memory killer does) while it holds a batch: the tool used to
+    wait forever for that batch (multiprocessing.Pool replaces the worker and forgets its task). Now it exits 2 with
+    one line, keeps the finished shards, and the same command resumes and ends byte-identical to an uninterrupted
+    run. The worker is killed where it froze itself (fault point prepare.encode@3), not after a guessed sleep."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(600, seed=4)) + "\n")
+    prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "whole"), show_progress=False)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "megatron_pept.tools.prepare_data", "--input", str(corpus)]
+    cmd += ["--tokenizer", str(tokenizer_dir), "--output", str(out), "--shard-tokens", "3000"]
+    cmd += ["--val-fraction", "0.1", "--workers", "2", "--batch-documents", "40", "--no-progress"]
+    env = {**os.environ, ENV_VAR: "prepare.encode@3"}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if FAULT_FROZEN_LINE in line:
+            break
+    else:
+        pytest.fail(f"the tool ended (exit {proc.wait()}) before freezing at prepare.encode@3:\n{''.join(lines)}")
+    worker = int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
+    assert worker != proc.pid  # a worker process, not the tool
+    os.kill(worker, signal.SIGKILL)
+    try:
+        rest = proc.communicate(timeout=300)[0]  # a hang is the bug; this bound only turns it into a failure
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the tool still waits for the killed worker's batch 300 s later")
+    assert proc.returncode == 2, rest
+    errors = [x for x in rest.splitlines() if "error:" in x]
+    assert len(errors) == 1 and errors[0] == rest.rstrip("\n").splitlines()[-1], rest
+    assert "a tokenizer worker process died" in errors[0] and "run the same command again" in errors[0], errors
+    assert not (out / "index.json").exists()
+    kept = json.loads((out / prepare_mod.STATE_FILE).read_text())["splits"]
+    assert kept["train"]["shards"], "no shard was finished before the kill: the resume below would prove nothing"
+    assert f"the {len(kept['train']['shards']) + len(kept['val']['shards'])} finished shard(s)" in errors[0]
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "(resumed)" in again.stdout, again.stdout + again.stderr
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+    assert read_index(out).splits == read_index(tmp_path / "whole").splits
 
 
 def test_prepare_refusals(tmp_path: Path, tokenizer_dir: Path) -> None:
