@@ -210,12 +210,16 @@ def median_tokens_per_sec(run_dir: Path, *, skip_first: int = 2) -> float:
     return statistics.median(kept) if kept else float("nan")
 
 
-def train_run(config: str, overrides: list[str], run_dir: Path, *, what: str) -> dict[str, Any]:
-    """One run to its end (resuming it if it has a checkpoint); its result, also kept in ``result.json``."""
+def train_run(config: str, overrides: list[str], run_dir: Path, *, what: str, train: bool = True) -> dict[str, Any]:
+    """One run to its end (resuming it if it has a checkpoint); its result, also kept in ``result.json``. With
+    ``train=False`` only a finished run's result, else a :class:`_Unfinished`."""
     done = run_dir / RESULT_FILE
     if done.is_file():
-        _log(f"{what}: finished before, kept ({done})")
+        if train:  # a method left out by --only is only read back: no line for each of its runs
+            _log(f"{what}: finished before, kept ({done})")
         return json.loads(done.read_text())
+    if not train:
+        raise _Unfinished(what)
     _log(f"{what}: training in {run_dir}")
     from megatron_pept.config import load_config
     from megatron_pept.trainer import Trainer
@@ -258,13 +262,16 @@ def train_run(config: str, overrides: list[str], run_dir: Path, *, what: str) ->
 MEMORY_STEPS = 3
 
 
-def probe(config: str, overrides: list[str], steps: int, out: Path) -> dict[str, Any]:
+def probe(config: str, overrides: list[str], steps: int, out: Path, *, train: bool = True) -> dict[str, Any]:
     """Memory and speed of a method, from a fresh run (no checkpoint, no TensorBoard, no validation): the
     peak-memory split of its first ``MEMORY_STEPS`` steps (MemTracker against the allocator), then the median
     time of ``steps`` more steps, timed back to back in one process (the study's runs are long and share the
-    machine with whatever else runs; these few steps are its throughput figures)."""
+    machine with whatever else runs; these few steps are its throughput figures). ``train=False``: only one
+    measured before, else a :class:`_Unfinished`."""
     if out.is_file():
         return json.loads(out.read_text())
+    if not train:
+        raise _Unfinished(f"memory and speed probe {out}")
     import contextlib
     import shutil
     import tempfile
@@ -336,15 +343,22 @@ def _log(message: str) -> None:
     print(f"study: {message}", flush=True)
 
 
-def set_aside_if_stale(run_dir: Path, lr: float, stale: Path) -> None:
+class _Unfinished(Exception):
+    """A method left out by ``--only`` has a run (named here) that is not finished: it has no row yet."""
+
+
+def set_aside_if_stale(run_dir: Path, lr: float, stale: Path, *, train: bool = True) -> None:
     """A final run (finished or not) trained at another learning rate than the grid's best now (the grid was
-    extended, say) moves to ``stale/`` instead of being resumed or reused."""
+    extended, say) moves to ``stale/`` instead of being resumed or reused (``train=False``: is left where it is
+    and counts as unfinished)."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         return
     used = float((yaml.safe_load(config.read_text()) or {}).get("optim", {}).get("lr", lr))
     if math.isclose(used, lr, rel_tol=1e-9):
         return
+    if not train:
+        raise _Unfinished(f"{run_dir} (trained at lr {used:g}, the grid's best is now {lr:g})")
     stale.mkdir(parents=True, exist_ok=True)
     target = stale / f"{run_dir.name}-lr{used:.3g}"
     _log(f"{run_dir} trained at lr {used:g}, the grid's best is now {lr:g}: moved to {target}")
@@ -352,7 +366,9 @@ def set_aside_if_stale(run_dir: Path, lr: float, stale: Path) -> None:
 
 
 def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -> dict[str, Any]:
-    """Run (or finish) the study and write ``study.json`` and ``study.md`` into ``output``."""
+    """Run (or finish) the study and write ``study.json`` and ``study.md`` into ``output``. With ``only``, only
+    those methods train; every other method whose runs all finished earlier keeps its row (in spec order), so the
+    tables are the ones a run without ``only`` writes; one with a run still missing is left out, with a log line."""
     labels = [m.label for m in spec.methods]
     unknown = sorted(set(only or []) - set(labels))
     if unknown:
@@ -361,70 +377,87 @@ def run_study(spec: StudySpec, output: Path, *, only: list[str] | None = None) -
         raise StudyError(f"--output {output} is a file; give a folder")
     output.mkdir(parents=True, exist_ok=True)
     common = [*spec.overrides, f"checkpoint.interval={spec.checkpoint_interval}", "checkpoint.keep_last=1"]
-    chosen = [m for m in spec.methods if not only or m.label in only]
-    bases = {m.label: [*common, f"method.name={m.name}", *m.overrides] for m in chosen}
-    first_seed = {label: final_seed(spec.config, base) for label, base in bases.items()}
-    for method in chosen:
-        if first_seed[method.label] in method.seeds:
+    bases = {m.label: [*common, f"method.name={m.name}", *m.overrides] for m in spec.methods}
+    first_seed = {m.label: final_seed(spec.config, bases[m.label]) for m in spec.methods if m.seeds}
+    for method in spec.methods:
+        if method.seeds and first_seed[method.label] in method.seeds:
             raise StudyError(
                 f"{method.label}: seeds lists {first_seed[method.label]}, the seed of its final run already "
                 "(train.seed of the config and overrides); list only the other seeds"
             )
     rows: dict[str, Any] = {}
-    for method in chosen:
-        base = bases[method.label]
-        grid: dict[str, Any] = {}
-        for lr in method.lrs:
-            run_dir = output / "grid" / method.label / lr_folder(lr)
-            overrides = [*base, *method.grid_overrides, f"optim.lr={lr}", f"train.steps={spec.grid_steps}"]
-            what = f"{method.label} lr {lr:g} (grid run of {spec.grid_steps} steps)"
-            grid[f"{lr:g}"] = train_run(spec.config, overrides, run_dir, what=what)
-        finite = {lr: r for lr, r in grid.items() if math.isfinite(r["val_loss"])}
-        if not finite:
-            raise StudyError(f"every grid run of {method.label} diverged; lower its lrs")
-        best_lr = min(finite, key=lambda lr: finite[lr]["val_loss"])
-        edge = best_lr in (f"{min(method.lrs):g}", f"{max(method.lrs):g}") and len(method.lrs) > 1
-        if spec.grid_steps == spec.steps:
-            final = grid[best_lr]
-        else:
-            what = f"{method.label} lr {best_lr} (final run of {spec.steps} steps)"
-            overrides = [*base, f"optim.lr={best_lr}", f"train.steps={spec.steps}"]
-            run_dir = output / "final" / method.label
-            set_aside_if_stale(run_dir, float(best_lr), output / "stale")
-            final = train_run(spec.config, overrides, run_dir, what=what)
-        seeds = {str(first_seed[method.label]): final}
-        for seed in method.seeds:  # the final run (a grid run when grid_steps == steps) with another train.seed
-            what = f"{method.label} lr {best_lr} seed {seed} (final run of {spec.steps} steps)"
-            overrides = [*final["overrides"], f"train.seed={seed}"]
-            run_dir = output / "final" / f"{method.label}_seed{seed}"
-            set_aside_if_stale(run_dir, float(best_lr), output / "stale")
-            seeds[str(seed)] = train_run(spec.config, overrides, run_dir, what=what)
+    for method in spec.methods:
+        train = not only or method.label in only
+        try:
+            rows[method.label] = _method_row(
+                spec, output, method, bases[method.label], first_seed.get(method.label), train=train
+            )
+        except _Unfinished as missing:
+            _log(f"{method.label}: not in the tables, {missing} has not finished (run it with --only {method.label})")
+            continue
+        if train:
+            write_tables(spec, output, rows)  # after each method, so a study cut short has its tables
+    return write_tables(spec, output, rows)
+
+
+def _method_row(
+    spec: StudySpec, output: Path, method: MethodSpec, base: list[str], first_seed: int | None, *, train: bool
+) -> dict[str, Any]:
+    """One method's grid, final run, seed runs and probe (trained where missing, or with ``train=False`` read
+    back if all finished, else :class:`_Unfinished`), as its row of study.json."""
+    grid: dict[str, Any] = {}
+    for lr in method.lrs:
+        run_dir = output / "grid" / method.label / lr_folder(lr)
+        overrides = [*base, *method.grid_overrides, f"optim.lr={lr}", f"train.steps={spec.grid_steps}"]
+        what = f"{method.label} lr {lr:g} (grid run of {spec.grid_steps} steps)"
+        grid[f"{lr:g}"] = train_run(spec.config, overrides, run_dir, what=what, train=train)
+    finite = {lr: r for lr, r in grid.items() if math.isfinite(r["val_loss"])}
+    if not finite:
+        raise StudyError(f"every grid run of {method.label} diverged; lower its lrs")
+    best_lr = min(finite, key=lambda lr: finite[lr]["val_loss"])
+    edge = best_lr in (f"{min(method.lrs):g}", f"{max(method.lrs):g}") and len(method.lrs) > 1
+    if spec.grid_steps == spec.steps:
+        final = grid[best_lr]
+    else:
+        what = f"{method.label} lr {best_lr} (final run of {spec.steps} steps)"
+        overrides = [*base, f"optim.lr={best_lr}", f"train.steps={spec.steps}"]
+        run_dir = output / "final" / method.label
+        set_aside_if_stale(run_dir, float(best_lr), output / "stale", train=train)
+        final = train_run(spec.config, overrides, run_dir, what=what, train=train)
+    seeds = {str(first_seed): final}
+    for seed in method.seeds:  # the final run (a grid run when grid_steps == steps) with another train.seed
+        what = f"{method.label} lr {best_lr} seed {seed} (final run of {spec.steps} steps)"
+        overrides = [*final["overrides"], f"train.seed={seed}"]
+        run_dir = output / "final" / f"{method.label}_seed{seed}"
+        set_aside_if_stale(run_dir, float(best_lr), output / "stale", train=train)
+        seeds[str(seed)] = train_run(spec.config, overrides, run_dir, what=what, train=train)
+    if train:
         (output / "probes").mkdir(exist_ok=True)
         _log(f"{method.label}: memory and speed probe ({MEMORY_STEPS} + {spec.probe_steps} steps)")
-        measured = probe(
-            spec.config,
-            [*base, *method.probe_overrides, f"optim.lr={best_lr}", f"train.steps={spec.steps}"],
-            spec.probe_steps,
-            output / "probes" / f"{method.label}.json",
-        )
-        rows[method.label] = {
-            "method": method.name,
-            "label": method.label,
-            "best_lr": float(best_lr),
-            "best_lr_at_grid_edge": edge,
-            "grid": {lr: r["val_loss"] for lr, r in grid.items()},
-            "final": final,
-            "probe": measured,
+    measured = probe(
+        spec.config,
+        [*base, *method.probe_overrides, f"optim.lr={best_lr}", f"train.steps={spec.steps}"],
+        spec.probe_steps,
+        output / "probes" / f"{method.label}.json",
+        train=train,
+    )
+    row = {
+        "method": method.name,
+        "label": method.label,
+        "best_lr": float(best_lr),
+        "best_lr_at_grid_edge": edge,
+        "grid": {lr: r["val_loss"] for lr, r in grid.items()},
+        "final": final,
+        "probe": measured,
+    }
+    if method.seeds:
+        losses = [r["val_loss"] for r in seeds.values()]
+        row["seeds"] = {
+            "val_loss": {seed: r["val_loss"] for seed, r in seeds.items()},
+            "mean": statistics.fmean(losses),
+            "stdev": statistics.stdev(losses),
         }
-        if method.seeds:
-            losses = [r["val_loss"] for r in seeds.values()]
-            rows[method.label]["seeds"] = {
-                "val_loss": {seed: r["val_loss"] for seed, r in seeds.items()},
-                "mean": statistics.fmean(losses),
-                "stdev": statistics.stdev(losses),
-            }
-        write_tables(spec, output, rows)  # after each method, so a study cut short has its tables
-    return write_tables(spec, output, rows)
+    return row
 
 
 def write_tables(spec: StudySpec, output: Path, rows: dict[str, Any]) -> dict[str, Any]:

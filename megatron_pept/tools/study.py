@@ -3,7 +3,8 @@ budget; writes study.json and study.md (validation loss, perplexity, bits per by
 peak-memory split, tokens/s, and ratios to the baseline). Rerunning skips finished runs and resumes the rest.
 
   megatron-pept-study configs/studies/cpu_pydocs.yaml --output runs/study_cpu_pydocs
-  megatron-pept-study SPEC --output DIR --only full --only relora     # a subset, same folders
+  megatron-pept-study SPEC --output DIR --only full --only relora     # train a subset, same folders; the
+                                                                      # tables keep every finished method
   (python tools/study.py ... in a checkout; the spec format is in megatron_pept/study/runner.py)
 """
 
@@ -22,7 +23,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("spec", help="study spec (YAML): base config, steps, grid steps, methods and their lrs")
     parser.add_argument("--output", required=True, type=Path, metavar="DIR", help="study folder (created or resumed)")
     parser.add_argument(
-        "--only", action="append", default=None, metavar="LABEL", help="run only these methods (repeatable)"
+        "--only",
+        action="append",
+        default=None,
+        metavar="LABEL",
+        help="train only these methods (repeatable); the tables also hold every other method of the spec whose runs "
+        "have all finished",
     )
     return parser
 

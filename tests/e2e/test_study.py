@@ -202,6 +202,9 @@ def test_killed_study_resumes_without_redoing_finished_runs(quickstart_data: Pat
     cmd = [sys.executable, "tools/study.py", str(spec_path), "--output", str(out)]
     first = subprocess.run([*cmd, "--only", "full"], cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
+    # galore has not run: no row for it, and a line that says so
+    assert set(json.loads((out / "study.json").read_text())["methods"]) == {"full"}
+    assert "galore: not in the tables, galore lr 0.003 (grid run of 6 steps) has not finished" in first.stdout
     done = out / "grid" / "full" / "lr0.003" / "result.json"
     stamp = done.stat().st_mtime_ns, done.read_bytes()
     # freeze the whole study at galore's step 3 (after its step-2 checkpoint): full is done, so it is not rerun
@@ -235,6 +238,14 @@ def test_killed_study_resumes_without_redoing_finished_runs(quickstart_data: Pat
     assert resumed["resumed_from"] and resumed["resumed_from"].endswith("step_00000002")
     assert resumed["steps"] == STEPS
     assert set(json.loads((out / "study.json").read_text())["methods"]) == {"full", "galore"}
+    # --only one method of a finished study trains nothing and writes the whole study's tables, byte for byte
+    tables = {name: (out / name).read_bytes() for name in ("study.json", "study.md")}
+    only = subprocess.run([*cmd, "--only", "galore"], cwd=REPO, capture_output=True, text=True)
+    assert only.returncode == 0, only.stderr[-2000:]
+    assert (
+        ": training in" not in only.stdout and "galore lr 0.003 (grid run of 6 steps): finished before" in only.stdout
+    )
+    assert {name: (out / name).read_bytes() for name in tables} == tables
 
 
 def test_a_final_run_at_another_lr_is_set_aside(tmp_path: Path) -> None:
