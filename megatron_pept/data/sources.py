@@ -66,6 +66,20 @@ def resolve_source(spec: str, *, allow_hub: bool = True) -> TextSource:
 
 def iter_documents(source: TextSource, *, text_field: str = "text", split: str = "train") -> Iterator[str]:
     """The non-empty documents of one source in their stored order."""
+    try:
+        yield from _iter_documents(source, text_field=text_field, split=split)
+    except RuntimeError as err:
+        # datasets keeps a streaming dataset's epoch in torch shared memory whenever torch is installed, so a
+        # read-only or missing /dev/shm fails every read with a torch traceback
+        if "shared memory" not in str(err):
+            raise
+        raise DataError(
+            f"reading {source.spec} needs a writable /dev/shm (datasets keeps a counter in torch shared memory): "
+            f"{str(err).splitlines()[0]}; make /dev/shm writable (docker run --shm-size=1g, or --ipc=host)"
+        ) from None
+
+
+def _iter_documents(source: TextSource, *, text_field: str, split: str) -> Iterator[str]:
     import datasets
 
     datasets.logging.set_verbosity_error()

@@ -229,13 +229,15 @@ def train_sentencepiece(
     if output_dir.exists():
         output_dir.rmdir()
     num_docs = 0
+    read_all = False  # the input was read to its end (an empty input is told apart from a trainer that failed first)
 
     def sentences() -> Iterable[str]:
-        nonlocal num_docs
+        nonlocal num_docs, read_all
         for text in texts:
             if text and not text.isspace():
                 num_docs += 1
                 yield text
+        read_all = True
 
     spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles training sentences
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp") as tmp:
@@ -262,7 +264,7 @@ def train_sentencepiece(
                 **options,
             )
         except RuntimeError as err:
-            if num_docs == 0:
+            if num_docs == 0 and read_all:
                 raise DataError("no text to train the tokenizer on: every input document was empty") from None
             msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise DataError(f"SentencePiece training failed: {msg}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,42 @@ def test_prepare_tool_errors(corpus: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 2 and "no tokenizer" in proc.stderr and proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "d").exists()
+
+
+READ_ONLY_SHM = (  # run "$@" where /dev/shm is a read-only bind of itself, in this mount namespace only
+    "mount --bind /dev/shm /dev/shm && mount -o bind,remount,ro /dev/shm || exit 97; "
+    "if touch /dev/shm/.megatron-pept-ro-check 2>/dev/null; then rm -f /dev/shm/.megatron-pept-ro-check; exit 98; fi; "
+    'exec "$@"'
+)
+
+
+def test_a_read_only_dev_shm_is_one_line(corpus: Path, quickstart_data: Path, tmp_path: Path) -> None:
+    """datasets keeps a streaming dataset's counter in torch shared memory, so with /dev/shm read-only (some
+    containers) every read failed: prepare-data with a torch traceback, train-tokenizer with "no text to train the
+    tokenizer on" (it took any failure before the first document for an empty input). Both now say what is wrong
+    in one line and exit 2. Needs a private mount namespace (root and unshare); the host's /dev/shm is untouched."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here to give the tools a read-only /dev/shm")
+    runs = {
+        "train_tokenizer.py": ["--input", str(corpus), "--vocab-size", "700", "--output", str(tmp_path / "tok")],
+        "prepare_data.py": ["--input", str(corpus), "--tokenizer", str(quickstart_data / "tokenizer.model")]
+        + ["--output", str(tmp_path / "data"), "--workers", "1", "--no-progress"],
+    }
+    for name, args in runs.items():
+        cmd = [sys.executable, str(REPO / "tools" / name), *args]
+        proc = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", READ_ONLY_SHM, "sh", *cmd],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode in (97, 98) or proc.stderr.startswith("unshare:"):
+            pytest.skip(f"cannot make /dev/shm read-only in a namespace of its own here: {proc.stderr.strip()[:200]}")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr[-3000:]
+        assert "needs a writable /dev/shm" in proc.stderr and "Read-only file system" in proc.stderr, proc.stderr
+    assert not (tmp_path / "tok").exists() and not list((tmp_path / "data").glob("*"))
 
 
 @pytest.mark.parametrize("name", ["train_tokenizer.py", "prepare_data.py"])
