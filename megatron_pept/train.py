@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    launcher = os.getppid()  # before anything slow: a worker's launcher, if it has one (see follow_the_launcher)
     args = build_parser().parse_args(argv)
     if args.help_config:
         print(describe_config())
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        from megatron_pept.signals import caught_early
+        from megatron_pept.signals import caught_early, follow_the_launcher
         from megatron_pept.trainer import Trainer
 
         with caught_early(cfg.checkpoint.save_on_signal):  # a stop signal during the set-up is not lost
+            follow_the_launcher(launcher)  # a killed launcher's workers save and stop instead of training on
             trainer = Trainer(cfg)
             result = trainer.train()
         if result.interrupted:

@@ -167,6 +167,15 @@ def start_time(pid: int) -> str | None:
         return None
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie: it has exited and waits for a parent to reap it (an orphan's new parent, PID 1 of a
+    container or VM, may never do so)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class Job:
     """A launcher started in a session of its own, with its output read line by line. ``seen`` remembers every
     process ever found below it, so that cleanup kills the workers even once the launcher has gone."""
@@ -225,9 +234,19 @@ def jobs(tmp_path: Path) -> Iterator:
         job.kill()
 
 
-def wait_until_pending(pid: int, sig: signal.Signals, launcher: subprocess.Popen, timeout: float = 120) -> None:
+def stop_step(log: str, sig: signal.Signals) -> int:
+    """The step a run that was frozen after step 3 stopped at on ``sig``: 3, or 4. A signal sent to a stopped
+    process is taken, once it continues, by whichever of its threads runs first; CPython then runs the handler in
+    the main thread at its next check, which can come after the main thread has passed step 3's stop check (then
+    every rank stops at step 4 together). Either way the step it names is the one saved."""
+    found = re.search(rf"megatron_pept: stopped at step (\d+) on {sig.name}: checkpoint step_(\d+) saved", log)
+    assert found and found[1] == str(int(found[2])) and int(found[1]) in (3, 4), log[-3000:]
+    return int(found[1])
+
+
+def wait_until_pending(pid: int, sig: signal.Signals, launcher: subprocess.Popen | None, timeout: float = 120) -> None:
     """Return once ``sig`` is pending on the stopped process ``pid`` (it has reached it: it is handled as soon as the
-    process continues). Fails if the launcher exits first or the signal never arrives."""
+    process continues). Fails if the launcher (when given) exits first or the signal never arrives."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -239,7 +258,7 @@ def wait_until_pending(pid: int, sig: signal.Signals, launcher: subprocess.Popen
             pending |= int(re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
         if pending & (1 << (sig - 1)):
             return
-        if launcher.poll() is not None:
+        if launcher is not None and launcher.poll() is not None:
             pytest.fail(f"the launcher exited ({launcher.returncode}) on {sig.name} before the worker got it")
         time.sleep(0.02)
     pytest.fail(f"{sig.name} did not reach worker {pid} within {timeout} s")
@@ -274,9 +293,9 @@ def test_stop_signal_to_the_launcher_saves_exits_0_and_resumes(
 ) -> None:
     """The signal goes to the launcher's process only (as `kill PID` or SLURM's batch-step warning would): rank 0 is
     frozen after step 3 (before its stop-signal check), the launcher gets the signal, the test waits until it has
-    reached the frozen worker and lets it go on. Both ranks save step 3 and exit 0, and so does the launcher;
-    the same command then resumes and ends with the uninterrupted run's weights, bit for bit (torchrun; the
-    DeepSpeed job resumes from step 3 and finishes)."""
+    reached the frozen worker and lets it go on. Both ranks save step 3 (or 4: stop_step) and exit 0, and so does
+    the launcher; the same command then resumes and ends with the uninterrupted run's weights, bit for bit
+    (torchrun; the DeepSpeed job resumes from that step and finishes)."""
     if script == "deepspeed.sh":
         pytest.importorskip("deepspeed")
     cmd = stop_command(script, quickstart_data, tmp_path / "run")
@@ -288,18 +307,41 @@ def test_stop_signal_to_the_launcher_saves_exits_0_and_resumes(
     assert job.finish() == 0, job.output()[-3000:]
     log = job.output()
     assert f"{sig.name} sent to worker(s)" in log, log[-3000:]
-    assert f"megatron_pept: stopped at step 3 on {sig.name}: checkpoint step_00000003 saved" in log, log[-3000:]
-    assert [f.step for f in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
+    step = stop_step(log, sig)
+    assert [f.step for f in list_checkpoints(tmp_path / "run" / "checkpoints")] == [step]
 
     resumed = jobs(cmd)
     assert resumed.finish() == 0, resumed.output()[-3000:]
-    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step_00000003'}" in resumed.output()
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{step:08d}'}" in resumed.output()
     assert f"step {STOP_STEPS}/{STOP_STEPS}" in resumed.output()
     if script == "torchrun.sh":
         weights = final_weights(tmp_path / "run")
         assert weights.keys() == uninterrupted.keys()
         for name, value in uninterrupted.items():
             assert torch.equal(weights[name], value), name
+
+
+def test_a_killed_launcher_leaves_no_orphans_its_workers_save_and_stop(
+    jobs, quickstart_data: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the torchrun agent (the workers' parent) while rank 0 is frozen after step 3: the kernel sends
+    each worker SIGTERM (megatron_pept.signals.follow_the_launcher), both save step 3 (or 4: stop_step) and exit,
+    and no process of the job is left. Before, they trained on to the end as orphans, holding the devices and the
+    run_dir lock."""
+    run_dir = tmp_path / "run"
+    job = jobs(stop_command("torchrun.sh", quickstart_data, run_dir), {**ONE_NODE_ENV, ENV_VAR: "step.end@3"})
+    worker = job.frozen_worker()
+    agent = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert agent == job.proc.pid  # torchrun.sh execs the wrapper, which runs the agent in its own process
+    os.kill(agent, signal.SIGKILL)
+    wait_until_pending(worker, signal.SIGTERM, None)  # from the kernel: nobody else sends it
+    os.kill(worker, signal.SIGCONT)
+    job.finish()  # the output ends once every worker has closed it
+    log = job.output()
+    assert job.proc.returncode == -signal.SIGKILL, log[-3000:]
+    assert [f.step for f in list_checkpoints(run_dir / "checkpoints")] == [stop_step(log, signal.SIGTERM)]
+    left = [pid for pid, started in job.seen.items() if start_time(pid) == started and not exited(pid)]
+    assert not left, f"processes of the job still running: {left}"
 
 
 @pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
