@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from megatron_pept.distributed import comm
+from megatron_pept.orphans import signal_on_parent_death
 
 SIGNALS = ("SIGTERM", "SIGUSR1")
 _received: list[int] = []  # stop signals this process received while a handler of this module was installed
@@ -107,27 +108,17 @@ class StopSignals:
         return comm.any_rank(self.received, device=self.device)
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def follow_the_launcher(parent: int) -> bool:
-    """In a worker of a launcher (``LOCAL_RANK`` set) on Linux: ask the kernel to send this process SIGTERM when
-    its parent ``parent`` (the torchrun agent or DeepSpeed's per-node launcher, which started it) dies, even of
-    SIGKILL or the out-of-memory killer. Otherwise the workers of a killed launcher train on as orphans, holding
-    the devices and the run_dir lock, and a restart is refused until someone kills them by hand. SIGTERM is a stop
-    signal: with ``checkpoint.save_on_signal`` (the default) every rank saves at the end of the step and exits, so
-    the restart resumes from there. A parent already gone is handled as if its signal had just arrived. Returns
-    whether the request was made (not in a single process started without a launcher, nor off Linux)."""
-    if WORKER_ENV not in os.environ or not sys.platform.startswith("linux"):
+    """In a worker of a launcher (``LOCAL_RANK`` set): have the kernel send this process SIGTERM when its parent
+    ``parent`` (the torchrun agent or DeepSpeed's per-node launcher, which started it) dies, even of SIGKILL or the
+    out-of-memory killer (:mod:`megatron_pept.orphans`). Otherwise the workers of a killed launcher train on as
+    orphans, holding the devices and the run_dir lock, and a restart is refused until someone kills them by hand.
+    SIGTERM is a stop signal: with ``checkpoint.save_on_signal`` (the default) every rank saves at the end of the
+    step and exits, so the restart resumes from there. Returns whether the request was made (not in a single
+    process started without a launcher, nor off Linux)."""
+    if WORKER_ENV not in os.environ:
         return False
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        return False
-    if os.getppid() != parent:  # it died before the request: no signal will come
-        os.kill(os.getpid(), signal.SIGTERM)
-    return True
+    return signal_on_parent_death(signal.SIGTERM, parent)
 
 
 # -- launcher side ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from megatron_pept.data.sources import iter_corpus, resolve_source
 from megatron_pept.data.tokenizer import HF_FILE, MODEL_FILE, HFTokenizer, load_tokenizer
 from megatron_pept.errors import DataError
 from megatron_pept.faults import fault_point
+from megatron_pept.orphans import signal_on_parent_death
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +112,10 @@ _WORKER_TOKENIZER = None
 _WORKER_THREADS = -1
 
 
-def _worker_init(model_path: str, threads: int) -> None:
+def _worker_init(model_path: str, threads: int, parent: int | None = None) -> None:
     global _WORKER_TOKENIZER, _WORKER_THREADS
+    if parent is not None:  # a worker process: it dies with the tool (killed -9, it would block here for ever)
+        signal_on_parent_death(signal.SIGKILL, parent)
     _WORKER_TOKENIZER = load_tokenizer(model_path)
     _WORKER_THREADS = threads
 
@@ -325,7 +329,7 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
             opts.workers,
             mp_context=mp.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(str(tokenizer.path), 1),
+            initargs=(str(tokenizer.path), 1, os.getpid()),
         )
         if opts.workers > 1
         else None

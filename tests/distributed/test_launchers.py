@@ -340,7 +340,14 @@ def test_a_killed_launcher_leaves_no_orphans_its_workers_save_and_stop(
     log = job.output()
     assert job.proc.returncode == -signal.SIGKILL, log[-3000:]
     assert [f.step for f in list_checkpoints(run_dir / "checkpoints")] == [stop_step(log, signal.SIGTERM)]
-    left = [pid for pid, started in job.seen.items() if start_time(pid) == started and not exited(pid)]
+    # the output's end is each worker closing it, which can come a moment before the process is gone: wait for
+    # the observed state, with a bound that only turns a process that never exits into a failure
+    deadline = time.monotonic() + 60
+    while True:
+        left = [pid for pid, started in job.seen.items() if start_time(pid) == started and not exited(pid)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert not left, f"processes of the job still running: {left}"
 
 

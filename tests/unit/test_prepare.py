@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,60 @@ def test_a_killed_worker_is_one_line_and_the_same_command_resumes(tmp_path: Path
     assert again.returncode == 0 and "(resumed)" in again.stdout, again.stdout + again.stderr
     assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
     assert read_index(out).splits == read_index(tmp_path / "whole").splits
+
+
+def test_a_killed_tool_leaves_no_workers(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """kill -9 of megatron-pept-prepare-data itself: its tokenizer workers used to wait for ever on a queue whose
+    other end was gone (one of them frozen at prepare.encode@3 here); they now die with it (megatron_pept.orphans),
+    and so does the helper multiprocessing started. Killed on observed progress: the worker's freeze line."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(600, seed=4)) + "\n")
+    cmd = [sys.executable, "-m", "megatron_pept.tools.prepare_data", "--input", str(corpus), "--tokenizer"]
+    cmd += [str(tokenizer_dir), "--output", str(tmp_path / "out"), "--workers", "2", "--batch-documents", "40"]
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"],
+        env={**os.environ, ENV_VAR: "prepare.encode@3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if FAULT_FROZEN_LINE in line:
+            break
+    else:
+        pytest.fail(f"the tool ended (exit {proc.wait()}) before freezing at prepare.encode@3:\n{''.join(lines)}")
+
+    def children(parent: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+        return found
+
+    def running(pid: int) -> bool:  # not gone and not a zombie (PID 1 here may never reap an orphan)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    workers = children(proc.pid)
+    assert len(workers) >= 2, workers  # the two workers (and multiprocessing's resource tracker)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()  # (orphaned workers would hold their copy of it open)
+    deadline = time.monotonic() + 60  # a bound on an observed state, not a guessed wait: it ends when they are gone
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed tool still running: {left}"
 
 
 def test_prepare_refusals(tmp_path: Path, tokenizer_dir: Path) -> None:
