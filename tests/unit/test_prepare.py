@@ -215,6 +215,13 @@ def test_a_killed_worker_is_one_line_and_the_same_command_resumes(tmp_path: Path
         pytest.fail(f"the tool ended (exit {proc.wait()}) before freezing at prepare.encode@3:\n{''.join(lines)}")
     worker = int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
     assert worker != proc.pid  # a worker process, not the tool
+    # Batches 0-2 (120 documents, several shards) are encoded or being encoded by the other worker; the tool
+    # writes them and then waits for batch 3. Kill once a shard is recorded (observed, so the resume below has
+    # something to keep): a kill before that could also fail a batch still in the other worker.
+    state, deadline = out / prepare_mod.STATE_FILE, time.monotonic() + 120
+    while not (state.is_file() and json.loads(state.read_text())["splits"]["train"]["shards"]):
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard was recorded before batch 3"
+        time.sleep(0.02)
     os.kill(worker, signal.SIGKILL)
     try:
         rest = proc.communicate(timeout=300)[0]  # a hang is the bug; this bound only turns it into a failure
