@@ -23,6 +23,7 @@ from megatron_pept.data.shards import ShardWriter, read_index
 from megatron_pept.data.tokenizer import train_tokenizer_from_sources
 from megatron_pept.errors import DataError
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
+from megatron_pept.signals import process_children
 
 
 def stdlib_documents(limit: int = 300) -> list[str]:
@@ -190,6 +191,27 @@ def test_resume_after_a_crash_is_byte_identical(tmp_path: Path, tokenizer_dir: P
     assert again.already_complete
 
 
+def start_frozen(cmd: list[str], fault: str) -> tuple[subprocess.Popen, int]:
+    """Start the tool with the fault point ``fault`` (megatron_pept.faults) and return it with the pid of the
+    worker that froze there, once that worker has said so (observed progress, not a clock)."""
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, ENV_VAR: fault},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if FAULT_FROZEN_LINE in line:
+            worker = int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
+            assert worker != proc.pid  # a worker process, not the tool
+            return proc, worker
+    pytest.fail(f"the tool ended (exit {proc.wait()}) before freezing at {fault}:\n{''.join(lines)}")
+
+
 def test_a_killed_worker_is_one_line_and_the_same_command_resumes(tmp_path: Path, tokenizer_dir: Path) -> None:
     """A tokenizer worker killed with -9 (as the out-of-memory killer does) while it holds a batch: the tool used to
     wait forever for that batch (multiprocessing.Pool replaces the worker and forgets its task). Now it exits 2 with
@@ -202,19 +224,7 @@ def test_a_killed_worker_is_one_line_and_the_same_command_resumes(tmp_path: Path
     cmd = [sys.executable, "-m", "megatron_pept.tools.prepare_data", "--input", str(corpus)]
     cmd += ["--tokenizer", str(tokenizer_dir), "--output", str(out), "--shard-tokens", "3000"]
     cmd += ["--val-fraction", "0.1", "--workers", "2", "--batch-documents", "40", "--no-progress"]
-    env = {**os.environ, ENV_VAR: "prepare.encode@3"}
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if FAULT_FROZEN_LINE in line:
-            break
-    else:
-        pytest.fail(f"the tool ended (exit {proc.wait()}) before freezing at prepare.encode@3:\n{''.join(lines)}")
-    worker = int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
-    assert worker != proc.pid  # a worker process, not the tool
+    proc, worker = start_frozen(cmd, "prepare.encode@3")
     # Batches 0-2 (120 documents, several shards) are encoded or being encoded by the other worker; the tool
     # writes them and then waits for batch 3. Kill once a shard is recorded (observed, so the resume below has
     # something to keep): a kill before that could also fail a batch still in the other worker.
@@ -252,31 +262,7 @@ def test_a_killed_tool_leaves_no_workers(tmp_path: Path, tokenizer_dir: Path) ->
     corpus.write_text("\n".join(generate_stories(600, seed=4)) + "\n")
     cmd = [sys.executable, "-m", "megatron_pept.tools.prepare_data", "--input", str(corpus), "--tokenizer"]
     cmd += [str(tokenizer_dir), "--output", str(tmp_path / "out"), "--workers", "2", "--batch-documents", "40"]
-    proc = subprocess.Popen(
-        [*cmd, "--no-progress"],
-        env={**os.environ, ENV_VAR: "prepare.encode@3"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if FAULT_FROZEN_LINE in line:
-            break
-    else:
-        pytest.fail(f"the tool ended (exit {proc.wait()}) before freezing at prepare.encode@3:\n{''.join(lines)}")
-
-    def children(parent: int) -> list[int]:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                    found.append(int(stat.parent.name))
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-        return found
+    proc, _ = start_frozen([*cmd, "--no-progress"], "prepare.encode@3")
 
     def running(pid: int) -> bool:  # not gone and not a zombie (PID 1 here may never reap an orphan)
         try:
@@ -284,7 +270,7 @@ def test_a_killed_tool_leaves_no_workers(tmp_path: Path, tokenizer_dir: Path) ->
         except (OSError, IndexError):
             return False
 
-    workers = children(proc.pid)
+    workers = process_children().get(proc.pid, [])
     assert len(workers) >= 2, workers  # the two workers (and multiprocessing's resource tracker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
