@@ -78,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_stop(trainer, step: int) -> None:
     """One line from rank 0 when the run stopped on a stop signal: which signal, and what a resume starts from."""
-    from megatron_pept.checkpoint import newest_complete
     from megatron_pept.distributed import comm
     from megatron_pept.signals import received_signal
 
     if comm.rank() != 0:
         return
     name = received_signal() or "a stop signal received by another rank"
-    found = newest_complete(trainer.checkpointer.root, checksums=False)  # the marker only: the job's time is short
+    found = trainer.checkpointer.newest_own(checksums=False)  # the marker only: the job's time is short
     saved = (
         f"checkpoint {found.path.name} saved"
         if found is not None and found.step == step

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from megatron_pept import guard
-from megatron_pept.checkpoint import Checkpointer, checkpoint_root, lock_run_folders, newest_complete, run_meta
+from megatron_pept.checkpoint import Checkpointer, checkpoint_root, lock_run_folders, run_meta
 from megatron_pept.checkpoint.export import read_meta
+from megatron_pept.checkpoint.resume import adopt_identity, check_compatible, shared_identity, write_identity
 from megatron_pept.config import Config, save_config
 from megatron_pept.data.build import build_run_data, check_same_tokenizer
 from megatron_pept.distributed import build_backend, comm
@@ -141,15 +142,20 @@ class Trainer:
             rank=self.dims.rank,
             world_size=self.dims.world_size,
             run_id=self.run_id,
+            identity=shared_identity(cfg.run_dir),
         )
         self._last_saved_step: int | None = None  # the step of the newest checkpoint saved or loaded by this run
         self.resumed_from: Path | None = self.checkpointer.resolve_resume()
         if self.resumed_from is not None:
-            saved_tokenizer = read_meta(self.resumed_from).get("tokenizer", {}).get("sha256")
+            saved = read_meta(self.resumed_from)
+            check_compatible(self.resumed_from, saved, cfg, self.method)  # before anything is loaded or written
+            saved_tokenizer = saved.get("tokenizer", {}).get("sha256")
             check_same_tokenizer(
                 self.resumed_from, saved_tokenizer, self.data_index, allow_change=d.allow_tokenizer_change
             )
             self._load_checkpoint(self.resumed_from)
+        identity = adopt_identity(self.checkpointer.identity, self.resumed_from) if self.dims.is_main else None
+        self.checkpointer.identity = comm.broadcast_object(identity)
         self.checkpointer.preflight(run_dir=Path(cfg.run_dir), checkpoint_bytes=self._checkpoint_bytes())
         # The run is accepted (config, data, model and checkpoint agree): only now does it write into run_dir, so a
         # refused run leaves run_dir as it found it.
@@ -157,6 +163,7 @@ class Trainer:
         if self.dims.is_main:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+            write_identity(self.checkpointer.identity)
             self.data.verified_shards.save()
         logger.info(
             "model %s: %.2fM parameters (%.2fM trainable), method %s, %s on %s, %d micro-batches of %d x %d tokens "
@@ -242,7 +249,7 @@ class Trainer:
 
     def _rollback(self) -> None:
         """Reload the newest checkpoint and continue with the data after the bad batches."""
-        path = newest_complete(self.checkpointer.root, checksums=self.cfg.checkpoint.verify_checksums)
+        path = self.checkpointer.newest_own(checksums=self.cfg.checkpoint.verify_checksums)
         if path is None:
             raise UserError(
                 f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient norm and there is no "

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron_pept.checkpoint import store
+from megatron_pept.checkpoint import safe_dcp, store
 from megatron_pept.errors import UserError
 
 
@@ -38,15 +35,13 @@ def load_full_tensors(path: Path, *, prefix: str) -> dict[str, torch.Tensor]:
             f"{path} has no DCP state folder (a DeepSpeed checkpoint? export it with megatron-pept-convert-to-hf, "
             "tools/convert_to_hf.py in a checkout)"
         )
-    metadata = dcp.FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+    metadata = safe_dcp.read_metadata(state_dir)  # never plain pickle: see safe_dcp
     out = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        for key, meta in metadata.items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
     }
     if not out:
         raise UserError(f"{path} holds no tensors under {prefix!r}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(out, checkpoint_id=str(state_dir))
+    safe_dcp.load(out, state_dir, metadata=metadata)
     return {key[len(prefix) :]: value for key, value in out.items()}

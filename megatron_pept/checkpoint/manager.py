@@ -31,9 +31,16 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron_pept.checkpoint import safe_dcp, store
 from megatron_pept.checkpoint import state as cs
-from megatron_pept.checkpoint import store
 from megatron_pept.checkpoint.lock import FolderLock
+from megatron_pept.checkpoint.resume import (
+    RunIdentity,
+    check_no_overwrite,
+    checkpoint_owner,
+    describe_owner,
+    others_checkpoints,
+)
 from megatron_pept.config import CheckpointConfig, Config, to_dict
 from megatron_pept.distributed import Backend, comm
 from megatron_pept.errors import UserError
@@ -103,12 +110,21 @@ def lock_run_folders(folders: list[Path], *, rank: int) -> tuple[FolderLock, str
 
 class Checkpointer:
     def __init__(
-        self, cfg: CheckpointConfig, *, run_dir: str | Path, rank: int, world_size: int, run_id: str = "local"
+        self,
+        cfg: CheckpointConfig,
+        *,
+        run_dir: str | Path,
+        rank: int,
+        world_size: int,
+        run_id: str = "local",
+        identity: RunIdentity | None = None,
     ) -> None:
         self.cfg = cfg
         self.root = checkpoint_root(cfg, run_dir=run_dir)
         self.rank, self.world_size = rank, world_size
-        self.run_id = run_id  # names this run's temporary folders
+        self.run_id = run_id  # names this process's temporary folders
+        # Which run folder this is: its checkpoints record it, and it decides which ones it resumes and prunes.
+        self.identity = identity if identity is not None else RunIdentity(None, str(Path(run_dir).absolute()))
         self._pending: tuple[Future, Path, int] | None = None
         # The background save's own process group (None in one process).
         self._async_group = comm.new_gloo_group() if cfg.async_save else None
@@ -183,12 +199,33 @@ class Checkpointer:
         if resume == "none":
             return None
         if resume == "auto":
-            found = store.newest_complete(self.root, checksums=checks)
-            return found.path if found else None
-        try:
-            return store.resolve_checkpoint(resume, checksums=checks)
-        except UserError as err:
-            raise UserError(f"checkpoint.resume={resume}: {err}") from None
+            found = self.newest_own(checksums=checks)
+            if found is None:
+                others = others_checkpoints(self.root, self.identity)
+                if others:
+                    owner = others[0][1]
+                    raise UserError(
+                        f"{self.root} holds checkpoints of another run (run_dir {owner.get('run_dir', '?')}) and "
+                        "none of this one: to continue from one of them name it (checkpoint.resume=PATH), or give "
+                        "this run a checkpoint.dir of its own"
+                    )
+            path = found.path if found else None
+        else:
+            try:
+                path = store.resolve_checkpoint(resume, checksums=checks)
+            except UserError as err:
+                raise UserError(f"checkpoint.resume={resume}: {err}") from None
+            note = describe_owner(path, self.identity)
+            if note:
+                logger.warning(note)
+        check_no_overwrite(self.root, self.identity, start_step=store.checkpoint_step(path) if path else 0)
+        return path
+
+    def newest_own(self, *, checksums: bool = True) -> store.Found | None:
+        """This run's newest complete checkpoint (other runs' in a shared checkpoint.dir are not its own)."""
+        return store.newest_complete(
+            self.root, checksums=checksums, accept=lambda f: self.identity.owns(checkpoint_owner(f.path))
+        )
 
     # -- saving -----------------------------------------------------------------------------------------------
 
@@ -219,6 +256,7 @@ class Checkpointer:
         self._stage(step, tmp, begin)
         full_meta = {
             **meta,
+            "run": self.identity.as_meta(),
             "step": step,
             "world_size": self.world_size,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -274,7 +312,12 @@ class Checkpointer:
         def commit() -> None:
             if self.rank == 0:
                 final = store.commit(self.root, tmp, step, files=files, run_id=self.run_id)
-                removed = store.prune(self.root, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every)
+                removed = store.prune(
+                    self.root,
+                    keep_last=self.cfg.keep_last,
+                    keep_every=self.cfg.keep_every,
+                    accept=lambda f: self.identity.owns(checkpoint_owner(f.path)),  # never another run's
+                )
                 logger.info("checkpoint saved: %s%s", final, f" (pruned {len(removed)} older)" if removed else "")
 
         self._stage(step, tmp, commit)
@@ -316,8 +359,9 @@ class Checkpointer:
         """Put the state of checkpoint ``path`` back: first the train/method/loader state (so the method can put
         the model in its saved phase: ``after_extra``), then the model and the optimizer ``optimizer_fn()``
         returns at that point."""
-        reader = dcp.FileSystemReader(str(path / "state"))
-        saved = reader.read_metadata().state_dict_metadata
+        state_dir = path / "state"
+        metadata = safe_dcp.read_metadata(state_dir)  # never plain pickle: see safe_dcp
+        saved = metadata.state_dict_metadata
         extra = cs.extra_state(parts)
         missing = [k for k in extra if k not in saved]
         if missing:
@@ -329,19 +373,19 @@ class Checkpointer:
             saved_size = tuple(saved[key].size)
             if saved_size != tuple(value.shape):  # e.g. another number of blended datasets
                 extra[key] = torch.empty(saved_size, dtype=saved[key].properties.dtype)
-        dcp.load(extra, checkpoint_id=str(path / "state"))
+        safe_dcp.load(extra, state_dir, metadata=metadata)
         cs.load_extra(parts, extra)
         if after_extra is not None:
             after_extra()
         rng_file = path / "rng" / f"rank{self.rank:05d}.pt"
         if rng_file.is_file():
-            cs.set_rng_state(torch.load(rng_file, weights_only=True))
+            cs.set_rng_state(cs.read_rng_state(rng_file))
         if backend.load_native(path):  # the backend's own format held the model (and its optimizer's state)
             optimizer = optimizer_fn()
             if optimizer_protocol(optimizer).zero_layout is not None:
                 optim_sd = cs.optimizer_destinations(model, optimizer, saved)
                 if optim_sd:
-                    dcp.load(optim_sd, checkpoint_id=str(path / "state"))
+                    safe_dcp.load(optim_sd, state_dir, metadata=metadata)
                     cs.install_optimizer_state(model, optimizer, optim_sd)
             logger.info("resumed from %s", path)
             return
@@ -357,10 +401,10 @@ class Checkpointer:
                     f"{path} holds {key[len('model.') :]} of shape {list(saved_shape)} but this run builds "
                     f"{list(value.shape)}: resume with the model settings it was saved with, or use a new run_dir"
                 )
-        dcp.load(model_sd, checkpoint_id=str(path / "state"))
+        safe_dcp.load(model_sd, state_dir, metadata=metadata)
         model.load_state_dict({k[len("model.") :]: v for k, v in model_sd.items()})
         optim_sd = cs.optimizer_destinations(model, optimizer, saved)
         if optim_sd:
-            dcp.load(optim_sd, checkpoint_id=str(path / "state"))
+            safe_dcp.load(optim_sd, state_dir, metadata=metadata)
             cs.install_optimizer_state(model, optimizer, optim_sd)
         logger.info("resumed from %s", path)

@@ -17,6 +17,7 @@ or state shaped like the local shard (``rows``), or whole tensors (``replicated`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -182,6 +183,22 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state()
     return out
+
+
+def read_rng_state(path: Path) -> dict[str, torch.Tensor]:
+    """A rank's saved RNG states (tensors only: ``weights_only=True``); one UserError if the file is damaged."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated (EOFError), garbled (UnpicklingError), refused globals, unreadable
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(
+            f"{path} cannot be read ({type(err).__name__}{': ' + reason[:200] if reason else ''}); the checkpoint is "
+            "damaged: resume from an earlier one (checkpoint.resume=PATH) or remove it"
+        ) from None
+    generator = state.get("cpu") if isinstance(state, dict) else None
+    if not (torch.is_tensor(generator) and generator.dtype == torch.uint8 and generator.ndim == 1):
+        raise UserError(f"{path} holds no CPU generator state; the checkpoint is damaged: resume from an earlier one")
+    return state
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:

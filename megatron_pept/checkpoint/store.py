@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,9 +157,19 @@ def list_checkpoints(root: Path) -> list[Found]:
     return sorted(found, key=lambda f: f.step, reverse=True)
 
 
-def newest_complete(root: Path, *, checksums: bool = True) -> Found | None:
-    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder named ``step_NNNNNNNN`` (0 for a folder named otherwise)."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else 0
+
+
+def newest_complete(
+    root: Path, *, checksums: bool = True, accept: Callable[[Found], bool] | None = None
+) -> Found | None:
+    """The newest checkpoint that verifies (among those ``accept`` takes); damaged ones are reported and skipped."""
     for found in list_checkpoints(root):
+        if accept is not None and not accept(found):
+            continue
         problem = verify(found.path, checksums=checksums)
         if problem is None:
             return found
@@ -198,11 +209,12 @@ def read_latest(root: Path) -> str | None:
         return None
 
 
-def prune(root: Path, *, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete complete checkpoints beyond the newest ``keep_last``, keeping every ``keep_every``-th step.
+def prune(root: Path, *, keep_last: int, keep_every: int, accept: Callable[[Found], bool] | None = None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last``, keeping every ``keep_every``-th step; only
+    among those ``accept`` takes (a run's own, in a folder shared with another run).
 
     Only runs after a newer checkpoint committed; incomplete folders older than the newest complete one go too."""
-    found = list_checkpoints(root)
+    found = [f for f in list_checkpoints(root) if accept is None or accept(f)]
     complete = [f for f in found if (f.path / MARKER).is_file()]
     if not complete:
         return []
@@ -248,6 +260,14 @@ def resolve_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
             if found is None:
                 raise UserError(f"no complete checkpoint in {candidate}")
             return found.path
+    from megatron_pept.models.hf_import import is_hf_model_folder
+
+    looks_like_one = _STEP_DIR.match(path.name) or any((path / n).exists() for n in (META, MARKER, "state", "rng"))
+    if path.is_dir() and not looks_like_one and not is_hf_model_folder(path):
+        raise UserError(
+            f"{path} holds no checkpoint (none was saved there, or they were deleted); name a checkpoint folder, or "
+            "a run_dir or checkpoints folder that holds one"
+        )
     problem = verify(path, checksums=checksums)
     if problem:
         raise UserError(problem)

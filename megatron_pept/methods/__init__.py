@@ -26,6 +26,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     unknown = [k for k in cls.config_keys if k not in fields]
     if unknown:
         raise ValueError(f"method {cls.name!r} declares config keys MethodConfig does not have: {unknown}")
+    unread = [k for k in cls.resume_keys if k not in cls.config_keys]
+    if unread:
+        raise ValueError(f"method {cls.name!r} declares resume keys it does not read (config_keys): {unread}")
     METHODS[cls.name] = cls
     return cls
 

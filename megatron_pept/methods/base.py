@@ -39,6 +39,12 @@ class Method:
     config_keys: ClassVar[tuple[str, ...]] = ()
     """The ``method.*`` fields (besides ``name``) this method reads; ``--help-config`` lists them per key and a
     non-default value of any other field is reported as ignored."""
+    resume_keys: ClassVar[tuple[str, ...]] = ()
+    """The ``method.*`` fields whose values shape the saved state (a rank, the adapted modules, a base's storage):
+    a resume that changes one is refused before anything is loaded or written."""
+    resumes_from: ClassVar[tuple[str, ...]] = ()
+    """Other ``method.name`` values whose checkpoints this method continues exactly (the same model, method and
+    optimizer state; only a schedule differs). Any other change of method on resume is refused."""
     backends: ClassVar[tuple[str, ...] | None] = None
     """The ``parallel.backend`` values this method runs under (config validation refuses the others); None: all."""
     has_phases: ClassVar[bool] = False

@@ -62,6 +62,7 @@ class GaLoreMethod(Method):
         "svd_power_iters",
     )
     DYNAMIC_KEYS = ("dynamic_first", "dynamic_growth", "dynamic_cap", "dynamic_rule")
+    resume_keys = ("rank", "target_modules")  # the projector's and the projected moments' shapes
 
     def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
@@ -185,17 +186,20 @@ class GaLoreMethod(Method):
 
 class GaLore(GaLoreMethod):
     name = "galore"
+    resumes_from = ("galore_dynamic",)  # the same state; only the refresh schedule differs
 
 
 class GaLoreEF(GaLoreMethod):
     name = "galore_ef"
     error_feedback = True
+    resumes_from = ("galore_dynamic_ef",)
     config_keys = (*GaLoreMethod.config_keys, "ef_weight")
 
 
 class GaLoreDynamic(GaLoreMethod):
     name = "galore_dynamic"
     dynamic = True
+    resumes_from = ("galore",)
     config_keys = (*(k for k in GaLoreMethod.config_keys if k != "update_proj_gap"), *GaLoreMethod.DYNAMIC_KEYS)
 
 
@@ -203,6 +207,7 @@ class GaLoreDynamicEF(GaLoreMethod):
     name = "galore_dynamic_ef"
     dynamic = True
     error_feedback = True
+    resumes_from = ("galore_ef",)
     config_keys = (
         *(k for k in GaLoreMethod.config_keys if k != "update_proj_gap"),
         *GaLoreMethod.DYNAMIC_KEYS,
@@ -219,6 +224,7 @@ class GaLoreAdafactorMethod(GaLoreMethod):
     name = "galore_adafactor"
     optimizer_kind = "adafactor"
     config_keys = (*GaLoreMethod.config_keys, "adafactor_beta1")
+    resume_keys = (*GaLoreMethod.resume_keys, "adafactor_beta1")  # whether a first moment is kept at all
 
 
 class Fira(GaLoreMethod):
@@ -277,6 +283,7 @@ class ApolloMini(Apollo):
     scale_type = "tensor"
     default_apollo_scale = 128.0
     config_keys = ("target_modules", "update_proj_gap", "apollo_scale", "norm_growth_limit")
+    resume_keys = ("target_modules",)
 
     def projection_rank(self) -> int:
         return 1
@@ -290,6 +297,7 @@ class AdamMiniMethod(Method):
 
     name = "adam_mini"
     config_keys = ("adam_mini_partition",)
+    resume_keys = ("adam_mini_partition",)  # the blocks that share a second moment
     QUERY_KEY = ("q_proj", "k_proj")
     FULL_ADAM = ("embed_tokens", "lm_head")
 

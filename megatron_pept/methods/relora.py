@@ -69,6 +69,7 @@ class LowRankMethod(Method):
         "restart_warmup_steps",
     )
     RESTART_KEYS = ("reset_every", "optimizer_reset", "prune_ratio")
+    resume_keys = ("rank", "target_modules", "base_dtype", "base_master", "nf4_double_quant")
 
     def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
