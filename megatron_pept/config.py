@@ -11,9 +11,11 @@ keys in the including file win over the included ones.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import textwrap
 import types
@@ -482,14 +484,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     return int(as_float)
         raise ConfigError(f"config key '{key}' expects an integer; got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-3" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' expects a number; got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)  # YAML 1.1 reads "1e-3" as a string
+        if number is None:
+            raise ConfigError(f"config key '{key}' expects a number; got {value!r}")
+        if not math.isfinite(number):  # inf and nan pass every range check below and fail only in training
+            raise ConfigError(f"config key '{key}' expects a finite number; got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -530,18 +535,68 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+YAML_MAX_VALUES = 1_000_000
+"""The most values (mappings, lists and scalars, counted with aliases expanded) one YAML document may hold: far
+above any configuration, far below an alias bomb's billions."""
+
+
+def _check_expanded_size(value: Any, *, source: str) -> None:
+    """Refuse a document that expands to more than :data:`YAML_MAX_VALUES` values: a few lines of anchors and
+    aliases can stand for billions of values, which any later formatting (an error message, the saved config.yaml)
+    would try to write out."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > YAML_MAX_VALUES:
+            raise ConfigError(
+                f"{source} expands to more than {YAML_MAX_VALUES:,} values through its anchors and aliases (a YAML "
+                "alias bomb?); write it out without them"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+def parse_yaml(text: str, *, source: str) -> Any:
+    """``yaml.safe_load(text)`` with one-line errors naming ``source``: a syntax error (with its line), a tag that
+    would build a Python object (``!!python/...``: safe_load refuses it), an alias bomb."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or ""
+        if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+            tag = problem.split("for the tag", 1)[-1].strip(" '").replace("tag:yaml.org,2002:", "!!")
+            raise ConfigError(
+                f"{source} uses the YAML tag {tag}{where}, which would build a Python object; only plain values, "
+                "lists and mappings are read"
+            ) from None
+        raise ConfigError(f"{source} is not valid YAML{where}; fix the syntax there") from None
+    _check_expanded_size(value, source=source)
+    return value
+
+
+def read_yaml_file(path: Path, *, what: str) -> Any:
+    """A YAML (or JSON, which is YAML) file through :func:`parse_yaml`; unreadable or not UTF-8 is one line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{what} {path} cannot be read ({reason}); pass a readable YAML file") from None
+    return parse_yaml(text, source=f"{what} {path}")
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax there") from None
+    raw = read_yaml_file(path, what="config file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(raw).__name__}")
     includes = raw.pop("include", None) or []
@@ -565,6 +620,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    _check_expanded_size(parsed, source=f"override '{key}'")
     return key.split("."), parsed
 
 

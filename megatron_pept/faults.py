@@ -16,6 +16,8 @@ Points (``POINTS``), in the order a step passes them:
 
 * ``step.end``: the step's update is done and logged; its validation, checkpoint and stop-signal check are not.
 * ``save.async``: an asynchronous save of the step is in flight in the background (not yet committed).
+* ``save.state``: inside DCP's write of this rank's shards of a synchronous save (an exception here reaches the
+  trainer wrapped by DCP).
 * ``save.written``: this rank's shards of the step's checkpoint are on disk, nothing is committed.
 * ``save.marked``: the completion marker is written in the temporary folder, which is not renamed yet.
 * ``save.renamed``: the folder has its final name; ``latest`` still names the previous checkpoint.
@@ -36,7 +38,16 @@ import sys
 
 ENV_VAR = "MEGATRON_PEPT_FAULT"
 FAULT_FROZEN_LINE = "megatron_pept fault injection: frozen at"
-POINTS = ("step.end", "save.async", "save.written", "save.marked", "save.renamed", "save.committed", "prepare.encode")
+POINTS = (
+    "step.end",
+    "save.async",
+    "save.state",
+    "save.written",
+    "save.marked",
+    "save.renamed",
+    "save.committed",
+    "prepare.encode",
+)
 
 
 def parse_fault(spec: str) -> tuple[str, int, int, int | None]:

@@ -7,7 +7,8 @@ import logging
 import math
 from pathlib import Path
 
-from megatron_pept.config import GuardConfig
+from megatron_pept.config import Config, GuardConfig
+from megatron_pept.errors import UserError
 from megatron_pept.train_state import TrainState
 
 logger = logging.getLogger("megatron_pept")
@@ -57,3 +58,17 @@ def plan_rollback(cfg: GuardConfig, state: TrainState, *, target: Path, target_s
     counters["rollback_target"] = target_step
     counters["bad_steps_in_a_row"] = 0
     return counters
+
+
+def no_rollback_target(cfg: Config, *, bad_steps: int) -> UserError:
+    """The error when a rollback is due but the run has no checkpoint of its own to go back to: without periodic
+    checkpoints, say to turn them on; with them, that none has been saved yet (the fix is then the lr or the data)."""
+    what = (
+        f"{bad_steps} steps in a row had a non-finite loss or gradient norm and there is no checkpoint to roll back to"
+    )
+    if cfg.checkpoint.interval == 0:
+        return UserError(f"{what}; set checkpoint.interval, lower optim.lr or check the data")
+    return UserError(
+        f"{what} (none saved yet: the first is due at step {cfg.checkpoint.interval}); lower optim.lr or check the "
+        "data at the start of the run"
+    )

@@ -10,13 +10,21 @@ import argparse
 import logging
 import os
 import sys
+import typing
 
 from megatron_pept.config import describe_config, load_config
 from megatron_pept.errors import UserError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Command-line mistakes are one line too (argparse would print its usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"megatron_pept: error: {message}; see python -m megatron_pept.train --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m megatron_pept.train",
         description="Pre-train a LLaMA model with full-rank or parameter-efficient methods.",
         epilog="Example: python -m megatron_pept.train --config configs/quickstart.yaml run_dir=runs/qs "
@@ -39,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     launcher = os.getppid()  # before anything slow: a worker's launcher, if it has one (see follow_the_launcher)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after the flags
     if args.help_config:
         print(describe_config())
         return 0

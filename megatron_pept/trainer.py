@@ -17,7 +17,7 @@ import torch
 from megatron_pept import guard
 from megatron_pept.checkpoint import Checkpointer, checkpoint_root, lock_run_folders, run_meta
 from megatron_pept.checkpoint.export import read_meta
-from megatron_pept.checkpoint.resume import adopt_identity, check_compatible, shared_identity, write_identity
+from megatron_pept.checkpoint.resume import check_compatible
 from megatron_pept.config import Config, save_config
 from megatron_pept.data.build import build_run_data, check_same_tokenizer
 from megatron_pept.distributed import build_backend, comm
@@ -142,20 +142,15 @@ class Trainer:
             rank=self.dims.rank,
             world_size=self.dims.world_size,
             run_id=self.run_id,
-            identity=shared_identity(cfg.run_dir),
         )
         self._last_saved_step: int | None = None  # the step of the newest checkpoint saved or loaded by this run
         self.resumed_from: Path | None = self.checkpointer.resolve_resume()
         if self.resumed_from is not None:
             saved = read_meta(self.resumed_from)
             check_compatible(self.resumed_from, saved, cfg, self.method)  # before anything is loaded or written
-            saved_tokenizer = saved.get("tokenizer", {}).get("sha256")
-            check_same_tokenizer(
-                self.resumed_from, saved_tokenizer, self.data_index, allow_change=d.allow_tokenizer_change
-            )
+            tokenizer = saved.get("tokenizer", {}).get("sha256")
+            check_same_tokenizer(self.resumed_from, tokenizer, self.data_index, allow_change=d.allow_tokenizer_change)
             self._load_checkpoint(self.resumed_from)
-        identity = adopt_identity(self.checkpointer.identity, self.resumed_from) if self.dims.is_main else None
-        self.checkpointer.identity = comm.broadcast_object(identity)
         self.checkpointer.preflight(run_dir=Path(cfg.run_dir), checkpoint_bytes=self._checkpoint_bytes())
         # The run is accepted (config, data, model and checkpoint agree): only now does it write into run_dir, so a
         # refused run leaves run_dir as it found it.
@@ -163,8 +158,8 @@ class Trainer:
         if self.dims.is_main:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-            write_identity(self.checkpointer.identity)
             self.data.verified_shards.save()
+        self.checkpointer.accept(resumed_from=self.resumed_from)  # the run's id, in run_dir/run.json
         logger.info(
             "model %s: %.2fM parameters (%.2fM trainable), method %s, %s on %s, %d micro-batches of %d x %d tokens "
             "per step (%d tokens), %d train windows",
@@ -251,10 +246,7 @@ class Trainer:
         """Reload the newest checkpoint and continue with the data after the bad batches."""
         path = self.checkpointer.newest_own(checksums=self.cfg.checkpoint.verify_checksums)
         if path is None:
-            raise UserError(
-                f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient norm and there is no "
-                "checkpoint to roll back to; set checkpoint.interval, lower optim.lr or check the data"
-            )
+            raise guard.no_rollback_target(self.cfg, bad_steps=self.bad_steps_in_a_row)
         counters = guard.plan_rollback(self.cfg.guard, self.state, target=path.path, target_step=path.step)
         logger.warning(
             "%d non-finite steps in a row at step %d: rolling back to %s and skipping the batches since",
@@ -383,6 +375,8 @@ class Trainer:
                 self._save_unless_bad("the end of the run")  # so a finished run can be exported or extended
             self.checkpointer.finish_pending()
         self.writer.close()
+        if self.writer.error:
+            self._stop_on_metrics_error()
         result.steps, result.tokens_seen = self.state.step, self.state.tokens_seen
         result.skipped_steps, result.rollbacks = self.state.skipped_steps, self.state.rollbacks
         logger.info(
@@ -425,3 +419,16 @@ class Trainer:
             if self._last_saved_step != step:
                 self._save_unless_bad("the stop signal")
             result.interrupted = True
+        if self.writer.error:
+            self._stop_on_metrics_error()
+
+    def _stop_on_metrics_error(self) -> None:
+        """TensorBoard could not write (a full disk): save if checkpoints are on (their folder may be on another
+        disk; on the same one the save fails cleanly itself), then stop with one line."""
+        if self.cfg.checkpoint.interval > 0 and self._last_saved_step != self.state.step:
+            self._save_unless_bad("a failed TensorBoard write")
+        raise UserError(
+            f"cannot write TensorBoard events in {self.writer.run_dir} at step {self.state.step} ({self.writer.error}"
+            f"); newest checkpoint: step {self._last_saved_step}; free space (or set metrics.tensorboard=false), "
+            "then resume (checkpoint.resume=auto)"
+        )

@@ -36,10 +36,13 @@ from megatron_pept.checkpoint import state as cs
 from megatron_pept.checkpoint.lock import FolderLock
 from megatron_pept.checkpoint.resume import (
     RunIdentity,
+    adopt_identity,
     check_no_overwrite,
     checkpoint_owner,
     describe_owner,
     others_checkpoints,
+    shared_identity,
+    write_identity,
 )
 from megatron_pept.config import CheckpointConfig, Config, to_dict
 from megatron_pept.distributed import Backend, comm
@@ -68,6 +71,29 @@ def _io_reason(err: BaseException, root: Path) -> str:
         if shutil.disk_usage(root).free < (1 << 20):
             return f"{os.strerror(errno.ENOSPC)} ({str(err).strip().splitlines()[0]})"
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is, or wraps (DCP's CheckpointException), a KeyboardInterrupt."""
+    if isinstance(err, CheckpointException):
+        return any(
+            isinstance(failure[0] if isinstance(failure, tuple) else failure, KeyboardInterrupt)
+            for failure in err.failures.values()
+        )
+    return False
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer with a fault point inside DCP's own write, where an exception (Ctrl-C) reaches us wrapped
+    in a CheckpointException."""
+
+    def __init__(self, path: Path, *, step: int) -> None:
+        super().__init__(str(path))
+        self._step = step
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        fault_point("save.state", step=self._step, rank=comm.rank())
+        return super().write_data(plan, planner)
 
 
 def run_meta(cfg: Config, *, model_args: Any, method: Any, backend: str, index: Any) -> dict[str, Any]:
@@ -124,7 +150,7 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.run_id = run_id  # names this process's temporary folders
         # Which run folder this is: its checkpoints record it, and it decides which ones it resumes and prunes.
-        self.identity = identity if identity is not None else RunIdentity(None, str(Path(run_dir).absolute()))
+        self.identity = identity if identity is not None else shared_identity(run_dir)
         self._pending: tuple[Future, Path, int] | None = None
         # The background save's own process group (None in one process).
         self._async_group = comm.new_gloo_group() if cfg.async_save else None
@@ -227,6 +253,14 @@ class Checkpointer:
             self.root, checksums=checksums, accept=lambda f: self.identity.owns(checkpoint_owner(f.path))
         )
 
+    def accept(self, *, resumed_from: Path | None) -> None:
+        """The run is accepted: keep its id (or adopt that of its own checkpoint, or make one) and write it into
+        ``run_dir/run.json`` if the folder has none yet."""
+        identity = adopt_identity(self.identity, resumed_from) if self.rank == 0 else None
+        self.identity = comm.broadcast_object(identity)
+        if self.rank == 0:
+            write_identity(self.identity)
+
     # -- saving -----------------------------------------------------------------------------------------------
 
     def save(
@@ -288,7 +322,7 @@ class Checkpointer:
             self._pending = (future, tmp, step)
             fault_point("save.async", step=step, rank=self.rank)
             return
-        self._stage(step, tmp, lambda: dcp.save(state, checkpoint_id=str(tmp / "state")))
+        self._stage(step, tmp, lambda: dcp.save(state, storage_writer=_Writer(tmp / "state", step=step)))
         self._commit(tmp, step)
 
     def finish_pending(self) -> None:
@@ -330,8 +364,16 @@ class Checkpointer:
         try:
             result = fn()
         except (OSError, CheckpointException, RuntimeError) as err:  # torch.save reports a failed write as a
+            if _interrupted(err):  # Ctrl-C inside DCP, which wraps it: an interruption, not a failed write
+                if self.rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise KeyboardInterrupt from None
             logger.error("saving step %d failed on rank %d", step, self.rank, exc_info=True)  # RuntimeError
             error = _io_reason(err, self.root)
+        except KeyboardInterrupt:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         error = comm.first_error(error)
         if error:
             if self.rank == 0:

@@ -19,6 +19,7 @@ as the run's own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -148,17 +149,20 @@ def _differences(saved: dict[str, Any], cfg: Any, method: Any) -> list[str]:
         return [f"method.name={saved_name} (this run: method.name={method.name})"]
     out = []
     for key in method.resume_keys:
-        if key in saved_method and saved_method[key] != _plain(getattr(cfg.method, key)):
-            out.append(f"method.{key}={saved_method[key]!r} (this run: {_plain(getattr(cfg.method, key))!r})")
+        asked = _plain(cfg.method)[key]
+        if key in saved_method and saved_method[key] != asked:
+            out.append(f"method.{key}={saved_method[key]!r} (this run: {asked!r})")
     saved_optim = saved.get("optim", {})
     for key in OPTIM_RESUME_KEYS:
-        if key in saved_optim and saved_optim[key] != _plain(getattr(cfg.optim, key)):
-            out.append(f"optim.{key}={saved_optim[key]!r} (this run: {_plain(getattr(cfg.optim, key))!r})")
+        asked = _plain(cfg.optim)[key]
+        if key in saved_optim and saved_optim[key] != asked:
+            out.append(f"optim.{key}={saved_optim[key]!r} (this run: {asked!r})")
     return out
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def _plain(section: Any) -> dict[str, Any]:
+    """A config section as meta.json's config holds it (lists, not tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
 
 
 def check_compatible(path: Path, meta: dict[str, Any], cfg: Any, method: Any) -> None:

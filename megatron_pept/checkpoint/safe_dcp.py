@@ -75,8 +75,9 @@ class _MetadataUnpickler(pickle._Unpickler):  # the Python implementation: its o
             return _CLASSES[key]
         if key in _FUNCTIONS:
             return _FUNCTIONS[key]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.layout):
-            return getattr(torch, name)
+        value = vars(torch).get(name) if module == "torch" else None
+        if isinstance(value, torch.dtype | torch.layout):
+            return value
         raise _RefusedPickle(f"it refers to {module}.{name}, which DCP metadata never holds")
 
     def persistent_load(self, pid: Any) -> Any:
@@ -169,7 +170,7 @@ class _CheckedReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = copy.deepcopy(self._checked)
-        if getattr(metadata, "storage_meta", None) is None:
+        if metadata.storage_meta is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from megatron_pept.config import Config
+from megatron_pept.config import Config, read_yaml_file
 from megatron_pept.distributed.backend import Backend
 from megatron_pept.errors import ConfigError
 from megatron_pept.sharding import FlatFragment, ParamAccess, ZeroLayout, optimizer_protocol
@@ -48,20 +47,33 @@ def deepspeed_config(cfg: Config, *, grad_accum_steps: int, world_size: int, cud
     }
     if cuda and t.dtype in ("auto", "bf16"):
         ds["bf16"] = {"enabled": True}
-    extra_path = cfg.parallel.deepspeed_config
-    if extra_path:
-        path = Path(extra_path)
-        if not path.is_file():
-            raise ConfigError(f"parallel.deepspeed_config {path} does not exist")
-        text = path.read_text()
-        extra = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        if not isinstance(extra, dict):
-            raise ConfigError(f"parallel.deepspeed_config {path} must hold a mapping")
-        for key in extra:
-            if key in OWNED_KEYS:
-                raise ConfigError(f"parallel.deepspeed_config sets {key!r}; set {OWNED_KEYS[key]} instead")
-        ds = _merge(ds, extra)
+    if cfg.parallel.deepspeed_config:
+        ds = _merge(ds, read_deepspeed_extra(cfg.parallel.deepspeed_config))
     return ds
+
+
+def read_deepspeed_extra(name: str) -> dict[str, Any]:
+    """The mapping of ``parallel.deepspeed_config`` (JSON, or YAML read safely: no tags, no alias bombs), checked
+    when the config is validated; each problem one ConfigError line."""
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"parallel.deepspeed_config {path} does not exist (or is not a file)")
+    what = "parallel.deepspeed_config"
+    if path.suffix == ".json":
+        try:
+            extra = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{what} {path} cannot be read ({err}); pass a readable JSON or YAML file") from None
+        except ValueError as err:
+            raise ConfigError(f"{what} {path} is not valid JSON ({err}); fix the syntax there") from None
+    else:
+        extra = read_yaml_file(path, what=what)
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of DeepSpeed keys; got {type(extra).__name__}")
+    for key in extra:
+        if key in OWNED_KEYS:
+            raise ConfigError(f"{what} sets {key!r}; set {OWNED_KEYS[key]} instead")
+    return extra
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -265,6 +277,8 @@ class DeepSpeedBackend(Backend):
     @classmethod
     def validate(cls, cfg: Config) -> None:
         p = cfg.parallel
+        if p.deepspeed_config:
+            read_deepspeed_extra(p.deepspeed_config)  # with the config, not after the model is built
         if p.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3 with deepspeed; got {p.zero_stage}")
         if cfg.optim.per_layer:

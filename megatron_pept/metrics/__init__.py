@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,30 +133,69 @@ def setup_console_logging(*, is_main: bool) -> None:
 
 
 class MetricsWriter:
-    """Writes scalars to TensorBoard (event files directly in ``run_dir``) on the main rank."""
+    """Writes scalars to TensorBoard (event files directly in ``run_dir``) on the main rank.
+
+    A write that fails (a full disk, a quota) never raises in the middle of a step: the writer stops writing,
+    keeps the reason in :attr:`error` (one line), and the trainer acts on it at the end of the step."""
 
     def __init__(self, run_dir: str | os.PathLike[str], *, enabled: bool) -> None:
         self._writer = None
+        self.run_dir = Path(run_dir)
+        self.error: str | None = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            _silence_event_writer_threads()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(run_dir))
+
+    def _failed(self, err: OSError) -> None:
+        self.error = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        writer, self._writer = self._writer, None
+        with contextlib.suppress(Exception):  # its thread has died; closing flushes into the same full disk
+            writer.close()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is None:
             return
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, value, global_step=step)
+        try:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, global_step=step)
+        except OSError as err:
+            self._failed(err)
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            try:
+                self._writer.flush()
+            except OSError as err:
+                self._failed(err)
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as err:
+                self.error = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+
+
+def _silence_event_writer_threads() -> None:
+    """TensorBoard writes events in a thread that, when a write fails, prints its traceback (threading's
+    excepthook) and hands the error to the next call of the writer, where :class:`MetricsWriter` turns it into one
+    line. Keep the first from reaching stderr (installed once per process; every other thread's exceptions are
+    printed as before)."""
+    previous = threading.excepthook
+    if getattr(previous, "megatron_pept", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.megatron_pept = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def console_line(
