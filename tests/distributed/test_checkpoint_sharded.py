@@ -312,3 +312,49 @@ def test_an_unreadable_deepspeed_checkpoint_names_zero_to_fp32(zero_export_runs,
     with pytest.raises(UserError, match=r"cannot be exported \(.*\); .*zero_to_fp32\.py .* --tag state") as err:
         dense_state_dict(copy)
     assert "\n" not in str(err.value)
+
+
+def test_a_poisoned_deepspeed_checkpoint_is_refused_on_resume(
+    quickstart_data: Path, zero_export_runs, tmp_path
+) -> None:
+    """A ZeRO-2 run resumes our state from DCP (train, method, loader) and the model and optimizer from DeepSpeed's
+    files: a .metadata that runs a command, or a DeepSpeed file holding a pickled object that would, is refused on
+    every rank in one line, and the command never runs (issue 25: the first used to run and then resume)."""
+    import shutil
+
+    from poisoned import Command, poison
+
+    from megatron_pept.checkpoint import store
+
+    _, tmp = zero_export_runs
+    runs, marker = [], tmp_path / "pwned"
+    for case in ("metadata", "deepspeed-file"):
+        run_dir = tmp_path / case
+        shutil.copytree(
+            tmp / "z2-relora", run_dir
+        )  # the whole run folder: its run.json says the checkpoints are its own
+        (checkpoint,) = sorted((run_dir / "checkpoints").glob("step_*"))
+        if case == "metadata":
+            poison(checkpoint, marker)
+        else:
+            model_file = checkpoint / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+            saved = torch.load(model_file, weights_only=False)  # our own test file
+            saved["payload"] = Command(f"touch {marker}")
+            torch.save(saved, model_file)
+            (checkpoint / store.MARKER).unlink()
+            store.write_marker(checkpoint)
+        overrides = base(quickstart_data, run_dir, 2) + [
+            "train.steps=6",
+            "parallel.backend=deepspeed",
+            "parallel.zero_stage=2",
+            "model.num_layers=3",
+            "method.name=relora",
+            "method.reset_every=3",
+            "checkpoint.interval=100",
+        ]
+        runs.append({"name": case, "overrides": overrides, "expect_error": True})
+    results = launch(runs, tmp_path, launcher="deepspeed")
+    assert "was refused: it refers to operator.itemgetter" in results["metadata"]["error"]
+    assert "holds objects a safe load does not allow" in results["deepspeed-file"]["error"]
+    assert all("\n" not in r["error"] for r in results.values())
+    assert not marker.exists()

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 tests/distributed/worker.py RUNS.json OUT.pt
 
 ``RUNS.json`` is a list of {"name": ..., "overrides": [...]}; for each, the losses and the full (gathered)
-final parameters go into ``OUT.pt`` (a dict name -> {"losses": [...], "params": {name: tensor}}).
+final parameters go into ``OUT.pt`` (a dict name -> {"losses": [...], "params": {name: tensor}}). A run with
+``"expect_error": true`` must be refused while being built: its error message goes into ``OUT.pt`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from helpers import quantised_bases
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.config import load_config
+from megatron_pept.errors import UserError
 from megatron_pept.sharding import optimizer_protocol
 from megatron_pept.trainer import Trainer
 
@@ -38,6 +40,13 @@ def main() -> None:
     results = {}
     for run in runs:
         print(f"worker: run {run['name']}", flush=True)
+        if run.get("expect_error"):  # a run that must be refused: its one-line error, on every rank
+            try:
+                Trainer(load_config(None, run["overrides"]))
+            except UserError as err:
+                results[run["name"]] = {"error": str(err)}
+                continue
+            raise AssertionError(f"run {run['name']} was not refused")
         trainer = Trainer(load_config(None, run["overrides"]))
         if "stop_after" in run:  # an interrupted run: some steps, a checkpoint, no more
             for _ in range(run["stop_after"]):

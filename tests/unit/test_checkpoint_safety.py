@@ -4,7 +4,6 @@ export, update-rank analysis); damaged state and RNG files are one line each."""
 
 from __future__ import annotations
 
-import operator
 import os
 import pickle
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from poisoned import Command, poison
 from test_trainer import tiny
 
 from megatron_pept.checkpoint import safe_dcp, store
@@ -22,27 +22,6 @@ from megatron_pept.errors import UserError
 from megatron_pept.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class _Command:
-    """Unpickles as ``os.system(command)``."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-class _RunThenReturn:
-    """Unpickles as ``(os.system(command), value)[1]``: the command runs, then the real metadata comes back, so a
-    reader that unpickles it goes on as if nothing happened."""
-
-    def __init__(self, command: str, value: object) -> None:
-        self.command, self.value = command, value
-
-    def __reduce__(self):
-        return operator.itemgetter(1), ((_Command(self.command), self.value),)
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +38,6 @@ def copy_run(saved_run: Path, dest: Path) -> tuple[Path, Path]:
     """A copy of the saved run and its checkpoint folder (tests tamper with the copy)."""
     shutil.copytree(saved_run, dest)
     return dest, dest / "checkpoints" / store.step_dir_name(2)
-
-
-def poison(checkpoint: Path, marker: Path) -> None:
-    """Make the checkpoint's ``.metadata`` create ``marker`` when unpickled, then return the real metadata; the
-    completion marker is recomputed to match, so the checkpoint verifies."""
-    meta_file = checkpoint / "state" / safe_dcp.METADATA_FILE
-    real = pickle.loads(meta_file.read_bytes())  # our own file, written by this test's run
-    meta_file.write_bytes(pickle.dumps(_RunThenReturn(f"touch {marker}", real)))
-    (checkpoint / store.MARKER).unlink()
-    store.write_marker(checkpoint)
-    assert store.verify(checkpoint) is None
 
 
 def test_poisoned_metadata_really_runs_code_with_plain_pickle(saved_run: Path, tmp_path: Path) -> None:
@@ -215,7 +183,7 @@ def test_rng_files_load_tensors_only(saved_run: Path, tmp_path: Path) -> None:
     _, checkpoint = copy_run(saved_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     rng = checkpoint / "rng" / "rank00000.pt"
-    torch.save({"cpu": torch.get_rng_state(), "x": _Command(f"touch {marker}")}, rng)
+    torch.save({"cpu": torch.get_rng_state(), "x": Command(f"touch {marker}")}, rng)
     from megatron_pept.checkpoint.state import read_rng_state
 
     with pytest.raises(UserError, match="rank00000.pt cannot be read"):
