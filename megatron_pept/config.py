@@ -445,8 +445,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if isinstance(value, str):
             # Command-line form "0.9,0.95" or "[0.9, 0.95]".
-            parsed = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
-            value = parsed
+            value = parse_yaml(value if value.strip().startswith("[") else f"[{value}]", source=f"config key '{key}'")
         if isinstance(value, int | float | bool):
             value = [value]
         if not isinstance(value, list | tuple):

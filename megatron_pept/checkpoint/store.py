@@ -30,6 +30,7 @@ from pathlib import Path
 
 from megatron_pept.errors import UserError
 from megatron_pept.faults import fault_point
+from megatron_pept.safe_paths import inside
 
 logger = logging.getLogger("megatron_pept")
 
@@ -126,6 +127,14 @@ def verify(folder: Path, *, checksums: bool = True) -> str | None:
             raise TypeError("'files' must map each file to its bytes and sha256")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{folder}/{MARKER} is malformed ({type(err).__name__}: {err})"
+    links = [p for p in folder.rglob("*") if p.is_symlink()]
+    if links:
+        return f"{links[0]} is a symbolic link; a checkpoint holds plain files only (a tampered checkpoint?)"
+    for name in files:
+        try:
+            inside(folder, name, source=f"{folder}/{MARKER}")
+        except UserError as err:
+            return str(err)
     present = {str(p.relative_to(folder)) for p in _files(folder)}
     unlisted = sorted(present - set(files))
     if unlisted:

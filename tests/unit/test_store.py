@@ -118,3 +118,50 @@ def test_a_refused_lock_leaves_no_folder_behind(tmp_path: Path) -> None:
     blocked.write_text("not a folder")
     with pytest.raises(UserError, match="cannot create"):
         FolderLock([blocked / "run"], run_id="three").acquire()
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/hostname", "state/../../outside.txt"])
+def test_a_marker_naming_a_file_outside_the_checkpoint_is_refused(tmp_path: Path, name: str) -> None:
+    """COMPLETE.json's names are read (checked, hashed) only inside the checkpoint folder (issue 25, item 2)."""
+    folder = make_checkpoint(tmp_path / "root", 1)
+    (tmp_path / "root" / "outside.txt").write_text("x")
+    marker = json.loads((folder / store.MARKER).read_text())
+    marker["files"][name] = {"sha256": "0" * 64, "bytes": 1}
+    (folder / store.MARKER).write_text(json.dumps(marker))
+    assert "lies outside" in store.verify(folder)
+
+
+def test_a_symbolic_link_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A link inside the folder would make verification and loading read a file elsewhere."""
+    folder = make_checkpoint(tmp_path / "root", 1)
+    outside = tmp_path / "secret"
+    outside.write_text("not a checkpoint file")
+    (folder / "extra").symlink_to(outside)
+    store.write_marker(folder)  # a marker listing it, as a tamperer would write it
+    assert "is a symbolic link" in store.verify(folder)
+
+
+def test_inside_keeps_names_in_their_folder(tmp_path: Path) -> None:
+    from megatron_pept.safe_paths import inside
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    assert inside(tmp_path, "sub/a.bin", source="index.json") == tmp_path / "sub" / "a.bin"
+    for name, reason in [
+        ("../a", "lies outside"),
+        ("/abs", "lies outside"),
+        ("sub/../../a", "lies outside"),
+        ("link/a", "symbolic link"),
+        ("", "not a file name"),
+        (None, "not a file name"),
+    ]:
+        with pytest.raises(UserError, match=reason):
+            inside(tmp_path, name, source="index.json")
+
+
+def test_a_list_override_with_broken_yaml_is_one_line() -> None:
+    from megatron_pept.config import load_config
+    from megatron_pept.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'method.target_modules' is not valid YAML"):
+        load_config(None, ["data.path=x", "method.target_modules=[q_proj"])
