@@ -288,8 +288,9 @@ class GuardConfig:
     enabled: bool = True
     """Skip the update of a step whose loss or gradient norm is not finite (logged under guard/ and counted)."""
     rollback_after: int = 3
-    """After this many skipped steps in a row, reload the last checkpoint and go on with the data after the bad
-    batches (0: never roll back). Needs checkpoint.interval > 0."""
+    """After this many non-finite steps since the last accepted update, reload the last checkpoint and go on with
+    the data after the bad batches (0: never roll back). Needs checkpoint.interval > 0. Spikes (below) do not count:
+    a skipped spike leaves the state as it was."""
     max_rollbacks: int = 3
     """Rollbacks to the same checkpoint (no newer one saved in between) before the run stops with an error naming
     the step and that checkpoint, the last good one (0: stop instead of the first rollback)."""
