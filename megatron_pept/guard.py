@@ -86,6 +86,25 @@ def judge(cfg: GuardConfig, state: TrainState, *, loss: float, grad_norm: float)
     return Verdict(SPIKE if loss > loss_max or grad_norm > grad_norm_max else ACCEPTED, loss_max, grad_norm_max)
 
 
+class StepJudge:
+    """The ``accept`` callback of :meth:`~megatron_pept.distributed.Backend.step` for one step of loss ``loss``:
+    judges the step once the backend knows its gradient norm, and keeps the verdict for :meth:`count`."""
+
+    def __init__(self, cfg: GuardConfig, state: TrainState, *, loss: float) -> None:
+        self.cfg, self.state, self.loss = cfg, state, loss
+        self.verdict: Verdict | None = None
+
+    def __call__(self, grad_norm: float) -> bool:
+        assert self.verdict is None, "Backend.step calls accept once a step"
+        self.verdict = judge(self.cfg, self.state, loss=self.loss, grad_norm=grad_norm)
+        return self.verdict.accepted
+
+    def count(self, *, step: int, grad_norm: float) -> dict:
+        """:func:`count_step` with this step's verdict."""
+        assert self.verdict is not None, "Backend.step did not call accept"
+        return count_step(self.cfg, self.state, self.verdict, step=step, loss=self.loss, grad_norm=grad_norm)
+
+
 def remember_accepted(cfg: GuardConfig, state: TrainState, *, loss: float, grad_norm: float) -> None:
     """Append an accepted step to the spike rules' window (the newest ``guard.spike_window`` are kept)."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -308,21 +308,12 @@ class Trainer:
                 loss = cross_entropy_loss(self.model(inputs), targets)
             loss_sum += self.backend.backward(loss, last=last)
         loss_mean = comm.all_reduce_mean(loss_sum).item()
-        verdicts: list[guard.Verdict] = []
-
-        def accept(norm: float) -> bool:
-            verdicts.append(guard.judge(self.cfg.guard, self.state, loss=loss_mean, grad_norm=norm))
-            return verdicts[-1].accepted
-
+        judged = guard.StepJudge(self.cfg.guard, self.state, loss=loss_mean)
         grad_norm, ok = self.backend.step(
-            self.optimizer, self._trainable(), max_norm=self.cfg.train.max_grad_norm, accept=accept
+            self.optimizer, self._trainable(), max_norm=self.cfg.train.max_grad_norm, accept=judged
         )
-        assert len(verdicts) == 1, "Backend.step calls accept once"
         # A skipped update (or one applied in backward, or by DeepSpeed) is counted, and rolled back in a streak.
-        self.writer.scalars(
-            step + 1,
-            guard.count_step(self.cfg.guard, self.state, verdicts[0], step=step, loss=loss_mean, grad_norm=grad_norm),
-        )
+        self.writer.scalars(step + 1, judged.count(step=step, grad_norm=grad_norm))
         if ok or not self.cfg.guard.enabled:
             self.state.last_grad_norm = grad_norm
         end = self.method.on_step_end(step=step, model=self.raw_model, optimizer=self.optimizer)
