@@ -71,3 +71,4 @@ class TrainResult:
     interrupted: bool = False  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint
     skipped_steps: int = 0
     rollbacks: int = 0
+    spikes: int = 0

@@ -374,8 +374,9 @@ class Trainer:
                 self._save_unless_bad("the end of the run")  # so a finished run can be exported or extended
             self.checkpointer.finish_pending()
         self.writer.close()
-        result.steps, result.tokens_seen = self.state.step, self.state.tokens_seen
-        result.skipped_steps, result.rollbacks = self.state.skipped_steps, self.state.rollbacks
+        s = self.state
+        result.steps, result.tokens_seen, result.skipped_steps = s.step, s.tokens_seen, s.skipped_steps
+        result.rollbacks, result.spikes = s.rollbacks, s.spikes
         logger.info(
             "%s: %d steps, %d tokens", "stopped" if result.interrupted else "done", result.steps, result.tokens_seen
         )
