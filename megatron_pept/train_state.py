@@ -14,7 +14,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     last_grad_norm: float = -1.0  # of the previous step; per-layer clipping uses it (-1: none yet)
-    skipped_steps: int = 0  # updates skipped by the non-finite guard, over the whole run
+    skipped_steps: int = 0  # updates skipped by the guard (non-finite steps and spikes), over the whole run
     rollbacks: int = 0  # reloads of the last checkpoint after guard.rollback_after bad steps in a row
     bad_steps_in_a_row: int = 0  # non-finite steps since the last accepted update (no checkpoint saved then)
     rollback_target: int = -1  # the step of the checkpoint the last rollback went back to
