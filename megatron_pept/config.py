@@ -290,11 +290,26 @@ class GuardConfig:
     enabled: bool = True
     """Skip the update of a step whose loss or gradient norm is not finite (logged under guard/ and counted)."""
     rollback_after: int = 3
-    """After this many skipped steps in a row, reload the last checkpoint and go on with the data after the bad
-    batches (0: never roll back). Needs checkpoint.interval > 0."""
+    """After this many non-finite steps since the last accepted update, reload the last checkpoint and go on with
+    the data after the bad batches (0: never roll back). Needs checkpoint.interval > 0. Spikes (below) do not count:
+    a skipped spike leaves the state as it was."""
     max_rollbacks: int = 3
     """Rollbacks to the same checkpoint (no newer one saved in between) before the run stops with an error naming
     the step and that checkpoint, the last good one (0: stop instead of the first rollback)."""
+    spike_loss_sigma: float = 0.0
+    """Loss-spike rule (0: off): skip the update of a step whose loss is above the mean of the last
+    guard.spike_window accepted steps' losses by more than this many of their standard deviations (population std);
+    counted in guard/spikes and guard/skipped_steps. Finite steps only; needs guard.enabled, and an update decided
+    after backward (not optim.per_layer, not DeepSpeed). Try 6."""
+    spike_grad_norm_ratio: float = 0.0
+    """Gradient-norm spike rule (0: off): skip the update of a step whose gradient norm (before clipping) is more
+    than this many times the median of the last guard.spike_window accepted steps' norms (the lower of the two
+    middle values for an even window). Same conditions as guard.spike_loss_sigma. Try 10."""
+    spike_window: int = 100
+    """Accepted steps the spike rules compare against (a step skipped for any reason never enters it); also their
+    warm-up (no step is judged a spike before the window is full) and the limit on spikes in a row, after which
+    the run stops (the loss has moved to a new level). Emptied when the method switches optimizer (a warm start
+    ends), whose parameters have gradients of another scale."""
 
 
 @dataclass
@@ -701,6 +716,11 @@ def _check_registered(cfg: Config) -> None:
     backend_class(cfg.parallel.backend).validate(cfg)
 
 
+def spike_rule_on(g: GuardConfig) -> bool:
+    """Whether a spike rule (loss or gradient norm) is asked for."""
+    return g.spike_loss_sigma > 0 or g.spike_grad_norm_ratio > 0
+
+
 def validate(cfg: Config) -> None:
     """Checks that span fields or need ranges; each failure is one line with the fix."""
     t, o, d, m, p = cfg.train, cfg.optim, cfg.data, cfg.model, cfg.parallel
@@ -723,6 +743,19 @@ def validate(cfg: Config) -> None:
     _require(bool(c.resume), "checkpoint.resume is empty; use auto, none or the path of a checkpoint folder")
     _require(g.rollback_after >= 0, f"guard.rollback_after must be >= 0 (0: never roll back); got {g.rollback_after}")
     _require(g.max_rollbacks >= 0, f"guard.max_rollbacks must be >= 0; got {g.max_rollbacks}")
+    _require(g.spike_loss_sigma >= 0, f"guard.spike_loss_sigma must be >= 0 (0: off); got {g.spike_loss_sigma}")
+    _require(
+        g.spike_grad_norm_ratio == 0 or g.spike_grad_norm_ratio > 1,
+        f"guard.spike_grad_norm_ratio must be > 1 (or 0: off); got {g.spike_grad_norm_ratio}",
+    )
+    _require(g.spike_window >= 2, f"guard.spike_window must be >= 2 (accepted steps); got {g.spike_window}")
+    if spike_rule_on(g):
+        _require(g.enabled, "guard.spike_loss_sigma and guard.spike_grad_norm_ratio need guard.enabled=true")
+        _require(
+            not o.per_layer,
+            "guard.spike_loss_sigma and guard.spike_grad_norm_ratio cannot run with optim.per_layer=true (the "
+            "update is applied inside backward, before the step can be judged); set both to 0 or per_layer=false",
+        )
     _require(o.lr > 0, f"optim.lr must be > 0; got {o.lr}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0; got {o.warmup_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1]; got {o.min_lr_ratio}")

@@ -22,13 +22,14 @@ from megatron_pept.config import Config, save_config
 from megatron_pept.data.build import build_run_data, check_same_tokenizer
 from megatron_pept.distributed import build_backend, comm
 from megatron_pept.errors import ConfigError, DataError, UserError
+from megatron_pept.evaluation import validation_loss
 from megatron_pept.faults import fault_point
 from megatron_pept.methods import build_method
 from megatron_pept.metrics import MetricsWriter, log_step, peak_memory_gb, peak_tflops, setup_console_logging
 from megatron_pept.metrics.timing import StepTimer
 from megatron_pept.models import build_model, llama_args
 from megatron_pept.models.hf_import import load_hf_weights
-from megatron_pept.models.loss import cross_entropy_loss, per_window_loss
+from megatron_pept.models.loss import cross_entropy_loss
 from megatron_pept.optim import build_schedule
 from megatron_pept.optim.per_layer import PerLayerOptimizer
 from megatron_pept.sharding import optimizer_protocol
@@ -233,6 +234,7 @@ class Trainer:
             parts=self._checkpoint_parts(),
             backend=self.backend,
             after_extra=after_extra,
+            added_keys={"train": TrainState.ADDED_KEYS},
         )
         self._last_saved_step = self.state.step
 
@@ -306,44 +308,27 @@ class Trainer:
                 loss = cross_entropy_loss(self.model(inputs), targets)
             loss_sum += self.backend.backward(loss, last=last)
         loss_mean = comm.all_reduce_mean(loss_sum).item()
+        judged = guard.StepJudge(self.cfg.guard, self.state, loss=loss_mean)
         grad_norm, ok = self.backend.step(
-            self.optimizer,
-            self._trainable(),
-            max_norm=self.cfg.train.max_grad_norm,
-            accept=lambda norm: guard.finite_step(self.cfg.guard, loss_mean, norm),
+            self.optimizer, self._trainable(), max_norm=self.cfg.train.max_grad_norm, accept=judged
         )
         # A skipped update (or one applied in backward, or by DeepSpeed) is counted, and rolled back in a streak.
-        self.writer.scalars(
-            step + 1, guard.count_step(self.cfg.guard, self.state, ok, step=step, loss=loss_mean, grad_norm=grad_norm)
-        )
+        self.writer.scalars(step + 1, judged.count(step=step, grad_norm=grad_norm))
         if ok or not self.cfg.guard.enabled:
             self.state.last_grad_norm = grad_norm
         end = self.method.on_step_end(step=step, model=self.raw_model, optimizer=self.optimizer)
         if end.optimizer is not None:
             self._use_optimizer(end.optimizer, replacing=True)
+            guard.forget_window(self.state)  # other parameters train now: their gradient norm has another scale
         if end.scalars:
             self.writer.scalars(step + 1, end.scalars)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
         return loss_mean, grad_norm, lr
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation windows (the same set on any number of ranks: each rank sums the
-        per-window losses of its share, weighted to skip padding, and the sums are added over the ranks)."""
-        if not self.val_batches:
-            return float("nan")
-        self.model.eval()
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # weighted loss, windows
-        for inputs, targets, weights in self.val_batches:
-            inputs, targets, weights = inputs.to(self.device), targets.to(self.device), weights.to(self.device)
-            with self._autocast():
-                logits = self.model(inputs)
-            per_window = per_window_loss(logits, targets)
-            sums += torch.stack([(per_window * weights).sum(), weights.sum()]).double()
-        self.model.train()
-        total, windows = comm.all_reduce_sum(sums).tolist()
-        return total / windows
+        """Mean loss over the fixed validation windows (the same set on any number of ranks)."""
+        return validation_loss(self.model, self.val_batches, device=self.device, autocast=self._autocast)
 
     def _log_eval(self, step: int, result: TrainResult) -> None:
         val_loss = self.evaluate()
@@ -377,8 +362,9 @@ class Trainer:
         self.writer.close()
         if self.writer.error:
             self._stop_on_metrics_error()
-        result.steps, result.tokens_seen = self.state.step, self.state.tokens_seen
-        result.skipped_steps, result.rollbacks = self.state.skipped_steps, self.state.rollbacks
+        s = self.state
+        result.steps, result.tokens_seen, result.skipped_steps = s.step, s.tokens_seen, s.skipped_steps
+        result.rollbacks, result.spikes = s.rollbacks, s.spikes
         logger.info(
             "%s: %d steps, %d tokens", "stopped" if result.interrupted else "done", result.steps, result.tokens_seen
         )

@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -397,14 +397,19 @@ class Checkpointer:
         parts: dict[str, Any],
         backend: Backend,
         after_extra: Callable[[], None] | None = None,
+        added_keys: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         """Put the state of checkpoint ``path`` back: first the train/method/loader state (so the method can put
         the model in its saved phase: ``after_extra``), then the model and the optimizer ``optimizer_fn()``
-        returns at that point."""
+        returns at that point. ``added_keys`` (part -> state keys) names state newer than some checkpoints: a
+        checkpoint without it still loads, and the part keeps its own values of those keys."""
         state_dir = path / "state"
         metadata = safe_dcp.read_metadata(state_dir)  # never plain pickle: see safe_dcp
         saved = metadata.state_dict_metadata
         extra = cs.extra_state(parts)
+        optional = {cs.extra_key(part, key) for part, keys in (added_keys or {}).items() for key in keys}
+        for key in [k for k in extra if k in optional and k not in saved]:
+            del extra[key]
         missing = [k for k in extra if k not in saved]
         if missing:
             raise UserError(

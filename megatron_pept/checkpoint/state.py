@@ -76,9 +76,13 @@ def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     return out
 
 
+def extra_key(part: str, key: str) -> str:
+    return f"extra.{part}.{key}"
+
+
 def extra_state(parts: dict[str, Any]) -> dict[str, torch.Tensor]:
     """``extra.<part>.<key>`` for objects with a tensor ``state_dict()`` (train state, method, loader)."""
-    return {f"extra.{part}.{k}": v for part, obj in parts.items() for k, v in obj.state_dict().items()}
+    return {extra_key(part, k): v for part, obj in parts.items() for k, v in obj.state_dict().items()}
 
 
 def load_extra(parts: dict[str, Any], loaded: dict[str, torch.Tensor]) -> None:

@@ -109,8 +109,8 @@ class Backend:
         self, optimizer: Any, params: list[nn.Parameter], *, max_norm: float, accept: Callable[[float], bool]
     ) -> tuple[float, bool]:
         """End the optimizer step once every micro-batch's backward ran: the gradient norm (before clipping) and
-        whether the update was applied. ``accept(grad_norm)`` decides (the non-finite guard); an optimizer that
-        steps in backward (per-layer) has already applied it."""
+        whether the update was applied. ``accept(grad_norm)`` decides (the guard: non-finite steps, spikes); an
+        optimizer that steps in backward (per-layer) has already applied it."""
         protocol = optimizer_protocol(optimizer)
         if protocol.steps_in_backward:
             grad_norm = full(protocol.disarm()).item()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megatron_pept.config import Config, read_yaml_file
+from megatron_pept.config import Config, read_yaml_file, spike_rule_on
 from megatron_pept.distributed.backend import Backend
 from megatron_pept.errors import ConfigError
 from megatron_pept.sharding import FlatFragment, ParamAccess, ZeroLayout, optimizer_protocol
@@ -292,6 +292,11 @@ class DeepSpeedBackend(Backend):
                 "a quantised base is frozen state that ZeRO-3 would keep whole on every rank, so it would save "
                 "nothing there; use parallel.zero_stage=1 or 2 (the base is replicated, as the weights are) or "
                 "parallel.backend=fsdp2 (the quantised base is sharded by rows)"
+            )
+        if spike_rule_on(cfg.guard):
+            raise ConfigError(
+                "guard.spike_loss_sigma and guard.spike_grad_norm_ratio cannot run with parallel.backend=deepspeed "
+                "(the engine applies the update before the step can be judged); set both to 0 or use fsdp2 or ddp"
             )
         if cfg.method.warm_start_steps > 0:
             raise ConfigError(

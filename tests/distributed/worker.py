@@ -4,7 +4,10 @@
 
 ``RUNS.json`` is a list of {"name": ..., "overrides": [...]}; for each, the losses and the full (gathered)
 final parameters go into ``OUT.pt`` (a dict name -> {"losses": [...], "params": {name: tensor}}). A run with
-``"expect_error": true`` must be refused while being built: its error message goes into ``OUT.pt`` instead.
+``"expect_error": true`` must be refused while being built: its error message goes into ``OUT.pt`` instead. A run
+may name ``"garbage": [STEP, RANK]``: that rank's batches of optimizer step STEP (1-based) become one repeated
+token (a corrupt shard); the run's result then also holds every rank's guard counters (spikes, skipped,
+non-finite in a row) and, where every rank holds the whole weights (DDP), each rank's copy.
 """
 
 from __future__ import annotations
@@ -33,6 +36,29 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def feed_garbage(trainer: Trainer, *, step: int, rank: int) -> None:
+    if dist.get_rank() != rank:
+        return
+    real, calls = trainer.loader.next_batch, {"n": 0}
+    token = trainer.data_index.vocab_size - 1
+
+    def next_batch():
+        inputs, targets = real()
+        calls["n"] += 1
+        if (calls["n"] - 1) // trainer.grad_accum_steps + 1 == step:
+            return torch.full_like(inputs, token), torch.full_like(targets, token)
+        return inputs, targets
+
+    trainer.loader.next_batch = next_batch
+
+
+def every_rank(mine: torch.Tensor) -> torch.Tensor:
+    """Each rank's ``mine`` (of the same shape on every rank), one row per rank."""
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine)
+    return torch.stack(rows)
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     with open(args[0]) as f:
@@ -48,6 +74,8 @@ def main() -> None:
                 continue
             raise AssertionError(f"run {run['name']} was not refused")
         trainer = Trainer(load_config(None, run["overrides"]))
+        if "garbage" in run:
+            feed_garbage(trainer, step=run["garbage"][0], rank=run["garbage"][1])
         if "stop_after" in run:  # an interrupted run: some steps, a checkpoint, no more
             for _ in range(run["stop_after"]):
                 trainer.train_step()
@@ -74,6 +102,13 @@ def main() -> None:
                 sum(isinstance(t, DTensor) for n, t in trainer.raw_model.named_buffers() if ".base_" in n)
             ),
         }
+        if "garbage" in run:
+            state = trainer.state
+            counters = torch.tensor([state.spikes, state.skipped_steps, state.bad_steps_in_a_row])
+            results[run["name"]]["guard"] = every_rank(counters)
+            weights = [p.detach().flatten() for p in trainer.raw_model.parameters()]
+            if not any(isinstance(w, DTensor) for w in weights):  # a replica on every rank (DDP): all alike?
+                results[run["name"]]["replicas"] = every_rank(torch.cat(weights))
         trainer.close()
         del trainer
     if dist.get_rank() == 0:

@@ -94,6 +94,9 @@ def test_public_keys_exist() -> None:
         ("optim.lr", "is not of the form key=value"),
         ("train=3", "is a section"),
         ("train.steps.x=3", "unknown config key 'train.steps.x'"),
+        ("guard.spike_loss_sigma=-1", "guard.spike_loss_sigma must be >= 0 (0: off); got -1"),
+        ("guard.spike_grad_norm_ratio=0.5", "guard.spike_grad_norm_ratio must be > 1 (or 0: off); got 0.5"),
+        ("guard.spike_window=1", "guard.spike_window must be >= 2 (accepted steps); got 1"),
     ],
 )
 def test_bad_values_are_one_clear_line(override: str, message: str) -> None:
@@ -102,6 +105,22 @@ def test_bad_values_are_one_clear_line(override: str, message: str) -> None:
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.per_layer=true"], "cannot run with optim.per_layer=true (the update is applied inside backward"),
+        (["parallel.backend=deepspeed", "parallel.zero_stage=2"], "cannot run with parallel.backend=deepspeed"),
+        (["guard.enabled=false"], "need guard.enabled=true"),
+    ],
+)
+@pytest.mark.parametrize("rule", ["guard.spike_loss_sigma=6", "guard.spike_grad_norm_ratio=10"])
+def test_the_spike_rules_need_an_update_they_can_skip(rule: str, overrides: list[str], message: str) -> None:
+    load_config(None, ["data.path=/d", *overrides])  # fine with the rules off (the default)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.path=/d", rule, *overrides])
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_blend_list_of_sources(tmp_path: Path) -> None:
