@@ -5,6 +5,7 @@ that has it) and 5.x; max_position_embeddings comes from the model configuration
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -70,6 +71,123 @@ def test_export_refuses_to_overwrite_and_needs_a_checkpoint(quickstart_data: Pat
     with pytest.raises(UserError, match="not empty"):
         export_to_hf(tmp_path / "run", tmp_path / "hf")
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+
+
+# -- where the export goes ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_run(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("small") / "run"
+    Trainer(tiny(quickstart_data, run, "train.steps=2", "checkpoint.interval=2")).train()
+    return run
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_export_removes_no_folder_it_did_not_make(small_run: Path, tmp_path: Path) -> None:
+    """The export used to write to the fixed name .NAME.tmp and delete whatever was there first: a user's folder
+    of that name, or the work of a second export to the same output. It now works in a folder of its own."""
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    mine = tmp_path / ".hf.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    out = export_to_hf(small_run, tmp_path / "hf")
+    assert (mine / "notes.txt").read_text() == "mine" and listing(mine) == {"notes.txt": b"mine"}
+    assert "notes.txt" not in listing(out) and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp", "hf"]  # nothing else left beside it
+    assert (out.stat().st_mode & 0o777) == (mine.stat().st_mode & 0o777)  # made like any folder (umask)
+    (tmp_path / "empty").mkdir()  # an existing empty folder is filled
+    assert (export_to_hf(small_run, tmp_path / "empty") / "config.json").is_file()
+    assert (export_to_hf(small_run, tmp_path / "new" / "deep" / "hf") / "config.json").is_file()  # parents made
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_overwrite_replaces_a_filled_output_only_once_the_new_export_is_complete(
+    exchange: bool, small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without overwrite a filled output is refused and kept; with it, a failed export (here the disk fills while
+    config.json is written) leaves the old folder as it was, and a complete one replaces it. Both ways of
+    replacing: one atomic exchange (renameat2) and, where a filesystem has none, the old folder moved aside."""
+    from megatron_pept.checkpoint import hf_export
+
+    if not exchange:
+        monkeypatch.setattr(hf_export, "_exchange", lambda a, b: False)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("the old export")
+    (out / "old.txt").write_text("old")
+    before = listing(out)
+    with pytest.raises(UserError, match=r"exists and is not empty; .* --overwrite"):
+        hf_export.export_to_hf(small_run, out)
+    assert listing(out) == before
+
+    def full_disk(path: Path, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_export, "_write_config_for_both_lines", full_disk)
+        with pytest.raises(
+            UserError, match=rf"^cannot write the export to {out}: No space left on device; .*unchanged"
+        ):
+            hf_export.export_to_hf(small_run, out, overwrite=True)
+    assert listing(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+    hf_export.export_to_hf(small_run, out, overwrite=True)
+    assert "old.txt" not in listing(out) and json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_failed_write_to_a_new_output_leaves_nothing(small_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Parent folders made for the export go too; an error that is not a failed write keeps its traceback."""
+    from megatron_pept.checkpoint import hf_export
+
+    def rust_full_disk(*args, **kwargs) -> None:  # safetensors and tokenizers report I/O errors in their message
+        raise Exception("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(hf_export, "_write_config_for_both_lines", rust_full_disk)
+    with pytest.raises(UserError, match=r"File too large; a file size limit \(ulimit -f\).*nothing was left behind"):
+        hf_export.export_to_hf(small_run, tmp_path / "a" / "b" / "hf")
+    assert not list(tmp_path.iterdir())
+
+    def bug(*args, **kwargs) -> None:
+        raise KeyError("rope_theta")
+
+    monkeypatch.setattr(hf_export, "_write_config_for_both_lines", bug)
+    with pytest.raises(KeyError):
+        hf_export.export_to_hf(small_run, tmp_path / "hf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_link_a_file_or_the_checkpoint_is_no_output(small_run: Path, tmp_path: Path) -> None:
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "file.txt").write_text("mine")
+    (tmp_path / "to-folder").symlink_to(target)
+    (tmp_path / "to-file").symlink_to(tmp_path / "file.txt")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    before = listing(tmp_path)
+    for name in ("to-folder", "to-file", "dangling"):
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=rf"^--output {tmp_path / name} is a symbolic link; "):
+                export_to_hf(small_run, tmp_path / name, overwrite=overwrite)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=rf"^--output {tmp_path / 'file.txt'} is a file, not a folder"):
+            export_to_hf(small_run, tmp_path / "file.txt", overwrite=overwrite)
+    assert listing(tmp_path) == before and not list(target.iterdir()) and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file.txt", "target", "to-file", "to-folder"]
+
+    checkpoint = small_run / "checkpoints" / "step_00000002"
+    kept = listing(small_run)
+    for out in (small_run, small_run / "checkpoints", checkpoint, checkpoint / "hf"):
+        with pytest.raises(UserError, match=r"overlaps the checkpoint .*; give a folder outside it"):
+            export_to_hf(small_run, out, overwrite=True)
+    assert listing(small_run) == kept
 
 
 # -- config.json and tokenizer_config.json for transformers 4.x and 5.x ---------------------------------------------
@@ -174,7 +292,7 @@ def test_max_position_embeddings_comes_from_the_model_config(quickstart_data: Pa
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1024
     with pytest.raises(UserError, match=r"--max-position-embeddings is 16, shorter .*; give 32 or more$"):
         export_to_hf(run, tmp_path / "c", max_position_embeddings=16)
-    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.tmp").exists()
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))
 
 
 # -- a Hugging Face tokenizer.json carried -------------------------------------------------------------------------
