@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -188,6 +189,47 @@ def test_a_link_a_file_or_the_checkpoint_is_no_output(small_run: Path, tmp_path:
         with pytest.raises(UserError, match=r"overlaps the checkpoint .*; give a folder outside it"):
             export_to_hf(small_run, out, overwrite=True)
     assert listing(small_run) == kept
+
+
+class Payload:
+    """Unpickling this creates ``marker``: the proof that a loader ran code from a pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_deepspeed_checkpoint_holding_code_is_refused_without_running_it(small_run: Path, tmp_path: Path) -> None:
+    """DeepSpeed's zero_to_fp32 loads its files with pickle; the export hands it a torch.load with weights_only=True.
+    A checkpoint whose DeepSpeed model and optimizer files hold a pickled call (here one that creates a marker
+    file, as it does when unpickled) is refused in one line naming DeepSpeed's script; the call never runs."""
+    pytest.importorskip("deepspeed")
+    from megatron_pept.checkpoint import store
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    probe = tmp_path / "probe.pt"
+    torch.save({"module": Payload(tmp_path / "probe-ran")}, probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").exists()  # the payload works when unpickled
+
+    marker = tmp_path / "ran"
+    checkpoint = shutil.copytree(small_run / "checkpoints" / "step_00000002", tmp_path / "step_00000002")
+    (checkpoint / store.MARKER).unlink()
+    state = checkpoint / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    (checkpoint / "deepspeed" / "latest").write_text("state")
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save(
+            {"module": Payload(marker), "buffer_names": [], "optimizer_state_dict": Payload(marker)}, state / name
+        )
+    store.write_marker(checkpoint)  # a complete checkpoint as far as its marker says
+    with pytest.raises(UserError, match=r"DeepSpeed's partitions cannot be exported \(.*\); .*zero_to_fp32\.py") as err:
+        export_to_hf(checkpoint, tmp_path / "hf")
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe-ran", "probe.pt", "step_00000002"]
 
 
 # -- config.json and tokenizer_config.json for transformers 4.x and 5.x ---------------------------------------------
