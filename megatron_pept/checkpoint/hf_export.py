@@ -17,7 +17,7 @@ The folder is written under a new hidden name of its own beside the output (``.N
 place only when complete, so a failed or interrupted export leaves no partial model at the output, and two
 exports never share a temporary folder. An existing non-empty output is replaced only when asked
 (``overwrite``), after the new export is complete (one atomic exchange where the filesystem offers it); a symbolic
-link, a file, or a folder holding the checkpoint itself is never an output.
+link, a file, or a folder that is, holds or lies inside the checkpoint is never an output.
 """
 
 from __future__ import annotations
@@ -317,6 +317,7 @@ def _staged(output: Path, *, replace: bool) -> Iterator[Path]:
     (with any parent folders made for it) when it fails. Only folders made here are ever removed."""
     made: list[Path] = []
     tmp: Path | None = None
+    published = False
     try:
         with _writing(output, replace=replace):
             parent = Path(os.path.abspath(output)).parent
@@ -329,10 +330,11 @@ def _staged(output: Path, *, replace: bool) -> Iterator[Path]:
         yield tmp
         with _writing(output, replace=replace):
             _publish(tmp, output, replace=replace)
-        tmp = None
+        published = True
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not published:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             for folder in reversed(made):
                 with contextlib.suppress(OSError):  # not empty: someone else's files arrived there meanwhile
                     folder.rmdir()
@@ -349,7 +351,11 @@ def _publish(tmp: Path, output: Path, *, replace: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old export
         return
     old = _new_folder(output.parent, f".{output.name}.old.")
-    os.rename(output, old)  # over the empty placeholder
+    try:
+        os.rename(output, old)  # over the empty placeholder
+    except OSError:
+        old.rmdir()
+        raise
     try:
         os.rename(tmp, output)
     except OSError:

@@ -15,9 +15,10 @@ Hugging Face tokenizer.json carried as it is.
 --output must be a new or empty folder: a non-empty one is refused (exit 2) unless --overwrite is given, and is
 then replaced only once the new export is complete. The export is written to a hidden folder of its own beside
 --output (.NAME.<random>) and renamed into place at the end, so a failure (a full or read-only disk, a damaged
-checkpoint) or an interruption leaves nothing at --output; no folder the tool did not make is ever removed. An
---output that is a symbolic link, a file, or a folder holding the checkpoint is refused. Mistakes and failed
-writes are one line on stderr and exit code 2.
+checkpoint) or Ctrl-C leaves nothing behind (a killed export may leave its own hidden folder, never a partial
+--output); no folder the tool did not make is ever removed. An --output that is a symbolic link, a file, or a
+folder that is, holds or lies inside the checkpoint is refused. Mistakes and failed writes are one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ PROG = "megatron-pept-convert-to-hf"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    # The paragraph on --output (its refusals and --overwrite) is the one users need when an export is refused.
+    output_rules = next(part for part in __doc__.split("\n\n") if part.startswith("--output"))
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=output_rules)
     parser.add_argument(
         "--checkpoint", required=True, metavar="PATH", help="checkpoint folder, checkpoints folder or run_dir"
     )

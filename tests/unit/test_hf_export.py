@@ -154,6 +154,15 @@ def test_a_failed_write_to_a_new_output_leaves_nothing(small_run: Path, tmp_path
         hf_export.export_to_hf(small_run, tmp_path / "a" / "b" / "hf")
     assert not list(tmp_path.iterdir())
 
+    def no_inodes_left(parent: Path, prefix: str) -> Path:  # the parents are made, the work folder is not
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(parent / prefix))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_export, "_new_folder", no_inodes_left)
+        with pytest.raises(UserError, match=r"No space left on device; .*nothing was left behind"):
+            hf_export.export_to_hf(small_run, tmp_path / "a" / "b" / "hf")
+    assert not list(tmp_path.iterdir())
+
     def bug(*args, **kwargs) -> None:
         raise KeyError("rope_theta")
 
