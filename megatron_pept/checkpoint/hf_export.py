@@ -269,6 +269,8 @@ _FIXES = {
     errno.EFBIG: "a file size limit (ulimit -f) is below the export's size: raise it or choose another --output",
     errno.EROFS: "choose a writable place for --output",
     errno.EACCES: "choose a place you may write for --output",
+    errno.ENOTEMPTY: "it was filled while this export ran (another export?): give --overwrite or another --output",
+    errno.EEXIST: "it was filled while this export ran (another export?): give --overwrite or another --output",
 }
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 

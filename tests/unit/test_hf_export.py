@@ -172,6 +172,26 @@ def test_a_failed_write_to_a_new_output_leaves_nothing(small_run: Path, tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_two_exports_to_one_output_do_not_mix(small_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Each works in its own folder; the one that finishes second finds the output filled and says so, leaving
+    the first one's export whole (they shared .NAME.tmp before: the second deleted the first one's work)."""
+    from megatron_pept.checkpoint import hf_export
+
+    out = tmp_path / "hf"
+    write_config = hf_export._write_config_for_both_lines
+
+    def other_export_finishes_first(path: Path, **kwargs) -> None:
+        write_config(path, **kwargs)
+        monkeypatch.setattr(hf_export, "_write_config_for_both_lines", write_config)
+        hf_export.export_to_hf(small_run, out, dtype="bf16")
+
+    monkeypatch.setattr(hf_export, "_write_config_for_both_lines", other_export_finishes_first)
+    with pytest.raises(UserError, match=r"Directory not empty; it was filled while this export ran"):
+        hf_export.export_to_hf(small_run, out)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the other one's, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_a_link_a_file_or_the_checkpoint_is_no_output(small_run: Path, tmp_path: Path) -> None:
     from megatron_pept.checkpoint.hf_export import export_to_hf
 
