@@ -12,17 +12,29 @@ Optimizer state is not read. Nothing is loaded with pickle.
 ``torch_dtype``, ``rope_theta`` and ``rope_scaling``); its ``max_position_embeddings`` is
 ``model.max_position_embeddings`` (null: 2048, or ``data.seq_len`` if larger), not the training length. The
 tokenizer is the run's SentencePiece model converted, or its Hugging Face ``tokenizer.json`` carried as it is.
+
+The folder is written under a new hidden name of its own beside the output (``.NAME.<random>``) and renamed into
+place only when complete, so a failed or interrupted export leaves no partial model at the output, and two
+exports never share a temporary folder. An existing non-empty output is replaced only when asked
+(``overwrite``), after the new export is complete (one atomic exchange where the filesystem offers it); a symbolic
+link, a file, or a folder that is, holds or lies inside the checkpoint is never an output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import io
 import json
+import os
 import pickle
+import re
+import secrets
 import shutil
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +158,18 @@ def deepspeed_model_state(checkpoint: Path, needed: dict[str, torch.Tensor]) -> 
 
 
 def export_to_hf(
-    checkpoint: str | Path, output: str | Path, *, dtype: str = "fp32", max_position_embeddings: int | None = None
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "fp32",
+    max_position_embeddings: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the Hugging Face folder for ``checkpoint`` (a checkpoint, a checkpoints folder or a run_dir).
 
     ``max_position_embeddings`` overrides the checkpoint's ``model.max_position_embeddings`` (the context the
-    export declares; null: 2048, or the training ``data.seq_len`` if larger)."""
+    export declares; null: 2048, or the training ``data.seq_len`` if larger). ``output`` must be new or an empty
+    folder; with ``overwrite`` a non-empty folder is replaced once the new export is complete."""
     try:
         import transformers
     except ImportError:
@@ -161,9 +179,9 @@ def export_to_hf(
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype}")
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"{output} exists and is not empty; choose a new folder (nothing is overwritten)")
+    replace = _check_output(output, overwrite=overwrite)
     path = resolve_checkpoint(checkpoint)
+    _check_apart(output, path)
     cfg = config_from_dict(_run_meta(path)["config"])
     if max_position_embeddings is not None:
         context = declared_context(
@@ -179,38 +197,188 @@ def export_to_hf(
             source=f"model.max_position_embeddings in {path}/meta.json",
             fix=f"export with --max-position-embeddings {max(DEFAULT_CONTEXT, cfg.data.seq_len)}",
         )
-    args, dense, meta = dense_state_dict(path)
-    hf_cfg = transformers.LlamaConfig(**hf_config_dict(args, max_position_embeddings=context), use_cache=True)
-    tok_meta = meta.get("tokenizer", {})
-    if tok_meta.get("eos_id") is not None:
-        hf_cfg.eos_token_id = tok_meta["eos_id"]
-    hf_cfg.bos_token_id = tok_meta.get("bos_id")
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-    hf.load_state_dict(dense, strict=True, assign=True)
-    if args.tie_embeddings:
-        hf.tie_weights()
-    hf = hf.to(DTYPES[dtype])
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
-    _write_config_for_both_lines(tmp / "config.json", rope_theta=args.rope_theta, dtype=DTYPES[dtype])
-    sp_model, hf_json = path / "tokenizer" / "tokenizer.model", path / "tokenizer" / "tokenizer.json"
-    if sp_model.is_file():
-        _save_tokenizer(transformers, sp_model, tmp, bos_id=tok_meta.get("bos_id"), model_max_length=context)
-    elif hf_json.is_file():
-        _save_hf_tokenizer(
-            transformers,
-            hf_json,
-            tmp,
-            bos_id=tok_meta.get("bos_id"),
-            eos_id=tok_meta.get("eos_id"),
-            model_max_length=context,
-        )
-    if output.exists():
-        output.rmdir()
-    tmp.rename(output)
+    # The staging folder is made before the weights are read, so an unwritable output costs no load.
+    with _staged(output, replace=replace) as tmp:
+        args, dense, meta = dense_state_dict(path)
+        hf_cfg = transformers.LlamaConfig(**hf_config_dict(args, max_position_embeddings=context), use_cache=True)
+        tok_meta = meta.get("tokenizer", {})
+        if tok_meta.get("eos_id") is not None:
+            hf_cfg.eos_token_id = tok_meta["eos_id"]
+        hf_cfg.bos_token_id = tok_meta.get("bos_id")
+        with torch.device("meta"):
+            hf = transformers.LlamaForCausalLM(hf_cfg)
+        hf.load_state_dict(dense, strict=True, assign=True)
+        if args.tie_embeddings:
+            hf.tie_weights()
+        hf = hf.to(DTYPES[dtype])
+        sp_model, hf_json = path / "tokenizer" / "tokenizer.model", path / "tokenizer" / "tokenizer.json"
+        with _writing(output, replace=replace):
+            hf.save_pretrained(tmp, safe_serialization=True)
+            _write_config_for_both_lines(tmp / "config.json", rope_theta=args.rope_theta, dtype=DTYPES[dtype])
+            if sp_model.is_file():
+                _save_tokenizer(transformers, sp_model, tmp, bos_id=tok_meta.get("bos_id"), model_max_length=context)
+            elif hf_json.is_file():
+                _save_hf_tokenizer(
+                    transformers,
+                    hf_json,
+                    tmp,
+                    bos_id=tok_meta.get("bos_id"),
+                    eos_id=tok_meta.get("eos_id"),
+                    model_max_length=context,
+                )
     return output
+
+
+# -- where the export goes ------------------------------------------------------------------------------------------
+
+
+def _check_output(output: Path, *, overwrite: bool) -> bool:
+    """Refuse an output the export must not write, before anything is read; True if an existing non-empty folder
+    is to be replaced."""
+    if output.is_symlink():  # replacing it would drop the link; writing through it would land elsewhere
+        raise UserError(
+            f"--output {output} is a symbolic link; give the path of a real folder (links are not followed)"
+        )
+    if not Path(os.path.abspath(output)).name:
+        raise UserError(f"--output {output} names no folder; give the path of a new folder")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file, not a folder; give the path of a new folder")
+    try:
+        filled = output.is_dir() and any(output.iterdir())
+    except OSError as err:
+        raise UserError(f"--output {output} cannot be read ({err.strerror or err}); give another folder") from None
+    if filled and not overwrite:
+        raise UserError(
+            f"{output} exists and is not empty; choose a new folder, or give --overwrite to replace it (nothing is "
+            "overwritten)"
+        )
+    return filled
+
+
+def _check_apart(output: Path, checkpoint: Path) -> None:
+    """The export may not be written into the checkpoint (its completion marker lists every file) nor replace a
+    folder that holds it."""
+    out, ckpt = output.resolve(), checkpoint.resolve()
+    if out == ckpt or out in ckpt.parents or ckpt in out.parents:
+        raise UserError(f"--output {output} overlaps the checkpoint {checkpoint}; give a folder outside it")
+
+
+_FIXES = {
+    errno.ENOSPC: "free some space there or choose another --output",
+    errno.EDQUOT: "free some of your quota there or choose another --output",
+    errno.EFBIG: "a file size limit (ulimit -f) is below the export's size: raise it or choose another --output",
+    errno.EROFS: "choose a writable place for --output",
+    errno.EACCES: "choose a place you may write for --output",
+    errno.ENOTEMPTY: "it was filled while this export ran (another export?): give --overwrite or another --output",
+    errno.EEXIST: "it was filled while this export ran (another export?): give --overwrite or another --output",
+}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _io_errno(err: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one that safetensors' and tokenizers' Rust code name in
+    their message ("... (os error 28)"); None for anything that is not an I/O failure."""
+    if isinstance(err, OSError):
+        return err.errno or 0
+    found = _OS_ERROR.search(str(err))
+    return int(found.group(1)) if found else None
+
+
+def _cannot_write(output: Path, err: BaseException, *, replace: bool) -> UserError:
+    code = _io_errno(err)
+    reason = os.strerror(code) if code else (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    kept = f"{output} is unchanged" if replace else "nothing was left behind"
+    return UserError(f"cannot write the export to {output}: {reason}; {_FIXES.get(code, 'check --output')} ({kept})")
+
+
+@contextlib.contextmanager
+def _writing(output: Path, *, replace: bool) -> Iterator[None]:
+    """Failed writes (a full or read-only disk) become one line; any other failure is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, UserError) or _io_errno(err) is None:
+            raise
+        raise _cannot_write(output, err, replace=replace) from None
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A folder of a name no one else has, made here (unlike a fixed name, which may be someone's)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def _staged(output: Path, *, replace: bool) -> Iterator[Path]:
+    """A new folder beside ``output`` to write the export in; moved to ``output`` when the block completes, removed
+    (with any parent folders made for it) when it fails. Only folders made here are ever removed."""
+    made: list[Path] = []
+    tmp: Path | None = None
+    published = False
+    try:
+        with _writing(output, replace=replace):
+            parent = Path(os.path.abspath(output)).parent
+            missing = [parent, *parent.parents]
+            missing = missing[: next(i for i, p in enumerate(missing) if p.exists() or p.is_symlink())]
+            for folder in reversed(missing):
+                folder.mkdir()
+                made.append(folder)
+            tmp = _new_folder(parent, f".{output.name}.")
+        yield tmp
+        with _writing(output, replace=replace):
+            _publish(tmp, output, replace=replace)
+        published = True
+    finally:
+        if not published:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):  # not empty: someone else's files arrived there meanwhile
+                    folder.rmdir()
+
+
+def _publish(tmp: Path, output: Path, *, replace: bool) -> None:
+    """Move the finished export to ``output``. rename(2) replaces a missing or empty folder in one step; a
+    non-empty one is exchanged with the new export in one step where the filesystem can (renameat2), else moved
+    aside first, and deleted only once the new export is in place."""
+    if not replace:
+        os.rename(tmp, output)
+        return
+    if _exchange(tmp, output):
+        shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old export
+        return
+    old = _new_folder(output.parent, f".{output.name}.old.")
+    try:
+        os.rename(output, old)  # over the empty placeholder
+    except OSError:
+        old.rmdir()
+        raise
+    try:
+        os.rename(tmp, output)
+    except OSError:
+        os.rename(old, output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where this system or filesystem
+    cannot, so the caller falls back to two renames."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _write_config_for_both_lines(path: Path, *, rope_theta: float, dtype: torch.dtype) -> None:

@@ -7,12 +7,19 @@ weights are read from safetensors (``model.safetensors`` or the shards of ``mode
 pickled ``.bin`` files) into the freshly built model before the method initialises its adapters or projections
 from them and before the model is sharded, so every method and backend starts from the same weights. Names need no
 mapping: our parameters are named as in ``transformers.LlamaForCausalLM``.
+
+The folder is read as untrusted input: a ``config.json`` that is not a JSON object or lacks a field, an index
+naming a weight file outside the folder (an absolute path, ``..``, or a symbolic link leading out; a Hugging Face
+hub cache snapshot may link into its own ``blobs``), a missing weight file and a damaged or truncated safetensors
+file are each refused in one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,39 +50,71 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{where} has no {CONFIG_FILE}: is it a Hugging Face model folder?") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {CONFIG_FILE} is unreadable ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: {CONFIG_FILE} holds a JSON {type(cfg).__name__}, not an object of settings")
     model_type = cfg.get("model_type")
     if model_type != "llama":
         raise ConfigError(f"{where} holds a {model_type!r} model; only LLaMA models (model_type llama) load")
     return cfg
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
+_REQUIRED = object()
+
+
+def _setting(cfg: dict[str, Any], key: str, kind: type, *, folder: Path, default: Any = _REQUIRED) -> Any:
+    """``cfg[key]`` as ``kind`` (int: a positive integer; float: a number; bool: true or false); ``default`` when the
+    key is missing or null. A missing or ill-typed setting is one line naming it."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"model.init_from={folder}: {CONFIG_FILE} has no {key}; is it a LLaMA config.json?")
+        return default
+    good = {
+        int: isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+    }[kind]
+    if not good:
+        what = {int: "a positive integer", float: "a number", bool: "true or false"}[kind]
+        raise ConfigError(f"model.init_from={folder}: {CONFIG_FILE} has {key}={json.dumps(value)}, not {what}")
+    return kind(value)
+
+
+def _rope_parameters(cfg: dict[str, Any], *, folder: Path) -> dict[str, Any]:
     """transformers 4.x writes ``rope_theta``; 5.x ``rope_parameters: {rope_type, rope_theta}``."""
     params = cfg.get("rope_parameters") or {}
-    return float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
+    if not isinstance(params, dict):
+        raise ConfigError(f"model.init_from={folder}: {CONFIG_FILE} has rope_parameters that is not an object")
+    return params
 
 
 def check_hf_config(cfg: dict[str, Any], args: LlamaArgs, *, folder: Path) -> None:
     """Refuse, in one line, a folder whose model is not the one this run builds."""
     where = f"model.init_from={folder}"
-    scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    params = _rope_parameters(cfg, folder=folder)
+    scaling = cfg.get("rope_scaling") or params.get("rope_type", "default")
     if scaling not in (None, "default"):
         raise ConfigError(f"{where} uses RoPE scaling ({scaling}), which this trainer does not implement")
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ConfigError(f"{where}: only SwiGLU (silu) LLaMA blocks without biases load")
-    heads = int(cfg["num_attention_heads"])
-    if int(cfg.get("head_dim") or cfg["hidden_size"] // heads) * heads != int(cfg["hidden_size"]):
+
+    def setting(key: str, kind: type, default: Any = _REQUIRED) -> Any:
+        return _setting(cfg, key, kind, folder=folder, default=default)
+
+    hidden, heads = setting("hidden_size", int), setting("num_attention_heads", int)
+    if setting("head_dim", int, hidden // heads) * heads != hidden:
         raise ConfigError(f"{where} has a head_dim other than hidden_size / num_attention_heads; not supported")
+    rope_theta = _setting(params, "rope_theta", float, folder=folder, default=10000.0)
     theirs = {  # our key -> (their value, ours)
-        "model.hidden_size": (int(cfg["hidden_size"]), args.hidden_size),
-        "model.num_layers": (int(cfg["num_hidden_layers"]), args.num_layers),
+        "model.hidden_size": (hidden, args.hidden_size),
+        "model.num_layers": (setting("num_hidden_layers", int), args.num_layers),
         "model.num_heads": (heads, args.num_heads),
-        "model.num_kv_heads": (int(cfg.get("num_key_value_heads") or heads), args.num_kv_heads),
-        "model.intermediate_size": (int(cfg["intermediate_size"]), args.intermediate_size),
-        "model.vocab_size": (int(cfg["vocab_size"]), args.vocab_size),
-        "model.rope_theta": (_rope_theta(cfg), args.rope_theta),
-        "model.norm_eps": (float(cfg.get("rms_norm_eps", 1e-6)), args.norm_eps),
-        "model.tie_embeddings": (bool(cfg.get("tie_word_embeddings", False)), args.tie_embeddings),
+        "model.num_kv_heads": (setting("num_key_value_heads", int, heads), args.num_kv_heads),
+        "model.intermediate_size": (setting("intermediate_size", int), args.intermediate_size),
+        "model.vocab_size": (setting("vocab_size", int), args.vocab_size),
+        "model.rope_theta": (setting("rope_theta", float, rope_theta), args.rope_theta),
+        "model.norm_eps": (setting("rms_norm_eps", float, 1e-6), args.norm_eps),
+        "model.tie_embeddings": (setting("tie_word_embeddings", bool, False), args.tie_embeddings),
     }
     differ = {key: value for key, (value, ours) in theirs.items() if value != ours}
     if differ:
@@ -84,19 +123,71 @@ def check_hf_config(cfg: dict[str, Any], args: LlamaArgs, *, folder: Path) -> No
         raise ConfigError(f"{where} is not the model this run builds ({have}); set {want}")
 
 
+def _root(folder: Path) -> Path:
+    """The folder weight files must lie in: the folder itself, or for a Hugging Face hub cache snapshot
+    (``models--ORG--NAME/snapshots/REV``, whose files are links to ``../../blobs``) the model's cache folder."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent
+    return real
+
+
+def _weight_file(folder: Path, name: Any, *, named_by: str) -> Path:
+    """The file ``name`` (as ``named_by`` gives it) in ``folder``; refused in one line if it is not a plain
+    relative name, leads out of the folder through a link, or is not there."""
+    where = f"model.init_from={folder}"
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError(
+            f"{where}: {named_by} names {json.dumps(name)} as a weight file; only files inside the folder load, "
+            "named relative to it"
+        )
+    path = folder / name
+    if not path.resolve().is_relative_to(_root(folder)):
+        raise ConfigError(
+            f"{where}: {name} is a symbolic link leading out of the folder (to {path.resolve()}); only files inside "
+            "the folder load: copy the file into it"
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"{where}: {named_by} names {name}, which is not a file in the folder; download or save the model again"
+        )
+    return path
+
+
+@contextmanager
+def _reading(folder: Path, file: Path) -> Iterator[None]:
+    """A damaged, truncated or lying safetensors file (or an unreadable one) is one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise ConfigError(
+            f"model.init_from={folder}: {file.relative_to(folder)} is not a readable safetensors file ({reason}); "
+            "download or save the model again"
+        ) from None
+
+
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
+    where = f"model.init_from={folder}"
     if (folder / INDEX_FILE).is_file():
         try:
-            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"model.init_from={folder}: {INDEX_FILE} is unreadable ({err})") from None
-        return {name: folder / file for name, file in weight_map.items()}
+            index = json.loads((folder / INDEX_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{where}: {INDEX_FILE} is unreadable ({err})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{where}: {INDEX_FILE} has no weight_map object; download or save the model again")
+        files = {name: _weight_file(folder, name, named_by=INDEX_FILE) for name in set(weight_map.values())}
+        return {tensor: files[name] for tensor, name in weight_map.items()}
     if (folder / SINGLE_FILE).is_file():
         from safetensors import safe_open
 
-        with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
-            return dict.fromkeys(f.keys(), folder / SINGLE_FILE)
+        file = _weight_file(folder, SINGLE_FILE, named_by="the folder")
+        with _reading(folder, file), safe_open(str(file), framework="pt") as f:
+            return dict.fromkeys(f.keys(), file)
     if any(folder.glob("*.bin")):
         raise ConfigError(
             f"model.init_from={folder} holds PyTorch .bin weights only, which are pickled; save it with "
@@ -128,8 +219,14 @@ def load_hf_weights(model: nn.Module, folder: str | Path) -> int:
     for name in targets:
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
+        with _reading(folder, file), safe_open(str(file), framework="pt") as f:
+            held = set(f.keys())
             for name in names:
+                if name not in held:  # only an index can say so
+                    raise ConfigError(
+                        f"model.init_from={folder}: {INDEX_FILE} puts {name} in {file.relative_to(folder)}, which "
+                        "does not hold it; download or save the model again"
+                    )
                 value = f.get_tensor(name)
                 target = targets[name]
                 if tuple(value.shape) != tuple(target.shape):

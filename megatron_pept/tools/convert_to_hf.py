@@ -11,6 +11,14 @@ into dense weights, low-precision bases dequantised, optimizer state left out. c
 transformers 4.x and 5.x; it declares model.max_position_embeddings as the context (null: 2048, or data.seq_len if
 larger; --max-position-embeddings overrides it). The tokenizer is the run's SentencePiece model converted, or its
 Hugging Face tokenizer.json carried as it is.
+
+--output must be a new or empty folder: a non-empty one is refused (exit 2) unless --overwrite is given, and is
+then replaced only once the new export is complete. The export is written to a hidden folder of its own beside
+--output (.NAME.<random>) and renamed into place at the end, so a failure (a full or read-only disk, a damaged
+checkpoint) or Ctrl-C leaves nothing behind (a killed export may leave its own hidden folder, never a partial
+--output); no folder the tool did not make is ever removed. An --output that is a symbolic link, a file, or a
+folder that is, holds or lies inside the checkpoint is refused. Mistakes and failed writes are one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,11 +31,20 @@ PROG = "megatron-pept-convert-to-hf"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    # The paragraph on --output (its refusals and --overwrite) is the one users need when an export is refused.
+    output_rules = next(part for part in __doc__.split("\n\n") if part.startswith("--output"))
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=output_rules)
     parser.add_argument(
         "--checkpoint", required=True, metavar="PATH", help="checkpoint folder, checkpoints folder or run_dir"
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="new folder for the Hugging Face model")
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="new (or empty) folder for the Hugging Face model"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output if it is a non-empty folder (only once the new export is complete)",
+    )
     parser.add_argument(
         "--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype (default fp32)"
     )
@@ -49,7 +66,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         from megatron_pept.checkpoint.hf_export import export_to_hf
 
         out = export_to_hf(
-            args.checkpoint, args.output, dtype=args.dtype, max_position_embeddings=args.max_position_embeddings
+            args.checkpoint,
+            args.output,
+            dtype=args.dtype,
+            max_position_embeddings=args.max_position_embeddings,
+            overwrite=args.overwrite,
         )
         print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained and AutoTokenizer)")
         return 0

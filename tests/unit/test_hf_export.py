@@ -5,8 +5,10 @@ that has it) and 5.x; max_position_embeddings comes from the model configuration
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -70,6 +72,193 @@ def test_export_refuses_to_overwrite_and_needs_a_checkpoint(quickstart_data: Pat
     with pytest.raises(UserError, match="not empty"):
         export_to_hf(tmp_path / "run", tmp_path / "hf")
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+
+
+# -- where the export goes ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_run(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("small") / "run"
+    Trainer(tiny(quickstart_data, run, "train.steps=2", "checkpoint.interval=2")).train()
+    return run
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_export_removes_no_folder_it_did_not_make(small_run: Path, tmp_path: Path) -> None:
+    """The export used to write to the fixed name .NAME.tmp and delete whatever was there first: a user's folder
+    of that name, or the work of a second export to the same output. It now works in a folder of its own."""
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    mine = tmp_path / ".hf.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    out = export_to_hf(small_run, tmp_path / "hf")
+    assert (mine / "notes.txt").read_text() == "mine" and listing(mine) == {"notes.txt": b"mine"}
+    assert "notes.txt" not in listing(out) and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp", "hf"]  # nothing else left beside it
+    assert (out.stat().st_mode & 0o777) == (mine.stat().st_mode & 0o777)  # made like any folder (umask)
+    (tmp_path / "empty").mkdir()  # an existing empty folder is filled
+    assert (export_to_hf(small_run, tmp_path / "empty") / "config.json").is_file()
+    assert (export_to_hf(small_run, tmp_path / "new" / "deep" / "hf") / "config.json").is_file()  # parents made
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_overwrite_replaces_a_filled_output_only_once_the_new_export_is_complete(
+    exchange: bool, small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without overwrite a filled output is refused and kept; with it, a failed export (here the disk fills while
+    config.json is written) leaves the old folder as it was, and a complete one replaces it. Both ways of
+    replacing: one atomic exchange (renameat2) and, where a filesystem has none, the old folder moved aside."""
+    from megatron_pept.checkpoint import hf_export
+
+    if not exchange:
+        monkeypatch.setattr(hf_export, "_exchange", lambda a, b: False)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("the old export")
+    (out / "old.txt").write_text("old")
+    before = listing(out)
+    with pytest.raises(UserError, match=r"exists and is not empty; .* --overwrite"):
+        hf_export.export_to_hf(small_run, out)
+    assert listing(out) == before
+
+    def full_disk(path: Path, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_export, "_write_config_for_both_lines", full_disk)
+        with pytest.raises(
+            UserError, match=rf"^cannot write the export to {out}: No space left on device; .*unchanged"
+        ):
+            hf_export.export_to_hf(small_run, out, overwrite=True)
+    assert listing(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+    hf_export.export_to_hf(small_run, out, overwrite=True)
+    assert "old.txt" not in listing(out) and json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_failed_write_to_a_new_output_leaves_nothing(small_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Parent folders made for the export go too; an error that is not a failed write keeps its traceback."""
+    from megatron_pept.checkpoint import hf_export
+
+    def rust_full_disk(*args, **kwargs) -> None:  # safetensors and tokenizers report I/O errors in their message
+        raise Exception("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(hf_export, "_write_config_for_both_lines", rust_full_disk)
+    with pytest.raises(UserError, match=r"File too large; a file size limit \(ulimit -f\).*nothing was left behind"):
+        hf_export.export_to_hf(small_run, tmp_path / "a" / "b" / "hf")
+    assert not list(tmp_path.iterdir())
+
+    def no_inodes_left(parent: Path, prefix: str) -> Path:  # the parents are made, the work folder is not
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(parent / prefix))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_export, "_new_folder", no_inodes_left)
+        with pytest.raises(UserError, match=r"No space left on device; .*nothing was left behind"):
+            hf_export.export_to_hf(small_run, tmp_path / "a" / "b" / "hf")
+    assert not list(tmp_path.iterdir())
+
+    def bug(*args, **kwargs) -> None:
+        raise KeyError("rope_theta")
+
+    monkeypatch.setattr(hf_export, "_write_config_for_both_lines", bug)
+    with pytest.raises(KeyError):
+        hf_export.export_to_hf(small_run, tmp_path / "hf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_two_exports_to_one_output_do_not_mix(small_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Each works in its own folder; the one that finishes second finds the output filled and says so, leaving
+    the first one's export whole (they shared .NAME.tmp before: the second deleted the first one's work)."""
+    from megatron_pept.checkpoint import hf_export
+
+    out = tmp_path / "hf"
+    write_config = hf_export._write_config_for_both_lines
+
+    def other_export_finishes_first(path: Path, **kwargs) -> None:
+        write_config(path, **kwargs)
+        monkeypatch.setattr(hf_export, "_write_config_for_both_lines", write_config)
+        hf_export.export_to_hf(small_run, out, dtype="bf16")
+
+    monkeypatch.setattr(hf_export, "_write_config_for_both_lines", other_export_finishes_first)
+    with pytest.raises(UserError, match=r"Directory not empty; it was filled while this export ran"):
+        hf_export.export_to_hf(small_run, out)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the other one's, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_link_a_file_or_the_checkpoint_is_no_output(small_run: Path, tmp_path: Path) -> None:
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "file.txt").write_text("mine")
+    (tmp_path / "to-folder").symlink_to(target)
+    (tmp_path / "to-file").symlink_to(tmp_path / "file.txt")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    before = listing(tmp_path)
+    for name in ("to-folder", "to-file", "dangling"):
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=rf"^--output {tmp_path / name} is a symbolic link; "):
+                export_to_hf(small_run, tmp_path / name, overwrite=overwrite)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=rf"^--output {tmp_path / 'file.txt'} is a file, not a folder"):
+            export_to_hf(small_run, tmp_path / "file.txt", overwrite=overwrite)
+    assert listing(tmp_path) == before and not list(target.iterdir()) and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file.txt", "target", "to-file", "to-folder"]
+
+    checkpoint = small_run / "checkpoints" / "step_00000002"
+    kept = listing(small_run)
+    for out in (small_run, small_run / "checkpoints", checkpoint, checkpoint / "hf"):
+        with pytest.raises(UserError, match=r"overlaps the checkpoint .*; give a folder outside it"):
+            export_to_hf(small_run, out, overwrite=True)
+    assert listing(small_run) == kept
+
+
+class Payload:
+    """Unpickling this creates ``marker``: the proof that a loader ran code from a pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_deepspeed_checkpoint_holding_code_is_refused_without_running_it(small_run: Path, tmp_path: Path) -> None:
+    """DeepSpeed's zero_to_fp32 loads its files with pickle; the export hands it a torch.load with weights_only=True.
+    A checkpoint whose DeepSpeed model and optimizer files hold a pickled call (here one that creates a marker
+    file, as it does when unpickled) is refused in one line naming DeepSpeed's script; the call never runs."""
+    pytest.importorskip("deepspeed")
+    from megatron_pept.checkpoint import store
+    from megatron_pept.checkpoint.hf_export import export_to_hf
+
+    probe = tmp_path / "probe.pt"
+    torch.save({"module": Payload(tmp_path / "probe-ran")}, probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").exists()  # the payload works when unpickled
+
+    marker = tmp_path / "ran"
+    checkpoint = shutil.copytree(small_run / "checkpoints" / "step_00000002", tmp_path / "step_00000002")
+    (checkpoint / store.MARKER).unlink()
+    state = checkpoint / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    (checkpoint / "deepspeed" / "latest").write_text("state")
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        torch.save(
+            {"module": Payload(marker), "buffer_names": [], "optimizer_state_dict": Payload(marker)}, state / name
+        )
+    store.write_marker(checkpoint)  # a complete checkpoint as far as its marker says
+    with pytest.raises(UserError, match=r"DeepSpeed's partitions cannot be exported \(.*\); .*zero_to_fp32\.py") as err:
+        export_to_hf(checkpoint, tmp_path / "hf")
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe-ran", "probe.pt", "step_00000002"]
 
 
 # -- config.json and tokenizer_config.json for transformers 4.x and 5.x ---------------------------------------------
@@ -174,7 +363,7 @@ def test_max_position_embeddings_comes_from_the_model_config(quickstart_data: Pa
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1024
     with pytest.raises(UserError, match=r"--max-position-embeddings is 16, shorter .*; give 32 or more$"):
         export_to_hf(run, tmp_path / "c", max_position_embeddings=16)
-    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.tmp").exists()
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))
 
 
 # -- a Hugging Face tokenizer.json carried -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ with an HF tokenizer (tokenizer.json)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,240 @@ def test_sharded_safetensors_load_like_one_file(exported, tmp_path: Path) -> Non
     trainer = Trainer(tiny(data, tmp_path / "run", f"model.init_from={tmp_path / 'sharded'}"))
     with torch.no_grad():
         torch.testing.assert_close(trainer.raw_model.eval()(IDS), logits, atol=1e-5, rtol=1e-5)
+
+
+# -- a folder is untrusted input -------------------------------------------------------------------------------------
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def debug_model(exported) -> torch.nn.Module:
+    """The model the exporting run built (the folder's shape), to load folders into directly."""
+    from megatron_pept.models import build_model
+    from megatron_pept.models.llama import LlamaArgs
+
+    (meta,) = (exported[0].parent / "run" / "checkpoints").glob("step_*/meta.json")
+    return build_model(LlamaArgs(**json.loads(meta.read_text())["model_args"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sharded(exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export saved again in several safetensors files listed by an index."""
+    folder = tmp_path_factory.mktemp("sharded") / "model"
+    transformers.AutoModelForCausalLM.from_pretrained(exported[0]).save_pretrained(
+        folder, max_shard_size="200KB", safe_serialization=True
+    )
+    assert len(set(json.loads((folder / INDEX).read_text())["weight_map"].values())) > 1
+    return folder
+
+
+def copy_of(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
+
+
+def first_shard(folder: Path) -> str:
+    return sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))[0]
+
+
+def rename_in_index(folder: Path, old: str, new: str) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    index["weight_map"] = {k: new if v == old else v for k, v in index["weight_map"].items()}
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def refused(model: torch.nn.Module, folder: Path, match: str) -> str:
+    from megatron_pept.models.hf_import import load_hf_weights
+
+    with pytest.raises(ConfigError, match=match) as err:
+        load_hf_weights(model, folder)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_init_from_reads_weight_files_only_from_inside_the_folder(sharded, debug_model, tmp_path: Path) -> None:
+    """The index's file names are data: one leading out of the folder (.., an absolute path, a link pointing out)
+    would load a file the folder's author chose anywhere on the machine; each is refused, though the file there
+    is a valid shard. Links inside the folder, and those of a Hugging Face hub cache snapshot into its blobs, load."""
+    from megatron_pept.models.hf_import import load_hf_weights
+
+    first = first_shard(sharded)
+    outside = tmp_path / first
+    shutil.copyfile(sharded / first, outside)  # a valid shard, outside every folder given
+    for case, name in (("dotdot", f"../{first}"), ("absolute", str(outside)), ("link", "link.safetensors")):
+        folder = copy_of(sharded, tmp_path / case)
+        (folder / first).unlink()
+        if case == "link":
+            (folder / name).symlink_to(outside)
+        rename_in_index(folder, first, name)
+        if case == "link":
+            refused(
+                debug_model, folder, rf"link.safetensors is a symbolic link leading out of the folder \(to {outside}\)"
+            )
+        else:
+            refused(debug_model, folder, rf'names "{re.escape(name)}" as a weight file; only files inside the folder')
+
+    inside = copy_of(sharded, tmp_path / "inside")
+    (inside / "sub").mkdir()
+    (inside / first).rename(inside / "sub" / first)
+    (inside / "link.safetensors").symlink_to(Path("sub") / first)
+    rename_in_index(inside, first, "link.safetensors")
+    assert load_hf_weights(debug_model, inside) > 0
+
+    cache = tmp_path / "hub" / "models--org--tiny"  # the layout huggingface_hub downloads to
+    (cache / "blobs").mkdir(parents=True)
+    snapshot = cache / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for file in sharded.iterdir():
+        shutil.copyfile(file, cache / "blobs" / f"sha-{file.name}")
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / f"sha-{file.name}")
+    assert load_hf_weights(debug_model, snapshot) > 0
+
+
+def lying_header(file: Path) -> None:
+    """Rewrite a safetensors header so that one tensor claims twice its shape (its bytes unchanged)."""
+    import struct
+
+    raw = file.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [2 * header[name]["shape"][0], *header[name]["shape"][1:]]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+
+
+def test_init_from_missing_or_damaged_weight_files_are_one_line_naming_the_file(
+    exported, sharded, debug_model, tmp_path: Path
+) -> None:
+    first = first_shard(sharded)
+
+    def broken(name: str, damage, match: str, source: Path = sharded) -> None:
+        folder = copy_of(source, tmp_path / name)
+        damage(folder)
+        refused(debug_model, folder, match)
+
+    broken("missing", lambda f: (f / first).unlink(), rf"{INDEX} names {first}, which is not a file in the folder")
+    broken("a-folder", lambda f: ((f / first).unlink(), (f / first).mkdir()), rf"names {first}, which is not a file")
+    readable = rf"{first} is not a readable safetensors file \((.*)\); download or save the model again$"
+    broken("truncated", lambda f: (f / first).write_bytes((f / first).read_bytes()[:-100]), readable)
+    broken("header-only", lambda f: (f / first).write_bytes((f / first).read_bytes()[:30]), readable)
+    broken("garbage", lambda f: (f / first).write_bytes(b"not a safetensors file " * 20), readable)
+    broken("lying-header", lambda f: lying_header(f / first), readable)
+    broken("empty", lambda f: (f / first).write_bytes(b""), readable)
+
+    def tensor_elsewhere(folder: Path) -> None:
+        index = json.loads((folder / INDEX).read_text())
+        wrong = next(k for k, v in index["weight_map"].items() if v != first)
+        index["weight_map"][wrong] = first
+        (folder / INDEX).write_text(json.dumps(index))
+
+    broken("elsewhere", tensor_elsewhere, rf"{INDEX} puts model\.\S+ in {first}, which does not hold it")
+    broken("no-map", lambda f: (f / INDEX).write_text("[]"), rf"{INDEX} has no weight_map object")
+    broken("bad-map", lambda f: (f / INDEX).write_text('{"weight_map": {"a": 3}}'), r"names 3 as a weight file")
+    single = r"model.safetensors is not a readable safetensors file \(.*\)"
+    broken("single", lambda f: (f / "model.safetensors").write_bytes(b"\x08" + bytes(20)), single, exported[0])
+    broken(
+        "single-truncated",
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-8]),
+        single,
+        exported[0],
+    )
+
+
+def test_init_from_config_json_must_be_an_object_of_valid_settings(exported, debug_model, tmp_path: Path) -> None:
+    folder = exported[0]
+    good = json.loads((folder / "config.json").read_text())
+    cases = {
+        "[1, 2]": r"config.json holds a JSON list, not an object of settings",
+        '"llama"': r"config.json holds a JSON str, not an object of settings",
+        "{not json": r"config.json is unreadable \(",
+        json.dumps({k: v for k, v in good.items() if k != "hidden_size"}): r"config.json has no hidden_size; ",
+        json.dumps({**good, "hidden_size": "64"}): r'config.json has hidden_size="64", not a positive integer$',
+        json.dumps({**good, "num_attention_heads": 0}): r"has num_attention_heads=0, not a positive integer$",
+        json.dumps({**good, "rms_norm_eps": [1]}): r"has rms_norm_eps=\[1\], not a number$",
+        json.dumps({**good, "tie_word_embeddings": "no"}): r'has tie_word_embeddings="no", not true or false$',
+        json.dumps({**good, "rope_parameters": [10000]}): r"has rope_parameters that is not an object$",
+    }
+    for i, (text, match) in enumerate(cases.items()):
+        copy = copy_of(folder, tmp_path / str(i))
+        (copy / "config.json").write_text(text)
+        refused(debug_model, copy, match)
+
+
+class Payload:
+    """Unpickling this creates ``marker``: the proof that a loader ran code from a pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_init_from_never_unpickles(exported, debug_model, tmp_path: Path) -> None:
+    """A folder of pickled .bin weights is refused, and so is an index naming a pickle as a weight file; the
+    pickle's code never runs (it would create a marker file, as it does when loaded with pickle)."""
+    probe = tmp_path / "probe.bin"
+    torch.save({"w": Payload(tmp_path / "probe-ran")}, probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").exists()  # the payload works when unpickled
+
+    marker = tmp_path / "ran"
+    payload = {name: Payload(marker) for name in ("model.embed_tokens.weight", "lm_head.weight")}
+    pickled = copy_of(exported[0], tmp_path / "pickled")
+    (pickled / "model.safetensors").unlink()
+    torch.save(payload, pickled / "pytorch_model.bin")
+    refused(debug_model, pickled, r"holds PyTorch \.bin weights only, which are pickled")
+
+    indexed = copy_of(pickled, tmp_path / "indexed")
+    names = [name for name, _ in debug_model.named_parameters()]
+    (indexed / INDEX).write_text(json.dumps({"weight_map": dict.fromkeys(names, "pytorch_model.bin")}))
+    refused(debug_model, indexed, r"pytorch_model.bin is not a readable safetensors file")
+    assert not marker.exists()
+
+
+def test_train_refuses_a_folder_leading_out_or_damaged_in_one_line(exported, sharded, tmp_path: Path) -> None:
+    """Through the real entry point: one line, exit 2, no traceback, nothing written."""
+    folder, _, data = exported
+    first = first_shard(sharded)
+    dotdot = copy_of(sharded, tmp_path / "dotdot")
+    rename_in_index(dotdot, first, f"../sharded-copy/{first}")
+    truncated = copy_of(folder, tmp_path / "truncated")
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-64])
+    for case, ending in (
+        (
+            dotdot,
+            f'{INDEX} names "../sharded-copy/{first}" as a weight file; only files inside the folder load, named '
+            "relative to it",
+        ),
+        (
+            truncated,
+            "model.safetensors is not a readable safetensors file (Error while deserializing header: "
+            "incomplete metadata, file not fully covered); download or save the model again",
+        ),
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_pept.train",
+                "--config",
+                "configs/quickstart.yaml",
+                f"run_dir={tmp_path / 'run'}",
+                f"data.path={data}",
+                f"model.init_from={case}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].endswith(f"model.init_from={case}: {ending}"), proc.stderr[-2000:]
+        assert not (tmp_path / "run").exists()
 
 
 def make_hf_tokenizer(folder: Path, texts: list[str]) -> Path:
