@@ -114,7 +114,7 @@ def test_refused_runs_write_nothing(quickstart_data: Path, tmp_path: Path) -> No
     assert "config.yaml" in before and any("tfevents" in name for name in before)
     for refused, message in (
         (["checkpoint.resume=none"], "already holds checkpoints"),
-        (["method.name=relora", "method.rank=4"], "saved by another method"),
+        (["method.name=relora", "method.rank=4"], "was saved with method.name=full"),
         (["model.hidden_size=96"], "but this run builds"),
         (["model.vocab_size=2048"], "but this run builds"),
     ):
