@@ -108,6 +108,7 @@ class Trainer:
                 f"({self.data_index.vocab_size} ids, {self.data_index.root}); set model.vocab_size >= "
                 f"{self.data_index.vocab_size} or null"
             )
+        self.data.check_vocabulary(self.model_args.vocab_size)  # every id has an embedding row
         self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps, seed=t.seed)
         model = build_model(self.model_args)
         self.method.convert(model)
