@@ -190,8 +190,8 @@ def _json_texts(path: str, *, text_field: str, bad: BadRecords) -> Iterator[str]
             if not raw.strip():
                 continue
             where = f"{path}: line {number}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
+            try:  # without its line end, which an unterminated string would report as a control character
+                record = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
             except UnicodeDecodeError as err:
                 bad(where, _not_utf8(raw, err))
                 continue
