@@ -215,6 +215,19 @@ def test_a_bad_record_is_one_line_naming_its_file_and_line(case: str, quickstart
     assert not (tmp_path / "out").exists()
 
 
+def test_train_tokenizer_names_a_bad_record_too(tmp_path: Path) -> None:
+    """The tokenizer tool reads through the same code: a malformed line after good ones (SentencePiece is already
+    reading them, and wrapped the failure in a RuntimeError of its own) is the same one line, no folder left."""
+    path = tmp_path / "a.jsonl"
+    lines = [json.dumps({"text": t}) for t in stories(40)]
+    lines.insert(30, '{"text": "cut')
+    path.write_text("\n".join(lines) + "\n")
+    proc = tool("train_tokenizer.py", "--input", str(path), "--vocab-size", "300", "--output", str(tmp_path / "tok"))
+    error = one_line(proc)
+    assert f"{path}: line 31 is not valid JSON (Unterminated string" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
 def test_skip_bad_records_counts_them_and_keeps_every_good_one(quickstart_data: Path, tmp_path: Path) -> None:
     """With --skip-bad-records the bad records are left out and counted (printed, and kept in index.json); the
     shards are byte for byte those of the same corpus without the bad records."""

@@ -226,6 +226,13 @@ def rewrite_shard(data: Path, *, split: str, number: int, tokens: np.ndarray) ->
     (data / "index.json").write_text(json.dumps(raw))
 
 
+def forget_largest_ids(raw: dict) -> None:
+    """Make ``raw`` (a parsed index.json) an index of a version that did not record max_id."""
+    for split in raw["splits"].values():
+        for entry in split["shards"]:
+            entry.pop("max_id", None)
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["max_id", "old_index"])
 @pytest.mark.parametrize("where", ["train", "val"])
 def test_ids_past_the_index_vocabulary_are_refused(
@@ -247,9 +254,7 @@ def test_ids_past_the_index_vocabulary_are_refused(
     raw = json.loads((data / "index.json").read_text())
     raw["vocab_size"] = vocab + 1  # what an edited index claims; the tokenizer has fewer ids than this shard holds
     if not recorded:
-        for split in raw["splits"].values():
-            for entry in split["shards"]:
-                del entry["max_id"]
+        forget_largest_ids(raw)
     (data / "index.json").write_text(json.dumps(raw))
     before = folder_state(tmp_path)
     with pytest.raises(DataError) as err:
@@ -259,7 +264,8 @@ def test_ids_past_the_index_vocabulary_are_refused(
     assert folder_state(tmp_path) == before
 
 
-def test_blended_ids_past_the_model_vocabulary_are_refused(quickstart_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded", [True, False], ids=["max_id", "old_index"])
+def test_blended_ids_past_the_model_vocabulary_are_refused(quickstart_data: Path, tmp_path: Path, recorded: bool):
     """A blended source whose own index allows more ids than the model has (the model takes the first source's
     vocabulary): refused with the source, the id and the model's vocabulary."""
     wide = tmp_path / "wide"
@@ -271,6 +277,8 @@ def test_blended_ids_past_the_model_vocabulary_are_refused(quickstart_data: Path
     rewrite_shard(wide, split="train", number=len(raw["splits"]["train"]["shards"]) - 1, tokens=tokens)
     raw = json.loads((wide / "index.json").read_text())
     raw["vocab_size"] = 2 * vocab
+    if not recorded:
+        forget_largest_ids(raw)
     (wide / "index.json").write_text(json.dumps(raw))
     blend = f"data.blend=[{{path: {quickstart_data}, weight: 1}}, {{path: {wide}, weight: 1}}]"
     with pytest.raises(DataError) as err:
