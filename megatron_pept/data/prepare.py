@@ -387,6 +387,7 @@ def _make_output_folder(out: Path) -> Path | None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
+        _clean_up(out, created=created)
         raise DataError(
             f"cannot write to the output folder {out} ({err.strerror or err}): make it writable or choose another "
             "--output"

@@ -121,6 +121,8 @@ def outside_reason(root: str | os.PathLike[str], name: object) -> str | None:
         return "is an absolute path"
     if ".." in PurePosixPath(name).parts or ".." in Path(name).parts:
         return "goes up out of the folder (..)"
+    if len(Path(name).parts) == 1 and not (Path(root) / name).is_symlink():
+        return None  # a plain file of the folder (what prepare-data writes): one lstat, not a walk of the path
     folder = Path(root).resolve()
     target = (folder / name).resolve()
     if target != folder and folder not in target.parents:
@@ -162,11 +164,11 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
             "run megatron-pept-prepare-data --output on it (tools/prepare_data.py in a checkout)"
         )
     try:
-        text = path.read_text()
+        content = path.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}") from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(content)  # bytes: invalid UTF-8 is a ValueError here, reported as malformed
         if not isinstance(raw, dict):
             raise DataError(
                 f"{path} holds a JSON {type(raw).__name__}, not an object: it is not a megatron_pept shard index; "
@@ -196,7 +198,7 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
             splits=splits,
             extra={k: v for k, v in raw.items() if k not in known},
         )
-    except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(

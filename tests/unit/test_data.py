@@ -334,6 +334,13 @@ def test_an_index_that_is_not_an_object_is_one_line(tmp_path: Path, content: str
         read_index(tmp_path)
 
 
+@pytest.mark.parametrize("content", [b'{"format": "\xff"}', b"\x00\x01 binary", b'{"splits": {"train": [1]}}'])
+def test_an_index_that_is_not_json_text_is_one_line(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "index.json").write_bytes(content)
+    with pytest.raises(DataError, match="is malformed|is not a megatron_pept shard index"):
+        read_index(tmp_path)
+
+
 def test_a_data_path_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "shards.bin").write_bytes(b"\0" * 8)
     with pytest.raises(DataError, match="is a file, not a folder"):
