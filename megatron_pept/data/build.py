@@ -32,9 +32,15 @@ class RunData:
     """Each data folder the run reads with the largest token id it holds there (the splits it uses)."""
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        """Refuse data holding an id the model has no embedding row for (``vocab_size`` rows): it would fail deep
-        in the forward pass (an IndexError on CPU, a device-side assert on a GPU), in training or only at the first
-        evaluation."""
+        """Refuse a model of ``vocab_size`` embedding rows smaller than the data's tokenizer, or data holding an id
+        it has no row for: that would fail deep in the forward pass (an IndexError on CPU, a device-side assert on
+        a GPU), in training or only at the first evaluation."""
+        if vocab_size < self.index.vocab_size:
+            raise DataError(
+                f"model.vocab_size={vocab_size} is smaller than the data's tokenizer vocabulary "
+                f"({self.index.vocab_size} ids, {self.index.root}); set model.vocab_size >= {self.index.vocab_size} "
+                "or null"
+            )
         for root, largest in self.largest_ids:
             if largest >= vocab_size:
                 raise DataError(
