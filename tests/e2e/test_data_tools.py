@@ -170,6 +170,8 @@ def test_a_read_only_dev_shm_is_one_line(corpus: Path, quickstart_data: Path, tm
 def test_help(name: str) -> None:
     proc = tool(name, "--help")
     assert proc.returncode == 0 and "--input" in proc.stdout
+    if name == "prepare_data.py":
+        assert "--skip-bad-records" in proc.stdout
 
 
 def prepare(inputs: list[Path], out: Path, tokenizer: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess[str]:
