@@ -21,7 +21,7 @@ from megatron_pept.checkpoint.resume import check_compatible
 from megatron_pept.config import Config, save_config
 from megatron_pept.data.build import build_run_data, check_same_tokenizer
 from megatron_pept.distributed import build_backend, comm
-from megatron_pept.errors import ConfigError, DataError, UserError
+from megatron_pept.errors import ConfigError, UserError
 from megatron_pept.evaluation import validation_loss
 from megatron_pept.faults import fault_point
 from megatron_pept.methods import build_method
@@ -104,12 +104,7 @@ class Trainer:
 
         # Model: meta -> method conversion -> materialise -> initialise -> parallelise.
         self.model_args = llama_args(cfg.model, vocab_size=self.data_index.vocab_size, max_seq_len=d.seq_len)
-        if self.model_args.vocab_size < self.data_index.vocab_size:
-            raise DataError(
-                f"model.vocab_size={self.model_args.vocab_size} is smaller than the data's tokenizer vocabulary "
-                f"({self.data_index.vocab_size} ids, {self.data_index.root}); set model.vocab_size >= "
-                f"{self.data_index.vocab_size} or null"
-            )
+        self.data.check_vocabulary(self.model_args.vocab_size)  # every token id has an embedding row
         self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps, seed=t.seed)
         model = build_model(self.model_args)
         self.method.convert(model)

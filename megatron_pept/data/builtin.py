@@ -35,6 +35,8 @@ def ensure_builtin_dataset(name: str, path: str | os.PathLike[str], *, seed: int
     path = Path(path)
     if (path / INDEX_FILE).is_file():
         return path
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data.path {path} is a file, not a folder: point data.path at a new or empty folder")
     if path.exists() and any(path.iterdir()):
         raise DataError(
             f"data.path {path} exists but holds no {INDEX_FILE}; refusing to write the built-in dataset over it "

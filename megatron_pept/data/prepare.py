@@ -11,10 +11,19 @@ tokenizing them, and produces byte-identical shards to an uninterrupted run. The
 file's size and a sampled sha256 (:func:`input_content`): input that changed since is refused, as resuming would
 mix shards of old and new text. ``index.json`` is written last; a folder without it is incomplete and the trainer
 refuses it.
+
+Bad input: a record of a text or JSON file that cannot be read (invalid UTF-8, a NUL byte, a malformed JSON line,
+a missing or non-text field) stops the preparation with one line naming the file and line; with
+``skip_bad_records`` it is skipped and counted instead (the count is kept in the index as
+``bad_records_skipped``). An output folder that cannot be written (read-only, full, a file size limit) is one
+line too: it is tried before any tokenizing, and a write that fails later keeps the finished shards for a resume
+and removes the partial one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -30,11 +39,21 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from megatron_pept.data.shards import INDEX_FILE, SPLITS, DataIndex, ShardInfo, ShardWriter, SplitInfo, token_dtype
-from megatron_pept.data.sources import iter_corpus, resolve_source
+from megatron_pept.data.shards import (
+    INDEX_FILE,
+    SPLITS,
+    DataIndex,
+    ShardInfo,
+    ShardWriter,
+    SplitInfo,
+    outside_reason,
+    token_dtype,
+)
+from megatron_pept.data.sources import BadRecords, iter_corpus, resolve_source
 from megatron_pept.data.tokenizer import HF_FILE, MODEL_FILE, HFTokenizer, load_tokenizer
 from megatron_pept.errors import DataError
 from megatron_pept.faults import fault_point
@@ -60,6 +79,10 @@ class PrepareOptions:
     dtype: str = "auto"
     workers: int = 2
     batch_documents: int = 256
+    skip_bad_records: bool = False
+    """Skip (and count) records that cannot be read instead of stopping at the first. Not in the fingerprint: a
+    preparation that stops at a bad record has written only what one that skips it writes too, so either may
+    resume the other."""
 
     def fingerprint(self, tokenizer_sha256: str) -> dict:
         """Everything that decides the output bytes (not the worker count or batch size)."""
@@ -85,6 +108,9 @@ class PrepareResult:
     resumed: bool
     already_complete: bool = False
     skipped_documents: int = 0
+    bad_records: int = 0
+    """Records skipped as unreadable (``skip_bad_records``); the first few are in ``bad_record_examples``."""
+    bad_record_examples: list[str] = field(default_factory=list)
 
     @property
     def mb_per_sec(self) -> float:
@@ -195,6 +221,14 @@ def _load_state(path: Path, fingerprint: dict, content: dict) -> dict[str, _Spli
         raise DataError(
             f"{path} is unreadable ({type(err).__name__}: {err}); delete {path.parent} and start the preparation again"
         ) from None
+    for split, p in progress.items():
+        for shard in p.shards:
+            name = shard.get("file") if isinstance(shard, dict) else shard
+            reason = outside_reason(path.parent, name)
+            if reason is not None:  # it would be adopted into the index, or deleted if the run ends empty
+                raise DataError(
+                    f"{path}: a {split} shard {name!r} {reason}; delete {path.parent} and start the preparation again"
+                )
     if saved_fingerprint != fingerprint:
         changed = sorted(k for k in fingerprint if saved_fingerprint.get(k) != fingerprint[k])
         raise DataError(
@@ -291,9 +325,113 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
                 index=index, documents=0, text_bytes=0, seconds=0.0, resumed=False, already_complete=True
             )
         raise DataError(f"{out} already holds a prepared dataset made with other settings; choose a new --output")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--output {out} is a file; give a folder (a new one, or an interrupted preparation)")
     if out.exists() and not state_path.is_file() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise DataError(f"output folder {out} exists and is not an interrupted preparation; choose a new --output")
-    out.mkdir(parents=True, exist_ok=True)
+    created = _make_output_folder(out)
+    try:
+        return _tokenize_into(
+            out,
+            opts,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            fingerprint=fingerprint,
+            started=started,
+            show_progress=show_progress,
+        )
+    except _WriteFailed as failed:
+        _clean_up(out, created=created)
+        raise DataError(failed.message(out)) from None
+    except BaseException:
+        _clean_up(out, created=created)
+        raise
+
+
+class _WriteFailed(Exception):
+    """A write into the output folder failed (its OSError is the cause); how many shards were finished before."""
+
+    def __init__(self, err: OSError, *, kept: int) -> None:
+        super().__init__(str(err))
+        self.err, self.kept = err, kept
+
+    def message(self, out: Path) -> str:
+        err = self.err
+        if err.errno == errno.EFBIG:
+            fix = "raise the file size limit (ulimit -f) or lower --shard-tokens"
+        elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space on its filesystem (or choose another --output)"
+        elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "make it writable or choose another --output"
+        else:
+            fix = "fix the folder or choose another --output"
+        kept = (
+            f"the {self.kept} finished shard(s) are kept, so the same command resumes"
+            if self.kept
+            else "nothing of this preparation was kept"
+        )
+        return f"cannot write to {out} ({err.strerror or err}): {fix}; {kept}"
+
+
+def _make_output_folder(out: Path) -> Path | None:
+    """Create ``out`` (and missing parents) and check that it takes a file, before any tokenizing; the topmost
+    folder created here (None: it existed), which a failed preparation with nothing to resume removes again."""
+    created = None
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        created = folder
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-check.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        _clean_up(out, created=created)
+        raise DataError(
+            f"cannot write to the output folder {out} ({err.strerror or err}): make it writable or choose another "
+            "--output"
+        ) from None
+    return created
+
+
+def _clean_up(out: Path, *, created: Path | None) -> None:
+    """After a failure: remove the partial files (a shard, the state or the index being written); and when
+    nothing is left to resume (no state file), the folders this preparation created."""
+    with contextlib.suppress(OSError):
+        for partial in out.glob(".*.tmp"):
+            partial.unlink(missing_ok=True)
+    if created is None or (out / STATE_FILE).exists():
+        return
+    with contextlib.suppress(OSError):  # rmdir: only ever an empty folder
+        for folder in (out, *out.parents):
+            folder.rmdir()
+            if folder == created:
+                break
+
+
+@contextlib.contextmanager
+def _writing(progress: dict[str, _SplitProgress]) -> Iterator[None]:
+    """Marks writes into the output folder: their OSError becomes a :class:`_WriteFailed` (a failure to read the
+    input is not one)."""
+    try:
+        yield
+    except OSError as err:
+        raise _WriteFailed(err, kept=sum(len(p.shards) for p in progress.values())) from err
+
+
+def _tokenize_into(
+    out: Path,
+    opts: PrepareOptions,
+    *,
+    tokenizer: Any,
+    dtype: np.dtype,
+    fingerprint: dict,
+    started: float,
+    show_progress: bool,
+) -> PrepareResult:
+    """The preparation proper, into the existing, writable folder ``out``."""
+    state_path = out / STATE_FILE
     for stale in out.glob(".*.tmp"):
         stale.unlink()  # a shard or state being written when the last run died
 
@@ -313,8 +451,14 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         logger.info("resuming the preparation of %s from document %d", out, first)
 
     counters = {"skipped": 0}
+    bad_records = BadRecords(
+        skip=opts.skip_bad_records,
+        hint="fix or remove it, or pass --skip-bad-records to skip such records (they are counted)",
+    )
     jobs = _jobs(
-        iter_corpus(list(opts.inputs), text_field=opts.text_field, split=opts.split, skip=first),
+        iter_corpus(
+            list(opts.inputs), text_field=opts.text_field, split=opts.split, skip=first, bad_records=bad_records
+        ),
         first_number=first,
         progress=progress,
         opts=opts,
@@ -344,10 +488,13 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         flat, lengths, nbytes = encoded
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         for (number, split), start, stop in zip(meta, offsets[:-1], offsets[1:]):
-            if writers[split].add(flat[start:stop]):
+            with _writing(progress):
+                closed = writers[split].add(flat[start:stop])
+            if closed:
                 progress[split].next_document = number + 1
                 progress[split].shards = [asdict(s) for s in writers[split].info.shards]
-                _save_state(state_path, fingerprint, content, progress)
+                with _writing(progress):
+                    _save_state(state_path, fingerprint, content, progress)
         documents += len(lengths)
         text_bytes += nbytes
         bar.update(nbytes)
@@ -382,17 +529,25 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
             if not finished:  # an error or Ctrl-C: nothing waits for the batches in flight (nor for a hung worker)
                 _kill_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
-    splits = {s: w.close() for s, w in writers.items()}
+    with _writing(progress):
+        splits = {s: w.close() for s, w in writers.items()}
     if splits["train"].documents == 0:
         for split in SPLITS:
             for shard in splits[split].shards:
                 (out / shard.file).unlink(missing_ok=True)
         state_path.unlink(missing_ok=True)
-        raise DataError("the input holds no non-empty document for the train split; check --input / --text-field")
+        skipped = f" ({bad_records.count} bad record(s) skipped)" if bad_records.count else ""
+        raise DataError(
+            f"the input holds no non-empty document for the train split{skipped}; check --input / --text-field"
+        )
     if opts.val_fraction > 0 and splits["val"].documents == 0:
         logger.warning("no document fell into the validation split (%.3f%% of a small corpus)", 100 * opts.val_fraction)
     tokenizer_file = HF_FILE if isinstance(tokenizer, HFTokenizer) else MODEL_FILE
-    shutil.copyfile(tokenizer.path, out / tokenizer_file)
+    with _writing(progress):
+        shutil.copyfile(tokenizer.path, out / tokenizer_file)
+    extra: dict[str, Any] = {"prepared_with": fingerprint}
+    if bad_records.count:
+        extra["bad_records_skipped"] = bad_records.count
     index = DataIndex(
         root=out,
         dtype=dtype.str,
@@ -402,9 +557,10 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         tokenizer_sha256=tokenizer.sha256,
         tokenizer_file=tokenizer_file,
         splits=splits,
-        extra={"prepared_with": fingerprint},
+        extra=extra,
     )
-    index.write()
+    with _writing(progress):
+        index.write()
     state_path.unlink(missing_ok=True)
     return PrepareResult(
         index=index,
@@ -413,6 +569,8 @@ def prepare_dataset(opts: PrepareOptions, *, show_progress: bool = True) -> Prep
         seconds=time.perf_counter() - started,
         resumed=resumed,
         skipped_documents=counters["skipped"],
+        bad_records=bad_records.count,
+        bad_record_examples=bad_records.examples,
     )
 
 

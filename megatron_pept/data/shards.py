@@ -2,14 +2,20 @@
 
 Layout of a data folder::
 
-    index.json            format, dtype, vocab size, special ids, tokenizer checksum, and per split the
-                          documents, tokens and shards (file, tokens, documents, sha256)
+    index.json            format, dtype, vocab size, special ids, tokenizer (file, sha256), and per split the
+                          documents, tokens and shards (file, tokens, documents, sha256, max_id)
     tokenizer.model       copy of the tokenizer the tokens came from (tokenizer.json for a Hugging Face one)
     train-00000.bin ...   documents back to back, each followed by EOS (and preceded by BOS if configured)
     val-00000.bin ...
 
 A shard is written under a temporary name and renamed only when complete, and ``index.json`` is written last,
 so a folder whose index exists is complete; a folder without one is an interrupted preparation.
+
+Every file the index names (``tokenizer.file``, each shard's ``file``) is a name inside the folder: no absolute
+path, no ``..``, no symlink that leads out of it. :func:`read_index` refuses any other, since the trainer reads
+those files and copies the tokenizer into every checkpoint under the same name. A shard's ``max_id`` is its
+largest token id, so a run can refuse ids its model has no embedding for before it starts; indexes written
+before it was recorded lack it and are still read (see :func:`largest_id`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -46,6 +52,11 @@ class ShardInfo:
     tokens: int
     documents: int
     sha256: str
+    max_id: int | None = None
+    """The largest token id in the shard; None in an index written before it was recorded."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass
@@ -87,7 +98,7 @@ class DataIndex:
                 name: {
                     "documents": s.documents,
                     "tokens": s.tokens,
-                    "shards": [vars(sh) for sh in s.shards],
+                    "shards": [sh.to_json() for sh in s.shards],
                 }
                 for name, s in self.splits.items()
             },
@@ -100,13 +111,51 @@ class DataIndex:
         os.replace(tmp, self.root / INDEX_FILE)
 
 
+def outside_reason(root: str | os.PathLike[str], name: object) -> str | None:
+    """Why the file ``name`` (from an index or a state file) would not be a file inside the folder ``root``, or
+    None when it is: an absolute path, a ``..`` component, or a symlink (here or in a parent folder) that
+    resolves outside ``root``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return "is not a file name"
+    if PurePosixPath(name).is_absolute() or Path(name).is_absolute():
+        return "is an absolute path"
+    if ".." in PurePosixPath(name).parts or ".." in Path(name).parts:
+        return "goes up out of the folder (..)"
+    if len(Path(name).parts) == 1 and not (Path(root) / name).is_symlink():
+        return None  # a plain file of the folder (what prepare-data writes): one lstat, not a walk of the path
+    folder = Path(root).resolve()
+    target = (folder / name).resolve()
+    if target != folder and folder not in target.parents:
+        return f"is a symlink that leads out of the folder (to {target})"
+    return None
+
+
+def _shard_info(entry: Any) -> ShardInfo:
+    if not isinstance(entry, dict):
+        raise TypeError(f"a shard entry is {type(entry).__name__}, not an object")
+    shard = ShardInfo(**entry)
+    shard.tokens, shard.documents = int(shard.tokens), int(shard.documents)
+    if shard.max_id is not None:
+        shard.max_id = int(shard.max_id)
+    return shard
+
+
 def read_index(root: str | os.PathLike[str]) -> DataIndex:
-    """Parse and sanity-check a folder's index; every problem is one :class:`DataError` line."""
+    """Parse and sanity-check a folder's index; every problem is one :class:`DataError` line.
+
+    Every file it names must be inside ``root`` (:func:`outside_reason`): the trainer reads those files and
+    copies the tokenizer into each checkpoint under its recorded name, so a name such as ``../../x`` would write
+    outside the run."""
     root = Path(root)
     if not root.exists():
         raise DataError(
             f"data path {root} does not exist; make it with megatron-pept-prepare-data (tools/prepare_data.py in a "
             "checkout)"
+        )
+    if not root.is_dir():
+        raise DataError(
+            f"data path {root} is a file, not a folder: point it at the folder megatron-pept-prepare-data --output "
+            "wrote (the one holding index.json)"
         )
     path = root / INDEX_FILE
     if not path.is_file():
@@ -115,7 +164,16 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
             "run megatron-pept-prepare-data --output on it (tools/prepare_data.py in a checkout)"
         )
     try:
-        raw = json.loads(path.read_text())
+        content = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        raw = json.loads(content)  # bytes: invalid UTF-8 is a ValueError here, reported as malformed
+        if not isinstance(raw, dict):
+            raise DataError(
+                f"{path} holds a JSON {type(raw).__name__}, not an object: it is not a megatron_pept shard index; "
+                "re-run megatron-pept-prepare-data (tools/prepare_data.py in a checkout)"
+            )
         if raw.get("format") != FORMAT_NAME:
             raise DataError(f"{path} is not a megatron_pept shard index (format {raw.get('format')!r})")
         if raw.get("version") != FORMAT_VERSION:
@@ -124,7 +182,7 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
             name: SplitInfo(
                 documents=int(s["documents"]),
                 tokens=int(s["tokens"]),
-                shards=[ShardInfo(**sh) for sh in s["shards"]],
+                shards=[_shard_info(sh) for sh in s["shards"]],
             )
             for name, s in raw["splits"].items()
         }
@@ -136,11 +194,11 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
             eos_id=int(raw["eos_id"]),
             bos_id=None if raw.get("bos_id") is None else int(raw["bos_id"]),
             tokenizer_sha256=str(raw["tokenizer"]["sha256"]),
-            tokenizer_file=str(raw["tokenizer"].get("file", "tokenizer.model")),
+            tokenizer_file=raw["tokenizer"].get("file", "tokenizer.model"),
             splits=splits,
             extra={k: v for k, v in raw.items() if k not in known},
         )
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(
@@ -149,33 +207,78 @@ def read_index(root: str | os.PathLike[str]) -> DataIndex:
         ) from None
     if index.dtype not in ("<u2", "<u4", "uint16", "uint32"):
         raise DataError(f"{path}: unsupported token dtype {index.dtype!r} (uint16 or uint32)")
+    named = [("tokenizer.file", index.tokenizer_file)]
+    named += [
+        (f"splits.{split}.shards[{i}].file", sh.file) for split, s in splits.items() for i, sh in enumerate(s.shards)
+    ]
+    for entry, name in named:
+        reason = outside_reason(root, name)
+        if reason is not None:
+            raise DataError(
+                f"{path}: {entry} {name!r} {reason}; an index may only name files inside its own folder: copy the "
+                "file into the folder and name it there, or re-run megatron-pept-prepare-data"
+            )
     return index
 
 
 class VerifiedShards:
-    """The checksum cache of a run: shards (by resolved path) whose size, modification time and sha256 were checked.
+    """The checksum cache of a run: shards (by resolved path) whose size, modification time and sha256 were checked,
+    and the largest token id of shards whose index does not record it (:func:`largest_id`).
 
     Loaded from ``path`` (a JSON file) if it exists; :meth:`save` writes it back (atomically) when something was
     added, so a caller can check first and write only once it has accepted the run."""
 
+    MAX_IDS = "max_ids"  # the key of the largest-id entries in the file; never a path (those are absolute)
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.entries: dict[str, list] = {}
+        self.max_ids: dict[str, list] = {}
         self.changed = False
         if self.path.is_file():
             try:
                 self.entries = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError):
-                self.entries = {}
+                max_ids = self.entries.pop(self.MAX_IDS, {})
+                self.max_ids = max_ids if isinstance(max_ids, dict) else {}
+            except (OSError, json.JSONDecodeError, AttributeError):
+                self.entries, self.max_ids = {}, {}
 
     def save(self) -> None:
         if not self.changed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries))
+        tmp.write_text(json.dumps({**self.entries, **({self.MAX_IDS: self.max_ids} if self.max_ids else {})}))
         os.replace(tmp, self.path)
         self.changed = False
+
+
+def largest_id(index: DataIndex, *, split: str, cache: VerifiedShards | None = None) -> int:
+    """The largest token id in ``split`` of ``index`` (-1 if it holds no token).
+
+    Taken from each shard's ``max_id`` in the index. A shard of an index written before ``max_id`` was recorded is
+    read instead: a numpy max over its memory map, which runs about as fast as the disk delivers the bytes (the
+    same reading a checksum check does once). With ``cache``, that result is remembered by the shard's resolved
+    path, size and modification time, so a resumed run does not read the shard again."""
+    largest = -1
+    for shard in index.splits[split].shards:
+        if shard.max_id is not None:
+            largest = max(largest, shard.max_id)
+            continue
+        if shard.tokens == 0:
+            continue
+        path = index.root / shard.file
+        stat = path.stat()
+        key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        cached = cache.max_ids.get(key) if cache is not None else None
+        if isinstance(cached, list) and len(cached) == 3 and cached[:2] == stamp:
+            value = int(cached[2])
+        else:
+            value = int(open_shard(index, shard).max())
+            if cache is not None:
+                cache.max_ids[key], cache.changed = [*stamp, value], True
+        largest = max(largest, value)
+    return largest
 
 
 def verify_shards(
@@ -258,7 +361,11 @@ class ShardWriter:
         self._buffered_docs = 0
 
     def adopt(self, shard: ShardInfo) -> None:
-        """Count a shard finished by an earlier (interrupted) run as written."""
+        """Count a shard finished by an earlier (interrupted) run as written (an earlier version did not record its
+        largest id: it is read from the shard)."""
+        path = self.root / shard.file
+        if shard.max_id is None and shard.tokens > 0 and path.is_file():
+            shard.max_id = int(np.memmap(path, dtype=self.dtype, mode="r", shape=(shard.tokens,)).max())
         self.info.shards.append(shard)
         self.info.tokens += shard.tokens
         self.info.documents += shard.documents
@@ -292,6 +399,7 @@ class ShardWriter:
                 tokens=int(data.size),
                 documents=self._buffered_docs,
                 sha256=hashlib.sha256(payload).hexdigest(),
+                max_id=int(data.max()),
             )
         )
         self.info.tokens += int(data.size)

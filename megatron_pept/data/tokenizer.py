@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import sentencepiece as spm
 
 from megatron_pept.data.shards import sha256_file
-from megatron_pept.errors import DataError
+from megatron_pept.errors import DataError, UserError
 
 if TYPE_CHECKING:
     import tokenizers  # a dependency of transformers, needed only to export
@@ -230,13 +230,18 @@ def train_sentencepiece(
         output_dir.rmdir()
     num_docs = 0
     read_all = False  # the input was read to its end (an empty input is told apart from a trainer that failed first)
+    unreadable: list[UserError] = []  # what reading the input raised: SentencePiece turns it into a RuntimeError
 
     def sentences() -> Iterable[str]:
         nonlocal num_docs, read_all
-        for text in texts:
-            if text and not text.isspace():
-                num_docs += 1
-                yield text
+        try:
+            for text in texts:
+                if text and not text.isspace():
+                    num_docs += 1
+                    yield text
+        except UserError as err:
+            unreadable.append(err)
+            raise
         read_all = True
 
     spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles training sentences
@@ -264,6 +269,8 @@ def train_sentencepiece(
                 **options,
             )
         except RuntimeError as err:
+            if unreadable:  # a bad record or an unreadable source: its own one line
+                raise unreadable[0] from None
             if num_docs == 0 and read_all:
                 raise DataError("no text to train the tokenizer on: every input document was empty") from None
             msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

@@ -5,7 +5,9 @@
 
 Inputs as for megatron-pept-train-tokenizer. Each document becomes [BOS] ids EOS; documents are held out for
 validation by a seeded hash of their number. Interrupted? Run the same command again: finished shards are kept,
-the rest is redone, and the result is identical to an uninterrupted run.
+the rest is redone, and the result is identical to an uninterrupted run. A record that cannot be read (invalid
+UTF-8, a binary file, a malformed JSON line, a missing text field) stops it with one line naming the file and
+line, unless --skip-bad-records skips and counts such records.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-documents", type=int, default=256, help="documents per batch sent to a worker (default 256)"
     )
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip records of .txt/.jsonl/.json inputs that cannot be read (invalid UTF-8, NUL bytes, malformed "
+        "JSON lines, a missing or non-text field) and count them, instead of stopping at the first with its file and "
+        "line; the count is printed and kept in index.json (bad_records_skipped)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return parser
 
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
                 dtype=args.dtype,
                 workers=args.workers,
                 batch_documents=args.batch_documents,
+                skip_bad_records=args.skip_bad_records,
             ),
             show_progress=not args.no_progress,
         )
@@ -87,11 +97,16 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             print(f"{args.output} is already complete (same inputs and settings); nothing to do")
             return 0
         splits = result.index.splits
+        skipped = (
+            f"; skipped {result.bad_records:,} bad record(s), the first: {result.bad_record_examples[0]}"
+            if result.bad_records
+            else ""
+        )
         print(
             f"wrote {args.output}: train {splits['train'].documents:,} documents / {splits['train'].tokens:,} tokens "
             f"in {len(splits['train'].shards)} shards, val {splits['val'].documents:,} documents / "
             f"{splits['val'].tokens:,} tokens; {result.text_bytes / 1e6:.1f} MB of text in {result.seconds:.1f} s "
-            f"({result.mb_per_sec:.1f} MB/s){' (resumed)' if result.resumed else ''}"
+            f"({result.mb_per_sec:.1f} MB/s){' (resumed)' if result.resumed else ''}{skipped}"
         )
         return 0
 

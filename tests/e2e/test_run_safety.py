@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +243,72 @@ def test_resume_on_data_of_another_tokenizer_is_refused(quickstart_data: Path, t
 def test_shape_mistakes_are_one_line(quickstart_data: Path, tmp_path: Path, override: str, message: str) -> None:
     assert message in one_line_error(run(command(quickstart_data, tmp_path, override)))
     assert not tmp_path.joinpath("config.yaml").exists()
+
+
+def tree(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: a file's bytes, a symlink's target."""
+    return {
+        str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir")
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_a_tokenizer_file_leading_out_of_the_data_folder_overwrites_nothing(quickstart_data, tmp_path) -> None:
+    """index.json's tokenizer.file was joined to the checkpoint folder when the trainer copied the tokenizer in: a
+    name with enough '..' overwrote a file outside the run with a file outside the data folder, at every save,
+    and the run ended with exit 0. Now one line and exit 2 before anything is written."""
+    data = tmp_path / "x" / "a" / "b" / "c" / "data"
+    shutil.copytree(quickstart_data, data)
+    (tmp_path / "x" / "sub").mkdir()
+    (tmp_path / "x" / "sub" / "victim").write_text("what the data folder's author wrote")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "victim").write_text(
+        "precious"
+    )  # data/../../../../sub/victim from run/checkpoints/.tmp-*/tokenizer
+    index = json.loads((data / "index.json").read_text())
+    index["tokenizer"]["file"] = "../../../../sub/victim"
+    (data / "index.json").write_text(json.dumps(index))
+    before = tree(tmp_path)
+    error = one_line_error(run(command(data, tmp_path / "run", "data.builtin=null", "checkpoint.interval=1")))
+    assert "tokenizer.file '../../../../sub/victim' goes up out of the folder" in error, error
+    assert tree(tmp_path) == before
+
+
+def lowered_vocabulary(quickstart_data: Path, folder: Path) -> int:
+    """A copy of the quickstart data whose index claims one id fewer than its shards hold; that largest id."""
+    shutil.copytree(quickstart_data, folder)
+    index = json.loads((folder / "index.json").read_text())
+    dtype = index["dtype"]
+    largest = max(
+        int(np.fromfile(folder / s["file"], dtype=dtype).max())
+        for split in index["splits"].values()
+        for s in split["shards"]
+    )
+    index["vocab_size"] = largest
+    (folder / "index.json").write_text(json.dumps(index))
+    return largest
+
+
+@pytest.mark.parametrize("case", ["index_list", "file_path_builtin", "file_path", "ids_past_vocab"])
+def test_data_mistakes_are_one_line(quickstart_data: Path, tmp_path: Path, case: str) -> None:
+    """Through the real entry point: an index.json that is a JSON list (was an AttributeError traceback), a
+    data.path that is a file (a NotADirectoryError traceback with the quickstart config's built-in data), data
+    whose ids do not fit the vocabulary (an IndexError at the first step): one line, exit 2, nothing written."""
+    data, extra = tmp_path / "data", ["data.builtin=null"]
+    if case == "index_list":
+        data.mkdir()
+        (data / "index.json").write_text("[1, 2]")
+        expected = "holds a JSON list, not an object"
+    elif case.startswith("file_path"):
+        data.write_bytes(b"\0" * 64)
+        expected = f"data path {data} is a file, not a folder"
+        if case == "file_path_builtin":
+            extra = []
+    else:
+        largest = lowered_vocabulary(quickstart_data, data)
+        expected = f"{data} holds token id {largest} but its index.json records a vocabulary of {largest} ids"
+    before = tree(tmp_path)
+    proc = run(command(data, tmp_path / "run", *extra))
+    assert expected in one_line_error(proc), proc.stderr
+    assert "step 1/" not in proc.stdout
+    assert tree(tmp_path) == before

@@ -258,3 +258,30 @@ def test_a_final_run_at_another_lr_is_set_aside(tmp_path: Path) -> None:
     assert run.is_dir()
     set_aside_if_stale(run, 0.016, tmp_path / "stale")  # the extended grid's best is another lr
     assert not run.exists() and (tmp_path / "stale" / "galore-lr0.008" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "full", "label": "../x"},
+        {"name": "full", "label": "/tmp/x"},
+        {"name": "full", "label": "a/b"},
+        {"name": "full", "label": ".."},
+        {"name": "../../x"},  # the name is the label when there is none
+    ],
+)
+def test_a_label_is_a_folder_name_inside_the_output(entry: dict, tmp_path: Path) -> None:
+    """A method's label names its run folders under --output (grid/<label>/..., final/<label>, probes/<label>.json):
+    one that would lead out of it is refused in one line before anything is written."""
+    spec = tmp_path / "spec.yaml"
+    methods = [{"name": "full", "label": "full", "lrs": [1e-3]}, {**entry, "lrs": [1e-3]}]
+    spec.write_text(yaml.safe_dump({"config": "quickstart", "steps": 2, "methods": methods}))
+    proc = subprocess.run(
+        [sys.executable, "tools/study.py", str(spec), "--output", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "must be letters, digits, - and _ (a folder name)" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,13 @@ from megatron_pept.data.loader import (
     fixed_batches,
 )
 from megatron_pept.data.prepare import PrepareOptions, prepare_dataset
-from megatron_pept.data.shards import DataIndex, ShardWriter, read_index, verify_shards
+from megatron_pept.data.shards import (
+    DataIndex,
+    ShardWriter,
+    VerifiedShards,
+    read_index,
+    verify_shards,
+)
 from megatron_pept.data.tokenizer import load_tokenizer, train_sentencepiece
 from megatron_pept.errors import DataError
 
@@ -249,3 +256,138 @@ def test_checksum_cache_skips_verified_shards_but_not_changed_ones(tmp_path: Pat
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     with pytest.raises(DataError, match="sha256"):
         verify_shards(index, split="train", checksums=True, cache=cache)
+
+
+def folder_state(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: a file's bytes, a symlink's target."""
+    return {
+        str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir")
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def name_outside(data: Path, entry: str, how: str) -> Path:
+    """Make ``data``'s index name, at ``entry`` (``tokenizer`` or ``shard``: the first train shard), a copy of that
+    file outside the folder: through ``..``, by an absolute path, or through a symlink in the folder. The copy is
+    a valid file (so only its place is wrong); returned."""
+    raw = json.loads((data / "index.json").read_text())
+    inside = raw["tokenizer"]["file"] if entry == "tokenizer" else raw["splits"]["train"]["shards"][0]["file"]
+    outside = data.parent / "elsewhere" / f"outside-{entry}"
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_bytes((data / inside).read_bytes())
+    if how == "dotdot":
+        name = os.path.relpath(outside, data)
+    elif how == "absolute":
+        name = str(outside)
+    else:
+        name = f"link-{entry}"
+        (data / name).symlink_to(outside)
+    if entry == "tokenizer":
+        raw["tokenizer"]["file"] = name
+    else:
+        raw["splits"]["train"]["shards"][0]["file"] = name
+    (data / "index.json").write_text(json.dumps(raw))
+    return outside
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("entry", ["tokenizer", "shard"])
+def test_index_names_must_stay_inside_the_folder(small_folder: Path, tmp_path: Path, entry: str, how: str) -> None:
+    """An index naming a file outside its folder (the trainer copies the tokenizer into every checkpoint under the
+    recorded name: '../..' wrote outside the run, an absolute path or a symlink copied any file into it) is one
+    line naming the index and the entry; the folder is left as it was."""
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    name_outside(data, entry, how)
+    before = folder_state(tmp_path)
+    with pytest.raises(DataError) as err:
+        read_index(data)
+    message = str(err.value)
+    where = "tokenizer.file" if entry == "tokenizer" else "splits.train.shards[0].file"
+    reason = {"dotdot": "goes up out of the folder", "absolute": "is an absolute path", "symlink": "leads out of"}[how]
+    assert str(data / "index.json") in message and where in message and reason in message, message
+    assert "\n" not in message
+    assert folder_state(tmp_path) == before
+
+
+def test_names_inside_the_folder_are_read(small_folder: Path, tmp_path: Path) -> None:
+    """A symlink to a file of the folder, a subfolder, and the folder reached through a symlink are all inside."""
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    raw = json.loads((data / "index.json").read_text())
+    first = raw["splits"]["train"]["shards"][0]["file"]
+    (data / "alias.bin").symlink_to(first)
+    (data / "sub").mkdir()
+    os.replace(data / raw["splits"]["train"]["shards"][1]["file"], data / "sub" / "moved.bin")
+    raw["splits"]["train"]["shards"][0]["file"] = "alias.bin"
+    raw["splits"]["train"]["shards"][1]["file"] = "sub/moved.bin"
+    (data / "index.json").write_text(json.dumps(raw))
+    (tmp_path / "via").symlink_to(data)
+    index = read_index(tmp_path / "via")
+    WindowDataset(index, split="train", seq_len=8, verify_checksums=True)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "3", "null"])
+def test_an_index_that_is_not_an_object_is_one_line(tmp_path: Path, content: str) -> None:
+    (tmp_path / "index.json").write_text(content)
+    with pytest.raises(DataError, match="not an object"):
+        read_index(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b'{"format": "\xff"}', b"\x00\x01 binary", b'{"splits": {"train": [1]}}'])
+def test_an_index_that_is_not_json_text_is_one_line(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "index.json").write_bytes(content)
+    with pytest.raises(DataError, match="is malformed|is not a megatron_pept shard index"):
+        read_index(tmp_path)
+
+
+def test_a_data_path_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "shards.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        read_index(tmp_path / "shards.bin")
+
+
+def test_shards_record_their_largest_id(small_folder: Path, tmp_path: Path) -> None:
+    """prepare_data and ShardWriter record each shard's largest id (checked against numpy on the written bytes),
+    and the index keeps it through a write and a read."""
+    from megatron_pept.data.shards import largest_id
+
+    folder = counting_folder(tmp_path / "counting", tokens=5000, start=100, shard_tokens=700)
+    for root in (small_folder, folder):
+        index = read_index(root)
+        for split in index.splits.values():
+            for shard in split.shards:
+                assert shard.max_id == int(np.fromfile(root / shard.file, dtype=index.np_dtype).max()), shard
+        assert largest_id(index, split="train") == max(s.max_id for s in index.splits["train"].shards)
+    assert largest_id(read_index(folder), split="train") == 5099
+    assert all("max_id" in s for s in json.loads((folder / "index.json").read_text())["splits"]["train"]["shards"])
+
+
+def test_the_largest_id_of_an_old_index_is_read_once(small_folder: Path, tmp_path: Path) -> None:
+    """An index written before max_id was recorded still reads; its largest id comes from the shards, and the
+    checksum cache remembers it (by size and modification time) in a file that older versions read too."""
+    from megatron_pept.data.shards import largest_id
+
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    raw = json.loads((data / "index.json").read_text())
+    recorded = max(s.pop("max_id") for s in raw["splits"]["train"]["shards"])
+    (data / "index.json").write_text(json.dumps(raw))
+    index = read_index(data)
+    assert all(s.max_id is None for s in index.splits["train"].shards)
+    cache = VerifiedShards(tmp_path / "cache.json")
+    assert largest_id(index, split="train", cache=cache) == recorded
+    verify_shards(index, split="train", checksums=True, cache=cache)
+    cache.save()
+    again = VerifiedShards(tmp_path / "cache.json")
+    assert again.entries == cache.entries and len(again.max_ids) == len(index.splits["train"].shards)
+    key = str((data / index.splits["train"].shards[0].file).resolve())
+    again.max_ids[key][2] = 60000  # what the cache says is what counts: the shard is not read again
+    assert largest_id(index, split="train", cache=again) == 60000
+    shard = data / index.splits["train"].shards[0].file
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # modified since: read again
+    assert largest_id(index, split="train", cache=again) == recorded
+    old_format = {k: v for k, v in json.loads((tmp_path / "cache.json").read_text()).items() if k != "max_ids"}
+    (tmp_path / "old.json").write_text(json.dumps(old_format))
+    assert VerifiedShards(tmp_path / "old.json").entries == cache.entries

@@ -303,6 +303,10 @@ def test_prepare_refusals(tmp_path: Path, tokenizer_dir: Path) -> None:
     with pytest.raises(DataError, match="not an interrupted preparation"):
         prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "mine"), show_progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError, match="is a file; give a folder"):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "a-file"), show_progress=False)
+    assert (tmp_path / "a-file").read_text() == "not a folder"
 
 
 def test_dtype_choice() -> None:
@@ -352,3 +356,86 @@ def test_malformed_output_index_is_one_line(tmp_path: Path, tokenizer_dir: Path)
         (out / "index.json").write_text(garbage)
         with pytest.raises(DataError, match="index.json is malformed"):
             prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)
+
+
+def test_text_and_json_files_read_as_datasets_reads_them(tmp_path: Path) -> None:
+    """.txt and .jsonl/.json files are read without datasets (to name a bad record's line and skip it): for valid
+    files the documents are exactly those of datasets' text and json builders, line ends, BOMs, blank lines,
+    escapes and JSON arrays included."""
+    import datasets
+
+    from megatron_pept.data.sources import iter_documents, resolve_source
+
+    files = {
+        "mixed.txt": b"\xef\xbb\xbffirst\r\nsecond\rthird\n\n  \nfour\xe2\x80\xa8five\x0cx\xc2\x85y\n\r\n"
+        b"\ttabbed \nlast\r",
+        "plain.txt": "\n".join(generate_stories(50, seed=4)).encode(),
+        "lines.jsonl": b'\xef\xbb\xbf{"text": "a\\u2028b", "n": 1}\n\n   \n{"text": "\\ud83d\\ude00 x", "n": 2}\r\n'
+        b'{"text": "  "}\n{"text": "caf\xc3\xa9 \\"quoted\\" \\\\ back", "extra": [1]}\n{"text":"no newline"}',
+        "objects.json": json.dumps([{"text": "one"}, {"text": "two", "id": 2}], indent=2).encode(),
+        "strings.json": json.dumps(["s1", "", "s2"]).encode(),
+    }
+    datasets.disable_progress_bars()
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        source = resolve_source(str(path))
+        builder = "text" if name.endswith(".txt") else "json"
+        rows = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+        theirs = [row["text"] for row in rows if row["text"].strip()]
+        assert list(iter_documents(source)) == theirs, name
+        assert theirs, name
+
+
+def crash_after_shards(tmp_path: Path, corpus: Path, tokenizer_dir: Path, monkeypatch, name: str) -> Path:
+    """An interrupted preparation (a Ctrl-C at the 4th shard) and its state file."""
+    real_flush = ShardWriter.flush
+    flushes = {"n": 0}
+
+    def crashing_flush(self: ShardWriter) -> bool:
+        flushes["n"] += 1
+        if flushes["n"] == 4:
+            raise KeyboardInterrupt
+        return real_flush(self)
+
+    monkeypatch.setattr(ShardWriter, "flush", crashing_flush)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, name), show_progress=False)
+    monkeypatch.setattr(ShardWriter, "flush", real_flush)
+    return tmp_path / name / prepare_mod.STATE_FILE
+
+
+def test_a_state_file_naming_files_outside_the_folder_is_refused(tmp_path: Path, tokenizer_dir: Path, monkeypatch):
+    """The interrupted preparation's state lists its finished shards, which a resume adopts into the index (and
+    deletes when the input turns out empty): a name leading out of the folder is refused, the file left alone."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(1500, seed=2)) + "\n")
+    state_path = crash_after_shards(tmp_path, corpus, tokenizer_dir, monkeypatch, "out")
+    victim = tmp_path / "victim.bin"
+    state = json.loads(state_path.read_text())
+    shard = state["splits"]["train"]["shards"][0]
+    victim.write_bytes((state_path.parent / shard["file"]).read_bytes())
+    shard["file"] = "../victim.bin"
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(DataError, match=r"a train shard '\.\./victim\.bin' goes up out of the folder"):
+        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)
+    assert victim.is_file() and not (tmp_path / "out" / "index.json").exists()
+
+
+def test_resuming_a_preparation_of_an_older_version_records_every_largest_id(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch
+) -> None:
+    """Shards finished by an earlier version carry no max_id in the state: the resume reads it from them."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(generate_stories(1500, seed=2)) + "\n")
+    state_path = crash_after_shards(tmp_path, corpus, tokenizer_dir, monkeypatch, "out")
+    state = json.loads(state_path.read_text())
+    for split in state["splits"].values():
+        for shard in split["shards"]:
+            del shard["max_id"]
+    state_path.write_text(json.dumps(state))
+    assert prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False).resumed
+    index = read_index(tmp_path / "out")
+    for split in index.splits.values():
+        for shard in split.shards:
+            assert shard.max_id == int(np.fromfile(tmp_path / "out" / shard.file, dtype=index.np_dtype).max())

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from test_data import folder_state, name_outside
 
 from megatron_pept.config import load_config
 from megatron_pept.errors import ConfigError, DataError
@@ -193,3 +198,91 @@ def test_config_and_data_mistakes(quickstart_data: Path, tmp_path: Path) -> None
         Trainer(tiny(tmp_path / "missing", tmp_path / "d"))
     with pytest.raises(ConfigError, match="cannot run with parallel.backend=deepspeed"):
         Trainer(tiny(quickstart_data, tmp_path / "p", "parallel.backend=deepspeed", "optim.per_layer=true"))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("entry", ["tokenizer", "shard"])
+def test_a_data_folder_naming_files_outside_it_is_refused(quickstart_data: Path, tmp_path: Path, entry: str, how: str):
+    """The trainer reads the files an index names and copies its tokenizer into every checkpoint under the
+    recorded name: a name leading out of the data folder wrote outside the run ('..') or copied an outside file
+    into each checkpoint (absolute, symlink), and a shard entry made it train on any file. Refused while the run
+    is built, before it writes anything."""
+    data = tmp_path / "data"
+    shutil.copytree(quickstart_data, data)
+    name_outside(data, entry, how)
+    before = folder_state(tmp_path)
+    with pytest.raises(DataError, match="an index may only name files inside its own folder"):
+        Trainer(tiny(data, tmp_path / "run", "checkpoint.interval=1"))
+    assert folder_state(tmp_path) == before
+
+
+def rewrite_shard(data: Path, *, split: str, number: int, tokens: np.ndarray) -> None:
+    """Replace a shard's tokens (same length) and its index entry's sha256 and max_id, as prepare-data writes them."""
+    raw = json.loads((data / "index.json").read_text())
+    entry = raw["splits"][split]["shards"][number]
+    payload = tokens.astype(raw["dtype"]).tobytes()
+    (data / entry["file"]).write_bytes(payload)
+    entry["sha256"], entry["max_id"] = hashlib.sha256(payload).hexdigest(), int(tokens.max())
+    (data / "index.json").write_text(json.dumps(raw))
+
+
+def forget_largest_ids(raw: dict) -> None:
+    """Make ``raw`` (a parsed index.json) an index of a version that did not record max_id."""
+    for split in raw["splits"].values():
+        for entry in split["shards"]:
+            entry.pop("max_id", None)
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["max_id", "old_index"])
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_ids_past_the_index_vocabulary_are_refused(
+    quickstart_data: Path, tmp_path: Path, where: str, recorded: bool
+) -> None:
+    """Data whose index records a smaller vocabulary than its ids need (edited, or shards from another tokenizer)
+    built a model too small for them: an IndexError in training, or only at the first evaluation when just the
+    validation split holds such an id (a device-side assert on a GPU). Refused before the first step, with the
+    folder, the id and the vocabulary; an index without max_id (older) is read for it."""
+    data = tmp_path / "data"
+    shutil.copytree(quickstart_data, data)
+    raw = json.loads((data / "index.json").read_text())
+    vocab = raw["vocab_size"]
+    big = vocab + 5
+    shard = raw["splits"][where]["shards"][0]
+    tokens = np.fromfile(data / shard["file"], dtype=raw["dtype"]).astype(np.int64)
+    tokens[len(tokens) // 2] = big
+    rewrite_shard(data, split=where, number=0, tokens=tokens)
+    raw = json.loads((data / "index.json").read_text())
+    raw["vocab_size"] = vocab + 1  # what an edited index claims; the tokenizer has fewer ids than this shard holds
+    if not recorded:
+        forget_largest_ids(raw)
+    (data / "index.json").write_text(json.dumps(raw))
+    before = folder_state(tmp_path)
+    with pytest.raises(DataError) as err:
+        Trainer(tiny(data, tmp_path / "run", "train.eval_at_start=false"))
+    message = str(err.value)
+    assert f"{data} holds token id {big}" in message and f"vocabulary of {vocab + 1} ids" in message, message
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["max_id", "old_index"])
+def test_blended_ids_past_the_model_vocabulary_are_refused(quickstart_data: Path, tmp_path: Path, recorded: bool):
+    """A blended source whose own index allows more ids than the model has (the model takes the first source's
+    vocabulary): refused with the source, the id and the model's vocabulary."""
+    wide = tmp_path / "wide"
+    shutil.copytree(quickstart_data, wide)
+    raw = json.loads((wide / "index.json").read_text())
+    vocab = raw["vocab_size"]
+    tokens = np.fromfile(wide / raw["splits"]["train"]["shards"][-1]["file"], dtype=raw["dtype"]).astype(np.int64)
+    tokens[-3] = vocab + 100
+    rewrite_shard(wide, split="train", number=len(raw["splits"]["train"]["shards"]) - 1, tokens=tokens)
+    raw = json.loads((wide / "index.json").read_text())
+    raw["vocab_size"] = 2 * vocab
+    if not recorded:
+        forget_largest_ids(raw)
+    (wide / "index.json").write_text(json.dumps(raw))
+    blend = f"data.blend=[{{path: {quickstart_data}, weight: 1}}, {{path: {wide}, weight: 1}}]"
+    with pytest.raises(DataError) as err:
+        Trainer(tiny(quickstart_data, tmp_path / "run", blend))
+    message = str(err.value)
+    assert f"{wide} holds token id {vocab + 100}" in message and f"vocabulary has {vocab} ids" in message, message
+    assert not (tmp_path / "run").exists()
