@@ -1,8 +1,8 @@
-"""File names read from files (an index, a completion marker, a weight map, a study spec) stay inside their folder.
+"""File names read from files (an index, a completion marker, a weight map, a state file) stay inside their folder.
 
 A name such as ``../../x``, ``/etc/passwd`` or a path through a symbolic link that leads out of the folder would
-make a reader read, or a writer write, outside the folder the user named. :func:`inside` is the one check every
-such name goes through. Standard library only: every part of the stack may use it.
+make a reader read, or a writer write, outside the folder the user named. :func:`outside_reason` is the one check
+every such name goes through. Standard library only: every part of the stack may use it.
 """
 
 from __future__ import annotations
@@ -13,25 +13,35 @@ from pathlib import Path, PurePosixPath
 from megatron_pept.errors import UserError
 
 
+def outside_reason(
+    root: str | os.PathLike[str], name: object, *, link_root: str | os.PathLike[str] | None = None
+) -> str | None:
+    """Why the file ``name`` (read from a file of the folder ``root``) would not be a file inside ``root``, or None
+    when it is: not a name, an absolute path, a ``..`` component, or a symbolic link (the file or a folder on the
+    way) that resolves outside ``link_root`` (default ``root``; a Hugging Face cache snapshot links into its
+    model's cache folder). The target need not exist."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        return "is not a file name"
+    if PurePosixPath(name).is_absolute() or Path(name).is_absolute():
+        return "is an absolute path"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "goes up out of the folder (..)"
+    if len(Path(name).parts) == 1 and not (Path(root) / name).is_symlink():
+        return None  # a plain file of the folder (what this project writes): one lstat, not a walk of the path
+    allowed = Path(link_root if link_root is not None else root).resolve()
+    target = (Path(root) / name).resolve()  # follows every link on the way
+    if target != allowed and allowed not in target.parents:
+        return f"is a symlink that leads out of the folder (to {target})"
+    return None
+
+
 def inside(folder: str | os.PathLike[str], name: object, *, source: str, what: str = "file") -> Path:
-    """``folder / name`` if ``name`` is a relative path that stays inside ``folder`` (no ``..`` component, not
-    absolute, and no symbolic link on the way that leads out of it); otherwise one :class:`UserError` naming
-    ``source`` (the file the name was read from) and the name. The target need not exist."""
-    folder = Path(folder)
-    if not isinstance(name, str) or not name.strip():
-        raise UserError(f"{source} names the {what} {name!r}, which is not a file name; the file is damaged")
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if PurePosixPath(name).is_absolute() or Path(name).is_absolute() or ".." in parts or not parts:
+    """``folder / name`` when :func:`outside_reason` finds nothing wrong; otherwise one :class:`UserError` naming
+    ``source`` (the file the name was read from) and the name."""
+    reason = outside_reason(folder, name)
+    if reason is not None:
         raise UserError(
-            f"{source} names the {what} {name!r}, which lies outside {folder} (an absolute path or '..'); only "
-            "names inside the folder are read: the file is damaged or crafted"
+            f"{source} names the {what} {name!r}, which {reason}; only files inside {folder} are read: the file is "
+            "damaged or crafted"
         )
-    target = folder / name
-    root = folder.resolve()
-    resolved = target.resolve()  # follows every symbolic link on the way (the target itself may not exist)
-    if resolved != root and root not in resolved.parents:
-        raise UserError(
-            f"{source} names the {what} {name!r}, which leads out of {folder} through a symbolic link (to "
-            f"{resolved}); only files inside the folder are read: replace the link with the file"
-        )
-    return target
+    return Path(folder) / str(name)

@@ -50,7 +50,6 @@ from megatron_pept.data.shards import (
     ShardInfo,
     ShardWriter,
     SplitInfo,
-    outside_reason,
     token_dtype,
 )
 from megatron_pept.data.sources import BadRecords, iter_corpus, resolve_source
@@ -58,6 +57,7 @@ from megatron_pept.data.tokenizer import HF_FILE, MODEL_FILE, HFTokenizer, load_
 from megatron_pept.errors import DataError
 from megatron_pept.faults import fault_point
 from megatron_pept.orphans import signal_on_parent_death
+from megatron_pept.safe_paths import outside_reason
 
 logger = logging.getLogger(__name__)
 

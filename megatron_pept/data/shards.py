@@ -24,12 +24,13 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from megatron_pept.errors import DataError
+from megatron_pept.safe_paths import outside_reason
 
 INDEX_FILE = "index.json"
 FORMAT_NAME = "megatron_pept.token_shards"
@@ -109,25 +110,6 @@ class DataIndex:
         tmp = self.root / f".{INDEX_FILE}.tmp"
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         os.replace(tmp, self.root / INDEX_FILE)
-
-
-def outside_reason(root: str | os.PathLike[str], name: object) -> str | None:
-    """Why the file ``name`` (from an index or a state file) would not be a file inside the folder ``root``, or
-    None when it is: an absolute path, a ``..`` component, or a symlink (here or in a parent folder) that
-    resolves outside ``root``."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        return "is not a file name"
-    if PurePosixPath(name).is_absolute() or Path(name).is_absolute():
-        return "is an absolute path"
-    if ".." in PurePosixPath(name).parts or ".." in Path(name).parts:
-        return "goes up out of the folder (..)"
-    if len(Path(name).parts) == 1 and not (Path(root) / name).is_symlink():
-        return None  # a plain file of the folder (what prepare-data writes): one lstat, not a walk of the path
-    folder = Path(root).resolve()
-    target = (folder / name).resolve()
-    if target != folder and folder not in target.parents:
-        return f"is a symlink that leads out of the folder (to {target})"
-    return None
 
 
 def _shard_info(entry: Any) -> ShardInfo:

@@ -28,6 +28,7 @@ from torch import nn
 
 from megatron_pept.errors import ConfigError
 from megatron_pept.models.llama import LlamaArgs
+from megatron_pept.safe_paths import outside_reason
 
 logger = logging.getLogger("megatron_pept")
 CONFIG_FILE = "config.json"
@@ -136,13 +137,14 @@ def _weight_file(folder: Path, name: Any, *, named_by: str) -> Path:
     """The file ``name`` (as ``named_by`` gives it) in ``folder``; refused in one line if it is not a plain
     relative name, leads out of the folder through a link, or is not there."""
     where = f"model.init_from={folder}"
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+    reason = outside_reason(folder, name, link_root=_root(folder))
+    if reason is not None and "symlink" not in reason:
         raise ConfigError(
             f"{where}: {named_by} names {json.dumps(name)} as a weight file; only files inside the folder load, "
             "named relative to it"
         )
     path = folder / name
-    if not path.resolve().is_relative_to(_root(folder)):
+    if reason is not None:
         raise ConfigError(
             f"{where}: {name} is a symbolic link leading out of the folder (to {path.resolve()}); only files inside "
             "the folder load: copy the file into it"
