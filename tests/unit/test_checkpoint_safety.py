@@ -76,30 +76,18 @@ def test_poisoned_metadata_through_the_cli_is_one_line(saved_run: Path, tmp_path
     run_dir, checkpoint = copy_run(saved_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     poison(checkpoint, marker)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_pept.train",
-            "--config",
-            "configs/quickstart.yaml",
-            f"run_dir={run_dir}",
-            f"data.path={quickstart_data}",
-            "data.seq_len=32",
-            "train.steps=3",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=4",
-            "metrics.tensorboard=false",
-            "method.name=relora",
-            "method.rank=4",
-            "method.reset_every=4",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    config = run_dir / "config.yaml"  # the saved run's resolved config: the same run, resumed in the copy
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_pept.train",
+        "--config",
+        str(config),
+        f"run_dir={run_dir}",
+        "train.steps=3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "was refused" in lines[0], proc.stderr[-3000:]

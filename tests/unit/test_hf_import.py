@@ -22,6 +22,12 @@ transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
 
 
+def train_cli(*overrides: str) -> subprocess.CompletedProcess[str]:
+    """``python -m megatron_pept.train`` on the quickstart config with ``overrides``."""
+    command = [sys.executable, "-m", "megatron_pept.train", "--config", "configs/quickstart.yaml", *overrides]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def exported(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor, Path]:
     """A trained run exported to HF: (the HF folder, the exporting model's logits on IDS, the run's data)."""
@@ -60,22 +66,8 @@ def test_init_from_refuses_another_shape_in_one_line_with_the_overrides_that_mat
     with pytest.raises(ConfigError, match=r"model.hidden_size=32.*; set model.hidden_size=64$"):
         Trainer(tiny(data, tmp_path / "run", f"model.init_from={folder}", "model.hidden_size=32"))
     assert not (tmp_path / "run").exists()  # a refused run writes nothing
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_pept.train",
-            "--config",
-            "configs/quickstart.yaml",
-            f"run_dir={tmp_path / 'cli'}",
-            f"data.path={data}",
-            f"model.init_from={folder}",
-            "model.num_layers=3",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = train_cli(
+        f"run_dir={tmp_path / 'cli'}", f"data.path={data}", f"model.init_from={folder}", "model.num_layers=3"
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].endswith("set model.num_layers=2"), proc.stderr[-2000:]
@@ -345,22 +337,7 @@ def test_train_refuses_a_folder_leading_out_or_damaged_in_one_line(exported, sha
             "incomplete metadata, file not fully covered); download or save the model again",
         ),
     ):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "megatron_pept.train",
-                "--config",
-                "configs/quickstart.yaml",
-                f"run_dir={tmp_path / 'run'}",
-                f"data.path={data}",
-                f"model.init_from={case}",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = train_cli(f"run_dir={tmp_path / 'run'}", f"data.path={data}", f"model.init_from={case}")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].endswith(f"model.init_from={case}: {ending}"), proc.stderr[-2000:]
         assert not (tmp_path / "run").exists()

@@ -323,19 +323,7 @@ def test_resume_over_changed_input_is_refused(tmp_path: Path, tokenizer_dir: Pat
     corpus = tmp_path / "c.txt"
     original = "\n".join(generate_stories(1500, seed=2)) + "\n"
     corpus.write_text(original)
-    real_flush = ShardWriter.flush
-    flushes = {"n": 0}
-
-    def crashing_flush(self: ShardWriter) -> bool:
-        flushes["n"] += 1
-        if flushes["n"] == 4:
-            raise KeyboardInterrupt
-        return real_flush(self)
-
-    monkeypatch.setattr(ShardWriter, "flush", crashing_flush)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)
-    monkeypatch.setattr(ShardWriter, "flush", real_flush)
+    crash_after_shards(tmp_path, corpus, tokenizer_dir, monkeypatch, "out")
     corpus.write_text(original.replace("The", "A", 3))  # a small edit in the middle; the size changes too
     with pytest.raises(DataError, match="changed since"):
         prepare_dataset(opts(tmp_path, [corpus], tokenizer_dir, "out"), show_progress=False)
