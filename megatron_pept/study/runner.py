@@ -40,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from megatron_pept.errors import UserError
+from megatron_pept.config import read_yaml_file
+from megatron_pept.errors import ConfigError, UserError
 
 RESULT_FILE = "result.json"
 
@@ -86,9 +87,9 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     if not path.is_file():
         raise StudyError(f"no study spec at {path}: give a YAML file (configs/study_cpu.yaml is an example)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise StudyError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raw = read_yaml_file(path, what="study spec")  # no object tags, no alias bombs
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
     if not isinstance(raw, dict):
         raise StudyError(f"{path} must be a mapping with config, steps and methods")
     known = {"config", "overrides", "steps", "grid_steps", "checkpoint_interval", "probe_steps", "baseline", "methods"}

@@ -194,3 +194,16 @@ def test_a_full_disk_under_tensorboard_saves_and_stops_with_one_line(quickstart_
         assert 0 < found.step < 400
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_study_spec_is_read_as_safely_as_a_config(tmp_path: Path) -> None:
+    """The same YAML rules for megatron-pept-study's spec: an object tag is named, an alias bomb refused."""
+    from megatron_pept.study.runner import StudyError, load_spec
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text('config: !!python/object/apply:os.system ["true"]\nsteps: 1\nmethods: []\n')
+    with pytest.raises(StudyError, match=r"study spec .* uses the YAML tag !!python/object/apply:os.system"):
+        load_spec(spec)
+    spec.write_text(ALIAS_BOMB.replace("method:\n  target_modules: *l8", "config: x\nsteps: 1\nmethods: *l8") + "\n")
+    with pytest.raises(StudyError, match="alias bomb"):
+        load_spec(spec)
