@@ -408,8 +408,8 @@ class Trainer:
         disk; on the same one the save fails cleanly itself), then stop with one line."""
         if self.cfg.checkpoint.interval > 0 and self._last_saved_step != self.state.step:
             self._save_unless_bad("a failed TensorBoard write")
+        saved = "none" if self._last_saved_step is None else f"step {self._last_saved_step}"
         raise UserError(
             f"cannot write TensorBoard events in {self.writer.run_dir} at step {self.state.step} ({self.writer.error}"
-            f"); newest checkpoint: step {self._last_saved_step}; free space (or set metrics.tensorboard=false), "
-            "then resume (checkpoint.resume=auto)"
+            f"); newest checkpoint: {saved}; free space (or set metrics.tensorboard=false), then resume"
         )
