@@ -9,14 +9,16 @@ import logging
 
 from megatron_pept.config import MethodConfig, OptimConfig
 from megatron_pept.errors import ConfigError
+from megatron_pept.methods.adam_mini import AdamMiniMethod
 from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.full import FullRank
-from megatron_pept.methods.galore import GALORE_METHODS
+from megatron_pept.methods.galore import APOLLO_FIRA_METHODS, GALORE_METHODS
 from megatron_pept.methods.relora import LOWRANK_METHODS
 
 logger = logging.getLogger("megatron_pept")
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FullRank, *LOWRANK_METHODS, *GALORE_METHODS)}
+_ALL = (FullRank, *LOWRANK_METHODS, *GALORE_METHODS, AdamMiniMethod, *APOLLO_FIRA_METHODS)
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _ALL}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -1,4 +1,4 @@
-"""The GaLore family and Adam-mini: every weight trains; only the optimizer changes.
+"""The GaLore family, APOLLO and Fira: every weight trains; only the optimizer changes.
 
 | method | optimizer |
 |---|---|
@@ -8,8 +8,6 @@
 | ``galore_dynamic_ef`` | both |
 | ``galore_8bit`` | GaLore-AdamW with 8-bit moments (bitsandbytes blockwise quantisation) |
 | ``galore_adafactor`` | GaLore with Adafactor (factored second moments) in the projection |
-| ``adam_mini`` | Adam-mini: one second moment per head (queries, keys), per row (values, outputs, MLP), full Adam for
-  the embedding and the LM head |
 | ``apollo`` | APOLLO: Adam moments of a random rank-``r`` projection give a scaling factor per channel, applied to
   the raw gradient; norm-growth limiter |
 | ``apollo_mini`` | APOLLO-Mini: the same at rank 1 with one factor per tensor (scale 128) |
@@ -39,7 +37,6 @@ from torch import nn
 from megatron_pept.config import MethodConfig, OptimConfig
 from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.relora import matches_target
-from megatron_pept.optim.adam_mini import AdamMini
 from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from megatron_pept.sharding import optimizer_protocol
 
@@ -289,51 +286,5 @@ class ApolloMini(Apollo):
         return 1
 
 
-class AdamMiniMethod(Method):
-    """Adam-mini over every parameter (see :mod:`megatron_pept.optim.adam_mini`). Queries and keys: one block per
-    head; embedding and LM head: full Adam; other matrices: one block per output row (``method.adam_mini_partition
-    =neuron``, the Adam-mini paper's partition) or per tensor (``tensor``, the Approximations paper's description);
-    norm weights: one block per tensor."""
-
-    name = "adam_mini"
-    config_keys = ("adam_mini_partition",)
-    resume_keys = ("adam_mini_partition",)  # the blocks that share a second moment
-    QUERY_KEY = ("q_proj", "k_proj")
-    FULL_ADAM = ("embed_tokens", "lm_head")
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        args = model.args
-        head_numel = args.hidden_size * args.head_dim  # one head's rows of q_proj / k_proj
-        wd = self.optim_cfg.weight_decay
-        groups = []
-        for name, p in self.trainable_parameters(model):
-            leaf = name.rsplit(".", 2)[-2] if "." in name else name
-            if any(key in name for key in self.FULL_ADAM):
-                block = {"block": "adam"}
-            elif leaf in self.QUERY_KEY:
-                block = {"block": "head", "head_numel": head_numel}
-            elif p.ndim >= 2 and self.cfg.adam_mini_partition == "neuron":
-                block = {"block": "row"}
-            else:
-                block = {"block": "tensor"}
-            decay = 0.0 if ("norm" in name or p.ndim < 2) else wd
-            groups.append({"params": [p], "name": name, "weight_decay": decay, **block})
-        return groups
-
-    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        o = self.optim_cfg
-        return AdamMini(self.param_groups(model), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-
-
-GALORE_METHODS = (
-    GaLore,
-    GaLoreEF,
-    GaLoreDynamic,
-    GaLoreDynamicEF,
-    GaLore8bit,
-    GaLoreAdafactorMethod,
-    AdamMiniMethod,
-    Apollo,
-    ApolloMini,
-    Fira,
-)
+GALORE_METHODS = (GaLore, GaLoreEF, GaLoreDynamic, GaLoreDynamicEF, GaLore8bit, GaLoreAdafactorMethod)
+APOLLO_FIRA_METHODS = (Apollo, ApolloMini, Fira)
