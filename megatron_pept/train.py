@@ -12,8 +12,8 @@ import os
 import sys
 import typing
 
-from megatron_pept.config import describe_config, load_config
 from megatron_pept.errors import UserError
+from megatron_pept.registry import describe_config, load_config
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from megatron_pept import guard
+from megatron_pept import guard, registry
 from megatron_pept.checkpoint import Checkpointer, checkpoint_root, lock_run_folders, run_meta
 from megatron_pept.checkpoint.export import read_meta
 from megatron_pept.checkpoint.resume import check_compatible
@@ -47,7 +47,7 @@ class Trainer:
     while being built (bad data, a mismatched checkpoint ...) leaves its folders as it found them."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+        self.cfg = registry.resolve(cfg)  # the method's settings and the backend's conditions, whatever read cfg
         self.backend = build_backend(cfg)
         self.dims = self.backend.dims
         setup_console_logging(is_main=self.dims.is_main)

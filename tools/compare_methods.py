@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one --method")
 
     def run() -> int:
-        from megatron_pept.config import load_config
         from megatron_pept.errors import UserError
+        from megatron_pept.registry import load_config
         from megatron_pept.trainer import Trainer
 
         results = []

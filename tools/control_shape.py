@@ -25,16 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from megatron_pept.config import load_config
         from megatron_pept.methods.control import control_shape, trainable_parameters
         from megatron_pept.models import DEFAULT_VOCAB_SIZE
+        from megatron_pept.registry import load_config
 
         cfg = load_config(args.config, ["data.path=unused", *args.overrides])
         vocab = args.vocab_size or cfg.model.vocab_size or DEFAULT_VOCAB_SIZE
         trainable, total = trainable_parameters(cfg.model, cfg.method, vocab_size=vocab)
         shape = control_shape(cfg.model, target_params=trainable, vocab_size=vocab)
         print(
-            f"{cfg.method.name} on {cfg.model.name} (rank {cfg.method.rank}, vocab {vocab}): "
+            f"{cfg.method.name} on {cfg.model.name} (rank {cfg.method.options.get('rank', '-')}, vocab {vocab}): "
             f"{trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M parameters"
         )
         print(

@@ -42,12 +42,12 @@ import torch
 
 from megatron_pept.checkpoint.export import load_full_tensors, read_meta
 from megatron_pept.checkpoint.store import resolve_checkpoint
-from megatron_pept.config import config_from_dict
 from megatron_pept.errors import UserError
 from megatron_pept.methods import build_method
 from megatron_pept.models import build_model
 from megatron_pept.models.hf import DEFAULT_CONTEXT, declared_context, hf_config_dict
 from megatron_pept.models.llama import LlamaArgs
+from megatron_pept.registry import config_from_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_TAG = "state"  # the tag DeepSpeedBackend.save_native saves under (its ``latest`` file names it too)

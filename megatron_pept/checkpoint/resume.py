@@ -148,8 +148,9 @@ def _differences(saved: dict[str, Any], cfg: Any, method: Any) -> list[str]:
     if saved_name is not None and saved_name != method.name and saved_name not in method.resumes_from:
         return [f"method.name={saved_name} (this run: method.name={method.name})"]
     out = []
+    settings = _plain(method.cfg)  # the method's settings, as the run uses them
     for key in method.resume_keys:
-        asked = _plain(cfg.method)[key]
+        asked = settings[key]
         if key in saved_method and saved_method[key] != asked:
             out.append(f"method.{key}={saved_method[key]!r} (this run: {asked!r})")
     saved_optim = saved.get("optim", {})
@@ -161,7 +162,7 @@ def _differences(saved: dict[str, Any], cfg: Any, method: Any) -> list[str]:
 
 
 def _plain(section: Any) -> dict[str, Any]:
-    """A config section as meta.json's config holds it (lists, not tuples)."""
+    """A config section (a dataclass) as meta.json's config holds it (lists, not tuples)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
 
 

@@ -32,6 +32,7 @@ from megatron_pept.config import Config
 from megatron_pept.distributed import comm
 from megatron_pept.errors import ConfigError
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess, full, optimizer_protocol
+from megatron_pept.traits import MethodTraits
 
 if TYPE_CHECKING:
     from megatron_pept.distributed import ParallelDims
@@ -60,8 +61,9 @@ class Backend:
     # -- set-up ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
-        """Refuse, with a :class:`~megatron_pept.errors.ConfigError`, settings this backend cannot run."""
+    def validate(cls, cfg: Config, traits: MethodTraits) -> None:
+        """Refuse, with a :class:`~megatron_pept.errors.ConfigError`, settings this backend cannot run; what the
+        method does comes from its declared ``traits``, never from its settings."""
 
     @classmethod
     def init_process_group(cls, *, rank: int, world_size: int, local_rank: int, device: torch.device) -> None:
@@ -188,19 +190,18 @@ class FSDP2Backend(Backend):
     uses_process_group = True
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
-        if cfg.method.base_dtype in ("int8", "nf4", "fp8") and cfg.method.warm_start_steps > 0:
+    def validate(cls, cfg: Config, traits: MethodTraits) -> None:
+        if traits.quantised_base and traits.changes_trainable_set:
             raise ConfigError(
-                f"method.base_dtype={cfg.method.base_dtype} with method.warm_start_steps > 0 cannot run with "
-                "parallel.backend=fsdp2: the switch replaces the trained dense weights by the quantised base, and "
-                "FSDP2 fixes a module's parameters when it shards it; use method.warm_start_steps=0 or "
-                "parallel.backend=ddp"
+                f"{traits.quantised_base} with {traits.changes_trainable_set} cannot run with parallel.backend=fsdp2: "
+                "the switch replaces the trained dense weights by the quantised base, and FSDP2 fixes a module's "
+                f"parameters when it shards it; drop {traits.changes_trainable_set} or use parallel.backend=ddp"
             )
-        if cfg.method.warm_start_steps > 0 and cfg.method.base_dtype == "bf16":
+        if traits.base_dtype_changes:
             raise ConfigError(
-                "method.base_dtype=bf16 with method.warm_start_steps > 0 cannot run with parallel.backend=fsdp2 in "
-                "this version: the warm start trains an fp32 master that becomes the bf16 base at the switch, and "
-                "FSDP2 cannot change a sharded parameter's dtype; use parallel.backend=ddp or base_dtype=fp32"
+                f"{traits.base_dtype_changes} cannot run with parallel.backend=fsdp2 in this version: the warm start "
+                "trains an fp32 master that becomes the base's dtype at the switch, and FSDP2 cannot change a sharded "
+                "parameter's dtype; use parallel.backend=ddp or keep the base in fp32"
             )
 
     def _wrap(self, model: nn.Module) -> Any:

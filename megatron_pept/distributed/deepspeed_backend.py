@@ -22,6 +22,7 @@ from megatron_pept.config import Config, read_yaml_file, spike_rule_on
 from megatron_pept.distributed.backend import Backend
 from megatron_pept.errors import ConfigError
 from megatron_pept.sharding import FlatFragment, ParamAccess, ZeroLayout, optimizer_protocol
+from megatron_pept.traits import MethodTraits
 
 OWNED_KEYS = {
     "train_batch_size": "train.global_batch_size",
@@ -275,7 +276,7 @@ class DeepSpeedBackend(Backend):
     state_tensors_per_param = 3  # fp32 master weights beside the two moments
 
     @classmethod
-    def validate(cls, cfg: Config) -> None:
+    def validate(cls, cfg: Config, traits: MethodTraits) -> None:
         p = cfg.parallel
         if p.deepspeed_config:
             read_deepspeed_extra(p.deepspeed_config)  # with the config, not after the model is built
@@ -286,9 +287,9 @@ class DeepSpeedBackend(Backend):
                 "optim.per_layer=true cannot run with parallel.backend=deepspeed: DeepSpeed owns the optimizer step; "
                 "use parallel.backend=fsdp2 or ddp"
             )
-        if cfg.method.base_dtype in ("int8", "nf4", "fp8") and p.zero_stage == 3:
+        if traits.quantised_base and p.zero_stage == 3:
             raise ConfigError(
-                f"method.base_dtype={cfg.method.base_dtype} cannot run with ZeRO-3: ZeRO-3 partitions parameters, and "
+                f"{traits.quantised_base} cannot run with ZeRO-3: ZeRO-3 partitions parameters, and "
                 "a quantised base is frozen state that ZeRO-3 would keep whole on every rank, so it would save "
                 "nothing there; use parallel.zero_stage=1 or 2 (the base is replicated, as the weights are) or "
                 "parallel.backend=fsdp2 (the quantised base is sharded by rows)"
@@ -298,9 +299,9 @@ class DeepSpeedBackend(Backend):
                 "guard.spike_loss_sigma and guard.spike_grad_norm_ratio cannot run with parallel.backend=deepspeed "
                 "(the engine applies the update before the step can be judged); set both to 0 or use fsdp2 or ddp"
             )
-        if cfg.method.warm_start_steps > 0:
+        if traits.changes_trainable_set:
             raise ConfigError(
-                "method.warm_start_steps > 0 cannot run with parallel.backend=deepspeed in this version: the "
+                f"{traits.changes_trainable_set} cannot run with parallel.backend=deepspeed in this version: the "
                 "switch changes which parameters train, and a DeepSpeed engine is built for a fixed set; use "
                 "parallel.backend=fsdp2 or ddp"
             )

@@ -8,11 +8,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
-from megatron_pept.methods.base import Method
+from megatron_pept.methods.base import Method, MethodSettings
 from megatron_pept.optim.adam_mini import AdamMini
+
+
+@dataclass
+class AdamMiniSettings(MethodSettings):
+    """Adam-mini's settings."""
+
+    family = "Adam-mini"
+
+    adam_mini_partition: Literal["neuron", "tensor"] = "neuron"
+    """adam_mini: the blocks sharing one second moment outside queries and keys (one per head in both) and the
+    embedding and LM head (full Adam in both). neuron: one per output row of v_proj, o_proj and the MLP matrices
+    (the adam-mini package's partition); tensor: one per weight tensor, as the Approximations paper describes
+    Adam-mini ("the default PyTorch partition for the rest of the model")."""
 
 
 class AdamMiniMethod(Method):
@@ -22,6 +38,7 @@ class AdamMiniMethod(Method):
     norm weights: one block per tensor."""
 
     name = "adam_mini"
+    settings_class = AdamMiniSettings
     config_keys = ("adam_mini_partition",)
     resume_keys = ("adam_mini_partition",)  # the blocks that share a second moment
     QUERY_KEY = ("q_proj", "k_proj")

@@ -13,13 +13,34 @@ How to add one: ``docs/architecture.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from megatron_pept.config import MethodConfig, OptimConfig
+from megatron_pept.config import Config, OptimConfig
+from megatron_pept.errors import ConfigError
 from megatron_pept.optim import Schedule, build_adamw, decay_param_groups
+from megatron_pept.traits import MethodTraits
+
+
+@dataclass
+class MethodSettings:
+    """Base of a method family's settings: one field per ``method.*`` key, with its type, default and a docstring
+    under it (``--help-config`` prints them). A family subclasses it; :meth:`validate` checks ranges and the
+    settings against each other (one ConfigError line with the fix)."""
+
+    family: ClassVar[str] = "every method"
+    """Who these settings are for, as ``--help-config`` labels their documentation."""
+
+    def validate(self) -> None:
+        """Check the settings; the default has nothing to check."""
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``cond`` (for :meth:`MethodSettings.validate`)."""
+    if not cond:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -36,9 +57,11 @@ class Method:
     """Base class; its defaults are full-rank training with AdamW."""
 
     name: ClassVar[str]
+    settings_class: ClassVar[type[MethodSettings]] = MethodSettings
+    """The dataclass of the method's family settings (the ``method.*`` keys it may read, with their docs)."""
     config_keys: ClassVar[tuple[str, ...]] = ()
-    """The ``method.*`` fields (besides ``name``) this method reads; ``--help-config`` lists them per key and a
-    non-default value of any other field is reported as ignored."""
+    """The ``method.*`` fields (besides ``name``) this method reads, fields of :attr:`settings_class`;
+    ``--help-config`` lists them per key and a non-default value of any other key is reported as ignored."""
     resume_keys: ClassVar[tuple[str, ...]] = ()
     """The ``method.*`` fields whose values shape the saved state (a rank, the adapted modules, a base's storage):
     a resume that changes one is refused before anything is loaded or written."""
@@ -51,11 +74,23 @@ class Method:
     """The method's state says which parameters train (e.g. a full-rank warm start before the low-rank phase):
     after a checkpoint load the trainer calls :meth:`apply_phase` and builds the optimizer again."""
 
-    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Any, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
+        self.cfg = cfg  # an instance of settings_class
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
         self.seed = seed
+
+    @classmethod
+    def validate(cls, settings: Any, cfg: Config) -> None:
+        """Refuse settings this method cannot run with (``settings``: its :attr:`settings_class`, already
+        type-checked; ``cfg``: the whole config), one ConfigError line with the fix. The default checks the
+        settings' own ranges."""
+        settings.validate()
+
+    @classmethod
+    def traits(cls, settings: Any) -> MethodTraits:
+        """What these settings make the method do that a backend must know (see :mod:`megatron_pept.traits`)."""
+        return MethodTraits()
 
     def convert(self, model: nn.Module) -> None:
         """Rewrite the model in place before it is parallelised or materialised (swap in adapters, freeze)."""

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, replace
 
 from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
-from megatron_pept.methods import build_method
+from megatron_pept.methods import build_method, method_class
 from megatron_pept.models import build_model, llama_args
 from megatron_pept.models.llama import LlamaArgs
 
@@ -21,7 +21,9 @@ def trainable_parameters(model_cfg: ModelConfig, method_cfg: MethodConfig, *, vo
 
     The low-rank phase is counted even when the run starts with a full-rank warm start.
     """
-    method = build_method(replace(method_cfg, warm_start_steps=0), optim_cfg=OptimConfig(), total_steps=1)
+    if "warm_start_steps" in method_class(method_cfg.name).config_keys:
+        method_cfg = method_cfg.with_options(warm_start_steps=0)
+    method = build_method(method_cfg, optim_cfg=OptimConfig(), total_steps=1)
     model = build_model(llama_args(model_cfg, vocab_size=vocab_size))
     method.convert(model)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))

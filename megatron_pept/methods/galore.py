@@ -29,18 +29,119 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from megatron_pept.config import MethodConfig, OptimConfig
-from megatron_pept.methods.base import Method, StepEnd
-from megatron_pept.methods.relora import matches_target
+from megatron_pept.config import OptimConfig
+from megatron_pept.methods.base import Method, MethodSettings, StepEnd, require
+from megatron_pept.methods.relora import LOWRANK_TARGETS, matches_target
 from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from megatron_pept.sharding import optimizer_protocol
 
 logger = logging.getLogger("megatron_pept")
+
+
+@dataclass
+class ProjectionSettings(MethodSettings):
+    """The settings every method that projects gradients shares (the GaLore family, APOLLO and Fira)."""
+
+    family = "GaLore family, APOLLO, Fira"
+
+    rank: int = 128
+    """Rank of the projection: GaLore's and Fira's top singular subspace, APOLLO's random projection
+    (apollo_mini's is 1)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LOWRANK_TARGETS))
+    """Linear layers whose weights are projected: glob patterns matched against the module's name or its last
+    component; embeddings, norms (and the LM head, unless named) use the same optimizer unprojected."""
+    galore_scale: float = 0.25
+    """GaLore family and fira: the projected-back update is multiplied by this (GaLore's alpha; Fira's alpha,
+    which its residual G - alpha P P^T G uses too, as the fira package computes it)."""
+    update_proj_gap: int = 200
+    """GaLore family: steps between projector refreshes (galore, galore_ef, galore_8bit, galore_adafactor, fira;
+    apollo and apollo_mini: steps between redraws of the random projection)."""
+    svd: Literal["full", "randomized"] = "full"
+    """GaLore family: projector from a full SVD, or from a randomized range finder (far cheaper on big matrices)."""
+    svd_oversample: int = 8
+    """Randomized range finder: extra sketch columns beyond the rank."""
+    svd_power_iters: int = 1
+    """Randomized range finder: power iterations (each sharpens the subspace at the cost of two matmuls)."""
+
+    def validate(self) -> None:
+        require(self.rank >= 1, f"method.rank must be >= 1; got {self.rank}")
+        require(bool(self.target_modules), "method.target_modules is empty; name at least one linear layer pattern")
+        require(self.galore_scale > 0, f"method.galore_scale must be > 0; got {self.galore_scale}")
+        require(self.update_proj_gap >= 1, f"method.update_proj_gap must be >= 1; got {self.update_proj_gap}")
+        require(self.svd_oversample >= 0, f"method.svd_oversample must be >= 0; got {self.svd_oversample}")
+        require(self.svd_power_iters >= 0, f"method.svd_power_iters must be >= 0; got {self.svd_power_iters}")
+
+
+@dataclass
+class GaLoreSettings(ProjectionSettings):
+    """The GaLore family's settings (galore, galore_ef, galore_dynamic, galore_dynamic_ef, galore_8bit,
+    galore_adafactor)."""
+
+    family = "GaLore family"
+
+    ef_weight: float = 0.2
+    """galore_ef, galore_dynamic_ef: weight of the residual G - P P^T G fed back into the next step's gradient
+    (the Approximations paper uses 0.1 and 0.2)."""
+    dynamic_first: int = 200
+    """galore_dynamic(_ef): step of the first projector refresh after the initial one."""
+    dynamic_growth: float = 1.5
+    """galore_dynamic(_ef): growth factor of the schedule (see dynamic_rule); the paper's 1.5."""
+    dynamic_cap: int = 2500
+    """galore_dynamic(_ef): the largest gap between refreshes; once reached, every dynamic_cap steps."""
+    dynamic_rule: Literal["step", "gap"] = "step"
+    """galore_dynamic(_ef): step = each refresh step is dynamic_growth times the previous one (the Approximations
+    paper's update_step = update_step + 0.5 * update_step: 0, 200, 300, 450, ..., 15 refreshes in 20k steps);
+    gap = each gap is dynamic_growth times the previous one (0, 200, 500, 950, ..., 13 refreshes; earlier
+    versions of this project)."""
+    adafactor_beta1: float | None = None
+    """galore_adafactor: first-moment decay, or null for none (Adafactor's default)."""
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.ef_weight >= 0, f"method.ef_weight must be >= 0; got {self.ef_weight}")
+        require(self.dynamic_first >= 1, f"method.dynamic_first must be >= 1; got {self.dynamic_first}")
+        require(
+            self.dynamic_growth > 1.0,
+            "method.dynamic_growth must be > 1 (for a fixed gap use galore with method.update_proj_gap); got "
+            f"{self.dynamic_growth}",
+        )
+        require(self.dynamic_cap >= 1, f"method.dynamic_cap must be >= 1; got {self.dynamic_cap}")
+        if self.adafactor_beta1 is not None:
+            require(
+                0 <= self.adafactor_beta1 < 1, f"method.adafactor_beta1 must be in [0, 1); got {self.adafactor_beta1}"
+            )
+
+
+@dataclass
+class ApolloFiraSettings(ProjectionSettings):
+    """APOLLO's, APOLLO-Mini's and Fira's settings: a projection, scaled updates and the norm-growth limiter."""
+
+    family = "APOLLO, Fira"
+
+    apollo_scale: float | None = None
+    """apollo, apollo_mini: the scaled gradient is multiplied by sqrt(apollo_scale) (apollo-torch's `scale`, the
+    APOLLO scripts' --apollo_scale); null: 1 for apollo, 128 for apollo_mini (the paper's sqrt(128) multiplier)."""
+    norm_growth_limit: float = 1.01
+    """apollo, apollo_mini, fira: Fira's norm-growth limiter; an update (APOLLO: the scaled gradient; Fira: the
+    scaled residual) whose norm grew more than this factor over the previous step's is scaled down to that growth
+    (both papers: 1.01); 0 turns it off."""
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            self.apollo_scale is None or self.apollo_scale > 0,
+            f"method.apollo_scale must be > 0 (or null); got {self.apollo_scale}",
+        )
+        require(
+            self.norm_growth_limit == 0 or self.norm_growth_limit > 1,
+            f"method.norm_growth_limit must be > 1 (or 0 to turn the limiter off); got {self.norm_growth_limit}",
+        )
 
 
 class GaLoreMethod(Method):
@@ -49,6 +150,7 @@ class GaLoreMethod(Method):
     dynamic: ClassVar[bool] = False
     update_rule: ClassVar[str] = "galore"
     """How the projected moments make the update (:mod:`megatron_pept.optim.galore`): galore, apollo or fira."""
+    settings_class = GaLoreSettings
     config_keys = (
         "rank",
         "target_modules",
@@ -61,7 +163,7 @@ class GaLoreMethod(Method):
     DYNAMIC_KEYS = ("dynamic_first", "dynamic_growth", "dynamic_cap", "dynamic_rule")
     resume_keys = ("rank", "target_modules")  # the projector's and the projected moments' shapes
 
-    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
+    def __init__(self, cfg: ProjectionSettings, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
         self.refreshes = 0
         self.svd_seconds = 0.0
@@ -231,6 +333,7 @@ class Fira(GaLoreMethod):
 
     name = "fira"
     update_rule = "fira"
+    settings_class = ApolloFiraSettings
     config_keys = (*GaLoreMethod.config_keys, "norm_growth_limit")
 
     def projected_settings(self) -> dict[str, Any]:
@@ -249,6 +352,7 @@ class Apollo(GaLoreMethod):
 
     name = "apollo"
     update_rule = "apollo"
+    settings_class = ApolloFiraSettings
     scale_type: ClassVar[str] = "channel"
     default_apollo_scale: ClassVar[float] = 1.0
     config_keys = ("rank", "target_modules", "update_proj_gap", "apollo_scale", "norm_growth_limit")

@@ -23,22 +23,94 @@ effective weights moved during the cycle).
 from __future__ import annotations
 
 import fnmatch
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from megatron_pept.config import MethodConfig, OptimConfig
+from megatron_pept.config import OptimConfig
 from megatron_pept.errors import ConfigError
-from megatron_pept.methods.base import Method, StepEnd
+from megatron_pept.methods.base import Method, MethodSettings, StepEnd, require
 from megatron_pept.methods.lowrank import LowRankLinear
 from megatron_pept.optim import JaggedSchedule, Schedule
 from megatron_pept.optim.pruning import reset_optimizer_state
 from megatron_pept.quant import FORMATS as QUANT_FORMATS
 from megatron_pept.quant import fp8_supported
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
+from megatron_pept.traits import MethodTraits
 
 _BASE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+LOWRANK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LowRankSettings(MethodSettings):
+    """The settings of the ReLoRA family (lora, relora, redora, repissa, reloqra)."""
+
+    family = "ReLoRA family"
+
+    base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4", "fp8"] = "auto"
+    """Storage of the frozen base weights of low-rank methods; auto keeps them like the other master weights
+    (fp32). bf16 halves their memory but rounds every merge (a warm start trains an fp32 master until the switch).
+    int8 (per-row absmax), nf4 (QLoRA's 4-bit NormalFloat, blockwise) and fp8 (e4m3 with per-row scales; CUDA GPUs
+    of compute capability 8.9 or later): the forward uses the dequantised base; merges go into the master
+    (method.base_master). Backends: single, ddp, fsdp2 (parts sharded by rows/blocks), deepspeed ZeRO-1/2."""
+    base_master: Literal["host", "device", "none"] = "host"
+    """With a quantised base: where the exact fp32 master that merges go into lives. host: CPU memory (on a GPU run
+    the device holds only the quantised base; under fsdp2 the master is sharded beside the other shards instead);
+    device: beside the quantised base; none: no master, each merge requantises the dequantised base plus the update
+    (least memory, but requantisation drifts: docs/benchmarks.md)."""
+    nf4_double_quant: bool = True
+    """With base_dtype=nf4: quantise the per-block scales again to int8 (QLoRA's double quantisation, about 0.52
+    bytes per weight); false keeps fp32 block scales (about 0.56 bytes per weight, slightly more exact)."""
+    rank: int = 128
+    """Rank r of the low-rank adapters (ReLoRA: 128; the Approximations paper: 256)."""
+    alpha: float = 32.0
+    """Adapter scale numerator: the adapter adds (alpha / rank) * B @ A (ReLoRA's code uses alpha 32)."""
+    dropout: float = 0.0
+    """Dropout on the adapter branch's input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LOWRANK_TARGETS))
+    """Linear layers that get adapters: glob patterns matched against the module's name or its last component;
+    embeddings, norms and the LM head always train full-rank."""
+    reset_every: int = 5000
+    """Steps between merge-and-reinit restarts (ReLoRA family; lora never restarts)."""
+    warm_start_steps: int = 0
+    """Full-rank steps before the low-rank phase begins (ReLoRA's warm start); 0 starts low-rank."""
+    restart_warmup_steps: int = 100
+    """After each restart (and the warm-start switch) the learning rate restarts from 0 and rises linearly back
+    onto the schedule over this many steps (the jagged schedule)."""
+    optimizer_reset: Literal["magnitude", "magnitude_joint", "random", "full", "none"] = "magnitude_joint"
+    """What a restart does to the adapters' Adam moments: magnitude_joint zeroes the entries with the smallest
+    second moment in both moments (one mask); magnitude prunes each moment on its own (ReLoRA's code; unstable:
+    see docs/methods.md); random prunes at random; full zeroes them all; none keeps them."""
+    prune_ratio: float = 0.99
+    """Fraction of each adapter moment tensor zeroed by a magnitude or random reset."""
+    qr_residual: bool = False
+    """reloqra only: subtract the QR factors from the base (function-preserving) instead of the paper's literal
+    eq. 5, which adds them to the weight at every restart."""
+
+    def validate(self) -> None:
+        require(self.rank >= 1, f"method.rank must be >= 1; got {self.rank}")
+        require(self.alpha > 0, f"method.alpha must be > 0; got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, f"method.dropout must be in [0, 1); got {self.dropout}")
+        require(self.reset_every >= 1, f"method.reset_every must be >= 1; got {self.reset_every}")
+        require(self.warm_start_steps >= 0, f"method.warm_start_steps must be >= 0; got {self.warm_start_steps}")
+        require(
+            self.restart_warmup_steps >= 0,
+            f"method.restart_warmup_steps must be >= 0; got {self.restart_warmup_steps}",
+        )
+        require(0.0 <= self.prune_ratio <= 1.0, f"method.prune_ratio must be in [0, 1]; got {self.prune_ratio}")
+        require(bool(self.target_modules), "method.target_modules is empty; name at least one linear layer pattern")
+        require(
+            self.base_dtype in QUANT_FORMATS or self.base_master == "host",
+            f"method.base_master={self.base_master} applies to a quantised base only; set method.base_dtype to "
+            "int8, nf4 or fp8, or drop method.base_master",
+        )
+        require(
+            self.nf4_double_quant or self.base_dtype == "nf4",
+            "method.nf4_double_quant=false applies to method.base_dtype=nf4 only; drop it or set base_dtype=nf4",
+        )
 
 
 def matches_target(name: str, patterns: list[str]) -> bool:
@@ -57,6 +129,7 @@ class LowRankMethod(Method):
     restarts: ClassVar[bool]
     metric_prefix: ClassVar[str] = "relora"
     has_phases = True  # full-rank warm start, then low-rank
+    settings_class = LowRankSettings
     config_keys = (
         "base_dtype",
         "base_master",
@@ -71,13 +144,25 @@ class LowRankMethod(Method):
     RESTART_KEYS = ("reset_every", "optimizer_reset", "prune_ratio")
     resume_keys = ("rank", "target_modules", "base_dtype", "base_master", "nf4_double_quant")
 
-    def __init__(self, cfg: MethodConfig, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
+    def __init__(self, cfg: LowRankSettings, *, optim_cfg: OptimConfig, total_steps: int, seed: int = 0) -> None:
         super().__init__(cfg, optim_cfg=optim_cfg, total_steps=total_steps, seed=seed)
         self.base_format = cfg.base_dtype if cfg.base_dtype in QUANT_FORMATS else None
         self.base_dtype = _BASE_DTYPES.get(cfg.base_dtype)  # None: fp32 (also the exact master of a quantised base)
         self.restart_count = 0
         self.lowrank_phase = cfg.warm_start_steps == 0
         self.param_access: ParamAccess = LOCAL_ACCESS
+
+    @classmethod
+    def traits(cls, settings: LowRankSettings) -> MethodTraits:
+        warm = settings.warm_start_steps > 0
+        base = f"method.base_dtype={settings.base_dtype}"
+        return MethodTraits(
+            changes_trainable_set="method.warm_start_steps > 0" if warm else None,
+            quantised_base=base if settings.base_dtype in QUANT_FORMATS else None,
+            base_dtype_changes=f"{base} with method.warm_start_steps > 0"
+            if warm and settings.base_dtype == "bf16"
+            else None,
+        )
 
     def set_param_access(self, model: nn.Module, access: ParamAccess) -> None:
         """Route whole-tensor reads and writes through ``access`` (e.g. DeepSpeed ZeRO partitions)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +15,11 @@ import pytest
 import torch
 from test_trainer import tiny as trainer_tiny
 
-from megatron_pept.config import MethodConfig, describe_config, load_config
 from megatron_pept.distributed import BACKENDS, Backend, register_backend
 from megatron_pept.errors import ConfigError
-from megatron_pept.methods import METHODS, Method, register_method
+from megatron_pept.methods import METHODS, Method, method_keys, register_method
 from megatron_pept.models.loss import cross_entropy_loss
+from megatron_pept.registry import describe_config, load_config
 from megatron_pept.trainer import Trainer
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_pept"
@@ -39,21 +41,103 @@ def files(folder: str) -> list[Path]:
     return sorted((PACKAGE / folder).rglob("*.py")) if (PACKAGE / folder).is_dir() else [PACKAGE / folder]
 
 
-@pytest.mark.parametrize(
-    "folder,forbidden",
-    [
-        ("optim", ("megatron_pept.distributed",)),
-        ("distributed", ("megatron_pept.optim", "megatron_pept.methods", "megatron_pept.checkpoint")),
-        ("sharding.py", ("megatron_pept.optim", "megatron_pept.distributed", "megatron_pept.methods")),
-        ("models", ("megatron_pept.distributed", "megatron_pept.methods", "megatron_pept.trainer")),
-        ("checkpoint", ("megatron_pept.trainer",)),
-        ("quant", ("megatron_pept.distributed", "megatron_pept.methods", "megatron_pept.optim")),
-    ],
-)
-def test_who_may_import_whom(folder: str, forbidden: tuple[str, ...]) -> None:
-    for path in files(folder):
-        bad = [m for m in imported_modules(path) if m.startswith(forbidden)]
-        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+# What each top-level module may import: docs/architecture.md's table, bottom to top ("above": every module listed
+# before it; "anything": no rule).
+ABOVE, ANYTHING = "everything above", "anything"
+RULES: dict[str, set[str] | str] = {
+    "errors": set(),
+    "assets": set(),
+    "faults": set(),
+    "orphans": set(),
+    "sharding": set(),
+    "traits": set(),
+    "train_state": set(),
+    "metrics": set(),
+    "safe_paths": {"errors"},
+    "cli": {"errors"},
+    "quant": {"errors"},
+    "config": {"assets", "errors"},
+    "optim": {"config", "errors", "sharding"},
+    "models": {"config", "errors", "safe_paths"},
+    "distributed": {"config", "errors", "sharding", "traits"},
+    "data": {"config", "distributed", "errors", "faults", "orphans", "safe_paths"},
+    "methods": {"config", "errors", "models", "optim", "quant", "sharding", "traits"},
+    "registry": {"config", "distributed", "errors", "methods"},
+    "signals": {"distributed", "orphans"},
+    "evaluation": {"distributed", "models"},
+    "guard": {"config", "errors", "train_state"},
+    "checkpoint": {"config", "data", "distributed", "errors", "faults", "methods", "models", "registry", "safe_paths"}
+    | {"sharding"},
+    "trainer": ABOVE,
+    "train": ABOVE,
+    "bench": ANYTHING,
+    "study": ANYTHING,
+    "tools": ANYTHING,
+}
+
+
+def top_level_modules() -> dict[str, list[Path]]:
+    """Each top-level module or package of megatron_pept with its files (the package's own __init__ apart)."""
+    out: dict[str, list[Path]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts == ("__init__.py",):
+            continue
+        out.setdefault(rel.parts[0].removesuffix(".py"), []).append(path)
+    return out
+
+
+def allowed(module: str) -> set[str] | None:
+    rule = RULES[module]
+    if rule == ANYTHING:
+        return None
+    if rule == ABOVE:
+        return set(list(RULES)[: list(RULES).index(module)])
+    return rule
+
+
+def stack_imports(path: Path) -> set[str]:
+    """The top-level modules of megatron_pept a file imports (``from megatron_pept import x`` counts as ``x``)."""
+    out = set()
+    for name in imported_modules(path):
+        parts = name.split(".")
+        if len(parts) >= 2:
+            out.add(parts[1])
+    return out
+
+
+def test_every_module_has_an_import_rule_and_keeps_to_it() -> None:
+    """Every module (config.py and data/ included) imports only what the table allows it, at any level."""
+    modules = top_level_modules()
+    assert set(modules) == set(RULES), "give every top-level module a row in RULES and in docs/architecture.md"
+    for module, paths in modules.items():
+        rule = allowed(module)
+        if rule is None:
+            continue
+        for path in paths:
+            bad = stack_imports(path) - rule - {module}
+            assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
+
+
+@pytest.mark.slow  # a fresh interpreter (the rule itself is checked statically above)
+def test_loading_a_config_loads_no_part_of_the_stack() -> None:
+    """Loading a config loads no method, backend, model or optimizer."""
+    code = "import sys, megatron_pept.config as c; c.load_config(None, ['data.path=x', 'method.name=relora']); "
+    code += "print(sorted(m for m in sys.modules if m.startswith('megatron_pept')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['megatron_pept', 'megatron_pept.assets', 'megatron_pept.config', 'megatron_pept.errors']"
+
+
+def test_the_architecture_guide_lists_the_same_rules() -> None:
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = text.split("## What each module owns, and what it may import", 1)[1].split("\n\n")[2]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        module, _, may = (cell.strip() for cell in line.strip("|").split("|"))
+        name = module.strip("`").removesuffix("/").removesuffix(".py")
+        rows[name] = may if may in (ABOVE, ANYTHING) else set(re.findall(r"`(\w+)`", may))
+    assert rows == {m: (r if isinstance(r, str) else set(r)) for m, r in RULES.items()}
+    assert list(rows) == list(RULES)  # the same order: "everything above" means the same
 
 
 def calls_named(path: Path, names: set[str]) -> list[str]:
@@ -208,27 +292,38 @@ def test_a_new_backend_registers_and_runs_the_one_step_body(registered_backend, 
 
 
 def test_each_method_declares_real_config_keys_and_help_config_shows_them() -> None:
-    fields = {f.name for f in dataclasses.fields(MethodConfig)}
     text = describe_config()
     for name, cls in METHODS.items():
-        assert set(cls.config_keys) <= fields, name
+        assert set(cls.config_keys) <= {f.name for f in dataclasses.fields(cls.settings_class)}, name
+    for key in method_keys():
+        assert text.count(f"\nmethod.{key} = ") == 1, key  # each key once
     assert "used by: relora, redora, repissa, reloqra" in text  # method.reset_every
     assert "used by: galore_dynamic, galore_dynamic_ef" in text  # method.dynamic_first
 
 
-class RecordingConfig(MethodConfig):
-    """Records which fields code in megatron_pept/methods reads."""
+def recording(settings_class: type, reads: set[str]) -> type:
+    """A subclass of a settings dataclass that records which of its fields the methods' code reads (not the
+    registry in methods/__init__.py, which reads every field to type-check and record them, nor the settings' own
+    ``validate``, which checks every field of the family)."""
+    fields = {f.name for f in dataclasses.fields(settings_class)}
 
-    def __getattribute__(self, name: str):
-        if name in {f.name for f in dataclasses.fields(MethodConfig)}:
-            caller = sys._getframe(1).f_code.co_filename
-            if "megatron_pept/methods" in caller.replace("\\", "/"):
-                object.__getattribute__(self, "__dict__").setdefault("_reads", set()).add(name)
-        return object.__getattribute__(self, name)
+    class Recording(settings_class):
+        def __getattribute__(self, name: str):
+            if name in fields:
+                frame = sys._getframe(1)
+                caller = frame.f_code.co_filename.replace("\\", "/")
+                method_code = "megatron_pept/methods/" in caller and not caller.endswith("methods/__init__.py")
+                if method_code and frame.f_code.co_name != "validate":
+                    reads.add(name)
+            return object.__getattribute__(self, name)
+
+    return dataclasses.dataclass(Recording)
 
 
 @pytest.mark.parametrize("method", sorted(n for n in METHODS if n != "full_sgd"))
-def test_a_method_reads_only_the_keys_it_declares(method: str, quickstart_data: Path, tmp_path: Path) -> None:
+def test_a_method_reads_only_the_keys_it_declares(
+    method: str, quickstart_data: Path, tmp_path: Path, monkeypatch
+) -> None:
     cfg = tiny(
         quickstart_data,
         tmp_path / method,
@@ -240,14 +335,12 @@ def test_a_method_reads_only_the_keys_it_declares(method: str, quickstart_data: 
         "optim.lr=3e-3",
         *(["method.warm_start_steps=1"] if method in ("lora", "relora") else []),
     )
-    recording = RecordingConfig(**dataclasses.asdict(cfg.method))
-    object.__getattribute__(recording, "__dict__")["_reads"] = set()
-    cfg.method = recording
+    reads: set[str] = set()
+    monkeypatch.setattr(METHODS[method], "settings_class", recording(METHODS[method].settings_class, reads))
     trainer = Trainer(cfg)
     trainer.train()
     trainer.save_checkpoint()
     trainer.close()
-    reads = object.__getattribute__(recording, "__dict__")["_reads"] - {"name"}
     if METHODS[method].config_keys:
         assert reads, "nothing recorded: the recording config is not the one the method reads"
     assert reads <= set(METHODS[method].config_keys), sorted(reads - set(METHODS[method].config_keys))

@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_pept.config import (
-    Config,
-    DataSource,
-    all_keys,
-    describe_config,
-    field_docs,
-    load_config,
-    save_config,
-)
+from megatron_pept.config import Config, DataSource, field_docs, save_config
 from megatron_pept.errors import ConfigError
+from megatron_pept.registry import all_keys, describe_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -278,7 +278,7 @@ def test_warm_start_switch_keeps_function_and_full_rank_moments() -> None:
     frozen = layers[0][1].weight
     assert frozen not in new.state and all(frozen is not p for g in new.param_groups for p in g["params"])
     state = method.state_dict()
-    fresh = build_method(method.cfg, optim_cfg=OptimConfig(), total_steps=100)
+    fresh = type(method)(method.cfg, optim_cfg=OptimConfig(), total_steps=100)
     fresh.load_state_dict(copy.deepcopy(state))
     assert fresh.state_dict()["phase"].item() == 1 and fresh.restart_count == 0
 
@@ -330,8 +330,8 @@ def test_a_quantised_base_merges_exactly_and_computes_within_one_quantisation(me
 
 
 def test_quantised_bases_are_refused_where_they_cannot_run() -> None:
-    from megatron_pept.config import load_config
     from megatron_pept.errors import ConfigError
+    from megatron_pept.registry import load_config
 
     base = ["data.path=x", "method.name=relora", "method.base_dtype=nf4"]
     with pytest.raises(ConfigError, match="warm_start_steps > 0 cannot run with parallel.backend=fsdp2"):
