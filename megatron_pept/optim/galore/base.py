@@ -1,4 +1,4 @@
-"""GaLore optimizers: AdamW, 8-bit AdamW and Adafactor whose states live in a low-rank projection of the gradient.
+"""The projecting base optimizer of the GaLore family.
 
 Parameter groups carrying ``rank`` are projected (see :mod:`megatron_pept.optim.projector`); the others get the
 same optimizer unprojected. A projected step, for a weight ``W`` with gradient ``G`` (step ``t``, 0-based):
@@ -27,15 +27,12 @@ its seed on every rank and sliced like an SVD projector, a channel's factor is l
 are whole where they are held, a left projection's columns whole on every rank), and the per-tensor factor and
 the limiter's norm come from squared norms summed over the ranks (one all-reduce of two numbers per matrix).
 
-The AdamW update is galore-torch's (Hugging Face AdamW form: ``denom = sqrt(v) + eps``, bias corrections folded
-into the step size, weight decay applied after the update), so with a full SVD it reproduces galore-torch's
-``GaLoreAdamW`` step for step; tested. Every piece of state, the projector and its refresh count and seed
-included, is a tensor in ``state_dict()``, so checkpoints load with ``weights_only=True``.
+Every piece of state, the projector and its refresh count and seed included, is a tensor in ``state_dict()``, so
+checkpoints load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -44,18 +41,15 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.optim.adamw import KeepStateDtypes
+from megatron_pept.optim.galore.views import _RowShard, _View, _ZeroView
 from megatron_pept.optim.projector import (
     RefreshSchedule,
     column_major,
     name_seed,
-    project,
-    project_back,
-    projected_shape,
     projection_seed,
     projection_side,
     random_projection,
     randomized_basis,
-    subspace_overlap,
     svd_basis,
 )
 from megatron_pept.optim.scaling import (
@@ -65,7 +59,7 @@ from megatron_pept.optim.scaling import (
     tensor_factor_from_squares,
 )
 from megatron_pept.optim.sharded import ShardedOptimizer
-from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout
+from megatron_pept.sharding import ZeroLayout
 
 GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
     rank=128,
@@ -131,6 +125,8 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         self._zero_first: int | None = None
 
     def _check_group(self, group: dict) -> None:
+        from megatron_pept.optim.galore.adamw import GaLoreAdamW  # a subclass: it imports this module
+
         if group["proj_type"] != "std":
             raise ValueError(f"proj_type {group['proj_type']!r} is not supported; only 'std'")
         if group["svd"] not in ("full", "randomized"):
@@ -380,6 +376,8 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         """After a checkpoint load: give a full-SVD projector back the column-major layout LAPACK produced (a
         loaded tensor is row-major, and the projection matmuls would then differ in the last bit, breaking
         bit-exact resume). Row shards of a left projector are row-major in training too."""
+        from megatron_pept.optim.galore.adafactor import GaLoreAdafactor  # a subclass: it imports this module
+
         state = self.state[p]
         group = self.param_groups[self._group_index[id(p)]] if id(p) in self._group_index else None
         if group is None or "projector" not in state or group.get("svd") != "full":
@@ -460,402 +458,6 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         return loss
 
 
-class GaLoreAdamW(GaLoreOptimizer):
-    """GaLore with AdamW moments in the projected space (fp32)."""
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        *,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        param_names: Mapping[torch.Tensor, str] | None = None,
-    ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, param_names=param_names)
-
-    def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
-
-    def _adam_direction(
-        self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, group: dict, step: float
-    ) -> tuple[torch.Tensor, float]:
-        beta1, beta2 = group["betas"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        step_size = group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-        return exp_avg / denom, step_size
-
-    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
-        return self._adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group, float(state["step"]))
-
-
-class GaLoreAdamW8bit(GaLoreAdamW):
-    """GaLore AdamW whose moments are stored in 8 bits (bitsandbytes' blockwise dynamic quantisation: a signed map
-    for the first moment, an unsigned one for the second), dequantised for the update and re-quantised after.
-    Runs on CPU and GPU (bitsandbytes >= 0.46)."""
-
-    block_size = 256
-    min_8bit_numel = 4096  # smaller states stay fp32, as in bitsandbytes' 8-bit optimizers
-
-    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
-        try:
-            import bitsandbytes.functional as bnbf
-        except Exception as err:
-            raise ImportError(
-                f"galore_8bit needs bitsandbytes ({type(err).__name__}: {err}); pip install 'megatron_pept[quant]'"
-            ) from None
-        self._bnbf = bnbf
-        self._signed_map = bnbf.create_dynamic_map(signed=True)
-        self._unsigned_map = bnbf.create_dynamic_map(signed=False)
-        super().__init__(params, **kwargs)
-
-    def _quantize(self, x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        code = (self._signed_map if signed else self._unsigned_map).to(x.device)
-        q, qstate = self._bnbf.quantize_blockwise(x.contiguous(), code=code, blocksize=self.block_size)
-        return q, qstate.absmax
-
-    def _dequantize(self, q: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, *, signed: bool) -> torch.Tensor:
-        code = (self._signed_map if signed else self._unsigned_map).to(q.device)
-        out = self._bnbf.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=self.block_size)
-        return out.view(shape).float()
-
-    def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
-        if shape.numel() < self.min_8bit_numel:
-            super()._init_inner_state(state, shape, like, group)
-            return
-        zeros = torch.zeros(shape, dtype=torch.float32, device=like.device)
-        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(zeros, signed=True)
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(zeros, signed=False)
-
-    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
-        if "exp_avg" in state:
-            return super()._inner_update(state, grad, group, param)
-        exp_avg = self._dequantize(state["exp_avg_q"], state["exp_avg_absmax"], grad.shape, signed=True)
-        exp_avg_sq = self._dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], grad.shape, signed=False)
-        direction, step_size = self._adam_direction(exp_avg, exp_avg_sq, grad, group, float(state["step"]))
-        state["exp_avg_q"], state["exp_avg_absmax"] = self._quantize(exp_avg, signed=True)
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = self._quantize(exp_avg_sq, signed=False)
-        return direction, step_size
-
-
-class GaLoreAdafactor(GaLoreOptimizer):
-    """GaLore with Adafactor in the projected space: factored second moments (row and column means) for matrices,
-    optional first moment (``beta1``), update clipping by RMS, the learning rate from the schedule (no relative
-    step or parameter scaling unless asked), as transformers' and galore-torch's Adafactor."""
-
-    elementwise_inner = False  # factored statistics need the whole projected gradient
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        *,
-        lr: float = 1e-3,
-        beta1: float | None = None,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = False,
-        relative_step: bool = False,
-        param_names: Mapping[torch.Tensor, str] | None = None,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            beta1=beta1,
-            eps=tuple(eps),
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-        )
-        super().__init__(params, defaults, param_names=param_names)
-
-    def _init_inner_state(self, state: dict[str, Any], shape: torch.Size, like: torch.Tensor, group: dict) -> None:
-        if group["beta1"] is not None:
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
-        if len(shape) >= 2:
-            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=like.device)
-            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=like.device)
-        else:
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=like.device)
-
-    @staticmethod
-    def _rms(t: torch.Tensor) -> torch.Tensor:
-        return t.norm(2) / (t.numel() ** 0.5)
-
-    def _lr(self, group: dict, step: float, view: _View) -> float:
-        lr = group["lr"]
-        if group["relative_step"]:
-            lr = min(1e-2, 1.0 / math.sqrt(step))
-        if group["scale_parameter"]:
-            value = view.value.float()
-            rms = (view.sum_all(value.square().sum()) / view.shape.numel()).sqrt()
-            lr *= max(group["eps"][1], float(rms))
-        return lr
-
-    def state_layout(self, p: torch.Tensor, key: str) -> str:
-        # Under FSDP2 this optimizer keeps projected state and factored statistics whole on every rank, and
-        # element-wise state per fragment (flattened rows): the latter reloads on the same number of ranks only.
-        if key in ("step", "refreshes", "seed", "exp_avg_sq_row", "exp_avg_sq_col"):
-            return "replicated"
-        projected = "rank" in self.param_groups[self._group_index[id(p)]]
-        return "replicated" if projected and key != "ef_residual" else "local"
-
-    def _view_of(self, p: torch.Tensor) -> _View:
-        # Factored statistics need whole rows and columns: an FSDP2 row shard is handled as a fragment, with the
-        # projected gradient made whole on every rank (one all-reduce of the low-rank size per matrix).
-        return _ZeroView.of_row_shard(p) if isinstance(p, DTensor) else _View(p)
-
-    def _plain_step(self, p: torch.Tensor, group: dict, view: _View) -> None:
-        if isinstance(view, _ZeroView):
-            return self._fragment_step(p, group, view)
-        return super()._plain_step(p, group, view)
-
-    def _fragment_step(self, p: torch.Tensor, group: dict, view: _ZeroView) -> None:
-        """The unprojected update of a tensor this rank holds a ZeRO fragment of: for a matrix, the row and column
-        sums of the squared gradient are summed over the ranks (factored second moment); for any tensor, so is
-        the update's sum of squares (RMS clipping). The step equals the whole-tensor one."""
-        f = view.frag
-        param, grad = view.param(p), view.grad(p).float()
-        factored = len(view.shape) == 2
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            self._init_inner_state(state, view.shape if factored else grad.shape, grad, group)
-            if "exp_avg" in state:
-                state["exp_avg"] = torch.zeros_like(grad)  # element-wise: kept per fragment
-        state["step"] += 1
-        step = float(state["step"])
-        lr = self._lr(group, step, view.with_param(param))
-        beta2t = 1.0 - math.pow(step, group["decay_rate"])
-        squared = grad.square() + group["eps"][0]
-        if factored:
-            m, n = view.shape
-            index = f.indices(grad.device)
-            rows, cols = index // n, index % n
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(f.block_sums(squared, rows, m) / n, alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(f.block_sums(squared, cols, n) / m, alpha=1.0 - beta2t)
-            update = (row / row.mean()).rsqrt()[rows] * col.rsqrt()[cols] * grad
-        else:
-            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
-            update = state["exp_avg_sq"].rsqrt() * grad
-        rms = (f.all_reduce(update.square().sum()) / view.shape.numel()).sqrt()
-        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
-        if group["beta1"] is not None:
-            state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
-            update = state["exp_avg"].clone()
-        param.add_(update.to(param.dtype), alpha=-lr)
-        self._decay(param, group, lr)
-
-    def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
-        step = float(state["step"])
-        lr = self._lr(group, step, param)
-        beta2t = 1.0 - math.pow(step, group["decay_rate"])
-        squared = grad.square() + group["eps"][0]
-        if "exp_avg_sq_row" in state:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            update = r_factor * col.unsqueeze(-2).rsqrt() * grad
-        else:
-            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
-            update = state["exp_avg_sq"].rsqrt() * grad
-        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-        if group["beta1"] is not None:
-            state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
-            update = state["exp_avg"].clone()
-        return update, lr
-
-    def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
-        if group["weight_decay"] > 0:
-            p.add_(p, alpha=-group["weight_decay"] * step_size)
-
-
 def _scales(group: dict) -> bool:
     """The group's update is scaled from its projected moments (APOLLO, Fira) rather than projected back."""
     return group.get("update_rule", "galore") != "galore"
-
-
-class _View:
-    """The part of a parameter this rank steps, and how projections and statistics over the whole parameter are
-    computed from it. This base class is the whole parameter (one process, DDP)."""
-
-    sharded = False  # other ranks hold other parts of the parameter
-
-    def __init__(self, p: torch.Tensor) -> None:
-        self.shape = p.shape
-        self.value: torch.Tensor | None = None  # set by with_param: this rank's part of the parameter
-
-    def with_param(self, value: torch.Tensor) -> _View:
-        self.value = value
-        return self
-
-    def param(self, p: torch.Tensor) -> torch.Tensor:
-        return p
-
-    def grad(self, p: torch.Tensor) -> torch.Tensor:
-        return p.grad
-
-    def low_shape(self, grad: torch.Tensor, side: str, rank: int) -> torch.Size:
-        return torch.Size((grad.shape[0], rank) if side == "right" else (rank, grad.shape[1]))
-
-    def gather(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-    def local_basis(self, basis: torch.Tensor, side: str) -> torch.Tensor:
-        return basis
-
-    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> float:
-        return subspace_overlap(old, new, side=side)
-
-    def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-        return project(grad, basis, side=side)
-
-    def back(self, low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-        return project_back(low, basis, side=side)
-
-    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    # APOLLO / Fira: scaling the full-size gradient by a factor of the projected moments
-
-    def low_split(self, side: str) -> bool:
-        """The projected gradient and moments hold only this rank's rows (channels) of a right projection."""
-        return False
-
-    def owned_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows of a row-split projected tensor (or per-row factor) that this rank counts in sums over the
-        matrix: each row on exactly one rank."""
-        return t
-
-    def expand(self, factor: torch.Tensor, side: str) -> torch.Tensor:
-        """A scaling factor (per row ``k x 1`` of a right projection, per column ``n`` of a left one, or 0-d) laid
-        out to multiply this rank's gradient."""
-        return factor
-
-
-class _RowShard(_View):
-    """This rank's rows of a parameter FSDP2 shards on dim 0 (:class:`~megatron_pept.sharding.RowShard`): a right
-    projection is local to the rows; a left projection sums ``P_rows^T G_rows`` over the ranks; the projector of a
-    left projection is kept by rows."""
-
-    sharded = True
-
-    def __init__(self, dt: DTensor) -> None:
-        super().__init__(dt)
-        self.rows = RowShard(dt)
-
-    def param(self, p: torch.Tensor) -> torch.Tensor:
-        return p.to_local()
-
-    def grad(self, p: torch.Tensor) -> torch.Tensor:
-        return p.grad.to_local()
-
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        return self.rows.gather(local)
-
-    def local_basis(self, basis: torch.Tensor, side: str) -> torch.Tensor:
-        # this rank's rows of m x r
-        return basis[self.rows.start : self.rows.stop].contiguous() if side == "left" else basis
-
-    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> float:
-        if side == "right":
-            return subspace_overlap(old, new, side=side)
-        product = self.sum_all(old.T.float() @ new.float())
-        return float(product.square().sum()) / new.shape[1]
-
-    def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-        low = project(grad, basis, side=side)
-        return self.sum_all(low) if side == "left" else low
-
-    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
-        return self.rows.all_reduce(t)
-
-    def low_split(self, side: str) -> bool:
-        return side == "right"  # m x r, kept by rows; a left projection's r x n is whole on every rank
-
-
-class _ZeroView(_View):
-    """A fragment (:class:`~megatron_pept.sharding.FlatFragment`) of a matrix: a piece of a ZeRO partition,
-    or an FSDP2 row shard seen as one. The projected gradient is the sum over ranks of each fragment's zero-padded
-    rows projected (one all-reduce of the low-rank size), the projector and the projected-space state are whole on
-    every rank, and the update is computed for the fragment's elements only. ``flat``/``flat_grad``: the 1-D
-    tensors the fragment's offset points into."""
-
-    sharded = True
-
-    def __init__(
-        self, frag: FlatFragment, flat: torch.Tensor, flat_grad: torch.Tensor, *, row_local: bool = False
-    ) -> None:
-        self.shape, self.value = frag.shape, None
-        self.frag, self.flat, self.flat_grad = frag, flat, flat_grad
-        # Right projections with an element-wise inner optimizer (Adam): keep only this fragment's rows of the
-        # projected gradient and moments; only rows cut by a partition boundary are completed across ranks.
-        self.row_local = row_local
-
-    def _rows_of_right(self, side: str) -> bool:
-        return self.row_local and side == "right"
-
-    @classmethod
-    def of_row_shard(cls, p: DTensor) -> _ZeroView:
-        return cls(RowShard(p).as_fragment(), p.to_local().view(-1), p.grad.to_local().reshape(-1))
-
-    def param(self, p: torch.Tensor) -> torch.Tensor:
-        return self.frag.view(self.flat)
-
-    def grad(self, p: torch.Tensor) -> torch.Tensor:
-        return self.frag.view(self.flat_grad)
-
-    def low_shape(self, grad: torch.Tensor, side: str, rank: int) -> torch.Size:
-        if self._rows_of_right(side):
-            return torch.Size((self.frag.r1 - self.frag.r0, rank))
-        return torch.Size(projected_shape(tuple(self.shape), rank=rank))
-
-    def gather(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.frag.gather(grad)
-
-    def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-        f = self.frag
-        block = f.rows_block(grad)
-        if self._rows_of_right(side):
-            return f.complete_edge_rows(block @ basis.T)
-        if side == "right":
-            low = grad.new_zeros(self.shape[0], basis.shape[0])
-            low[f.r0 : f.r1] = block @ basis.T
-        else:
-            low = basis[f.r0 : f.r1].T @ block
-        return f.all_reduce(low.contiguous())
-
-    def back(self, low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
-        f = self.frag
-        if self._rows_of_right(side):
-            return f.from_rows(low @ basis)
-        rows = low[f.r0 : f.r1] @ basis if side == "right" else basis[f.r0 : f.r1] @ low
-        return f.from_rows(rows)
-
-    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
-        return self.frag.all_reduce(t)
-
-    def low_split(self, side: str) -> bool:
-        return self._rows_of_right(side)
-
-    def owned_rows(self, t: torch.Tensor) -> torch.Tensor:
-        # A row cut by the fragment's start is completed on both ranks: it counts on the rank holding its start.
-        f = self.frag
-        return t[1:] if f.numel and f.lo % f.cols else t
-
-    def expand(self, factor: torch.Tensor, side: str) -> torch.Tensor:
-        if factor.ndim == 0:
-            return factor
-        f = self.frag
-        if side == "right" and not self.row_local:
-            factor = factor[f.r0 : f.r1]  # m x 1, whole on every rank: this fragment's rows
-        return f.from_rows(factor.expand(f.r1 - f.r0, f.cols))
