@@ -2,23 +2,7 @@
 its own grid, with quality (validation loss, perplexity, bits per byte), trainable parameters, the peak-memory
 split and throughput in one table, each also as a ratio to a baseline method (``full``).
 
-A study is a YAML spec (see ``configs/study_cpu.yaml``)::
-
-    config: quickstart            # the base run config (a file, relative to the spec, or a shipped name)
-    overrides: [train.seed=0]     # applied to every run
-    steps: 1500                   # the token budget of a final run, in optimizer steps
-    grid_steps: 250               # budget of a learning-rate grid run (default: steps, the grid is the study)
-    checkpoint_interval: 100      # every run saves this often, so an interrupted study resumes mid-run
-    probe_steps: 8                # steps of the speed probe (the memory probe runs 3 of them under MemTracker)
-    baseline: full                # the label the ratios divide by
-    methods:
-      - name: relora              # method.name; label defaults to the name
-        label: relora
-        lrs: [1.0e-3, 2.0e-3, 4.0e-3]
-        overrides: [method.rank=64]
-        probe_overrides: [method.warm_start_steps=0]    # probe memory and speed in the low-rank phase
-        grid_overrides: [method.warm_start_steps=25]    # scale step counts to the shorter grid runs
-        seeds: [1, 2]             # optional: the final run again with each train.seed, at the same lr (no grid)
+The spec's format is in :mod:`megatron_pept.study.spec`; the tables are written by :mod:`megatron_pept.study.report`.
 
 Layout of the output folder: ``grid/<label>/lr<lr>/`` and ``final/<label>/`` are ordinary run folders
 (checkpoints, TensorBoard events, config.yaml) with a ``result.json`` once finished;
@@ -34,148 +18,19 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from megatron_pept.config import read_yaml_file
-from megatron_pept.errors import ConfigError, UserError
+from megatron_pept.study.report import write_json, write_tables
+from megatron_pept.study.spec import MethodSpec, StudyError, StudySpec
 
 RESULT_FILE = "result.json"
 
 
-class StudyError(UserError):
-    """A study spec that cannot be run as written."""
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    label: str
-    lrs: tuple[float, ...]
-    overrides: tuple[str, ...] = ()
-    probe_overrides: tuple[str, ...] = ()
-    grid_overrides: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = ()  # extra final runs at the grid's best lr, one per train.seed
-
-
-@dataclass(frozen=True)
-class StudySpec:
-    config: str
-    methods: tuple[MethodSpec, ...]
-    steps: int
-    grid_steps: int
-    overrides: tuple[str, ...] = ()
-    checkpoint_interval: int = 100
-    probe_steps: int = 8
-    baseline: str = "full"
-    source: Path = field(default=Path("."))
-
-
-def _strings(value: Any, what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise StudyError(f"{what} must be a list of KEY=VALUE strings, got {value!r}")
-    return tuple(value)
-
-
-def load_spec(path: str | os.PathLike[str]) -> StudySpec:
-    path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"no study spec at {path}: give a YAML file (configs/study_cpu.yaml is an example)")
-    try:
-        raw = read_yaml_file(path, what="study spec")  # no object tags, no alias bombs
-    except ConfigError as err:
-        raise StudyError(str(err)) from None
-    if not isinstance(raw, dict):
-        raise StudyError(f"{path} must be a mapping with config, steps and methods")
-    known = {"config", "overrides", "steps", "grid_steps", "checkpoint_interval", "probe_steps", "baseline", "methods"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise StudyError(f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}")
-    for key in ("config", "steps", "methods"):
-        if key not in raw:
-            raise StudyError(f"{path}: missing {key!r}")
-    steps = raw["steps"]
-    grid_steps = raw.get("grid_steps", steps)
-    for key, value in (("steps", steps), ("grid_steps", grid_steps), ("probe_steps", raw.get("probe_steps", 8))):
-        if not isinstance(value, int) or value < 1:
-            raise StudyError(f"{path}: {key} must be a positive integer, got {value!r}")
-    if grid_steps > steps:
-        raise StudyError(f"{path}: grid_steps ({grid_steps}) is larger than steps ({steps}); a grid run is a proxy")
-    methods = []
-    for i, entry in enumerate(raw["methods"] or []):
-        if not isinstance(entry, dict) or "name" not in entry or "lrs" not in entry:
-            raise StudyError(f"{path}: methods[{i}] needs a name and a list of lrs")
-        lrs = entry["lrs"]
-        if not isinstance(lrs, list) or not lrs or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
-            raise StudyError(f"{path}: methods[{i}].lrs must be a non-empty list of positive numbers, got {lrs!r}")
-        extra = sorted(set(entry) - {"name", "label", "lrs", "overrides", "probe_overrides", "grid_overrides", "seeds"})
-        if extra:
-            raise StudyError(f"{path}: methods[{i}] has unknown key(s) {', '.join(extra)}")
-        label = str(entry.get("label", entry["name"]))
-        if not label.replace("_", "").replace("-", "").isalnum():
-            raise StudyError(f"{path}: methods[{i}].label {label!r} must be letters, digits, - and _ (a folder name)")
-        seeds = entry.get("seeds") or []
-        if (
-            not isinstance(seeds, list)
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
-            or len(set(seeds)) != len(seeds)
-        ):
-            raise StudyError(f"{path}: methods[{i}].seeds must be a list of distinct integers >= 0, got {seeds!r}")
-        methods.append(
-            MethodSpec(
-                name=str(entry["name"]),
-                label=label,
-                lrs=tuple(float(x) for x in lrs),
-                overrides=_strings(entry.get("overrides"), f"methods[{i}].overrides"),
-                probe_overrides=_strings(entry.get("probe_overrides"), f"methods[{i}].probe_overrides"),
-                grid_overrides=_strings(entry.get("grid_overrides"), f"methods[{i}].grid_overrides"),
-                seeds=tuple(seeds),
-            )
-        )
-    if not methods:
-        raise StudyError(f"{path}: methods is empty")
-    labels = [m.label for m in methods]
-    dupes = sorted({x for x in labels if labels.count(x) > 1})
-    if dupes:
-        raise StudyError(f"{path}: label(s) {', '.join(dupes)} used twice; give each method entry its own label")
-    folders = {f"{m.label}_seed{seed}": m.label for m in methods for seed in m.seeds}
-    clash = sorted(set(folders) & set(labels))
-    if clash:
-        raise StudyError(
-            f"{path}: label {clash[0]} is also the folder of {folders[clash[0]]}'s seed run; rename the label"
-        )
-    baseline = str(raw.get("baseline", "full"))
-    if baseline not in labels:
-        raise StudyError(f"{path}: baseline {baseline!r} is not one of the methods ({', '.join(labels)})")
-    config = str(raw["config"])
-    if (path.parent / config).is_file():
-        config = str(path.parent / config)
-    return StudySpec(
-        config=config,
-        methods=tuple(methods),
-        steps=steps,
-        grid_steps=grid_steps,
-        overrides=_strings(raw.get("overrides"), "overrides"),
-        checkpoint_interval=int(raw.get("checkpoint_interval", 100)),
-        probe_steps=int(raw.get("probe_steps", 8)),
-        baseline=baseline,
-        source=path,
-    )
-
-
 def lr_folder(lr: float) -> str:
     return f"lr{lr:.3g}"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def bits_per_byte(val_loss: float, *, target_tokens: int, target_bytes: int) -> float:
@@ -256,7 +111,7 @@ def train_run(config: str, overrides: list[str], run_dir: Path, *, what: str, tr
         "seconds_this_session": time.perf_counter() - started,
         "load_average": os.getloadavg()[0],
     }
-    _write_json(done, record)
+    write_json(done, record)
     return record
 
 
@@ -320,7 +175,7 @@ def probe(config: str, overrides: list[str], steps: int, out: Path, *, train: bo
         "load_average": os.getloadavg()[0],
         **split.as_dict(),
     }
-    _write_json(out, record)
+    write_json(out, record)
     return record
 
 
@@ -459,129 +314,3 @@ def _method_row(
             "stdev": statistics.stdev(losses),
         }
     return row
-
-
-def write_tables(spec: StudySpec, output: Path, rows: dict[str, Any]) -> dict[str, Any]:
-    study = {
-        "spec": str(spec.source),
-        "config": spec.config,
-        "steps": spec.steps,
-        "grid_steps": spec.grid_steps,
-        "baseline": spec.baseline,
-        "methods": rows,
-    }
-    _write_json(output / "study.json", study)
-    (output / "study.md").write_text(study_markdown(study))
-    return study
-
-
-def _ratio(value: float, base: float) -> str:
-    if not (math.isfinite(value) and math.isfinite(base)) or base == 0:
-        return "-"
-    return f"{value / base:.2f}x"
-
-
-def study_markdown(study: dict[str, Any]) -> str:
-    """The study's tables: the results, the ratios to the baseline, and the learning-rate grids."""
-    rows = study["methods"]
-    base = rows.get(study["baseline"])
-    mib = 2**20
-    lines = [
-        f"Steps per final run: {study['steps']}; learning-rate grid runs: {study['grid_steps']} steps.",
-        "",
-        "| method | lr | val loss | val ppl | bits/byte | trainable params | weights MiB | grads MiB | "
-        "optimizer MiB | activations MiB | tracked peak MiB | measured peak MiB | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, row in rows.items():
-        f, m = row["final"], row["probe"]
-        lr = f"{row['best_lr']:.3g}" + (" (grid edge)" if row["best_lr_at_grid_edge"] else "")
-        lines.append(
-            f"| {label} | {lr} | {f['val_loss']:.4f} | {f['val_ppl']:.2f} | {f['bits_per_byte']:.4f} | "
-            f"{f['trainable_params']:,} | {m['weights'] / mib:.1f} | {m['gradients'] / mib:.1f} | "
-            f"{m['optimizer'] / mib:.1f} | {m['activations'] / mib:.1f} | {m['tracked_peak'] / mib:.1f} | "
-            f"{m['measured_peak'] / mib:.1f} | {m['tokens_per_sec']:,.0f} |"
-        )
-    lines += [
-        "",
-        "Largest size of each part at any moment of a step (the columns of the Approximations paper's Table 3; the "
-        "gradients of a step exist after its backward, when its activations are gone, so their sum is more than "
-        "the peak; gradients include a layer's incoming gradient while it is accumulated, optimizer state the "
-        "optimizer step's own temporaries):",
-        "",
-        "| method | weights MiB | grads MiB | optimizer MiB | activations MiB | sum MiB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, row in rows.items():
-        m = row["probe"]
-        parts = [m.get(f"max_{k}", 0) for k in ("weights", "gradients", "optimizer", "activations")]
-        lines.append(f"| {label} | " + " | ".join(f"{p / mib:.1f}" for p in [*parts, sum(parts)]) + " |")
-    if base is not None:
-        bf, bm = base["final"], base["probe"]
-        lines += [
-            "",
-            f"Ratios to `{study['baseline']}`:",
-            "",
-            "| method | val loss | bits/byte | trainable params | weights | largest grads | largest optimizer | "
-            "activations | measured peak | tokens/s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for label, row in rows.items():
-            f, m = row["final"], row["probe"]
-            cells = [
-                _ratio(f["val_loss"], bf["val_loss"]),
-                _ratio(f["bits_per_byte"], bf["bits_per_byte"]),
-                _ratio(f["trainable_params"], bf["trainable_params"]),
-                *(
-                    _ratio(m[k], bm[k])
-                    for k in ("weights", "max_gradients", "max_optimizer", "activations", "measured_peak")
-                ),
-                _ratio(m["tokens_per_sec"], bm["tokens_per_sec"]),
-            ]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += _seed_table(study)
-    lrs = sorted({lr for row in rows.values() for lr in row["grid"]}, key=float)
-    lines += [
-        "",
-        f"Validation loss of each learning-rate grid run ({study['grid_steps']} steps; best in bold):",
-        "",
-        "| method | " + " | ".join(lrs) + " |",
-        "|---|" + "---|" * len(lrs),
-    ]
-    for label, row in rows.items():
-        cells = []
-        for lr in lrs:
-            value = row["grid"].get(lr)
-            text = "" if value is None else (f"{value:.4f}" if math.isfinite(value) else "diverged")
-            cells.append(f"**{text}**" if value is not None and float(lr) == row["best_lr"] else text)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _seed_table(study: dict[str, Any]) -> list[str]:
-    """The methods with ``seeds``: each seed's final validation loss, their mean and standard deviation."""
-    rows = {label: row for label, row in study["methods"].items() if "seeds" in row}
-    if not rows:
-        return []
-    seeds = sorted({int(seed) for row in rows.values() for seed in row["seeds"]["val_loss"]})
-    base = study["methods"].get(study["baseline"])
-    base_loss = None if base is None else base.get("seeds", {}).get("mean", base["final"]["val_loss"])
-    lines = [
-        "",
-        "Validation loss of the final runs with other seeds (`train.seed`: initialisation, data order, random "
-        "projections), each at its method's best lr:",
-        "",
-        "| method | lr | "
-        + " | ".join(f"seed {seed}" for seed in seeds)
-        + " | mean | stdev |"
-        + (f" mean vs `{study['baseline']}` |" if base_loss is not None else ""),
-        "|---|---|" + "---|" * (len(seeds) + 2 + (base_loss is not None)),
-    ]
-    for label, row in rows.items():
-        losses = row["seeds"]["val_loss"]
-        cells = [f"{losses[str(seed)]:.4f}" if str(seed) in losses else "" for seed in seeds]
-        cells += [f"{row['seeds']['mean']:.4f}", f"{row['seeds']['stdev']:.4f}"]
-        if base_loss is not None:
-            cells.append(_ratio(row["seeds"]["mean"], base_loss))
-        lines.append(f"| {label} | {row['best_lr']:.3g} | " + " | ".join(cells) + " |")
-    return lines

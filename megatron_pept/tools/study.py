@@ -5,7 +5,7 @@ peak-memory split, tokens/s, and ratios to the baseline). Rerunning skips finish
   megatron-pept-study configs/studies/cpu_pydocs.yaml --output runs/study_cpu_pydocs
   megatron-pept-study SPEC --output DIR --only full --only relora     # train a subset, same folders; the
                                                                       # tables keep every finished method
-  (python tools/study.py ... in a checkout; the spec format is in megatron_pept/study/runner.py)
+  (python tools/study.py ... in a checkout; the spec format is in megatron_pept/study/spec.py)
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def run() -> int:
-        from megatron_pept.study.runner import load_spec, run_study
+        from megatron_pept.study.runner import run_study
+        from megatron_pept.study.spec import load_spec
 
         study = run_study(load_spec(args.spec), args.output, only=args.only)
         print((args.output / "study.md").read_text(), end="")

@@ -198,7 +198,7 @@ def test_a_full_disk_under_tensorboard_saves_and_stops_with_one_line(quickstart_
 
 def test_a_study_spec_is_read_as_safely_as_a_config(tmp_path: Path) -> None:
     """The same YAML rules for megatron-pept-study's spec: an object tag is named, an alias bomb refused."""
-    from megatron_pept.study.runner import StudyError, load_spec
+    from megatron_pept.study.spec import StudyError, load_spec
 
     spec = tmp_path / "spec.yaml"
     spec.write_text('config: !!python/object/apply:os.system ["true"]\nsteps: 1\nmethods: []\n')

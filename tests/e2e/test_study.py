@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
-from megatron_pept.study.runner import StudyError, bits_per_byte, load_spec, run_study
+from megatron_pept.study.runner import bits_per_byte, run_study
+from megatron_pept.study.spec import StudyError, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6

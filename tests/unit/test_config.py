@@ -161,7 +161,7 @@ def test_shipped_configs_load(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_study_specs_load(path: Path) -> None:
-    from megatron_pept.study.runner import load_spec
+    from megatron_pept.study.spec import load_spec
 
     spec = load_spec(path)
     for method in spec.methods:  # every run the study would start is a valid config
