@@ -187,7 +187,8 @@ def test_an_installed_attention_kernel_is_judged_and_a_wrong_one_fails(monkeypat
     from megatron_pept.bench import gpu_check
     from megatron_pept.models import attention
 
-    monkeypatch.setattr(gpu_check, "ATTENTION_PACKAGES", {"flash": "torch", "te": "no_such_package_here"})
+    # Patched in the module attention_rows reads it from.
+    monkeypatch.setattr(gpu_check.attention, "ATTENTION_PACKAGES", {"flash": "torch", "te": "no_such_package_here"})
     sdpa = attention.build_core_attention
 
     def build(backend: str, **kwargs) -> torch.nn.Module:
