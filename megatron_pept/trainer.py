@@ -144,8 +144,12 @@ class Trainer:
         if self.resumed_from is not None:
             saved = read_meta(self.resumed_from)
             check_compatible(self.resumed_from, saved, cfg, self.method)  # before anything is loaded or written
-            tokenizer = saved.get("tokenizer", {}).get("sha256")
-            check_same_tokenizer(self.resumed_from, tokenizer, self.data_index, allow_change=d.allow_tokenizer_change)
+            check_same_tokenizer(
+                self.resumed_from,
+                saved.get("tokenizer", {}).get("sha256"),
+                self.data_index,
+                allow_change=d.allow_tokenizer_change,
+            )
             self._load_checkpoint(self.resumed_from)
         self.checkpointer.preflight(run_dir=Path(cfg.run_dir), checkpoint_bytes=self._checkpoint_bytes())
         # The run is accepted (config, data, model and checkpoint agree): only now does it write into run_dir, so a
@@ -357,9 +361,11 @@ class Trainer:
         self.writer.close()
         if self.writer.error:
             self._stop_on_metrics_error()
-        s = self.state
-        result.steps, result.tokens_seen, result.skipped_steps = s.step, s.tokens_seen, s.skipped_steps
-        result.rollbacks, result.spikes = s.rollbacks, s.spikes
+        result.steps = self.state.step
+        result.tokens_seen = self.state.tokens_seen
+        result.skipped_steps = self.state.skipped_steps
+        result.rollbacks = self.state.rollbacks
+        result.spikes = self.state.spikes
         logger.info(
             "%s: %d steps, %d tokens", "stopped" if result.interrupted else "done", result.steps, result.tokens_seen
         )
