@@ -160,8 +160,10 @@ def test_inside_keeps_names_in_their_folder(tmp_path: Path) -> None:
 
 
 def test_a_list_override_with_broken_yaml_is_one_line() -> None:
-    from megatron_pept.config import load_config
     from megatron_pept.errors import ConfigError
+    from megatron_pept.registry import load_config
 
     with pytest.raises(ConfigError, match="config key 'method.target_modules' is not valid YAML"):
-        load_config(None, ["data.path=x", "method.target_modules=[q_proj"])
+        load_config(None, ["data.path=x", "method.name=relora", "method.target_modules=[q_proj"])
+    with pytest.raises(ConfigError, match="config key 'optim.betas' is not valid YAML"):
+        load_config(None, ["data.path=x", "optim.betas=[0.9"])
