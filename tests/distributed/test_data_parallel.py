@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import LOSS_TOL, WEIGHT_TOL, WEIGHT_TOL_8BIT, base, launch, quantised_bases
 
-from megatron_pept.config import load_config
+from megatron_pept.registry import load_config
 from megatron_pept.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
