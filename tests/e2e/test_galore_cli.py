@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[2]
+from launch import run, small_run, train_command
 
 
 @pytest.mark.parametrize(
@@ -25,33 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
     ],
 )
 def test_method_trains_and_logs(method: str, extra: list[str], quickstart_data: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_pept.train",
-            "--config",
-            "configs/quickstart.yaml",
-            f"run_dir={tmp_path}",
-            f"data.path={quickstart_data}",
-            "data.seq_len=32",
-            "train.micro_batch_size=4",
-            "train.global_batch_size=8",
-            "train.eval_batches=1",
-            "train.steps=6",
-            "train.eval_interval=6",
-            f"method.name={method}",
-            "method.rank=8",
-            "method.update_proj_gap=2",
-            "method.dynamic_first=2",
-            "method.dynamic_cap=3",
-            *extra,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    galore = ["method.rank=8", "method.update_proj_gap=2", "method.dynamic_first=2", "method.dynamic_cap=3"]
+    overrides = small_run(quickstart_data, tmp_path, "metrics.tensorboard=true", "train.eval_batches=1")
+    overrides += ["train.steps=6", "train.eval_interval=6", f"method.name={method}", *galore, *extra]
+    proc = run(train_command(*overrides))
     assert proc.returncode == 0, proc.stderr
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()

@@ -3,39 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[2]
+from launch import run, small_run, train_command
+
 VARIANTS = ["lora", "relora", "redora", "repissa", "reloqra"]
 
 
 def train(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_pept.train",
-            "--config",
-            "configs/quickstart.yaml",
-            f"run_dir={run_dir}",
-            f"data.path={data}",
-            "data.seq_len=32",
-            "train.micro_batch_size=4",
-            "train.global_batch_size=4",
-            "train.eval_batches=1",
-            "train.log_interval=1",
-            "method.rank=8",
-            *overrides,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    base = small_run(data, run_dir, "metrics.tensorboard=true", "train.global_batch_size=4", "train.eval_batches=1")
+    return run(train_command(*base, "method.rank=8", *overrides))
 
 
 @pytest.mark.parametrize("method", VARIANTS)

@@ -11,46 +11,20 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from launch import ENV, run, small_run, start, train_command
 from megatron_pept.checkpoint import list_checkpoints, newest_complete
 from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
 
 def command(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "megatron_pept.train",
-        "--config",
-        "configs/quickstart.yaml",
-        f"run_dir={run_dir}",
-        f"data.path={data}",
-        "data.seq_len=32",
-        "train.steps=6",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train.eval_interval=0",
-        "train.eval_at_start=false",
-        "train.log_interval=1",
-        "metrics.tensorboard=false",
-        "data.verify_checksums=false",
-        "checkpoint.interval=2",
-        *extra,
-    ]
-
-
-def run(cmd: list[str], *, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env or ENV, **kwargs)
+    return train_command(*small_run(data, run_dir, "train.steps=6", "checkpoint.interval=2", *extra))
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
@@ -70,13 +44,11 @@ def test_a_second_run_on_the_same_run_dir_is_refused(quickstart_data: Path, tmp_
     lone = run(command(quickstart_data, tmp_path / "lone"))
     assert lone.returncode == 0, lone.stderr[-3000:]
     shared = tmp_path / "shared"
-    first = subprocess.Popen(
+    first = start(
         command(quickstart_data, shared),
-        cwd=REPO,
         env={**ENV, ENV_VAR: "step.end@3"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         output = []

@@ -4,11 +4,8 @@ export, update-rank analysis); damaged state and RNG files are one line each."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +13,11 @@ import torch
 from poisoned import Command, poison
 from test_trainer import tiny
 
+from launch import run, train_command
 from megatron_pept.checkpoint import safe_dcp, store
 from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.errors import UserError
 from megatron_pept.trainer import Trainer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +73,7 @@ def test_poisoned_metadata_through_the_cli_is_one_line(saved_run: Path, tmp_path
     marker = tmp_path / "pwned"
     poison(checkpoint, marker)
     config = run_dir / "config.yaml"  # the saved run's resolved config: the same run, resumed in the copy
-    command = [
-        sys.executable,
-        "-m",
-        "megatron_pept.train",
-        "--config",
-        str(config),
-        f"run_dir={run_dir}",
-        "train.steps=3",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = run(train_command(f"run_dir={run_dir}", "train.steps=3", config=str(config)))
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "was refused" in lines[0], proc.stderr[-3000:]

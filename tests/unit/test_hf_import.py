@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,16 @@ import pytest
 import torch
 from test_trainer import tiny
 
+from launch import run, train_command
 from megatron_pept.errors import ConfigError
 from megatron_pept.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def train_cli(*overrides: str) -> subprocess.CompletedProcess[str]:
     """``python -m megatron_pept.train`` on the quickstart config with ``overrides``."""
-    command = [sys.executable, "-m", "megatron_pept.train", "--config", "configs/quickstart.yaml", *overrides]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run(train_command(*overrides), timeout=300)
 
 
 @pytest.fixture(scope="module")
