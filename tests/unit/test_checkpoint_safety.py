@@ -68,6 +68,7 @@ def test_poisoned_metadata_is_refused_by_every_reader(saved_run: Path, tmp_path:
     assert (run_dir / "config.yaml").read_bytes() == config_before
 
 
+@pytest.mark.slow  # a training process
 def test_poisoned_metadata_through_the_cli_is_one_line(saved_run: Path, tmp_path: Path, quickstart_data: Path) -> None:
     run_dir, checkpoint = copy_run(saved_run, tmp_path / "run")
     marker = tmp_path / "pwned"

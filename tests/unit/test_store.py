@@ -88,6 +88,7 @@ sys.stdin.read()  # until the test closes our stdin or kills us
 """
 
 
+@pytest.mark.slow  # a process
 def test_a_second_run_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
