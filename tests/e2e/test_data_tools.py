@@ -80,7 +80,7 @@ def test_tokenizer_prepare_train(corpus: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--input", "/nonexistent/x.jsonl", "--vocab-size", "100", "--output", "{tmp}/t"], "does not exist"),
+        (["--input", "{tmp}/nonexistent/x.jsonl", "--vocab-size", "100", "--output", "{tmp}/t"], "does not exist"),
         (
             ["--input", "{corpus}", "--vocab-size", "100", "--output", "{tmp}/t", "--text-field", "body"],
             "has no field 'body'",

@@ -114,7 +114,9 @@ def test_non_tensor_entries_and_outside_files_are_refused(saved_run: Path, tmp_p
     with pytest.raises(UserError, match="declares extra.train.step as a BytesStorageMetadata"):
         safe_dcp.read_metadata(checkpoint / "state")
     # A data file outside the folder.
-    for path in ("../../rng/rank00000.pt", "/etc/passwd", "missing.distcp"):
+    outside = tmp_path / "outside.distcp"  # a file that exists, named by its absolute path
+    shutil.copyfile(next((checkpoint / "state").glob("*.distcp")), outside)
+    for path in ("../../rng/rank00000.pt", str(outside), "missing.distcp"):
         bad = pickle.loads(good)
         info = next(iter(bad.storage_data.values()))
         info.relative_path = path
