@@ -1,7 +1,7 @@
 """The one way the tests start a training run as a user does: ``python -m megatron_pept.train`` (or the same module
 under a launcher) in a subprocess run from the repository root, with the overrides of a small run kept here.
 
-    from launch import ENV, REPO, run, small_run, train_command
+    from launch import ENV, REPO, run, run_all, small_run, train_command
 
 (``tests/`` holds ``conftest.py``, so pytest puts it on ``sys.path``: every test folder imports this module.)
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +56,10 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO, 
 def start(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO, **kwargs) -> subprocess.Popen:
     """``cmd`` started in ``cwd`` (``ENV`` unless ``env``), its output in text mode (pipes as ``kwargs`` say)."""
     return subprocess.Popen(cmd, cwd=cwd, env=ENV if env is None else env, text=True, **kwargs)
+
+
+def run_all(cmds: list[list[str]], *, jobs: int = 2, **kwargs) -> list[subprocess.CompletedProcess[str]]:
+    """Each of ``cmds`` to its end as ``run`` does, ``jobs`` at a time, in order: independent runs of one thread
+    each use both cores of a 2-core machine without slowing each other."""
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda cmd: run(cmd, **kwargs), cmds))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import ENV, TRAIN, run, small_run, start, train_command
+from launch import ENV, TRAIN, run, run_all, small_run, start, train_command
 from megatron_pept.checkpoint import list_checkpoints, newest_complete
 from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
@@ -141,12 +141,10 @@ def references(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     """The uninterrupted runs, saving once at the end: the resumed runs, which save after every step, must end
     bit-identical to them (so a save leaves training as it was, too)."""
     tmp = tmp_path_factory.mktemp("reference")
-    out = {}
-    for method in METHODS:
-        proc = run(command(quickstart_data, tmp / method, method, f"checkpoint.interval={STEPS}"))
+    procs = run_all([command(quickstart_data, tmp / m, m, f"checkpoint.interval={STEPS}") for m in METHODS])
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[method] = final_weights(tmp / method)
-    return out
+    return {method: final_weights(tmp / method) for method in METHODS}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

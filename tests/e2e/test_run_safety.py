@@ -138,15 +138,21 @@ def test_a_file_size_limit_below_a_checkpoint_is_refused_before_the_first_step(q
     assert "ulimit -f" in error and "step 1/" not in proc.stdout
 
 
+@pytest.fixture(scope="module")
+def checkpoint_bytes(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> int:
+    """The size of one checkpoint of these runs (a two-step run saves one)."""
+    probe = tmp_path_factory.mktemp("probe")
+    proc = run(command(quickstart_data, probe, "train.steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sum(p.stat().st_size for p in (probe / "checkpoints" / "step_00000002").rglob("*"))
+
+
 def test_a_checkpoint_folder_without_room_for_one_checkpoint_is_refused_before_the_first_step(
-    quickstart_data, tmp_path, tmpfs
+    quickstart_data, checkpoint_bytes, tmp_path, tmpfs
 ) -> None:
     """Less free space than one checkpoint of the run (estimated from the model and optimizer state): one line
     naming both sizes before any step is trained, nothing written into the folder."""
-    probe = run(command(quickstart_data, tmp_path / "probe", "train.steps=2"))
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "step_00000002").rglob("*"))
-    small = tmpfs("tiny", f"size={size // 2}")
+    small = tmpfs("tiny", f"size={checkpoint_bytes // 2}")
     proc = run(command(quickstart_data, tmp_path / "run", f"checkpoint.dir={small}"))
     error = one_line_error(proc)
     assert "free but a checkpoint of this run takes about" in error and str(small) in error, error
@@ -154,14 +160,13 @@ def test_a_checkpoint_folder_without_room_for_one_checkpoint_is_refused_before_t
     assert not list(small.iterdir())  # the refused run removed even its lock file
 
 
-def test_a_full_disk_at_a_later_save_stops_the_run_and_keeps_the_last_checkpoint(quickstart_data, tmp_path, tmpfs):
+def test_a_full_disk_at_a_later_save_stops_the_run_and_keeps_the_last_checkpoint(
+    quickstart_data, checkpoint_bytes, tmp_path, tmpfs
+):
     """Room for one checkpoint (the check before the first step passes) but not for two: the second save fails
     with ENOSPC (the first is pruned only after a newer one commits). One line, exit 2, the first checkpoint
     intact and latest, no partial folder, and a resume after freeing space goes on from it."""
-    probe = run(command(quickstart_data, tmp_path / "probe", "train.steps=2"))
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "step_00000002").rglob("*"))
-    small = tmpfs("small", f"size={int(size * 1.5)}")
+    small = tmpfs("small", f"size={int(checkpoint_bytes * 1.5)}")
     cmd = command(quickstart_data, tmp_path / "run", f"checkpoint.dir={small}", "checkpoint.keep_last=1")
     error = one_line_error(run(cmd))
     assert "saving the checkpoint of step 4" in error and "No space left on device" in error, error
