@@ -1,14 +1,18 @@
-"""Shared by the distributed tests: the small training config and the multi-process launch of worker.py."""
+"""Shared by the distributed tests: the small training config and the multi-process launch of worker.py, once per
+launcher for the whole session (shared_launch)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun") -> dict:
+def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun", timeout: float = 900) -> dict:
     (tmp / "runs.json").write_text(json.dumps(runs))
     # DeepSpeed's CPU shared-memory all-reduce must not be JIT-built (megatron_pept.distributed): a build would land
     # in this folder.
@@ -57,10 +61,94 @@ def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun") -> dict:
     else:
         command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", port]
     worker = [str(REPO / "tests/distributed/worker.py"), str(tmp / "runs.json"), str(tmp / "out.pt")]
-    proc = subprocess.run([*command, *worker], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run([*command, *worker], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert not extensions.exists(), f"a C++ extension was compiled during the runs: {sorted(extensions.rglob('*'))}"
     return torch.load(tmp / "out.pt", weights_only=True)
+
+
+# -- one launch per launcher for the session ---------------------------------------------------------------------
+
+Plan = Callable[[Path, Path], list[dict]]
+PLANS: dict[str, tuple[str, Plan]] = {}  # "module.plan" -> (launcher, plan), in the order the modules declare them
+
+
+def shared_launch(launcher: str, *, optional: bool = False):
+    """Make ``plan(data, tmp) -> runs`` (worker.py's runs, in ``tmp``, a folder of the plan's own) a module fixture
+    of the plan's name holding ``(results, tmp)``: the results of its runs, by their names.
+
+    The first such fixture a test needs launches the runs of every plan for ``launcher`` ("torchrun" or "deepspeed")
+    that the selected tests need, all in one launch of worker.py: a launch costs about 10 s (torchrun) or 30 s
+    (DeepSpeed) on 2 cores before its first run starts, and the runs inside one are as they would be alone (each
+    its own Trainer, in order). A deepspeed plan skips where DeepSpeed is not installed (``optional``: holds None
+    instead, for a fixture that merges it with a torchrun plan's results)."""
+
+    def decorate(plan: Plan):
+        key = f"{plan.__module__}.{plan.__name__}"
+        PLANS[key] = (launcher, plan)
+
+        @pytest.fixture(scope="module", name=plan.__name__)
+        def launched(shared_launches: SharedLaunches) -> tuple[dict, Path] | None:
+            if optional and launcher == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+                return None
+            return shared_launches.results(key)
+
+        return launched
+
+    return decorate
+
+
+class SharedLaunches:
+    """The session's launches of worker.py (the ``shared_launches`` fixture of tests/distributed/conftest.py)."""
+
+    def __init__(self, session: pytest.Session, data: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.session, self.data, self.factory = session, data, tmp_path_factory
+        self.launched: dict[str, dict[str, tuple[dict, Path] | BaseException]] = {}
+
+    def needed(self, launcher: str) -> list[str]:
+        """The plans for ``launcher`` that some selected test uses (directly or through another fixture)."""
+        used = set()
+        for item in self.session.items:
+            module = getattr(item, "module", None)
+            if module is not None:
+                used.update(f"{module.__name__}.{name}" for name in getattr(item, "fixturenames", ()))
+        return [key for key, (kind, _) in PLANS.items() if kind == launcher and key in used]
+
+    def results(self, key: str) -> tuple[dict, Path]:
+        launcher = PLANS[key][0]
+        if launcher == "deepspeed":
+            pytest.importorskip("deepspeed")
+        if launcher not in self.launched:
+            self.launched[launcher] = self._launch(launcher, [*self.needed(launcher), key])
+        if key not in self.launched[launcher]:  # a plan no selected test seemed to need when the launch was made
+            self.launched[launcher].update(self._launch(launcher, [key]))
+        outcome = self.launched[launcher][key]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _launch(self, launcher: str, keys: list[str]) -> dict[str, tuple[dict, Path] | BaseException]:
+        outcomes: dict[str, tuple[dict, Path] | BaseException] = {}
+        folders, runs = {}, []
+        for key in dict.fromkeys(keys):
+            tmp = self.factory.mktemp(key.rsplit(".", 1)[1])
+            try:
+                planned = PLANS[key][1](self.data, tmp)
+            except pytest.skip.Exception as skipped:  # e.g. an optional package missing: only its tests skip
+                outcomes[key] = skipped
+                continue
+            folders[key] = tmp
+            runs += [{**run, "name": f"{key}/{run['name']}"} for run in planned]
+        if not folders:
+            return outcomes
+        try:  # the time limit of the launches it replaces, together
+            results = launch(runs, self.factory.mktemp(launcher), launcher=launcher, timeout=900 * len(folders))
+        except Exception as err:  # every test of the launch fails with it (it is not launched again for each)
+            return {**outcomes, **dict.fromkeys(folders, err)}
+        for key, tmp in folders.items():
+            mine = {name.split("/", 1)[1]: result for name, result in results.items() if name.startswith(f"{key}/")}
+            outcomes[key] = (mine, tmp)
+        return outcomes
 
 
 def quantised_bases(model) -> dict:

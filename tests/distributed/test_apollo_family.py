@@ -6,8 +6,8 @@ projections redrawn from them).
 
 The debug model has both projection sides (q/o/gate/up tall or square: right; k/v/down wide: left); under ZeRO three
 layers and an odd MLP width put partition boundaries inside matrices and inside rows of right-projected ones (the
-per-tensor factor and the limiter's norm must then count a row shared by two ranks once). One torchrun and one
-deepspeed launch run everything."""
+per-tensor factor and the limiter's norm must then count a row shared by two ranks once). The session's torchrun
+and deepspeed launches (helpers.shared_launch) run everything."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LOSS_TOL, WEIGHT_TOL, base, launch
+from helpers import LOSS_TOL, WEIGHT_TOL, base, shared_launch
 from test_data_parallel import DEEPSPEED_MODEL, compare, single
 
 from megatron_pept.config import load_config
@@ -51,10 +51,8 @@ def resume_runs(name: str, make) -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def torchrun_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    tmp = tmp_path_factory.mktemp("apollo-torchrun")
-    data = quickstart_data
+@shared_launch("torchrun")
+def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
     runs = [
         {"name": f"{backend}-{method}", "overrides": method_overrides(data, tmp / f"{backend}-{method}", method, b)}
         for backend, b in (("ddp", "parallel.backend=ddp"), ("fsdp2", "parallel.backend=fsdp2"))
@@ -78,14 +76,11 @@ def torchrun_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactor
                 "stop_after": STOP,
             }
         )
-    return launch(runs, tmp), tmp
+    return runs
 
 
-@pytest.fixture(scope="module")
-def zero_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    pytest.importorskip("deepspeed")
-    tmp = tmp_path_factory.mktemp("apollo-zero")
-    data = quickstart_data
+@shared_launch("deepspeed")
+def zero_launch(data: Path, tmp: Path) -> list[dict]:
     runs = [
         {
             "name": f"zero{stage}-{method}",
@@ -104,7 +99,12 @@ def zero_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -
                     data, tmp / f"{kind}-z{s}-{m}", m, *ZERO, f"parallel.zero_stage={s}"
                 ),
             )
-    return launch(runs, tmp, launcher="deepspeed")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def zero_runs(zero_launch: tuple[dict, Path]) -> dict:
+    return zero_launch[0]
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2"])

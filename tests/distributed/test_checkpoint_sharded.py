@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LOSS_TOL, WEIGHT_TOL, base, launch, quantised_bases
+from helpers import LOSS_TOL, WEIGHT_TOL, base, launch, quantised_bases, shared_launch
 
 from megatron_pept.config import load_config
 from megatron_pept.trainer import Trainer
@@ -45,9 +45,8 @@ MORE = {
 }
 
 
-@pytest.fixture(scope="module")
-def fsdp2_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    tmp = tmp_path_factory.mktemp("ckpt")
+@shared_launch("torchrun")
+def fsdp2_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
     runs = []
     for method in METHODS:
         runs.append(
@@ -75,7 +74,7 @@ def fsdp2_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) 
                 "stop_after": STOP,
             }
         )
-    return launch(runs, tmp), tmp
+    return runs
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -159,10 +158,8 @@ def zero_overrides(data: Path, run_dir: Path, method: str, stage: int) -> list[s
     ]
 
 
-@pytest.fixture(scope="module")
-def zero_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    pytest.importorskip("deepspeed")
-    tmp = tmp_path_factory.mktemp("zero-ckpt")
+@shared_launch("deepspeed")
+def zero_launch(quickstart_data: Path, tmp: Path) -> list[dict]:
     runs = []
     for method, stage in ZERO_CASES:
         name = f"z{stage}-{method}"
@@ -175,7 +172,12 @@ def zero_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -
         cut = zero_overrides(quickstart_data, tmp / f"c-{name}", method, stage)
         runs.append({"name": f"stop-{name}", "overrides": cut, "stop_after": STOP})
         runs.append({"name": f"resume-{name}", "overrides": cut})
-    return launch(runs, tmp, launcher="deepspeed")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def zero_runs(zero_launch: tuple[dict, Path]) -> dict:
+    return zero_launch[0]
 
 
 @pytest.mark.parametrize("method,stage", ZERO_CASES)
@@ -199,11 +201,9 @@ DS_EXPORT_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def zero_export_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    pytest.importorskip("deepspeed")
-    tmp = tmp_path_factory.mktemp("zero-export")
-    runs = [
+@shared_launch("deepspeed")
+def zero_export_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
+    return [
         {
             "name": name,
             "overrides": base(quickstart_data, tmp / name, 2)
@@ -220,7 +220,6 @@ def zero_export_runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFac
         }
         for name, (stage, extra) in DS_EXPORT_CASES.items()
     ]
-    return launch(runs, tmp, launcher="deepspeed"), tmp
 
 
 def merged_reference_logits(params: dict, checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,11 @@ global batch: equal losses and final weights within a stated tolerance."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import LOSS_TOL, WEIGHT_TOL, WEIGHT_TOL_8BIT, base, launch, quantised_bases
+from helpers import LOSS_TOL, WEIGHT_TOL, WEIGHT_TOL_8BIT, base, quantised_bases, shared_launch
 
 from megatron_pept.registry import load_config
 from megatron_pept.trainer import Trainer
@@ -43,9 +42,8 @@ def single(overrides: list[str]):
     return result.train_losses, {**params, **quantised_bases(trainer.raw_model)}
 
 
-@pytest.fixture(scope="module")
-def two_rank_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("dist")
+@shared_launch("torchrun")
+def two_rank_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
     runs = []
     for backend in ("ddp", "fsdp2"):
         for method, extra in METHODS.items():
@@ -73,7 +71,12 @@ def two_rank_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFac
             + ["parallel.backend=fsdp2", "train.activation_checkpointing=true", "train.compile=true"],
         }
     )
-    return launch(runs, tmp)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(two_rank_runs: tuple[dict, Path]) -> dict:
+    return two_rank_runs[0]
 
 
 def effective(params: dict) -> dict:
@@ -130,24 +133,30 @@ def quantised_overrides(data: Path, run_dir: Path, key: str) -> list[str]:
     return base(data, run_dir, 2) + [f"method.name={name}", f"method.base_dtype={fmt.split('-')[0]}", *QUANTISED[key]]
 
 
+def quantised_runs(data: Path, tmp: Path, backends: tuple[str, ...]) -> list[dict]:
+    return [
+        {
+            "name": f"{backend}-{key}",
+            "overrides": quantised_overrides(data, tmp / f"{backend}-{key}", key) + BACKEND_OVERRIDES[backend],
+        }
+        for backend in backends
+        for key in QUANTISED_RUNS[backend]
+    ]
+
+
+@shared_launch("torchrun")
+def quantised_torchrun(quickstart_data: Path, tmp: Path) -> list[dict]:
+    return quantised_runs(quickstart_data, tmp, ("ddp", "fsdp2"))
+
+
+@shared_launch("deepspeed", optional=True)
+def quantised_deepspeed(quickstart_data: Path, tmp: Path) -> list[dict]:
+    return quantised_runs(quickstart_data, tmp, ("zero1", "zero2"))
+
+
 @pytest.fixture(scope="module")
-def quantised_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("quantised")
-    results = {}
-    for launcher, backends in (("torchrun", ("ddp", "fsdp2")), ("deepspeed", ("zero1", "zero2"))):
-        if launcher == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-            continue
-        runs = [
-            {
-                "name": f"{backend}-{key}",
-                "overrides": quantised_overrides(quickstart_data, tmp / f"{backend}-{key}", key)
-                + BACKEND_OVERRIDES[backend],
-            }
-            for backend in backends
-            for key in QUANTISED_RUNS[backend]
-        ]
-        results.update(launch(runs, tmp, **({"launcher": launcher} if launcher == "deepspeed" else {})))
-    return results
+def quantised_results(quantised_torchrun: tuple[dict, Path], quantised_deepspeed: tuple[dict, Path] | None) -> dict:
+    return {**quantised_torchrun[0], **(quantised_deepspeed[0] if quantised_deepspeed else {})}
 
 
 @pytest.mark.parametrize("backend,key", [(b, k) for b, keys in QUANTISED_RUNS.items() for k in keys])
@@ -240,11 +249,9 @@ DEEPSPEED_METHODS = list(METHODS)  # every method, on ZeRO-1/2/3
 DEEPSPEED_MODEL = ["model.num_layers=3", "model.intermediate_size=101"]
 
 
-@pytest.fixture(scope="module")
-def deepspeed_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    pytest.importorskip("deepspeed")
-    tmp = tmp_path_factory.mktemp("deepspeed")
-    runs = [
+@shared_launch("deepspeed")
+def deepspeed_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
+    return [
         {
             "name": f"zero{stage}-{method}",
             "overrides": base(quickstart_data, tmp / f"z{stage}-{method}", 2)
@@ -259,7 +266,11 @@ def deepspeed_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFa
         for stage in (1, 2, 3)
         for method in DEEPSPEED_METHODS
     ]
-    return launch(runs, tmp, launcher="deepspeed")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_results(deepspeed_runs: tuple[dict, Path]) -> dict:
+    return deepspeed_runs[0]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -303,30 +314,44 @@ INIT_FROM_RUNS = {  # name -> backend overrides and method: a run that starts fr
 }
 
 
-@pytest.fixture(scope="module")
-def init_from_results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    """An HF export of a short run, then 2-rank runs of several methods and backends that start from it."""
-    pytest.importorskip("transformers")
-    from megatron_pept.checkpoint.hf_export import export_to_hf
+def hf_source(tmp: Path) -> Path:
+    """The folder of the HF export the init_from runs start from (beside the plans' own folders)."""
+    return tmp.parent / "init-from-source" / "hf"
 
-    tmp = tmp_path_factory.mktemp("init-from")
-    source = base(quickstart_data, tmp / "source", 2) + ["train.steps=30", "checkpoint.interval=30"]
-    Trainer(load_config(None, source)).train()
-    folder = export_to_hf(tmp / "source", tmp / "hf")
-    results = {}
-    for launcher in ("torchrun", "deepspeed"):
-        runs = [
-            {
-                "name": name,
-                "overrides": base(quickstart_data, tmp / name, 2) + [f"model.init_from={folder}", *extra],
-            }
-            for name, extra in INIT_FROM_RUNS.items()
-            if (launcher == "deepspeed") == name.startswith("zero")
-        ]
-        if launcher == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-            continue
-        results.update(launch(runs, tmp, **({"launcher": launcher} if launcher == "deepspeed" else {})))
-    return results, folder
+
+def init_from_runs(data: Path, tmp: Path, *, deepspeed: bool) -> list[dict]:
+    folder = hf_source(tmp)
+    if not folder.exists():  # an HF export of a short run, made once for both launchers
+        pytest.importorskip("transformers")
+        from megatron_pept.checkpoint.hf_export import export_to_hf
+
+        source = base(data, folder.parent / "run", 2) + ["train.steps=30", "checkpoint.interval=30"]
+        Trainer(load_config(None, source)).train()
+        export_to_hf(folder.parent / "run", folder)
+    return [
+        {"name": name, "overrides": base(data, tmp / name, 2) + [f"model.init_from={folder}", *extra]}
+        for name, extra in INIT_FROM_RUNS.items()
+        if deepspeed == name.startswith("zero")
+    ]
+
+
+@shared_launch("torchrun")
+def init_from_torchrun(quickstart_data: Path, tmp: Path) -> list[dict]:
+    return init_from_runs(quickstart_data, tmp, deepspeed=False)
+
+
+@shared_launch("deepspeed", optional=True)
+def init_from_deepspeed(quickstart_data: Path, tmp: Path) -> list[dict]:
+    return init_from_runs(quickstart_data, tmp, deepspeed=True)
+
+
+@pytest.fixture(scope="module")
+def init_from_results(
+    init_from_torchrun: tuple[dict, Path], init_from_deepspeed: tuple[dict, Path] | None
+) -> tuple[dict, Path]:
+    """An HF export of a short run, then 2-rank runs of several methods and backends that start from it."""
+    results, tmp = init_from_torchrun
+    return {**results, **(init_from_deepspeed[0] if init_from_deepspeed else {})}, hf_source(tmp)
 
 
 @pytest.mark.parametrize("name", list(INIT_FROM_RUNS))

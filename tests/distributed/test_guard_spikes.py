@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base, launch
+from helpers import base, shared_launch
 
 SPIKE_RULES = ["guard.spike_loss_sigma=3", "guard.spike_grad_norm_ratio=3", "guard.spike_window=4"]
 BACKENDS = ("ddp", "fsdp2")
 
 
-@pytest.fixture(scope="module")
-def results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("spikes")
+@shared_launch("torchrun")
+def spike_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
     runs = []
     for backend in BACKENDS:
         # step 7's batch on rank 0 is garbage; the reference stops before it (a constant learning rate: the first 6
@@ -39,10 +38,14 @@ def results(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     resume += [*SPIKE_RULES, "train.steps=7", "checkpoint.interval=100"]
     runs.append({"name": "fsdp2-cut", "overrides": resume, "stop_after": 5})
     runs.append({"name": "fsdp2-resumed", "overrides": resume, "garbage": [2, 0]})  # step 7 of the run
-    return launch(runs, tmp)
+    return runs
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def results(spike_runs: tuple[dict, Path]) -> dict:
+    return spike_runs[0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_rank_skips_a_spike_seen_on_one(backend: str, results: dict) -> None:
     garbage, before = results[f"{backend}-garbage"], results[f"{backend}-before"]
@@ -54,7 +57,6 @@ def test_every_rank_skips_a_spike_seen_on_one(backend: str, results: dict) -> No
         assert torch.equal(garbage["replicas"][0], garbage["replicas"][1])
 
 
-@pytest.mark.slow
 def test_a_resumed_run_keeps_the_spike_statistics_on_two_ranks(results: dict) -> None:
     whole, resumed = results["fsdp2-garbage"], results["fsdp2-resumed"]
     assert resumed["losses"] == whole["losses"][5:]

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import ENV, TRAIN, run, run_all, small_run, start, train_command
 from megatron_pept.checkpoint import list_checkpoints, newest_complete
 from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
 from megatron_pept.signals import process_children
 
-REPO = Path(__file__).resolve().parents[2]
 METHODS = {
     "full": [],
     "relora": ["method.reset_every=4", "method.rank=4"],
@@ -38,35 +38,17 @@ STEPS = 12
 
 
 def command(data: Path, run_dir: Path, method: str, *extra: str, launcher: list[str] | None = None) -> list[str]:
-    return [
-        *(launcher or [sys.executable, "-m", "megatron_pept.train"]),
-        "--config",
-        "configs/quickstart.yaml",
-        f"run_dir={run_dir}",
-        f"data.path={data}",
-        "data.seq_len=32",
+    overrides = small_run(
+        data,
+        run_dir,
         f"train.steps={STEPS}",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train.eval_interval=0",
-        "train.eval_at_start=false",
-        "train.log_interval=1",
-        "metrics.tensorboard=false",
         "metrics.peak_tflops=1",
-        "data.verify_checksums=false",
         "checkpoint.interval=1",  # a save after every step: kills often land inside one
         f"method.name={method.split('@')[0]}",
         *METHODS[method],
         *extra,
-    ]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # log lines arrive as they happen
-
-
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
-    env = ENV
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, **kwargs)
+    )
+    return train_command(*overrides, launcher=launcher or TRAIN)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -90,13 +72,11 @@ def start_frozen(cmd: list[str], fault: str) -> tuple[subprocess.Popen, list[str
     """Start ``cmd`` with the fault point ``fault`` (see megatron_pept.faults) and return once the run has printed
     that it froze there. A run that ends before reaching the point fails the test's setup: that is a bug, never
     the machine's speed."""
-    proc = subprocess.Popen(
+    proc = start(
         cmd,
-        cwd=REPO,
         env={**ENV, ENV_VAR: fault},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,  # a signal from the terminal running the tests does not reach it
     )
     lines = []
@@ -161,12 +141,10 @@ def references(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     """The uninterrupted runs, saving once at the end: the resumed runs, which save after every step, must end
     bit-identical to them (so a save leaves training as it was, too)."""
     tmp = tmp_path_factory.mktemp("reference")
-    out = {}
-    for method in METHODS:
-        proc = run(command(quickstart_data, tmp / method, method, f"checkpoint.interval={STEPS}"))
+    procs = run_all([command(quickstart_data, tmp / m, m, f"checkpoint.interval={STEPS}") for m in METHODS])
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[method] = final_weights(tmp / method)
-    return out
+    return {method: final_weights(tmp / method) for method in METHODS}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

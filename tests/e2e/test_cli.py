@@ -11,17 +11,11 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[2]
+from launch import QUICKSTART, REPO, run, train_command
 
 
 def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_pept.train", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run(train_command(*args, config=None), cwd=cwd)
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -32,13 +26,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 
 def test_quickstart_trains_and_writes_tensorboard(quickstart_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_train(
-        "--config",
-        "configs/quickstart.yaml",
-        f"run_dir={run_dir}",
-        "train.steps=30",
-        f"data.path={quickstart_data}",
-    )
+    proc = run(train_command(f"run_dir={run_dir}", "train.steps=30", f"data.path={quickstart_data}"))
     assert proc.returncode == 0, proc.stderr
     assert "step 30/30" in proc.stdout and "val_loss" in proc.stdout
     tb = scalars(run_dir)
@@ -63,15 +51,8 @@ def test_quickstart_trains_and_writes_tensorboard(quickstart_data: Path, tmp_pat
 
 def test_quickstart_generates_its_own_data(tmp_path: Path) -> None:
     """From nothing but the repo: the built-in corpus is generated, tokenized and trained on."""
-    proc = run_train(
-        "--config",
-        str(REPO / "configs/quickstart.yaml"),
-        f"run_dir={tmp_path / 'run'}",
-        f"data.path={tmp_path / 'data'}",
-        "train.steps=2",
-        "train.eval_batches=1",
-        cwd=tmp_path,
-    )
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}", "train.steps=2"]
+    proc = run(train_command(*overrides, "train.eval_batches=1"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "data" / "index.json").is_file()
 
@@ -85,7 +66,7 @@ def test_quickstart_generates_its_own_data(tmp_path: Path) -> None:
     ],
 )
 def test_bad_overrides_are_one_line_and_exit_2(override: str, expected: str, tmp_path: Path) -> None:
-    proc = run_train("--config", "configs/quickstart.yaml", f"run_dir={tmp_path}", override)
+    proc = run(train_command(f"run_dir={tmp_path}", override))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
@@ -101,7 +82,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_refused_runs_write_nothing(quickstart_data: Path, tmp_path: Path) -> None:
     """A run refused after its config parsed (data, shape, checkpoint or method checks) leaves run_dir as it was:
     no config.yaml, no event file, no checksum cache; a new run_dir is not even created."""
-    common = ["--config", "configs/quickstart.yaml", f"data.path={quickstart_data}", "train.eval_batches=1"]
+    common = ["--config", QUICKSTART, f"data.path={quickstart_data}", "train.eval_batches=1"]
     fresh = tmp_path / "fresh"
     proc = run_train(*common, f"run_dir={fresh}", "model.vocab_size=100")  # smaller than the tokenizer's
     assert proc.returncode == 2 and "smaller than the data's tokenizer vocabulary" in proc.stderr
@@ -133,7 +114,7 @@ def test_help_and_config_listing() -> None:
     assert run_train("--help").returncode == 0
     listing = run_train("--help-config")
     assert listing.returncode == 0 and "optim.per_layer" in listing.stdout and "Peak learning rate" in listing.stdout
-    printed = run_train("--config", "configs/quickstart.yaml", "--print-config", "train.steps=7")
+    printed = run(train_command("--print-config", "train.steps=7"))
     assert printed.returncode == 0 and yaml.safe_load(printed.stdout)["train"]["steps"] == 7
 
 
@@ -154,24 +135,10 @@ def test_deepspeed_backend_runs_as_one_plain_process(quickstart_data: Path, tmp_
     with socket.socket() as sock:  # a free port, not a fixed one another job on this host may hold
         sock.bind(("127.0.0.1", 0))
         env["MASTER_PORT"] = str(sock.getsockname()[1])
-    common = ["--config", "configs/quickstart.yaml", "train.steps=3", f"data.path={quickstart_data}"]
+    common = ["train.steps=3", f"data.path={quickstart_data}"]
     losses = {}
     for backend in ("single", "deepspeed"):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "megatron_pept.train",
-                *common,
-                f"run_dir={tmp_path / backend}",
-                f"parallel.backend={backend}",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
+        proc = run(train_command(*common, f"run_dir={tmp_path / backend}", f"parallel.backend={backend}"), env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses[backend] = float(re.search(r"step 3/3 \| loss ([0-9.]+)", proc.stdout).group(1))
     assert losses["deepspeed"] == pytest.approx(losses["single"], abs=2e-4)

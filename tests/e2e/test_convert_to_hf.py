@@ -16,35 +16,23 @@ from pathlib import Path
 
 import pytest
 
+from launch import run, small_run
 from megatron_pept.config import load_config
 from megatron_pept.trainer import Trainer
 
 pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
 def run_dir(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("convert") / "run"
-    overrides = [
-        f"run_dir={run}",
-        f"data.path={quickstart_data}",
-        "data.seq_len=32",
-        "train.steps=2",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train.eval_interval=0",
-        "metrics.tensorboard=false",
-        "checkpoint.interval=2",
-    ]
-    Trainer(load_config(None, overrides)).train()
-    return run
+    folder = tmp_path_factory.mktemp("convert") / "run"
+    Trainer(load_config(None, small_run(quickstart_data, folder, "train.steps=2", "checkpoint.interval=2"))).train()
+    return folder
 
 
-def convert(run: Path, output: Path, *extra: str, prefix: tuple[str, ...] = (), **kwargs):
-    cmd = [*prefix, sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(run), "--output", str(output)]
-    return subprocess.run([*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV, **kwargs)
+def convert(checkpoint: Path, output: Path, *extra: str, prefix: tuple[str, ...] = (), **kwargs):
+    cmd = [*prefix, sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(checkpoint), "--output", str(output)]
+    return run([*cmd, *extra], **kwargs)
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:

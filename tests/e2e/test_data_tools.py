@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from launch import run, small_run, train_command
 from megatron_pept.data.corpus import generate_stories
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,25 +71,8 @@ def test_tokenizer_prepare_train(corpus: Path, tmp_path: Path) -> None:
         "--no-progress",
     )
     assert again.returncode == 0 and "already complete" in again.stdout
-    train = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_pept.train",
-            f"run_dir={tmp_path / 'run'}",
-            f"data.path={tmp_path / 'data'}",
-            "data.seq_len=64",
-            "train.steps=3",
-            "train.global_batch_size=4",
-            "train.micro_batch_size=4",
-            "train.eval_batches=1",
-            "metrics.tensorboard=false",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    overrides = small_run(tmp_path / "data", tmp_path / "run", "data.seq_len=64", "train.global_batch_size=4")
+    train = run(train_command(*overrides, "train.steps=3", "train.eval_batches=1", config=None))
     assert train.returncode == 0, train.stderr
     assert "step 3/3" in train.stdout
 
@@ -96,7 +80,7 @@ def test_tokenizer_prepare_train(corpus: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--input", "/nonexistent/x.jsonl", "--vocab-size", "100", "--output", "{tmp}/t"], "does not exist"),
+        (["--input", "{tmp}/nonexistent/x.jsonl", "--vocab-size", "100", "--output", "{tmp}/t"], "does not exist"),
         (
             ["--input", "{corpus}", "--vocab-size", "100", "--output", "{tmp}/t", "--text-field", "body"],
             "has no field 'body'",

@@ -2,58 +2,42 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[2]
+from launch import run_all, small_run, train_command
+
+METHODS = {
+    "galore": ["method.svd=randomized"],
+    "galore_ef": [],
+    "galore_dynamic": [],
+    "galore_dynamic_ef": ["optim.per_layer=true"],
+    "galore_8bit": [],
+    "galore_adafactor": [],
+    "adam_mini": ["optim.per_layer=true"],
+}
 
 
-@pytest.mark.parametrize(
-    "method,extra",
-    [
-        ("galore", ["method.svd=randomized"]),
-        ("galore_ef", []),
-        ("galore_dynamic", []),
-        ("galore_dynamic_ef", ["optim.per_layer=true"]),
-        ("galore_8bit", []),
-        ("galore_adafactor", []),
-        ("adam_mini", ["optim.per_layer=true"]),
-    ],
-)
-def test_method_trains_and_logs(method: str, extra: list[str], quickstart_data: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_pept.train",
-            "--config",
-            "configs/quickstart.yaml",
-            f"run_dir={tmp_path}",
-            f"data.path={quickstart_data}",
-            "data.seq_len=32",
-            "train.micro_batch_size=4",
-            "train.global_batch_size=8",
-            "train.eval_batches=1",
-            "train.steps=6",
-            "train.eval_interval=6",
-            f"method.name={method}",
-            "method.rank=8",
-            "method.update_proj_gap=2",
-            "method.dynamic_first=2",
-            "method.dynamic_cap=3",
-            *extra,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+@pytest.fixture(scope="module")
+def runs(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """Each method's run: (the finished process, its run_dir); two at a time."""
+    tmp = tmp_path_factory.mktemp("galore-cli")
+    galore = ["method.rank=8", "method.update_proj_gap=2", "method.dynamic_first=2", "method.dynamic_cap=3"]
+    cmds = []
+    for method, extra in METHODS.items():
+        overrides = small_run(quickstart_data, tmp / method, "metrics.tensorboard=true", "train.eval_batches=1")
+        overrides += ["train.steps=6", "train.eval_interval=6", f"method.name={method}", *galore, *extra]
+        cmds.append(train_command(*overrides))
+    return {method: (proc, tmp / method) for method, proc in zip(METHODS, run_all(cmds))}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_and_logs(method: str, runs: dict[str, tuple]) -> None:
+    proc, run_dir = runs[method]
     assert proc.returncode == 0, proc.stderr
-    acc = EventAccumulator(str(tmp_path))
+    acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "val/loss", "train/grad_norm"} <= tags

@@ -8,36 +8,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from launch import ENV, TRAIN, run, small_run, start, train_command
 from megatron_pept import train
 from megatron_pept.checkpoint import list_checkpoints, newest_complete
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
 
 def args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "configs/quickstart.yaml"),
-        f"run_dir={run_dir}",
-        f"data.path={data}",
-        "data.seq_len=32",
-        "train.steps=4",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train.eval_interval=0",
-        "train.eval_at_start=false",
-        "train.log_interval=1",
-        "metrics.tensorboard=false",
-        "data.verify_checksums=false",
-        *extra,
-    ]
+    """The arguments of a small run: ``train.main(args(...))`` in process, ``[*TRAIN, *args(...)]`` for the CLI."""
+    return train_command(*small_run(data, run_dir, "train.steps=4", *extra), launcher=())
 
 
 def one_line(capsys: pytest.CaptureFixture[str], code: int, expected: int = 2) -> str:
@@ -135,13 +118,11 @@ def test_ctrl_c_during_a_save_is_an_interruption(quickstart_data: Path, tmp_path
     run says it was interrupted (exit 130) instead of blaming the disk, and the checkpoint of step 2 stays the
     latest, with no partial folder left."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_pept.train", *args(quickstart_data, run_dir, "checkpoint.interval=2")],
-        cwd=REPO,
+    proc = start(
+        [*TRAIN, *args(quickstart_data, run_dir, "checkpoint.interval=2")],
         env={**ENV, ENV_VAR: "save.state@4"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         for line in proc.stderr:
@@ -174,17 +155,9 @@ def test_a_full_disk_under_tensorboard_saves_and_stops_with_one_line(quickstart_
     try:
         (disk / "filler").write_bytes(b"\0" * 200_000)  # about 50 kB left: filled by TensorBoard within the run
         checkpoints = tmp_path / "checkpoints"
-        cmd = [
-            sys.executable,
-            "-m",
-            "megatron_pept.train",
-            *args(quickstart_data, disk / "run", "metrics.tensorboard=true", "train.steps=400"),
-            "train.global_batch_size=4",
-            "train.log_interval=100",
-            "checkpoint.interval=1000",
-            f"checkpoint.dir={checkpoints}",
-        ]
-        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        cmd = args(quickstart_data, disk / "run", "metrics.tensorboard=true", "train.steps=400")
+        cmd += ["train.global_batch_size=4", "train.log_interval=100", "checkpoint.interval=1000"]
+        proc = run([*TRAIN, *cmd, f"checkpoint.dir={checkpoints}"])
         assert proc.returncode == 2, proc.stderr[-3000:]
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "cannot write TensorBoard events" in lines[0], proc.stderr[-3000:]

@@ -11,46 +11,20 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from launch import ENV, run, small_run, start, train_command
 from megatron_pept.checkpoint import list_checkpoints, newest_complete
 from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.faults import ENV_VAR, FAULT_FROZEN_LINE
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
 
 def command(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "megatron_pept.train",
-        "--config",
-        "configs/quickstart.yaml",
-        f"run_dir={run_dir}",
-        f"data.path={data}",
-        "data.seq_len=32",
-        "train.steps=6",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train.eval_interval=0",
-        "train.eval_at_start=false",
-        "train.log_interval=1",
-        "metrics.tensorboard=false",
-        "data.verify_checksums=false",
-        "checkpoint.interval=2",
-        *extra,
-    ]
-
-
-def run(cmd: list[str], *, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env or ENV, **kwargs)
+    return train_command(*small_run(data, run_dir, "train.steps=6", "checkpoint.interval=2", *extra))
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
@@ -70,13 +44,11 @@ def test_a_second_run_on_the_same_run_dir_is_refused(quickstart_data: Path, tmp_
     lone = run(command(quickstart_data, tmp_path / "lone"))
     assert lone.returncode == 0, lone.stderr[-3000:]
     shared = tmp_path / "shared"
-    first = subprocess.Popen(
+    first = start(
         command(quickstart_data, shared),
-        cwd=REPO,
         env={**ENV, ENV_VAR: "step.end@3"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         output = []
@@ -166,15 +138,21 @@ def test_a_file_size_limit_below_a_checkpoint_is_refused_before_the_first_step(q
     assert "ulimit -f" in error and "step 1/" not in proc.stdout
 
 
+@pytest.fixture(scope="module")
+def checkpoint_bytes(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> int:
+    """The size of one checkpoint of these runs (a two-step run saves one)."""
+    probe = tmp_path_factory.mktemp("probe")
+    proc = run(command(quickstart_data, probe, "train.steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sum(p.stat().st_size for p in (probe / "checkpoints" / "step_00000002").rglob("*"))
+
+
 def test_a_checkpoint_folder_without_room_for_one_checkpoint_is_refused_before_the_first_step(
-    quickstart_data, tmp_path, tmpfs
+    quickstart_data, checkpoint_bytes, tmp_path, tmpfs
 ) -> None:
     """Less free space than one checkpoint of the run (estimated from the model and optimizer state): one line
     naming both sizes before any step is trained, nothing written into the folder."""
-    probe = run(command(quickstart_data, tmp_path / "probe", "train.steps=2"))
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "step_00000002").rglob("*"))
-    small = tmpfs("tiny", f"size={size // 2}")
+    small = tmpfs("tiny", f"size={checkpoint_bytes // 2}")
     proc = run(command(quickstart_data, tmp_path / "run", f"checkpoint.dir={small}"))
     error = one_line_error(proc)
     assert "free but a checkpoint of this run takes about" in error and str(small) in error, error
@@ -182,14 +160,13 @@ def test_a_checkpoint_folder_without_room_for_one_checkpoint_is_refused_before_t
     assert not list(small.iterdir())  # the refused run removed even its lock file
 
 
-def test_a_full_disk_at_a_later_save_stops_the_run_and_keeps_the_last_checkpoint(quickstart_data, tmp_path, tmpfs):
+def test_a_full_disk_at_a_later_save_stops_the_run_and_keeps_the_last_checkpoint(
+    quickstart_data, checkpoint_bytes, tmp_path, tmpfs
+):
     """Room for one checkpoint (the check before the first step passes) but not for two: the second save fails
     with ENOSPC (the first is pruned only after a newer one commits). One line, exit 2, the first checkpoint
     intact and latest, no partial folder, and a resume after freeing space goes on from it."""
-    probe = run(command(quickstart_data, tmp_path / "probe", "train.steps=2"))
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "step_00000002").rglob("*"))
-    small = tmpfs("small", f"size={int(size * 1.5)}")
+    small = tmpfs("small", f"size={int(checkpoint_bytes * 1.5)}")
     cmd = command(quickstart_data, tmp_path / "run", f"checkpoint.dir={small}", "checkpoint.keep_last=1")
     error = one_line_error(run(cmd))
     assert "saving the checkpoint of step 4" in error and "No space left on device" in error, error

@@ -95,6 +95,7 @@ def test_checkpoint_benchmark_reports_what_it_measured(quickstart_data: Path, tm
     assert 3 * 4 * num_params < nbytes < 3 * 4 * num_params + 64_000
 
 
+@pytest.mark.slow  # a process for each base
 def test_quant_memory_benchmark_reports_what_the_models_hold(quickstart_data: Path) -> None:
     import math
 

@@ -4,11 +4,8 @@ export, update-rank analysis); damaged state and RNG files are one line each."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +13,11 @@ import torch
 from poisoned import Command, poison
 from test_trainer import tiny
 
+from launch import run, train_command
 from megatron_pept.checkpoint import safe_dcp, store
 from megatron_pept.checkpoint.export import load_full_tensors
 from megatron_pept.errors import UserError
 from megatron_pept.trainer import Trainer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +68,13 @@ def test_poisoned_metadata_is_refused_by_every_reader(saved_run: Path, tmp_path:
     assert (run_dir / "config.yaml").read_bytes() == config_before
 
 
+@pytest.mark.slow  # a training process
 def test_poisoned_metadata_through_the_cli_is_one_line(saved_run: Path, tmp_path: Path, quickstart_data: Path) -> None:
     run_dir, checkpoint = copy_run(saved_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     poison(checkpoint, marker)
     config = run_dir / "config.yaml"  # the saved run's resolved config: the same run, resumed in the copy
-    command = [
-        sys.executable,
-        "-m",
-        "megatron_pept.train",
-        "--config",
-        str(config),
-        f"run_dir={run_dir}",
-        "train.steps=3",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = run(train_command(f"run_dir={run_dir}", "train.steps=3", config=str(config)))
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "was refused" in lines[0], proc.stderr[-3000:]
@@ -127,7 +114,9 @@ def test_non_tensor_entries_and_outside_files_are_refused(saved_run: Path, tmp_p
     with pytest.raises(UserError, match="declares extra.train.step as a BytesStorageMetadata"):
         safe_dcp.read_metadata(checkpoint / "state")
     # A data file outside the folder.
-    for path in ("../../rng/rank00000.pt", "/etc/passwd", "missing.distcp"):
+    outside = tmp_path / "outside.distcp"  # a file that exists, named by its absolute path
+    shutil.copyfile(next((checkpoint / "state").glob("*.distcp")), outside)
+    for path in ("../../rng/rank00000.pt", str(outside), "missing.distcp"):
         bad = pickle.loads(good)
         info = next(iter(bad.storage_data.values()))
         info.relative_path = path

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from param_counts import adapter_params, llama_params, lowrank_trainable
 
 from megatron_pept.config import MethodConfig, ModelConfig
 from megatron_pept.methods.control import control_shape, swiglu_width, trainable_parameters
+from megatron_pept.models import MODEL_SHAPES, llama_args
 from megatron_pept.registry import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
+def shape_of(args) -> dict[str, int]:
+    names = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    return {name: getattr(args, name) for name in names}
+
+
 @pytest.mark.parametrize("size", ["60m", "130m", "350m"])
 def test_control_matches_the_lowrank_runs_trainable_count(size: str) -> None:
     trainable, total = trainable_parameters(ModelConfig(name=size), MethodConfig(name="relora"), vocab_size=32100)
-    assert trainable < total
-    shape = control_shape(ModelConfig(name=size), target_params=trainable, vocab_size=32100)
-    assert abs(shape.relative_error) < 0.02
-    assert shape.args.intermediate_size == swiglu_width(shape.args.hidden_size)
+    shape = MODEL_SHAPES[size]
+    assert trainable == lowrank_trainable(vocab=32100, rank=128, **shape)  # ReLoRA's r = 128 on every projection
+    assert total == llama_params(vocab=32100, tied=False, **shape) + adapter_params(rank=128, **shape)
+    control = control_shape(ModelConfig(name=size), target_params=trainable, vocab_size=32100)
+    assert control.params == llama_params(vocab=32100, tied=False, **shape_of(control.args))
+    assert abs(control.relative_error) < 0.02
+    assert control.args.intermediate_size == swiglu_width(control.args.hidden_size)
     # The control of ReLoRA's 60M run is its 40M model: width 416, 8 layers.
     if size == "60m":
-        assert (shape.args.hidden_size, shape.args.num_layers) == (416, 8)
+        assert (control.args.hidden_size, control.args.num_layers) == (416, 8)
 
 
 def test_warm_start_does_not_change_the_count() -> None:
@@ -35,16 +45,35 @@ def test_warm_start_does_not_change_the_count() -> None:
     assert cold == warm
 
 
-def test_control_shape_tool() -> None:
-    proc = subprocess.run(
-        [sys.executable, "tools/control_shape.py", "--config", "configs/relora_350m.yaml", "--vocab-size", "32100"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def checkout_tool(name: str) -> ModuleType:
+    """tools/NAME.py of the checkout, loaded as a module (its main runs in this process)."""
+    spec = importlib.util.spec_from_file_location(f"checkout_tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_control_shape_tool(capsys: pytest.CaptureFixture[str]) -> None:
+    """The counts it prints, against the counts written out from the 350m shape (r = 128, T5 vocabulary)."""
+    config = str(REPO / "configs/relora_350m.yaml")
+    code = checkout_tool("control_shape").main(["--config", config, "--vocab-size", "32100"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(lines) == 3, lines
+    shape = MODEL_SHAPES["350m"]
+    trainable = lowrank_trainable(vocab=32100, rank=128, **shape)
+    total = llama_params(vocab=32100, tied=False, **shape) + adapter_params(rank=128, **shape)
+    assert lines[0] == (
+        f"relora on 350m (rank 128, vocab 32100): {trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M parameters"
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "125.6M trainable" in proc.stdout and "overrides: method.name=full model.hidden_size=" in proc.stdout
+    overrides = dict(item.split("=") for item in lines[2].split()[1:])
+    assert lines[2].startswith("overrides: method.name=full ") and overrides.pop("method.name") == "full"
+    control = {key.removeprefix("model."): int(value) for key, value in overrides.items()}
+    params = llama_params(vocab=32100, tied=False, **control)
+    assert lines[1] == (
+        f"control: {params / 1e6:.1f}M parameters ({100 * (params / trainable - 1):+.1f}%), "
+        f"{control['num_layers']} layers of width {control['hidden_size']}"
+    )
+    assert abs(params / trainable - 1) < 0.02 and control["num_layers"] == shape["num_layers"]
 
 
 APPROX = dict(lr=1.5e-3, global_batch_size=1152, micro_batch_size=48, seq_len=256, steps=20000, model="350m")
@@ -141,6 +170,12 @@ def setting(cfg, section: str, key: str):
     return getattr(getattr(cfg, section), key)
 
 
+def declared_departures(recipe: str) -> set[str]:
+    """The keys a recipe's header declares departures for ('# Departure: KEY ...' lines)."""
+    text = (REPO / "configs" / f"{recipe}.yaml").read_text()
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# Departure:")}
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipes_carry_the_papers_settings_and_declare_departures(recipe: str) -> None:
     paper, departures = RECIPES[recipe]
@@ -149,15 +184,77 @@ def test_recipes_carry_the_papers_settings_and_declare_departures(recipe: str) -
         section = "model" if key == "model" else WHERE.get(key, "method")
         actual = cfg.model.name if key == "model" else setting(cfg, section, key)
         assert actual == value, f"{section}.{key}"
-    text = (REPO / "configs" / f"{recipe}.yaml").read_text()
-    declared = {line.split()[2] for line in text.splitlines() if line.startswith("# Departure:")}
-    assert declared == set(departures), "declare each departure on a '# Departure: KEY' line, and only those"
+    assert declared_departures(recipe) == set(departures), (
+        "declare each departure on a '# Departure: KEY' line, and only those"
+    )
     for key, value in departures.items():
         section, name = key.split(".")
         assert setting(cfg, section, name) == value, key
 
 
+# ReLoRA (Lialin et al., 2023), Table 1: "Hyperparameters of the language models trained in this study. Batch size
+# and data amount are specified in tokens."
+#
+#   Params  Hidden  Heads  Layers  Learning rate  Batch size  Seq. len.  Data amount
+#   60M     512     8      8       1e-3           122K        256        1.2B
+#   130M    768     12     12      1e-3           154K        256        2.6B
+#   250M    768     16     24      5e-4           590K        512        6.8B
+#   350M    1024    16     24      5e-4           590K        512        6.8B
+#   1.3B    2048    24     32      4e-4           786K        512        23.1B
+#
+# Written here as the table prints it (our size names as keys), not from our code.
+TABLE_1 = {
+    "60m": dict(hidden=512, heads=8, layers=8, lr=1e-3, batch_tokens_k=122, seq_len=256, tokens_b=1.2),
+    "130m": dict(hidden=768, heads=12, layers=12, lr=1e-3, batch_tokens_k=154, seq_len=256, tokens_b=2.6),
+    "250m": dict(hidden=768, heads=16, layers=24, lr=5e-4, batch_tokens_k=590, seq_len=512, tokens_b=6.8),
+    "350m": dict(hidden=1024, heads=16, layers=24, lr=5e-4, batch_tokens_k=590, seq_len=512, tokens_b=6.8),
+    "1b": dict(hidden=2048, heads=24, layers=32, lr=4e-4, batch_tokens_k=786, seq_len=512, tokens_b=23.1),
+}
+# The full-rank baselines of Table 1's runs, and the size each trains.
+FULL_RECIPES = {"full_60m": "60m", "full_130m": "130m", "full_350m": "350m", "full_1b": "1b"}
+# Table 1's 1.3B row cannot be taken as printed: 2048 is not a multiple of 24 heads, and 32 layers of that width make
+# a 1.74B model whose low-rank run trains 291M parameters, where Table 2 gives 250M (24 layers: 1.34B and 251M).
+# Heads and layers look swapped there; our 1b has 32 heads and 24 layers, and configs/full_1b.yaml declares no
+# departure for it.
+TABLE_1_HEADS_AND_LAYERS_1B = pytest.mark.xfail(
+    strict=True, reason="Table 1 prints 24 heads and 32 layers for 1.3B; our 1b has 32 heads and 24 layers"
+)
+
+
+@pytest.mark.parametrize("size", sorted(TABLE_1))
+def test_named_sizes_have_relora_table_1_widths(size: str) -> None:
+    assert llama_args(ModelConfig(name=size)).hidden_size == TABLE_1[size]["hidden"]
+
+
+@pytest.mark.parametrize(
+    "size", [pytest.param(s, marks=TABLE_1_HEADS_AND_LAYERS_1B) if s == "1b" else s for s in sorted(TABLE_1)]
+)
+def test_named_sizes_have_relora_table_1_heads_and_layers(size: str) -> None:
+    args = llama_args(ModelConfig(name=size))
+    assert (args.num_heads, args.num_layers) == (TABLE_1[size]["heads"], TABLE_1[size]["layers"])
+    assert args.num_kv_heads == args.num_heads  # multi-head attention, as in the paper's LLaMA
+
+
+@pytest.mark.parametrize("recipe", sorted(FULL_RECIPES))
+def test_full_recipes_follow_relora_table_1(recipe: str) -> None:
+    """Learning rate, sequence length, the batch in tokens (the table's K: 480 x 256 = 122,880 is printed 122K, so
+    to within 1K) and the data amount (steps x batch, to within half the table's last digit), unless the recipe's
+    header declares a departure for the key."""
+    cfg = load_config(REPO / "configs" / f"{recipe}.yaml")
+    assert cfg.model.name == FULL_RECIPES[recipe] and cfg.method.name == "full"
+    row, declared = TABLE_1[cfg.model.name], declared_departures(recipe)
+    batch_tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    checks = {
+        "optim.lr": cfg.optim.lr == row["lr"],
+        "data.seq_len": cfg.data.seq_len == row["seq_len"],
+        "train.global_batch_size": abs(batch_tokens - 1000 * row["batch_tokens_k"]) < 1000,
+        "train.steps": abs(cfg.train.steps * batch_tokens - 1e9 * row["tokens_b"]) <= 0.05e9,
+    }
+    assert not [key for key, ok in checks.items() if not ok and key not in declared], (cfg, row)
+
+
 def test_every_recipe_is_checked() -> None:
     shipped = {p.stem for p in (REPO / "configs").glob("*.yaml")} - {"quickstart"}
-    papers = {name for name in shipped if name.startswith(("relora_", "lora_", "approx_", "apollo_", "fira_"))}
-    assert papers == set(RECIPES)
+    prefixes = ("relora_", "lora_", "approx_", "apollo_", "fira_", "full_")
+    papers = {name for name in shipped if name.startswith(prefixes)}
+    assert papers == set(RECIPES) | set(FULL_RECIPES)

@@ -101,6 +101,7 @@ def test_torch_pin_and_install() -> None:
     assert args["WITH_GPU_EXTRAS"] == "0"
 
 
+@pytest.mark.slow  # a process
 def test_cmd_is_a_console_script_that_runs(quickstart_data: Path, tmp_path: Path) -> None:
     (cmd,) = [json.loads(a) for word, a in instructions() if word == "CMD"]
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]

@@ -94,6 +94,7 @@ def test_dry_run_produces_every_row_with_finite_numbers(quickstart_data: Path, t
     assert "dry (>= 1.05x full)" in proc.stdout and "dry (< 22 GB)" in proc.stdout
 
 
+@pytest.mark.slow  # a process
 def test_without_cuda_the_real_check_is_one_line_and_exit_0(tmp_path: Path) -> None:
     out = tmp_path / "skip.json"
     proc = _run_tool("--json", str(out), timeout=120)

@@ -491,6 +491,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow  # a process
 def test_transformers_4_reads_the_export_as_5_does(relora_export: dict, hf_tokenizer_export: dict, tmp_path: Path):
     """With MEGATRON_PEPT_TF4_PYTHON=<a python with transformers 4.x and torch> (e.g. a venv with
     transformers==4.46.3), that interpreter loads the exports (a SentencePiece and a tokenizer.json tokenizer, fp32

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,16 @@ import pytest
 import torch
 from test_trainer import tiny
 
+from launch import run, train_command
 from megatron_pept.errors import ConfigError
 from megatron_pept.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def train_cli(*overrides: str) -> subprocess.CompletedProcess[str]:
     """``python -m megatron_pept.train`` on the quickstart config with ``overrides``."""
-    command = [sys.executable, "-m", "megatron_pept.train", "--config", "configs/quickstart.yaml", *overrides]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run(train_command(*overrides), timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +64,11 @@ def test_init_from_refuses_another_shape_in_one_line_with_the_overrides_that_mat
     with pytest.raises(ConfigError, match=r"model.hidden_size=32.*; set model.hidden_size=64$"):
         Trainer(tiny(data, tmp_path / "run", f"model.init_from={folder}", "model.hidden_size=32"))
     assert not (tmp_path / "run").exists()  # a refused run writes nothing
+
+
+@pytest.mark.slow  # a training process
+def test_init_from_of_another_shape_through_the_cli_is_one_line(exported, tmp_path: Path) -> None:
+    folder, _, data = exported
     proc = train_cli(
         f"run_dir={tmp_path / 'cli'}", f"data.path={data}", f"model.init_from={folder}", "model.num_layers=3"
     )
@@ -317,6 +320,7 @@ def test_init_from_never_unpickles(exported, debug_model, tmp_path: Path) -> Non
     assert not marker.exists()
 
 
+@pytest.mark.slow  # training processes
 def test_train_refuses_a_folder_leading_out_or_damaged_in_one_line(exported, sharded, tmp_path: Path) -> None:
     """Through the real entry point: one line, exit 2, no traceback, nothing written."""
     folder, _, data = exported

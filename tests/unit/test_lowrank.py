@@ -8,6 +8,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from param_counts import lowrank_trainable
 
 from megatron_pept.config import MethodConfig, ModelConfig, OptimConfig
 from megatron_pept.methods import build_method
@@ -240,13 +241,7 @@ def test_pissa_initialisation_equals_peft() -> None:
 @pytest.mark.parametrize("size,millions", [("60m", 43), ("130m", 72), ("250m", 99), ("350m", 125), ("1b", 250)])
 def test_trainable_parameter_counts_match_relora_table_2(size: str, millions: float) -> None:
     vocab, r = 32100, 128
-    shape = MODEL_SHAPES[size]
-    h, inter = shape["hidden_size"], shape["intermediate_size"]
-    kv = shape["num_kv_heads"] * (h // shape["num_heads"])
-    # Every targeted out x in linear trains A (r x in) and B (out x r) instead of its weight.
-    adapters = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + inter) + (inter + h))  # q; k, v; o; gate, up; down
-    full_rank = 2 * vocab * h + (2 * shape["num_layers"] + 1) * h  # embeddings, LM head, norms
-    expected = full_rank + shape["num_layers"] * adapters
+    expected = lowrank_trainable(vocab=vocab, rank=r, **MODEL_SHAPES[size])  # every projection: A (r x in), B
     args = llama_args(ModelConfig(name=size), vocab_size=vocab)
     method = build_method(MethodConfig(name="relora", rank=r), optim_cfg=OptimConfig(), total_steps=10)
     model = build_model(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from param_counts import llama_params
 
 from megatron_pept.config import ModelConfig
 from megatron_pept.errors import ConfigError
@@ -89,27 +90,8 @@ def test_tied_embeddings_share_storage_after_materialisation() -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert "lm_head.weight" in model.state_dict()
     shape = MODEL_SHAPES["debug"]
-    expected = count_from_shape(vocab=100, tied=True, **shape)
+    expected = llama_params(vocab=100, tied=True, **shape)
     assert sum(p.numel() for p in model.parameters()) == args.num_params() == expected
-
-
-def count_from_shape(
-    *,
-    vocab: int,
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    intermediate_size: int,
-    tied: bool,
-) -> int:
-    """A LLaMA's parameter count written out from its shape (independent of the model code)."""
-    h, kv_width = hidden_size, num_kv_heads * (hidden_size // num_heads)  # k and v: kv heads x head_dim outputs
-    attention = h * h + 2 * h * kv_width + h * h  # q, k and v, o (no biases)
-    mlp = 3 * h * intermediate_size  # gate, up, down
-    norms = 2 * h  # RMSNorm before attention and before the MLP
-    embeddings = vocab * h if tied else 2 * vocab * h  # input embedding, plus the LM head when untied
-    return embeddings + num_layers * (attention + mlp + norms) + h  # + the final norm
 
 
 # The papers' names of these sizes (ReLoRA Table 1: 60M, 130M, 250M, 350M, 1.3B; LLaMA (Touvron et al., 2023)
@@ -118,10 +100,34 @@ def count_from_shape(
 PAPER_SIZE_NAMES_M = {"60m": 60, "130m": 130, "250m": 250, "350m": 350, "1b": 1300, "7b": 6700}
 
 
+def hf_params(*, vocab: int, tied: bool, **shape: int) -> int:
+    """The parameter count of transformers' LlamaForCausalLM of that shape (built on the meta device)."""
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        intermediate_size=shape["intermediate_size"],
+        tie_word_embeddings=tied,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())  # tied: one tensor, counted once
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("name", sorted(MODEL_SHAPES))
+def test_the_count_from_the_shapes_is_transformers_count(name: str, tied: bool) -> None:
+    """The reference the counts below are compared with (tests/param_counts.py) counts what transformers builds."""
+    shape = MODEL_SHAPES[name]
+    assert llama_params(vocab=32000, tied=tied, **shape) == hf_params(vocab=32000, tied=tied, **shape)
+
+
 @pytest.mark.parametrize("name", sorted(MODEL_SHAPES))
 def test_named_sizes_parameter_counts(name: str) -> None:
     args = llama_args(ModelConfig(name=name), vocab_size=32000)
-    expected = count_from_shape(vocab=32000, tied=False, **MODEL_SHAPES[name])
+    expected = llama_params(vocab=32000, tied=False, **MODEL_SHAPES[name])
     assert sum(p.numel() for p in build_model(args).parameters()) == expected
     assert args.num_params() == expected
     if name in PAPER_SIZE_NAMES_M:

@@ -135,24 +135,36 @@ def test_token_counts_match_an_independent_encoding(tmp_path: Path, tokenizer_di
     assert result.text_bytes == sum(len(d.encode()) for d in docs)
 
 
-def test_formats_and_workers_give_identical_shards(tmp_path: Path, tokenizer_dir: Path) -> None:
-    import datasets
-
+def stories_as_txt(tmp_path: Path, tokenizer_dir: Path) -> list[str]:
+    """600 stories in a.txt and a.jsonl, prepared from a.txt (one process) into tmp_path / "txt"."""
     docs = list(generate_stories(600, seed=9))
     (tmp_path / "a.txt").write_text("\n".join(docs) + "\n")
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
-    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "a.parquet"))
-    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
     reference = prepare_dataset(opts(tmp_path, [tmp_path / "a.txt"], tokenizer_dir, "txt"), show_progress=False)
     assert len(reference.index.splits["train"].shards) > 3
-    for name, inputs, workers in (
-        ("jsonl", [tmp_path / "a.jsonl"], 1),
-        ("parquet", [tmp_path / "a.parquet"], 1),
-        ("from_saved", [tmp_path / "saved"], 1),
-        ("workers", [tmp_path / "a.jsonl"], 2),
+    return docs
+
+
+def test_formats_give_identical_shards(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import datasets
+
+    docs = stories_as_txt(tmp_path, tokenizer_dir)
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "saved"))
+    for name, inputs in (
+        ("jsonl", [tmp_path / "a.jsonl"]),
+        ("parquet", [tmp_path / "a.parquet"]),
+        ("from_saved", [tmp_path / "saved"]),
     ):
-        prepare_dataset(opts(tmp_path, inputs, tokenizer_dir, name, workers=workers), show_progress=False)
+        prepare_dataset(opts(tmp_path, inputs, tokenizer_dir, name), show_progress=False)
         assert shard_bytes(tmp_path / name) == shard_bytes(tmp_path / "txt"), name
+
+
+@pytest.mark.slow  # worker processes
+def test_workers_give_identical_shards(tmp_path: Path, tokenizer_dir: Path) -> None:
+    stories_as_txt(tmp_path, tokenizer_dir)
+    prepare_dataset(opts(tmp_path, [tmp_path / "a.jsonl"], tokenizer_dir, "workers", workers=2), show_progress=False)
+    assert shard_bytes(tmp_path / "workers") == shard_bytes(tmp_path / "txt")
 
 
 def test_resume_after_a_crash_is_byte_identical(tmp_path: Path, tokenizer_dir: Path, monkeypatch) -> None:
@@ -212,6 +224,7 @@ def start_frozen(cmd: list[str], fault: str) -> tuple[subprocess.Popen, int]:
     pytest.fail(f"the tool ended (exit {proc.wait()}) before freezing at {fault}:\n{''.join(lines)}")
 
 
+@pytest.mark.slow  # processes
 def test_a_killed_worker_is_one_line_and_the_same_command_resumes(tmp_path: Path, tokenizer_dir: Path) -> None:
     """A tokenizer worker killed with -9 (as the out-of-memory killer does) while it holds a batch: the tool used to
     wait forever for that batch (multiprocessing.Pool replaces the worker and forgets its task). Now it exits 2 with
@@ -254,6 +267,7 @@ def test_a_killed_worker_is_one_line_and_the_same_command_resumes(tmp_path: Path
     assert read_index(out).splits == read_index(tmp_path / "whole").splits
 
 
+@pytest.mark.slow  # processes
 def test_a_killed_tool_leaves_no_workers(tmp_path: Path, tokenizer_dir: Path) -> None:
     """kill -9 of megatron-pept-prepare-data itself: its tokenizer workers used to wait for ever on a queue whose
     other end was gone (one of them frozen at prepare.encode@3 here); they now die with it (megatron_pept.orphans),

@@ -207,7 +207,13 @@ def test_plot_runs_errors_are_one_line(
         m.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
         rc = plot_main([str(runs["full"]), "--output", out])
         assert "pip install 'megatron_pept[study]'" in one_line_error(capsys, rc, prog)
-    # the checkout's wrapper: same behaviour in a process of its own
+
+
+@pytest.mark.slow  # a process
+def test_plot_runs_wrapper_errors_are_one_line(tmp_path: Path) -> None:
+    """The checkout's wrapper: same behaviour in a process of its own."""
+    out = str(tmp_path / "out")
+    (tmp_path / "empty").mkdir()
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "plot_runs.py"), str(tmp_path / "empty"), "--output", out],
         capture_output=True,
@@ -328,8 +334,15 @@ def test_analyze_rank_errors_are_one_line(
         m.setitem(sys.modules, "matplotlib", None)
         rc = rank_main(["--pair", "x", str(full), str(full), "--output", out])
         assert "pip install 'megatron_pept[study]'" in one_line_error(capsys, rc, prog)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a process
+def test_analyze_rank_wrapper_errors_are_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The checkout's wrapper: same behaviour in a process of its own."""
+    out = str(tmp_path / "out")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "analyze_rank.py"), str(full), "--output", out],
+        [sys.executable, str(REPO / "tools" / "analyze_rank.py"), str(runs["full"]), "--output", out],
         capture_output=True,
         text=True,
     )
