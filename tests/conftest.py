@@ -1,11 +1,11 @@
 """Shared fixtures (the built-in quickstart data, made once per test session, no download) and the two tiers.
 
-`pytest -m "not slow"` is the inner loop (under 3 minutes on 2 cores); `pytest` runs everything. A test is `slow`
-when it starts a process (subprocess, torchrun, deepspeed, multiprocessing), builds a wheel or trains more than a
-few steps. Every test under tests/e2e, tests/distributed and tests/gpu is slow by its folder (marked below, so a
-new one cannot land in the fast tier); a slow unit test says so itself (``@pytest.mark.slow``, or ``pytestmark``
-for a module). A test not marked slow that starts a process (in its body or a function-scoped fixture) fails,
-naming the marker it lacks.
+`pytest -m "not slow"` is the inner loop (1.5 minutes on 2 cores with two xdist workers); `pytest` runs everything.
+A test is `slow` when it starts a process (subprocess, torchrun, deepspeed, multiprocessing), builds a wheel or
+trains more than a few steps. Every test under tests/e2e, tests/distributed and tests/gpu is slow by its folder
+(marked below, so a new one cannot land in the fast tier); a slow unit test says so itself (``@pytest.mark.slow``,
+or ``pytestmark`` for a module). A test not marked slow that starts a process (in its body or a function-scoped
+fixture) fails, naming the marker it lacks.
 """
 
 from __future__ import annotations
@@ -32,8 +32,26 @@ SLOW_FOLDERS = ("e2e", "distributed", "gpu")
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.is_relative_to(TESTS) and item.path.relative_to(TESTS).parts[0] in SLOW_FOLDERS:
+        folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else None
+        if folder in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadscope` (pyproject's addopts: two pytest-xdist workers) sends each test module to one worker, and
+    every test under tests/distributed to one worker together: its session fixture launches the runs of all of them
+    at once (helpers.shared_launch), so a second worker would launch them all again."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndDistributed(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tests/distributed" if module.startswith("tests/distributed/") else module
+
+    return ModulesAndDistributed(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,7 @@ def launch(runs: list[dict], tmp: Path, *, launcher: str = "torchrun", timeout: 
         command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", port]
     worker = [str(REPO / "tests/distributed/worker.py"), str(tmp / "runs.json"), str(tmp / "out.pt")]
     proc = subprocess.run([*command, *worker], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    (tmp / "launch.log").write_text(proc.stdout + proc.stderr)  # each run's start, for a failure or a slow launch
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert not extensions.exists(), f"a C++ extension was compiled during the runs: {sorted(extensions.rglob('*'))}"
     return torch.load(tmp / "out.pt", weights_only=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,8 +65,9 @@ def main() -> None:
     with open(args[0]) as f:
         runs = json.load(f)
     results = {}
+    started = time.monotonic()
     for run in runs:
-        print(f"worker: run {run['name']}", flush=True)
+        print(f"worker: run {run['name']} (at {time.monotonic() - started:.1f} s)", flush=True)
         if run.get("expect_error"):  # a run that must be refused: its one-line error, on every rank
             try:
                 Trainer(load_config(None, run["overrides"]))

@@ -135,7 +135,16 @@ def venv_bin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         )
         _check(
             subprocess.run(
-                [str(venv / "bin" / "python"), "-m", "pip", "install", *sources, f"torch=={TORCH}", f"{wheel}[hf]"],
+                [
+                    str(venv / "bin" / "python"),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-compile",
+                    *sources,
+                    f"torch=={TORCH}",
+                    f"{wheel}[hf]",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=900,
