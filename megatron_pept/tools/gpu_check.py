@@ -2,8 +2,9 @@
 
 The measurements live in :mod:`megatron_pept.bench.gpu_check`; this file parses arguments, prints the one table
 (stdout; progress goes to stderr) and writes the optional JSON. Exit status: 0 when no row FAILs (SKIP rows do not
-fail), 1 when a measured row misses its target or errors, 2 for a mistake in the arguments. Without a CUDA device
-the real check prints one line and exits 0; ``--dry-run`` runs the same code on CPU with tiny shapes.
+fail), 1 when a measured row misses its target or errors, 2 for a mistake in the arguments or when the real check
+cannot run: without a CUDA device it prints one line on stderr, writes nothing and exits 2 (a GPU job that lost its
+GPU must not pass). ``--dry-run`` runs the same code on CPU with tiny shapes.
 """
 
 from __future__ import annotations
@@ -83,15 +84,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
-    import torch
-
-    from megatron_pept.bench.gpu_check import NO_CUDA_LINE
-
-    if not args.dry_run and not torch.cuda.is_available():
-        print(NO_CUDA_LINE)
-        if args.json is not None:
-            _write_json(args.json, {"mode": "real", "skipped": "no CUDA device", "rows": [], "exit_code": 0})
-        return 0
     from megatron_pept.cli import run_cli
 
     return run_cli(lambda: _run(args), prog=prog)
@@ -101,10 +93,13 @@ def _run(args: argparse.Namespace) -> int:
     from megatron_pept.bench.gpu_check import (
         GpuCheckSettings,
         format_table,
+        require_cuda,
         run_gpu_check,
         with_overrides,
     )
 
+    if not args.dry_run:
+        require_cuda()  # first: one line and exit 2, nothing measured or written
     base = GpuCheckSettings.for_dry_run() if args.dry_run else GpuCheckSettings()
     groups = tuple(g.strip() for g in args.only.split(",") if g.strip()) if args.only else None
     settings = with_overrides(

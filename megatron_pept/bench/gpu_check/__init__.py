@@ -19,15 +19,18 @@ The rest, one job per file: the settings and targets (:mod:`.settings`), how a m
 its target (:mod:`.verdicts`), what the groups share (:mod:`.harness`: short training runs, the seeded model,
 device plumbing), running the groups in order (:mod:`.runner`), the table and the JSON record (:mod:`.report`).
 
-``--dry-run`` runs the same functions on CPU with the ``debug`` model and a few tiny steps: every row is produced
-the same way, targets are shown but not judged ("dry"), kernels that are not installed are SKIP rows, the memory
-row is the process's peak RSS. It checks the plumbing, not the numbers.
+Without a CUDA device the real check does not run: :func:`require_cuda` raises (the tool prints one line and exits
+2), so a GPU job that lost its GPU fails. ``--dry-run`` runs the same functions on CPU with the ``debug`` model and
+a few tiny steps: every row is produced the same way, targets are shown but not judged ("dry"), kernels that are
+not installed are SKIP rows, the memory row is the process's peak RSS. It checks the plumbing, not the numbers. In
+both modes an optional package that does not import (flash-attn; transformer-engine, detected by its
+``transformer_engine.pytorch``; bitsandbytes) SKIPs only the rows that need it.
 """
 
 from megatron_pept.bench.gpu_check.attention import attention_references, attention_rows, compare_attention_backend
 from megatron_pept.bench.gpu_check.harness import _materialised  # noqa: F401  (tests build the seeded model)
 from megatron_pept.bench.gpu_check.report import NO_CUDA_LINE, GpuCheckResult, format_table
-from megatron_pept.bench.gpu_check.runner import run_gpu_check
+from megatron_pept.bench.gpu_check.runner import require_cuda, run_gpu_check
 from megatron_pept.bench.gpu_check.settings import CHECK_GROUPS, GpuCheckSettings, with_overrides
 from megatron_pept.bench.gpu_check.throughput import time_refresh
 from megatron_pept.bench.gpu_check.verdicts import (
@@ -61,6 +64,7 @@ __all__ = [
     "compare_attention_backend",
     "exit_code",
     "format_table",
+    "require_cuda",
     "resolve_status",
     "run_gpu_check",
     "time_refresh",

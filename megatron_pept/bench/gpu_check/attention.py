@@ -2,8 +2,9 @@
 weights and batch (the ``1b`` model, one sequence of 2048 tokens, bf16 autocast; the same model object with its
 attention kernels swapped). Pass bound: twice the bf16 error of ``sdpa`` itself (its bf16 logits against its fp32
 logits), and at least 2 bf16 ulps of the largest logit. The kernels are also compared directly on unit-normal
-q/k/v (same bound against the fp32 ``sdpa`` output), which a masking or layout bug cannot pass. A package that is
-not installed is a SKIP row saying so.
+q/k/v (same bound against the fp32 ``sdpa`` output), which a masking or layout bug cannot pass. A kernel whose
+module does not import (``flash_attn``; ``transformer_engine.pytorch``, the module the ``te`` backend uses, not the
+top-level package) is a SKIP row saying why; the other kernel's row is measured all the same.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 
 import torch
 
-from megatron_pept.bench.gpu_check.harness import _autocast, _describe_error, _free, _installed, _materialised
+from megatron_pept.bench.gpu_check.harness import _autocast, _describe_error, _free, _materialised, unavailable
 from megatron_pept.bench.gpu_check.settings import GpuCheckSettings
 from megatron_pept.bench.gpu_check.verdicts import Row, Target, bf16_bound
 
-ATTENTION_PACKAGES = {"flash": "flash_attn", "te": "transformer_engine"}
+ATTENTION_PACKAGES = {"flash": "flash_attn", "te": "transformer_engine.pytorch"}
+"""The module each kernel imports (megatron_pept.models.attention): the row is measured only when it imports."""
 
 
 def _swap_cores(model: Any, backend: str) -> list[Any]:
@@ -99,11 +101,15 @@ def attention_rows(s: GpuCheckSettings, *, log: Callable[[str], None]) -> list[R
         Row(id=f"attention/{backend}", check=f"attention {backend} vs sdpa", backend="-")
         for backend in ATTENTION_PACKAGES
     ]
-    missing = {b: not _installed(m) for b, m in ATTENTION_PACKAGES.items()}
+    why = {b: unavailable(m) for b, m in ATTENTION_PACKAGES.items()}
+    missing = {b: why[b] is not None for b in ATTENTION_PACKAGES}
     for row, backend in zip(rows, ATTENTION_PACKAGES):
-        if missing[backend]:
+        if why[backend] == "not installed":
             row.skipped = f"not installed ({ATTENTION_PACKAGES[backend]}; pip install 'megatron_pept[gpu]')"
             row.measured = "not installed"
+        elif why[backend] is not None:
+            row.skipped = f"{why[backend]}; pip install 'megatron_pept[gpu]' on a CUDA machine"
+            row.measured = "does not import"
     if all(missing.values()):
         return rows
     log("attention: sdpa references")

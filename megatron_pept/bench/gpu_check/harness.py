@@ -34,9 +34,24 @@ def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMan
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _installed(module: str) -> bool:
-    # find_spec of a top-level name does not import it (transformer-engine raises on import without CUDA).
-    return importlib.util.find_spec(module) is not None
+def unavailable(module: str) -> str | None:
+    """None when ``module`` imports (the module the stack itself imports: ``transformer_engine.pytorch``, not the
+    top-level package, which a transformer-engine install without its PyTorch part also provides), else why not, in
+    a few words: ``not installed`` when its top-level package is not there at all, else the import's error. A row
+    that needs the module is then SKIPped with this reason, and no other row is affected."""
+    top = module.partition(".")[0]
+    try:
+        found = sys.modules.get(top) is not None or importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a parent that raises on import, a module without a spec
+        found = False
+    if not found:
+        return "not installed"
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # transformer-engine raises RuntimeError, not ImportError, without CUDA
+        lines = str(err).strip().splitlines()
+        return f"{module} does not import ({type(err).__name__}: {lines[0] if lines else 'no message'})"[:200]
+    return None
 
 
 def _data_path(s: GpuCheckSettings) -> Path:

@@ -17,10 +17,10 @@ from megatron_pept.bench.gpu_check.harness import (
     _build_trainer,
     _describe_error,
     _free,
-    _installed,
     _sync,
     _tensor_bytes,
     _trainer_overrides,
+    unavailable,
 )
 from megatron_pept.bench.gpu_check.settings import GpuCheckSettings
 from megatron_pept.bench.gpu_check.verdicts import Row, Target
@@ -35,9 +35,10 @@ def memory_row(s: GpuCheckSettings, *, tmp: Path, log: Callable[[str], None]) ->
     device = torch.device(s.device)
     what = "peak CUDA memory" if device.type == "cuda" else "CPU peak RSS"
     row = Row(id="memory/galore_8bit_per_layer", check=f"{s.mem_model} galore_8bit per-layer {what}")
-    if not _installed("bitsandbytes"):
-        row.skipped = "bitsandbytes not installed (pip install 'megatron_pept[quant]')"
-        row.measured = "not installed"
+    why = unavailable("bitsandbytes")
+    if why is not None:
+        row.skipped = f"bitsandbytes {why} (pip install 'megatron_pept[quant]')"
+        row.measured = "not installed" if why == "not installed" else "does not import"
         return row
     log(f"memory: {s.mem_model} galore_8bit with per-layer updates")
     extra = (

@@ -1,5 +1,5 @@
 """What the GPU check reports: the :class:`GpuCheckResult` (its JSON record), the one table on stdout
-(:func:`format_table`), and the one line printed when there is no CUDA device for the real check."""
+(:func:`format_table`), and the error of a real check on a machine without a CUDA device."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from typing import Any
 from megatron_pept.bench.gpu_check.settings import GpuCheckSettings
 from megatron_pept.bench.gpu_check.verdicts import DRY, FAIL, PASS, SKIP, Row, exit_code
 
-NO_CUDA_LINE = "gpu_check: no CUDA device; skipped (use --dry-run to check the plumbing on CPU)"
+NO_CUDA_LINE = (
+    "no CUDA device: the real check needs one and fails without it (a GPU job that lost its GPU must not pass); use "
+    "--dry-run to check the plumbing on CPU"
+)
+"""What the real check says (the tool prints ``PROG: error: NO_CUDA_LINE [(why)]``, one line, exit 2) when
+``torch.cuda.is_available()`` is False: no GPU, a driver that does not load, ``CUDA_VISIBLE_DEVICES`` empty."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ import contextlib
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,11 +17,11 @@ from megatron_pept.bench.gpu_check.attention import attention_rows
 from megatron_pept.bench.gpu_check.galore_8bit import galore_8bit_row
 from megatron_pept.bench.gpu_check.harness import _data_path
 from megatron_pept.bench.gpu_check.memory import memory_row
-from megatron_pept.bench.gpu_check.report import GpuCheckResult
+from megatron_pept.bench.gpu_check.report import NO_CUDA_LINE, GpuCheckResult
 from megatron_pept.bench.gpu_check.settings import CHECK_GROUPS, GpuCheckSettings
 from megatron_pept.bench.gpu_check.throughput import throughput_rows
 from megatron_pept.bench.gpu_check.verdicts import Row, resolve_status
-from megatron_pept.errors import ConfigError
+from megatron_pept.errors import UserError
 
 
 @contextlib.contextmanager
@@ -49,13 +50,27 @@ def describe_device(device: torch.device) -> str:
     return "cpu"
 
 
+def require_cuda() -> None:
+    """Raise :class:`UserError` (``NO_CUDA_LINE``, with torch's reason when it gave one) unless a CUDA device is
+    usable. A CUDA build without a working driver warns while answering ``is_available()``: the warning's first line
+    becomes the reason, so the tool still prints one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return
+    reasons = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    raise UserError(NO_CUDA_LINE + (f" ({reasons[0][:200]})" if reasons else ""))
+
+
 def run_gpu_check(s: GpuCheckSettings, *, log: Callable[[str], None] | None = None) -> GpuCheckResult:
-    """Run every row group of ``s`` in order and judge the rows (see the package docstring)."""
+    """Run every row group of ``s`` in order and judge the rows (see the package docstring). A check on a CUDA device
+    (the real one) raises :class:`UserError` before anything runs when there is none."""
     s.validate()
     start = time.perf_counter()
     device = torch.device(s.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("the real check needs a CUDA device; use --dry-run on a CPU machine")
+    if device.type == "cuda":
+        require_cuda()
 
     def progress(message: str) -> None:
         (log or (lambda m: print(f"gpu_check [{time.perf_counter() - start:5.0f} s] {m}", file=sys.stderr)))(message)
