@@ -40,7 +40,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """`--dist loadscope` (pyproject's addopts: two pytest-xdist workers) sends each test module to one worker, and
     every test under tests/distributed to one worker together: its session fixture launches the runs of all of them
-    at once (helpers.shared_launch), so a second worker would launch them all again."""
+    at once (helpers.shared_launch), so a second worker would launch them all again. Every test under tests/gpu
+    goes to one worker too: two workers would share the one GPU, and the acceptance check's timings with it."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -48,7 +49,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     class ModulesAndDistributed(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return "tests/distributed" if module.startswith("tests/distributed/") else module
+            for folder in ("tests/distributed", "tests/gpu"):
+                if module.startswith(f"{folder}/"):
+                    return folder
+            return module
 
     return ModulesAndDistributed(config, log)
 
