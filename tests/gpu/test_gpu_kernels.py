@@ -52,8 +52,9 @@ def test_an_attention_kernel_trains_as_sdpa_does(
     ``sdpa``. Tolerance: at every step the loss is within twice the largest per-step gap between sdpa's own bf16
     and fp32 curves (at least 1e-3). A kernel computes the same attention in another order, a perturbation of the
     size of bf16 rounding inside one op; bf16 against fp32 perturbs every op by that much, so a correct kernel stays
-    well inside the bound over 50 steps, while a wrong mask, scale or head layout changes what the model can learn
-    (a kernel that sees the future drives the loss towards zero within a few steps) and leaves it."""
+    inside the bound, while a wrong mask, scale or head layout trains another function and leaves it. Measured on
+    the CPU with the debug model (the bound 3.1e-3 there): attention computed by hand with an fp32 softmax stayed at
+    1.1e-3, the same without the causal mask went to 6.4e-2."""
     module, class_name = KERNELS[kernel]
     if module is not None:
         import_or_skip(module)
@@ -103,6 +104,11 @@ def test_galore_8bit_trains_on_bitsandbytes_kernels(quickstart_data: Path, tmp_p
 Q_DTYPES = {"int8": torch.int8, "nf4": torch.uint8, "fp8": torch.float8_e4m3fn}
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``, compared exactly whatever its dtype (torch.equal has no fp8 kernel everywhere)."""
+    return t.detach().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
+
+
 @pytest.mark.parametrize("fmt", list(Q_DTYPES))
 def test_a_quantised_base_trains_with_its_master_in_host_memory(fmt: str, quickstart_data: Path, tmp_path: Path):
     """ReLoRA over an int8, NF4 or fp8 base with ``method.base_master=host`` (the default), one restart (step 5)
@@ -140,5 +146,5 @@ def test_a_quantised_base_trains_with_its_master_in_host_memory(fmt: str, quicks
             expected = quantize(master.to(DEVICE), fmt, **kwargs)
             assert expected.keys() == parts.keys(), name
             for part, value in expected.items():
-                assert torch.equal(parts[part].view(torch.uint8), value.view(torch.uint8)), (name, part)
+                assert torch.equal(_bits(parts[part]), _bits(value)), (name, part)
     assert_loss_falls(losses, what=f"relora on a {fmt} base")
