@@ -238,6 +238,20 @@ def test_installed_console_scripts_run_outside_the_checkout(venv_bin: Path, tmp_
     )
     assert loaded.stdout.strip().startswith("LlamaForCausalLM") and loaded.stdout.strip().endswith("Once upon a time")
 
+    # The GPU acceptance check on this CPU machine: the real check refuses in one line and fails (a GPU job that
+    # lost its GPU must not pass), writing nothing.
+    no_gpu = subprocess.run(
+        ["megatron-pept-gpu-check", "--json", "gpu_check.json"],
+        cwd=work,
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert no_gpu.returncode == 2 and no_gpu.stdout == "", no_gpu.stdout + no_gpu.stderr[-2000:]
+    assert len(no_gpu.stderr.splitlines()) == 1 and "no CUDA device" in no_gpu.stderr, no_gpu.stderr[-2000:]
+    assert not (work / "gpu_check.json").exists()
+
     # include: between shipped files (relora_130m.yaml includes full_130m.yaml), by a bare name with .yaml too.
     printed = _check(run("megatron-pept-train", "--config", "relora_130m.yaml", "--print-config"), "--print-config")
     assert "name: 130m" in printed.stdout and "name: relora" in printed.stdout
