@@ -35,7 +35,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             "(one rank) backends, with "
             "ratios against full; logits of the flash and te attention kernels against sdpa; one galore_8bit step "
             f"through bitsandbytes against galore; peak memory of a {real.mem_model} galore_8bit step with per-layer "
-            "updates. One table, each row next to its target with PASS/FAIL/SKIP; exit status 1 when a row FAILs. "
+            "updates. One table, each row next to its target with PASS/FAIL/SKIP; exit status 1 when a row FAILs, 2 "
+            "without a CUDA device (one line: a GPU job that lost its GPU must not pass; --dry-run is the CPU mode). "
+            "A row whose optional package does not import (flash-attn, transformer-engine's "
+            "transformer_engine.pytorch, bitsandbytes) is a SKIP. "
             "See docs/benchmarks.md (GPU acceptance check) for the targets and how each figure is measured."
         ),
         epilog="Example: python tools/gpu_check.py --json gpu_check.json; python tools/gpu_check.py --dry-run",
