@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron_pept.checkpoint import safe_dcp, store
 from megatron_pept.errors import UserError
@@ -29,8 +28,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def load_full_tensors(path: Path, *, prefix: str) -> dict[str, torch.Tensor]:
     """Every saved tensor whose key starts with ``prefix`` (prefix removed), whole, on CPU, from the DCP shards
-    of any number of ranks (saved bytes, such as a kernel's extra state, are not tensors and are not read). Under
-    DeepSpeed checkpoints the model comes from DeepSpeed's own files instead."""
+    of any number of ranks. Under DeepSpeed checkpoints the model comes from DeepSpeed's own files instead."""
     state_dir = path / "state"
     if not (state_dir / ".metadata").is_file():
         raise UserError(
@@ -41,7 +39,7 @@ def load_full_tensors(path: Path, *, prefix: str) -> dict[str, torch.Tensor]:
     out = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        if key.startswith(prefix)
     }
     if not out:
         raise UserError(f"{path} holds no tensors under {prefix!r}")
