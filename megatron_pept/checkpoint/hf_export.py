@@ -5,11 +5,11 @@ The model is rebuilt as the run built it (shape from the checkpoint's ``meta.jso
 saved config, the method's phase from its saved state) but with torch's SDPA attention whatever kernel the run
 trained with (``model.attention``: every kernel computes the same function of the same weights, the kernel is no
 Hugging Face setting, and a ``flash`` or ``te`` run exports where flash-attn and transformer-engine are not
-installed; a kernel's saved state, such as the ``..._extra_state`` of older ``te`` checkpoints, is not read), the
-whole weights are read from the
-DCP shards of any number of ranks or, for a DeepSpeed run, consolidated from its ZeRO partitions by DeepSpeed's own
-``zero_to_fp32`` functions, and every low-rank layer is replaced by the dense weight it applies (LoRA / ReLoRA:
-``W + s B A``; DoRA: magnitude times the normalised direction; bases in low precision dequantised to float).
+installed; a kernel's saved state, such as the ``..._extra_state`` of older ``te`` checkpoints, is dropped
+unused), the whole weights are read from the DCP shards of any number of ranks or, for a DeepSpeed run,
+consolidated from its ZeRO partitions by DeepSpeed's own ``zero_to_fp32`` functions, and every low-rank layer is
+replaced by the dense weight it applies (LoRA / ReLoRA: ``W + s B A``; DoRA: magnitude times the normalised
+direction; bases in low precision dequantised to float).
 Optimizer state is not read. Nothing is loaded with pickle. The weights and config.json then go through the
 Hugging Face adapter (:func:`megatron_pept.models.hf.to_hf`), which keeps exactly transformers' parameters.
 

@@ -210,9 +210,8 @@ def test_from_hf_refuses_another_model_a_missing_weight_and_a_wrong_shape_in_one
         r"^model.init_from=F is not the model this run builds \(model.num_layers=1\); set model.num_layers=2$",
         args=other,
     )
-    refused(
-        r"^model.init_from=F uses RoPE scaling \(.*linear.*\)", config={**config, "rope_scaling": {"rope_type": "linear"}}
-    )
+    scaled = {**config, "rope_scaling": {"rope_type": "linear"}}
+    refused(r"^model.init_from=F uses RoPE scaling \(.*linear.*\)", config=scaled)
     refused(
         r"^model.init_from=F: config.json has no hidden_size",
         config={k: v for k, v in config.items() if k != "hidden_size"},
