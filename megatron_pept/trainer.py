@@ -82,11 +82,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         t, d = cfg.train, cfg.data
-        self.compute_dtype = (
-            torch.bfloat16
-            if (t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda"))
-            else torch.float32
-        )
+        self.compute_dtype = self.backend.compute_dtype
         torch.manual_seed(t.seed)
         global_micro = t.micro_batch_size * self.dims.dp_world_size
         if t.global_batch_size % global_micro:

@@ -1,0 +1,98 @@
+"""The CUDA code paths checked on a CPU: the dtype a run computes in and FSDP2's mixed-precision policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_pept.config import ModelConfig, TrainConfig, load_config
+from megatron_pept.distributed import FSDP2Backend, ParallelDims, compute_dtype, fsdp2_mixed_precision
+from megatron_pept.models import build_model, llama_args
+
+CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "dtype,device,expected",
+    [
+        ("auto", CUDA, torch.bfloat16),
+        ("auto", CPU, torch.float32),
+        ("fp32", CUDA, torch.float32),
+        ("fp32", CPU, torch.float32),
+        ("bf16", CUDA, torch.bfloat16),
+        ("bf16", CPU, torch.bfloat16),
+    ],
+)
+def test_the_compute_dtype_follows_train_dtype(dtype: str, device: torch.device, expected: torch.dtype) -> None:
+    assert compute_dtype(TrainConfig(dtype=dtype), device) == expected
+
+
+def test_the_fsdp2_policy_follows_the_compute_dtype() -> None:
+    policy = fsdp2_mixed_precision(torch.bfloat16, device_type="cuda")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp2_mixed_precision(torch.float32, device_type="cuda") is None  # fp32 asked: fp32 computed
+    assert fsdp2_mixed_precision(torch.bfloat16, device_type="cpu") is None  # the trainer's autocast does it
+    assert fsdp2_mixed_precision(torch.float32, device_type="cpu") is None
+
+
+def debug_model() -> torch.nn.Module:
+    model = build_model(llama_args(ModelConfig(name="debug"), vocab_size=97, max_seq_len=16))
+    model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    return model
+
+
+@pytest.mark.parametrize("dtype,expected", [("fp32", None), ("bf16", torch.bfloat16), ("auto", torch.bfloat16)])
+def test_the_fsdp2_backend_on_cuda_shards_with_the_policy_of_train_dtype(
+    dtype: str, expected: torch.dtype | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the backend hands fully_shard on a CUDA device (recorded, not run: no CUDA here). It used to pass a
+    bf16 policy whatever train.dtype said, so an fp32 run computed in bf16."""
+    import torch.distributed.fsdp
+
+    calls = []
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", lambda module, **kw: calls.append(kw))
+    cfg = load_config(None, ["data.path=x", "parallel.backend=fsdp2", f"train.dtype={dtype}"])
+    backend = FSDP2Backend(cfg, ParallelDims(backend="fsdp2"), CUDA)
+    backend.wrap(debug_model(), grad_accum_steps=1)
+    assert len(calls) == 2 + 1  # each block, then the root
+    for kw in calls:
+        policy = kw.get("mp_policy")
+        assert (policy.param_dtype if policy is not None else None) == expected
+        assert policy is None or policy.reduce_dtype == torch.float32
+
+
+@pytest.fixture
+def one_gloo_rank():
+    """A process group of this process alone (an in-memory store: no port, no other process)."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,seen", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_a_real_fsdp2_wrap_computes_with_the_policy_dtype(one_gloo_rank, dtype: torch.dtype, seen: torch.dtype):
+    """The policies above on a real FSDP2 wrap (one gloo rank): the weights the forward sees are bf16 under the
+    bf16 policy and fp32 without one, while the sharded parameters stay fp32 either way."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = debug_model()
+    policy = fsdp2_mixed_precision(dtype, device_type="cuda")
+    kwargs = {"mesh": one_gloo_rank, **({"mp_policy": policy} if policy is not None else {})}
+    for layer in model.model.layers.values():
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    weights = []
+    q_proj = model.model.layers["0"].self_attn.q_proj
+    q_proj.register_forward_pre_hook(lambda module, args: weights.append(module.weight.dtype))
+    logits = model(torch.randint(0, 97, (2, 16)))
+    assert weights == [seen]
+    assert logits.dtype == seen
+    model.reshard()  # the root keeps its gathered (cast) parameters after forward, for backward
+    assert all(p.dtype == torch.float32 for p in model.parameters())
