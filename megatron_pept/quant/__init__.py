@@ -27,6 +27,7 @@ What requantisation does over many ReLoRA restarts is measured by :func:`requant
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -37,16 +38,24 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _NF4_CHUNK = 1 << 18  # elements matched against the 16 codes at a time (16 fp32 distances each)
 
 
-def _nf4_module():  # torchao (the quant extra) is imported when NF4 is used (it loads slowly)
-    try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
-    except ImportError:
-        from megatron_pept.errors import ConfigError
+NF4_MODULES = (
+    "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",  # torchao 0.18 and later
+    "torchao.dtypes.nf4tensor",  # torchao 0.10 to 0.17 (the same NF4Tensor, to_nf4 and SubclassTensorArgs)
+)
+"""Where torchao keeps its NF4 tensor, newest first (it moved in torchao 0.18)."""
 
-        raise ConfigError(
-            "method.base_dtype=nf4 needs torchao: pip install 'megatron_pept[quant]' (or pip install torchao)"
-        ) from None
-    return nf4_tensor
+
+def _nf4_module():  # torchao (the quant extra) is imported when NF4 is used (it loads slowly)
+    for name in NF4_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    from megatron_pept.errors import ConfigError
+
+    raise ConfigError(
+        "method.base_dtype=nf4 needs torchao 0.10 or later: pip install 'megatron_pept[quant]' (or pip install torchao)"
+    )
 
 
 @functools.cache

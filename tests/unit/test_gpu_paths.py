@@ -1,4 +1,5 @@
-"""The CUDA code paths checked on a CPU: the dtype a run computes in and FSDP2's mixed-precision policy."""
+"""The CUDA code paths checked on a CPU: the dtype a run computes in, FSDP2's mixed-precision policy, and the
+floors of the optional packages those paths use."""
 
 from __future__ import annotations
 
@@ -96,3 +97,59 @@ def test_a_real_fsdp2_wrap_computes_with_the_policy_dtype(one_gloo_rank, dtype: 
     assert logits.dtype == seen
     model.reshard()  # the root keeps its gathered (cast) parameters after forward, for backward
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# The DeepSpeed APIs megatron_pept/distributed/deepspeed_backend.py and checkpoint/hf_export.py use, each with the
+# first release that has it as used (from DeepSpeed's history; the older ones date from before 0.14).
+DEEPSPEED_APIS = {
+    "runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3._get_param_partition_group": "0.19.3",
+    "runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3._get_param_partition_rank": "0.19.3",
+    "runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition(release_swap_buffers)": "0.16.9",
+    "runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state": "0.14.0",
+    "utils.safe_get_full_fp32_param": "0.14.0",
+    "utils.safe_set_full_fp32_param": "0.14.0",
+    "utils.safe_get_full_optimizer_state": "0.14.0",
+    "utils.safe_set_full_optimizer_state": "0.14.0",
+    "utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint": "0.14.0",
+    "utils.zero_to_fp32.get_model_state_files": "0.14.0",
+    "utils.tensor_fragment.fragment_address": "0.14.0",
+    "runtime.fp16.loss_scaler.DynamicLossScaler": "0.14.0",
+    "runtime.zero.config.ZeroStageEnum": "0.14.0",
+}
+
+
+def floor(package: str) -> tuple[int, ...]:
+    """The version floor pyproject.toml gives ``package`` (in whichever extra names it)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    found = re.findall(rf'"{package}(?:\[[\w,]+\])?>=([\d.]+)"', text)
+    assert len(found) == 1, found
+    return tuple(int(x) for x in found[0].split("."))
+
+
+def test_the_deepspeed_floor_has_every_api_the_backend_uses() -> None:
+    """pyproject's deepspeed floor is at least the newest first release of the APIs used (it was 0.15, which has
+    neither ZeRO-3 partition accessor); and each API is there in the installed DeepSpeed, as used."""
+    newest = max(tuple(int(x) for x in v.split(".")) for v in DEEPSPEED_APIS.values())
+    assert floor("deepspeed") >= newest
+    pytest.importorskip("deepspeed")
+    import importlib
+    import inspect
+
+    for api in DEEPSPEED_APIS:
+        path, _, arg = api.partition("(")
+        parts = path.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix, then attributes
+            try:
+                obj = importlib.import_module("deepspeed." + ".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+            break
+        else:
+            raise AssertionError(f"no module of deepspeed.{path} imports")
+        if arg:
+            assert arg.rstrip(")") in inspect.signature(obj).parameters, api
