@@ -682,6 +682,37 @@ def spike_rule_on(g: GuardConfig) -> bool:
     return g.spike_loss_sigma > 0 or g.spike_grad_norm_ratio > 0
 
 
+GPU_ATTENTION = {"flash": "flash-attn", "te": "transformer-engine"}
+"""The ``model.attention`` kernels that run only on CUDA and in bf16, with the package each needs."""
+
+
+def attention_problem(attention: str, *, device: str, dtype: str, auto_device: bool = False) -> str | None:
+    """Why ``model.attention=attention`` cannot run on ``device`` computing in ``dtype`` (``train.device`` and
+    ``train.dtype``, or what their ``auto`` resolved to on this machine: ``auto_device`` says the device did), in
+    one line with the fix; None when it can, or when an ``auto`` left unresolved keeps it open."""
+    package = GPU_ATTENTION.get(attention)
+    if package is None:
+        return None
+    if device == "cpu":
+        why = "train.device=auto and no CUDA device is visible" if auto_device else "train.device=cpu"
+        return (
+            f"model.attention={attention} runs on CUDA GPUs only ({package} has no CPU kernels), but this run trains "
+            f"on the CPU ({why}); use model.attention=sdpa, which runs everywhere"
+        )
+    if dtype == "fp32":
+        kernels = (
+            "flash-attn has no fp32 kernels"
+            if attention == "flash"
+            else "transformer-engine's fused kernels have no fp32 version; in fp32 it falls back to an unfused "
+            "attention that holds the whole seq_len x seq_len score matrix"
+        )
+        return (
+            f"model.attention={attention} computes in bf16 only ({kernels}), but this run computes in fp32 "
+            "(train.dtype=fp32); set train.dtype=bf16 (or auto), or use model.attention=sdpa"
+        )
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Checks that span fields or need ranges; each failure is one line with the fix."""
     t, o, d, m, p = cfg.train, cfg.optim, cfg.data, cfg.model, cfg.parallel
@@ -730,6 +761,10 @@ def validate(cfg: Config) -> None:
         "the context the model trains at; raise it or leave it null",
     )
     _require(m.init_std > 0, f"model.init_std must be > 0; got {m.init_std}")
+    # train.device and train.dtype as written; what `auto` resolves to on this machine is checked when the run
+    # starts (registry.check_runtime).
+    attention = attention_problem(m.attention, device=t.device, dtype=t.dtype)
+    _require(attention is None, attention or "")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         value = getattr(m, name)
         _require(value is None or value >= 1, f"model.{name} must be >= 1 (or null); got {value}")

@@ -48,6 +48,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = registry.resolve(cfg)  # the method's settings and the backend's conditions, whatever read cfg
+        registry.check_runtime(cfg)  # what this machine can run (the attention kernel on its device and dtype)
         self.backend = build_backend(cfg)
         self.dims = self.backend.dims
         setup_console_logging(is_main=self.dims.is_main)

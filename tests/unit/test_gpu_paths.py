@@ -3,6 +3,8 @@ floors of the optional packages those paths use."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -153,3 +155,69 @@ def test_the_deepspeed_floor_has_every_api_the_backend_uses() -> None:
             raise AssertionError(f"no module of deepspeed.{path} imports")
         if arg:
             assert arg.rstrip(")") in inspect.signature(obj).parameters, api
+
+
+# -- settings this machine cannot run: refused when the config is read or the run starts, never at a forward -------
+
+
+@pytest.mark.parametrize("attention", ["flash", "te"])
+@pytest.mark.parametrize("setting,message", [("train.dtype=fp32", "computes in bf16 only"), ("train.device=cpu", "")])
+def test_gpu_attention_with_fp32_or_cpu_written_in_the_config_is_refused_on_reading(
+    attention: str, setting: str, message: str
+) -> None:
+    from megatron_pept.errors import ConfigError
+    from megatron_pept.registry import load_config as load
+
+    expected = message or "runs on CUDA GPUs only"
+    with pytest.raises(ConfigError, match=expected) as err:
+        load(None, ["data.path=x", f"model.attention={attention}", setting])
+    assert "\n" not in str(err.value) and "model.attention=sdpa" in str(err.value)
+    load(None, ["data.path=x", f"model.attention={attention}"])  # auto: decided where the run starts
+    load(None, ["data.path=x", f"model.attention={attention}", "train.dtype=bf16", "train.device=cuda"])
+    load(None, ["data.path=x", "model.attention=sdpa", setting])
+
+
+@pytest.mark.parametrize("attention", ["flash", "te"])
+def test_gpu_attention_is_checked_against_this_machine_when_the_run_starts(
+    attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.device=auto and train.dtype=auto resolve on the machine: without CUDA they mean the CPU in fp32,
+    which flash-attn and transformer-engine cannot run; with CUDA (faked here) bf16, and then the package must
+    import (a stand-in module here)."""
+    import sys
+    import types
+
+    from megatron_pept.errors import ConfigError
+    from megatron_pept.registry import check_runtime
+    from megatron_pept.registry import load_config as load
+
+    cfg = load(None, ["data.path=x", f"model.attention={attention}"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.device=auto and no CUDA device is visible"):
+        check_runtime(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    module = {"flash": "flash_attn", "te": "transformer_engine.pytorch"}[attention]
+    monkeypatch.setitem(sys.modules, module, None)  # not installed
+    with pytest.raises(ConfigError, match=r"needs the .* package.*megatron_pept\[gpu\]"):
+        check_runtime(cfg)
+    monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+    check_runtime(cfg)  # CUDA, bf16, the package: accepted
+    with pytest.raises(ConfigError, match="computes in bf16 only"):
+        check_runtime(load(None, ["data.path=x", f"model.attention={attention}", "train.dtype=fp32"]))
+    check_runtime(load(None, ["data.path=x", "model.attention=sdpa", "train.dtype=fp32"]))
+
+
+def test_a_refused_attention_writes_nothing_and_is_one_line(tmp_path, capsys, monkeypatch: pytest.MonkeyPatch):
+    """`python -m megatron_pept.train --config configs/quickstart.yaml model.attention=flash` on a CPU machine:
+    one line, exit 2, nothing written (the quickstart's data is not generated, run_dir not made). It used to
+    generate the data and stop at building the model, naming the package rather than the CPU."""
+    from megatron_pept.train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
+    code = main(["--config", config, "model.attention=flash"])  # run_dir and data.path relative: under tmp_path
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "model.attention=flash runs on CUDA GPUs only" in err, err
+    assert list(tmp_path.iterdir()) == []

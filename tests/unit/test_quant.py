@@ -220,17 +220,18 @@ def test_new_formats_restore_bit_exactly_from_a_checkpoint_file(tmp_path: Path) 
         dequantize(quantize(w, "nf4", double_quant=False), "nf4", w.shape)
 
 
-def test_fp8_is_supported_only_on_cuda_with_compute_capability_8_9(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp8_compute_is_supported_only_on_cuda_with_compute_capability_8_9(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8 *compute* (not what an fp8 frozen base needs: that is storage, and runs anywhere)."""
     line = fp8_supported(torch.device("cpu"))
     assert line is not None and "\n" not in line
-    assert "compute capability 8.9" in line and "this run's device is cpu" in line and "use int8 or nf4" in line
+    assert "compute capability 8.9" in line and "this device is cpu" in line
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for capability, supported in [((9, 0), True), ((8, 9), True), ((8, 6), False), ((8, 0), False)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         line = fp8_supported(torch.device("cuda", 0))
         assert (line is None) == supported
         if not supported:
-            assert f"compute capability {capability[0]}.{capability[1]}; use int8 or nf4" in line
+            assert line.endswith(f"compute capability {capability[0]}.{capability[1]}")
 
 
 def test_fp8_requantisation_drift_rounds_to_the_nearest_only() -> None:
