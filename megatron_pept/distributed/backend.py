@@ -48,12 +48,15 @@ def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
 def fsdp2_mixed_precision(dtype: torch.dtype, *, device_type: str) -> Any:
     """FSDP2's ``MixedPrecisionPolicy`` for a run computing in ``dtype`` on ``device_type``: on CUDA in bf16, the
     parameters are all-gathered and used in bf16 and gradients reduced in fp32; None (parameters used as stored,
-    fp32) for an fp32 run, and on a CPU, where bf16 compute is the trainer's autocast as on every other backend."""
+    fp32) for an fp32 run, and on a CPU, where bf16 compute is the trainer's autocast as on every other backend.
+
+    The blocks' floating inputs are not cast (``cast_forward_inputs=False``): they are the hidden states, bf16
+    already (from the bf16 embedding), and the rotary tables, which must stay fp32."""
     if device_type != "cuda" or dtype == torch.float32:
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 class Backend:

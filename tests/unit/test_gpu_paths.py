@@ -34,6 +34,7 @@ def test_the_compute_dtype_follows_train_dtype(dtype: str, device: torch.device,
 def test_the_fsdp2_policy_follows_the_compute_dtype() -> None:
     policy = fsdp2_mixed_precision(torch.bfloat16, device_type="cuda")
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert policy.cast_forward_inputs is False  # the rotary tables stay fp32 (the test of a real wrap below)
     assert fsdp2_mixed_precision(torch.float32, device_type="cuda") is None  # fp32 asked: fp32 computed
     assert fsdp2_mixed_precision(torch.bfloat16, device_type="cpu") is None  # the trainer's autocast does it
     assert fsdp2_mixed_precision(torch.float32, device_type="cpu") is None
@@ -79,24 +80,34 @@ def one_gloo_rank():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dtype,seen", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
-def test_a_real_fsdp2_wrap_computes_with_the_policy_dtype(one_gloo_rank, dtype: torch.dtype, seen: torch.dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_real_fsdp2_wrap_computes_with_the_policy_dtype_and_fp32_rope(one_gloo_rank, dtype: torch.dtype) -> None:
     """The policies above on a real FSDP2 wrap (one gloo rank): the weights the forward sees are bf16 under the
-    bf16 policy and fp32 without one, while the sharded parameters stay fp32 either way."""
+    bf16 policy and fp32 without one, the rotary tables reach each block in fp32 either way (FSDP2 casts a
+    block's floating inputs to the parameter dtype unless told not to), and the logits are exactly those of the
+    model whose parameters alone were cast; the sharded parameters stay fp32."""
     from torch.distributed.fsdp import fully_shard
 
-    model = debug_model()
+    model, reference = debug_model(), debug_model()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.data = p.data.to(dtype)
     policy = fsdp2_mixed_precision(dtype, device_type="cuda")
     kwargs = {"mesh": one_gloo_rank, **({"mp_policy": policy} if policy is not None else {})}
     for layer in model.model.layers.values():
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    weights = []
-    q_proj = model.model.layers["0"].self_attn.q_proj
-    q_proj.register_forward_pre_hook(lambda module, args: weights.append(module.weight.dtype))
-    logits = model(torch.randint(0, 97, (2, 16)))
-    assert weights == [seen]
-    assert logits.dtype == seen
+    seen = []
+    attention = model.model.layers["0"].self_attn
+    attention.register_forward_pre_hook(lambda module, args: seen.append([module.q_proj.weight.dtype, *args]))
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids)
+        expected = reference(ids)
+    ((weight, x, cos, sin),) = seen
+    assert weight == x.dtype == logits.dtype == dtype
+    assert cos.dtype == sin.dtype == torch.float32
+    assert torch.equal(logits, expected)
     model.reshard()  # the root keeps its gathered (cast) parameters after forward, for backward
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
