@@ -53,9 +53,20 @@ def all_gather_(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
 # -- whole tensors ------------------------------------------------------------------------------------------------
 
 
+_FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (all-gathered when sharded); a plain tensor is returned as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """The whole tensor (all-gathered when sharded); a plain tensor is returned as it is. An fp8 tensor (an fp8
+    frozen base) is gathered as its bytes: gloo all-gathers no fp8 type ("Invalid scalar type")."""
+    if not isinstance(t, DTensor):
+        return t
+    if t.dtype in _FLOAT8:
+        as_bytes = DTensor.from_local(
+            t.to_local().view(torch.uint8), t.device_mesh, t.placements, shape=t.shape, stride=t.stride()
+        )
+        return as_bytes.full_tensor().view(t.dtype)
+    return t.full_tensor()
 
 
 @torch.no_grad()

@@ -111,6 +111,17 @@ def peak_memory_gb(device: torch.device) -> float:
     return kilobytes * 1024 / 1e9
 
 
+def device_memory_gb(device: torch.device) -> dict[str, float]:
+    """The CUDA caching allocator's state now, in GB (1e9 bytes): ``mem/allocated_gb`` (memory held by tensors) and
+    ``mem/reserved_gb`` (held by the allocator, allocated or cached for reuse); nothing on a CPU."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "mem/allocated_gb": torch.cuda.memory_allocated(device) / 1e9,
+        "mem/reserved_gb": torch.cuda.memory_reserved(device) / 1e9,
+    }
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -228,9 +239,10 @@ def log_step(
     rates: StepRates,
     mem_gb: float,
     console: bool,
+    memory: dict[str, float] | None = None,
 ) -> None:
     """The scalars of one finished step (``step``: steps done) and, when ``console``, its console line (with the
-    rates averaged since the first step)."""
+    rates averaged since the first step); ``memory``: more ``mem/`` scalars (:func:`device_memory_gb`)."""
     writer.scalars(
         step,
         {
@@ -240,6 +252,7 @@ def log_step(
             "perf/tokens_per_sec": rates.tokens_per_sec,
             "perf/mfu": rates.mfu,
             "mem/peak_gb": mem_gb,
+            **(memory or {}),
         },
     )
     if console:

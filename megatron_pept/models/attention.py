@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_pept.config import GPU_ATTENTION
 from megatron_pept.errors import ConfigError
 
 ATTENTION_BACKENDS = ("sdpa", "flash", "te")
@@ -69,6 +70,15 @@ def _import_optional(module: str, *, backend: str, package: str) -> object:
         ) from None
 
 
+ATTENTION_MODULES = {"flash": "flash_attn", "te": "transformer_engine.pytorch"}
+"""The module each GPU attention kernel imports (its package: :data:`megatron_pept.config.GPU_ATTENTION`)."""
+
+
+def import_attention_package(backend: str) -> object:
+    """The module ``model.attention=backend`` (flash or te) needs, or a ConfigError naming the extra."""
+    return _import_optional(ATTENTION_MODULES[backend], backend=backend, package=GPU_ATTENTION[backend])
+
+
 class SDPAAttention(nn.Module):
     def __init__(self, *, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
@@ -83,7 +93,7 @@ class SDPAAttention(nn.Module):
 class FlashAttention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self._flash_attn_func = _import_optional("flash_attn", backend="flash", package="flash-attn").flash_attn_func
+        self._flash_attn_func = import_attention_package("flash").flash_attn_func
 
     def forward(self, q_bshd: torch.Tensor, k_bshd: torch.Tensor, v_bshd: torch.Tensor) -> torch.Tensor:
         if not q_bshd.is_cuda or q_bshd.dtype not in (torch.float16, torch.bfloat16):
@@ -95,7 +105,7 @@ class FlashAttention(nn.Module):
 class TransformerEngineAttention(nn.Module):
     def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
-        te = _import_optional("transformer_engine.pytorch", backend="te", package="transformer-engine")
+        te = import_attention_package("te")
         self.inner = te.DotProductAttention(
             num_heads,
             head_dim,
