@@ -232,8 +232,9 @@ class FlatFragment:
         for slot, r in enumerate(cut):
             edges[slot, 0], edges[slot, 1:] = r, rows[r - self.r0].double()
         table = torch.cat(all_gather_(edges, self.group))  # (2 x ranks, 1 + width): row index (-1: none), sums
-        for r in cut:
-            rows[r - self.r0] = table[table[:, 0] == r, 1:].sum(dim=0).to(rows.dtype)
+        for r in cut:  # the rows naming r, summed in order (a where, not a boolean index: no host synchronisation)
+            mine = table[:, :1] == r
+            rows[r - self.r0] = torch.where(mine, table[:, 1:], 0.0).sum(dim=0).to(rows.dtype)
         return rows
 
     def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from megatron_pept.config import OptimConfig
-from megatron_pept.optim.adamw import LowPrecisionAdamW
+from megatron_pept.optim.adamw import HOST_STATE_KEYS, LowPrecisionAdamW, keeps_on_host
 from megatron_pept.optim.schedules import JaggedSchedule, Schedule, WarmupDecaySchedule
 
 
@@ -42,6 +42,7 @@ def build_schedule(cfg: OptimConfig, *, total_steps: int) -> Schedule:
 
 
 __all__ = [
+    "HOST_STATE_KEYS",
     "JaggedSchedule",
     "LowPrecisionAdamW",
     "Schedule",
@@ -49,4 +50,5 @@ __all__ = [
     "build_adamw",
     "build_schedule",
     "decay_param_groups",
+    "keeps_on_host",
 ]
