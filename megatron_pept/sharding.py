@@ -258,6 +258,20 @@ of, in ZeRO's order (the same on every rank), each with this rank's :class:`Flat
 
 # -- the protocol of shard-aware optimizers -----------------------------------------------------------------------
 
+HOST_STATE_KEYS = frozenset({"step", "refreshes", "seed"})
+"""Optimizer state kept on the host whatever device the parameter is on: 0-d counters the step reads into Python
+each time (bias corrections, the refresh schedule, the seed of a random projection). torch's AdamW keeps its ``step``
+there for the same reason: a host tensor is read without waiting for the device; a device one would make every step
+wait, once per parameter. A checkpoint load puts them back there."""
+
+
+def keeps_on_host(key: str, shape: torch.Size | tuple[int, ...], group: dict | None = None) -> bool:
+    """State ``key`` of this ``shape`` is a host counter (:data:`HOST_STATE_KEYS`, 0-d); a fused or capturable torch
+    optimizer's ``step`` lives on the device instead (its step reads it there). ``group``: the parameter's group."""
+    if key not in HOST_STATE_KEYS or len(shape) != 0:
+        return False
+    return not (group and (group.get("fused") or group.get("capturable")))
+
 
 class ShardAwareOptimizer:
     """What an optimizer declares about its state and the views it steps; the defaults are those of a plain

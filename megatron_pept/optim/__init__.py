@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from megatron_pept.config import OptimConfig
-from megatron_pept.optim.adamw import HOST_STATE_KEYS, LowPrecisionAdamW, keeps_on_host
+from megatron_pept.optim.adamw import LowPrecisionAdamW
 from megatron_pept.optim.schedules import JaggedSchedule, Schedule, WarmupDecaySchedule
+from megatron_pept.sharding import HOST_STATE_KEYS, keeps_on_host
 
 
 def decay_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], *, weight_decay: float) -> list[dict]:

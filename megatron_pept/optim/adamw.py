@@ -13,19 +13,7 @@ from typing import Any
 
 import torch
 
-HOST_STATE_KEYS = frozenset({"step", "refreshes", "seed"})
-"""Optimizer state kept on the host whatever device the parameter is on: 0-d counters the step reads into Python
-each time (bias corrections, the refresh schedule, the seed of a random projection). torch's AdamW keeps its ``step``
-there for the same reason: a host tensor is read without waiting for the device; a device one would make every step
-wait, once per parameter."""
-
-
-def keeps_on_host(key: str, value: torch.Tensor, group: dict | None = None) -> bool:
-    """``value``, saved as ``state[key]``, is a host counter (:data:`HOST_STATE_KEYS`); a fused or capturable torch
-    optimizer's ``step`` lives on the device instead (its step reads it there)."""
-    if key not in HOST_STATE_KEYS or value.ndim != 0:
-        return False
-    return not (group and (group.get("fused") or group.get("capturable")))
+from megatron_pept.sharding import keeps_on_host
 
 
 class KeepStateDtypes:
@@ -34,7 +22,7 @@ class KeepStateDtypes:
     ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to the parameter's dtype,
     which would turn bf16 moments into fp32, 8-bit codes into floats and integer counters and seeds into float32.
     This keeps each tensor's saved dtype and only moves it to the parameter's device, except the host counters
-    (:data:`HOST_STATE_KEYS`), which stay on the host.
+    (:data:`~megatron_pept.sharding.HOST_STATE_KEYS`), which stay on the host.
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -46,7 +34,7 @@ class KeepStateDtypes:
             param = by_id[param_id]
             for key, value in saved.items():
                 if torch.is_tensor(value):
-                    device = "cpu" if keeps_on_host(key, value) else param.device
+                    device = "cpu" if keeps_on_host(key, value.shape) else param.device
                     self.state[param][key] = value.to(device=device, copy=True)  # type: ignore[attr-defined]
 
 
