@@ -122,7 +122,8 @@ class TrainConfig:
     instead of storing them: activation memory of about one block, for about a third more compute. Works with
     every backend, method and per-layer updates; results are unchanged."""
     log_interval: int = 10
-    """Steps between console lines (TensorBoard gets every step)."""
+    """Steps between console lines (TensorBoard gets every step). Method statistics kept on the device (GaLore, APOLLO,
+    Fira, ReLoRA family) are read on the host once per interval, not in every step."""
     eval_interval: int = 100
     """Steps between validation passes; 0 disables periodic validation (the last step is still evaluated)."""
     eval_batches: int = 8

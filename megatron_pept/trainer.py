@@ -395,6 +395,7 @@ class Trainer:
         self.profiler.step_ended(step)
         result.train_losses.append(loss)
         rates = self.timer.step_ended(step, total_steps=cfg.steps)
+        logging_step = step % cfg.log_interval == 0 or step == cfg.steps
         log_step(
             self.writer,
             step=step,
@@ -405,8 +406,10 @@ class Trainer:
             rates=rates,
             mem_gb=peak_memory_gb(self.device),
             memory=device_memory_gb(self.device),
-            console=step % cfg.log_interval == 0 or step == cfg.steps,
+            console=logging_step,
         )
+        if logging_step:  # the method's statistics kept as device tensors are read here, not in every step
+            self.writer.sync()
         fault_point("step.end", step=step, rank=self.dims.rank)
         if not math.isfinite(loss) and not self.cfg.guard.enabled:
             raise FloatingPointError(

@@ -286,7 +286,7 @@ class LowRankMethod(Method):
                 for _, layer in lowrank_layers(model)
                 for p in layer.adapter_parameters()
             ]
-            adapter_norm = float(torch.linalg.vector_norm(torch.stack(norms)))  # one device sync
+            adapter_norm = torch.linalg.vector_norm(torch.stack(norms))  # a tensor: read when logged, not here
         end.scalars.update(
             {
                 f"{prefix}/restarts": float(self.restart_count),
