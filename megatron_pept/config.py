@@ -17,6 +17,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import textwrap
 import types
 import typing
@@ -121,7 +122,8 @@ class TrainConfig:
     instead of storing them: activation memory of about one block, for about a third more compute. Works with
     every backend, method and per-layer updates; results are unchanged."""
     log_interval: int = 10
-    """Steps between console lines (TensorBoard gets every step)."""
+    """Steps between console lines (TensorBoard gets every step). Method statistics kept on the device (GaLore, APOLLO,
+    Fira, ReLoRA family) are read on the host once per interval, not in every step."""
     eval_interval: int = 100
     """Steps between validation passes; 0 disables periodic validation (the last step is still evaluated)."""
     eval_batches: int = 8
@@ -129,6 +131,12 @@ class TrainConfig:
     split, the same in every run and shared out among the data-parallel ranks (val/loss does not depend on them)."""
     eval_at_start: bool = True
     """Also evaluate before the first step, so the curve starts at the untrained loss."""
+    profile_steps: str | None = None
+    """Profile optimizer steps A to B (written A:B, e.g. 10:12; steps counted from 1 as on the console, both
+    included) with torch.profiler on rank 0: CPU activity, and CUDA kernels on a GPU, with shapes and memory events.
+    When step B ends, a trace in TensorBoard's profiler format (Chrome trace JSON) is written to run_dir/profile/
+    (tensorboard --logdir RUN_DIR with torch-tb-profiler, or Perfetto). Start past the first steps, which pay for
+    warm-up. null: no profiling."""
 
 
 @dataclass
@@ -536,11 +544,29 @@ def _check_expanded_size(value: Any, *, source: str) -> None:
             stack.extend(item)
 
 
+_BASE_60 = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader without YAML 1.1's base-60 numbers (dropped in YAML 1.2): ``10:12`` is the text
+    "10:12" (``train.profile_steps``), not the integer 612."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0] and _BASE_60.fullmatch(value):
+            return yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG
+        return super().resolve(kind, value, implicit)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` as configs are read (no base-60 numbers: :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain values only
+
+
 def parse_yaml(text: str, *, source: str) -> Any:
     """``yaml.safe_load(text)`` with one-line errors naming ``source``: a syntax error (with its line), a tag that
     would build a Python object (``!!python/...``: safe_load refuses it), an alias bomb."""
     try:
-        value = yaml.safe_load(text)
+        value = safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -593,7 +619,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key; write it as key.sub=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     _check_expanded_size(parsed, source=f"override '{key}'")
@@ -677,9 +703,53 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def profile_range(text: str) -> tuple[int, int]:
+    """``train.profile_steps`` ("A:B") as the steps (A, B); a ConfigError with the form expected otherwise."""
+    first, sep, last = text.partition(":")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+        raise ConfigError(
+            f"train.profile_steps must be FIRST:LAST, two step numbers (e.g. 10:12: steps 10, 11 and 12); got {text!r}"
+        )
+    steps = int(first), int(last)
+    _require(steps[0] >= 1, f"train.profile_steps={text}: steps count from 1; start at 1 or later")
+    _require(steps[0] <= steps[1], f"train.profile_steps={text}: the first step is after the last; write FIRST:LAST")
+    return steps
+
+
 def spike_rule_on(g: GuardConfig) -> bool:
     """Whether a spike rule (loss or gradient norm) is asked for."""
     return g.spike_loss_sigma > 0 or g.spike_grad_norm_ratio > 0
+
+
+GPU_ATTENTION = {"flash": "flash-attn", "te": "transformer-engine"}
+"""The ``model.attention`` kernels that run only on CUDA and in bf16, with the package each needs."""
+
+
+def attention_problem(attention: str, *, device: str, dtype: str, auto_device: bool = False) -> str | None:
+    """Why ``model.attention=attention`` cannot run on ``device`` computing in ``dtype`` (``train.device`` and
+    ``train.dtype``, or what their ``auto`` resolved to on this machine: ``auto_device`` says the device did), in
+    one line with the fix; None when it can, or when an ``auto`` left unresolved keeps it open."""
+    package = GPU_ATTENTION.get(attention)
+    if package is None:
+        return None
+    if device == "cpu":
+        why = "train.device=auto and no CUDA device is visible" if auto_device else "train.device=cpu"
+        return (
+            f"model.attention={attention} runs on CUDA GPUs only ({package} has no CPU kernels), but this run trains "
+            f"on the CPU ({why}); use model.attention=sdpa, which runs everywhere"
+        )
+    if dtype == "fp32":
+        kernels = (
+            "flash-attn has no fp32 kernels"
+            if attention == "flash"
+            else "transformer-engine's fused kernels have no fp32 version; in fp32 it falls back to an unfused "
+            "attention that holds the whole seq_len x seq_len score matrix"
+        )
+        return (
+            f"model.attention={attention} computes in bf16 only ({kernels}), but this run computes in fp32 "
+            "(train.dtype=fp32); set train.dtype=bf16 (or auto), or use model.attention=sdpa"
+        )
+    return None
 
 
 def validate(cfg: Config) -> None:
@@ -696,6 +766,13 @@ def validate(cfg: Config) -> None:
     _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0; got {t.eval_interval}")
     _require(t.eval_batches >= 1, f"train.eval_batches must be >= 1; got {t.eval_batches}")
     _require(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping); got {t.max_grad_norm}")
+    if t.profile_steps is not None:
+        last = profile_range(t.profile_steps)[1]
+        _require(
+            last <= t.steps,
+            f"train.profile_steps={t.profile_steps} ends after the run's last step (train.steps={t.steps}); profile "
+            "steps within the run",
+        )
     _require(d.seq_len >= 2, f"data.seq_len must be >= 2; got {d.seq_len}")
     c, g = cfg.checkpoint, cfg.guard
     _require(c.interval >= 0, f"checkpoint.interval must be >= 0 (0: no periodic checkpoints); got {c.interval}")
@@ -730,6 +807,10 @@ def validate(cfg: Config) -> None:
         "the context the model trains at; raise it or leave it null",
     )
     _require(m.init_std > 0, f"model.init_std must be > 0; got {m.init_std}")
+    # train.device and train.dtype as written; what `auto` resolves to on this machine is checked when the run
+    # starts (registry.check_runtime).
+    attention = attention_problem(m.attention, device=t.device, dtype=t.dtype)
+    _require(attention is None, attention or "")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         value = getattr(m, name)
         _require(value is None or value >= 1, f"model.{name} must be >= 1 (or null); got {value}")

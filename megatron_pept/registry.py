@@ -6,7 +6,8 @@ checks (schema, types, ranges of every other section; an unknown ``method.*`` ke
 closest known key, because the keys are passed in from here), then :func:`resolve`: the method exists, its
 family's settings type-check and pass the method's ``validate``, the method runs under the backend, and the
 backend can run what the method's traits say it does. The trainer resolves any config it is given, so a config
-read by :func:`megatron_pept.config.load_config` alone is checked before anything runs too.
+read by :func:`megatron_pept.config.load_config` alone is checked before anything runs too; then it calls
+:func:`check_runtime`, the checks that depend on the machine (is CUDA there).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import dataclasses
 import os
 from typing import Any
 
+import torch
+
 from megatron_pept import config as config_module
-from megatron_pept.config import Config, MethodConfig, describe_field, field_docs
-from megatron_pept.distributed import backend_class
+from megatron_pept.config import GPU_ATTENTION, Config, MethodConfig, attention_problem, describe_field, field_docs
+from megatron_pept.distributed import backend_class, compute_dtype, resolve_device
 from megatron_pept.errors import ConfigError
 from megatron_pept.methods import METHODS, method_class, method_keys, method_settings, resolved_options
+from megatron_pept.models.attention import import_attention_package
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
@@ -47,6 +51,21 @@ def resolve(cfg: Config) -> Config:
     backend_class(cfg.parallel.backend).validate(cfg, cls.traits(settings))
     cfg.method = MethodConfig(cls.name, resolved_options(cls, settings, ignored))
     return cfg
+
+
+def check_runtime(cfg: Config) -> None:
+    """The checks that need this machine, made when a run starts, before it starts processes or writes anything:
+    the device and compute dtype ``train.device`` and ``train.dtype`` resolve to here (``auto``: CUDA if visible)
+    can run the attention kernel, whose package must import. (A saved config is not checked against the machine
+    that reads it: an export on a CPU machine reads a run trained with flash attention.)"""
+    device = resolve_device(cfg.train)  # train.device=cuda without a visible GPU is refused here too
+    dtype = "bf16" if compute_dtype(cfg.train, device) == torch.bfloat16 else "fp32"
+    attention = cfg.model.attention
+    problem = attention_problem(attention, device=device.type, dtype=dtype, auto_device=cfg.train.device == "auto")
+    if problem:
+        raise ConfigError(problem)
+    if attention in GPU_ATTENTION:
+        import_attention_package(attention)
 
 
 def describe_method_keys() -> str:

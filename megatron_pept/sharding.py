@@ -53,9 +53,20 @@ def all_gather_(t: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
 # -- whole tensors ------------------------------------------------------------------------------------------------
 
 
+_FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (all-gathered when sharded); a plain tensor is returned as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """The whole tensor (all-gathered when sharded); a plain tensor is returned as it is. An fp8 tensor (an fp8
+    frozen base) is gathered as its bytes: gloo all-gathers no fp8 type ("Invalid scalar type")."""
+    if not isinstance(t, DTensor):
+        return t
+    if t.dtype in _FLOAT8:
+        as_bytes = DTensor.from_local(
+            t.to_local().view(torch.uint8), t.device_mesh, t.placements, shape=t.shape, stride=t.stride()
+        )
+        return as_bytes.full_tensor().view(t.dtype)
+    return t.full_tensor()
 
 
 @torch.no_grad()
@@ -232,8 +243,9 @@ class FlatFragment:
         for slot, r in enumerate(cut):
             edges[slot, 0], edges[slot, 1:] = r, rows[r - self.r0].double()
         table = torch.cat(all_gather_(edges, self.group))  # (2 x ranks, 1 + width): row index (-1: none), sums
-        for r in cut:
-            rows[r - self.r0] = table[table[:, 0] == r, 1:].sum(dim=0).to(rows.dtype)
+        for r in cut:  # the rows naming r, summed in order (a where, not a boolean index: no host synchronisation)
+            mine = table[:, :1] == r
+            rows[r - self.r0] = torch.where(mine, table[:, 1:], 0.0).sum(dim=0).to(rows.dtype)
         return rows
 
     def indices(self, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -256,6 +268,20 @@ of, in ZeRO's order (the same on every rank), each with this rank's :class:`Flat
 
 
 # -- the protocol of shard-aware optimizers -----------------------------------------------------------------------
+
+HOST_STATE_KEYS = frozenset({"step", "refreshes", "seed"})
+"""Optimizer state kept on the host whatever device the parameter is on: 0-d counters the step reads into Python
+each time (bias corrections, the refresh schedule, the seed of a random projection). torch's AdamW keeps its ``step``
+there for the same reason: a host tensor is read without waiting for the device; a device one would make every step
+wait, once per parameter. A checkpoint load puts them back there."""
+
+
+def keeps_on_host(key: str, shape: torch.Size | tuple[int, ...], group: dict | None = None) -> bool:
+    """State ``key`` of this ``shape`` is a host counter (:data:`HOST_STATE_KEYS`, 0-d); a fused or capturable torch
+    optimizer's ``step`` lives on the device instead (its step reads it there). ``group``: the parameter's group."""
+    if key not in HOST_STATE_KEYS or len(shape) != 0:
+        return False
+    return not (group and (group.get("fused") or group.get("capturable")))
 
 
 class ShardAwareOptimizer:

@@ -18,14 +18,22 @@ from megatron_pept import guard, registry
 from megatron_pept.checkpoint import Checkpointer, checkpoint_root, lock_run_folders, run_meta
 from megatron_pept.checkpoint.export import read_meta
 from megatron_pept.checkpoint.resume import check_compatible
-from megatron_pept.config import Config, save_config
+from megatron_pept.config import Config, profile_range, save_config
 from megatron_pept.data.build import build_run_data, check_same_tokenizer
 from megatron_pept.distributed import build_backend, comm
 from megatron_pept.errors import ConfigError, UserError
 from megatron_pept.evaluation import validation_loss
 from megatron_pept.faults import fault_point
 from megatron_pept.methods import build_method
-from megatron_pept.metrics import MetricsWriter, log_step, peak_memory_gb, peak_tflops, setup_console_logging
+from megatron_pept.metrics import (
+    MetricsWriter,
+    device_memory_gb,
+    log_step,
+    peak_memory_gb,
+    peak_tflops,
+    setup_console_logging,
+)
+from megatron_pept.metrics.profile import PROFILE_FOLDER, StepProfiler
 from megatron_pept.metrics.timing import StepTimer
 from megatron_pept.models import build_model, llama_args
 from megatron_pept.models.hf_import import load_hf_weights
@@ -48,6 +56,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = registry.resolve(cfg)  # the method's settings and the backend's conditions, whatever read cfg
+        registry.check_runtime(cfg)  # what this machine can run (the attention kernel on its device and dtype)
         self.backend = build_backend(cfg)
         self.dims = self.backend.dims
         setup_console_logging(is_main=self.dims.is_main)
@@ -82,11 +91,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         t, d = cfg.train, cfg.data
-        self.compute_dtype = (
-            torch.bfloat16
-            if (t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda"))
-            else torch.float32
-        )
+        self.compute_dtype = self.backend.compute_dtype
         torch.manual_seed(t.seed)
         global_micro = t.micro_batch_size * self.dims.dp_world_size
         if t.global_batch_size % global_micro:
@@ -350,7 +355,7 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         self.timer.start(self.state.step)
         device = self.dims.mesh.device_type if self.dims.mesh is not None else "cpu"
-        with StopSignals(enabled=ckpt.save_on_signal, device=device) as signals:
+        with StopSignals(enabled=ckpt.save_on_signal, device=device) as signals, self._profiler() as self.profiler:
             while self.state.step < cfg.steps:
                 self._train_one(result, signals)
                 if result.interrupted:
@@ -371,13 +376,26 @@ class Trainer:
         )
         return result
 
+    def _profiler(self) -> StepProfiler:
+        """torch.profiler over train.profile_steps on rank 0 (megatron_pept.metrics.profile)."""
+        steps = self.cfg.train.profile_steps
+        return StepProfiler(
+            profile_range(steps) if steps else None,
+            folder=Path(self.cfg.run_dir) / PROFILE_FOLDER,
+            device=self.device,
+            rank=self.dims.rank,
+        )
+
     def _train_one(self, result: TrainResult, signals: StopSignals) -> None:
         """One step with its logging, validation, guard, checkpoint and stop-signal handling."""
         cfg, ckpt = self.cfg.train, self.cfg.checkpoint
+        self.profiler.step_starts(self.state.step + 1)
         loss, grad_norm, lr = self.train_step()
         step = self.state.step
+        self.profiler.step_ended(step)
         result.train_losses.append(loss)
         rates = self.timer.step_ended(step, total_steps=cfg.steps)
+        logging_step = step % cfg.log_interval == 0 or step == cfg.steps
         log_step(
             self.writer,
             step=step,
@@ -387,8 +405,11 @@ class Trainer:
             grad_norm=grad_norm,
             rates=rates,
             mem_gb=peak_memory_gb(self.device),
-            console=step % cfg.log_interval == 0 or step == cfg.steps,
+            memory=device_memory_gb(self.device),
+            console=logging_step,
         )
+        if logging_step:  # the method's statistics kept as device tensors are read here, not in every step
+            self.writer.sync()
         fault_point("step.end", step=step, rank=self.dims.rank)
         if not math.isfinite(loss) and not self.cfg.guard.enabled:
             raise FloatingPointError(

@@ -1,12 +1,17 @@
 """Export a checkpoint to a Hugging Face ``LlamaForCausalLM`` folder: ``config.json``, safetensors weights and a
 tokenizer ``AutoTokenizer`` loads, read the same way by transformers 4.x and 5.x.
 
-The model is rebuilt exactly as the run built it (shape from the checkpoint's ``meta.json``, the method's
-conversion from its saved config, the method's phase from its saved state), the whole weights are read from the
-DCP shards of any number of ranks or, for a DeepSpeed run, consolidated from its ZeRO partitions by DeepSpeed's own
-``zero_to_fp32`` functions, and every low-rank layer is replaced by the dense weight it applies (LoRA / ReLoRA:
-``W + s B A``; DoRA: magnitude times the normalised direction; bases in low precision dequantised to float).
-Optimizer state is not read. Nothing is loaded with pickle.
+The model is rebuilt as the run built it (shape from the checkpoint's ``meta.json``, the method's conversion from its
+saved config, the method's phase from its saved state) but with torch's SDPA attention whatever kernel the run
+trained with (``model.attention``: every kernel computes the same function of the same weights, the kernel is no
+Hugging Face setting, and a ``flash`` or ``te`` run exports where flash-attn and transformer-engine are not
+installed; a kernel's saved state, such as the ``..._extra_state`` of older ``te`` checkpoints, is dropped
+unused), the whole weights are read from the DCP shards of any number of ranks or, for a DeepSpeed run,
+consolidated from its ZeRO partitions by DeepSpeed's own ``zero_to_fp32`` functions, and every low-rank layer is
+replaced by the dense weight it applies (LoRA / ReLoRA: ``W + s B A``; DoRA: magnitude times the normalised
+direction; bases in low precision dequantised to float).
+Optimizer state is not read. Nothing is loaded with pickle. The weights and config.json then go through the
+Hugging Face adapter (:func:`megatron_pept.models.hf.to_hf`), which keeps exactly transformers' parameters.
 
 ``config.json`` carries the keys of both transformers lines (5.x's ``dtype`` and ``rope_parameters`` beside 4.x's
 ``torch_dtype``, ``rope_theta`` and ``rope_scaling``); its ``max_position_embeddings`` is
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import io
 import json
@@ -42,10 +48,12 @@ import torch
 
 from megatron_pept.checkpoint.export import load_full_tensors, read_meta
 from megatron_pept.checkpoint.store import resolve_checkpoint
+from megatron_pept.config import Config
 from megatron_pept.errors import UserError
 from megatron_pept.methods import build_method
 from megatron_pept.models import build_model
-from megatron_pept.models.hf import DEFAULT_CONTEXT, declared_context, hf_config_dict
+from megatron_pept.models.attention import is_kernel_state
+from megatron_pept.models.hf import DEFAULT_CONTEXT, declared_context, to_hf
 from megatron_pept.models.llama import LlamaArgs
 from megatron_pept.registry import config_from_dict
 
@@ -54,11 +62,12 @@ DEEPSPEED_TAG = "state"  # the tag DeepSpeedBackend.save_native saves under (its
 
 
 def dense_state_dict(checkpoint: Path) -> tuple[LlamaArgs, dict[str, torch.Tensor], dict[str, Any]]:
-    """The plain LLaMA weights (HF names) a checkpoint's model applies, whole and in fp32, with its arguments.
-    A DeepSpeed checkpoint's model comes from its ZeRO files (:func:`deepspeed_model_state`), any other's from DCP."""
+    """The plain LLaMA weights (HF names) a checkpoint's model applies, whole and in fp32, with its arguments
+    (``attention`` is ``sdpa``, whatever kernel the run trained with: see the module docstring). A DeepSpeed
+    checkpoint's model comes from its ZeRO files (:func:`deepspeed_model_state`), any other's from DCP."""
     meta = _run_meta(checkpoint)
-    args = LlamaArgs(**meta["model_args"])
-    cfg = config_from_dict(meta["config"])
+    args = dataclasses.replace(LlamaArgs(**meta["model_args"]), attention="sdpa")
+    cfg = _export_config(meta)
     model = build_model(args, device="meta")
     method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=cfg.train.steps, seed=cfg.train.seed)
     method.convert(model)
@@ -72,6 +81,7 @@ def dense_state_dict(checkpoint: Path) -> tuple[LlamaArgs, dict[str, torch.Tenso
         state = deepspeed_model_state(checkpoint, model.state_dict())
     else:
         state = load_full_tensors(checkpoint, prefix="model.")
+    state = {key: value for key, value in state.items() if not is_kernel_state(key)}  # never a weight
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rope_" not in k]:
         raise UserError(f"{checkpoint} does not match the model its meta.json describes ({(missing + unexpected)[0]})")
@@ -84,6 +94,15 @@ def _run_meta(checkpoint: Path) -> dict[str, Any]:
     if "model_args" not in meta or "config" not in meta:
         raise UserError(f"{checkpoint}/meta.json lacks the model description; was it written by megatron_pept?")
     return meta
+
+
+def _export_config(meta: dict[str, Any]) -> Config:
+    """The run's saved config, with ``model.attention=sdpa``: the export runs on any machine, whatever kernel (and
+    whatever the checks of that kernel's settings) the run trained with."""
+    raw = meta["config"]
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        raw = {**raw, "model": {**raw["model"], "attention": "sdpa"}}
+    return config_from_dict(raw)
 
 
 def _weights_only_torch(allowed: list[type]) -> types.ModuleType:
@@ -182,7 +201,7 @@ def export_to_hf(
     replace = _check_output(output, overwrite=overwrite)
     path = resolve_checkpoint(checkpoint)
     _check_apart(output, path)
-    cfg = config_from_dict(_run_meta(path)["config"])
+    cfg = _export_config(_run_meta(path))
     if max_position_embeddings is not None:
         context = declared_context(
             max_position_embeddings,
@@ -200,14 +219,15 @@ def export_to_hf(
     # The staging folder is made before the weights are read, so an unwritable output costs no load.
     with _staged(output, replace=replace) as tmp:
         args, dense, meta = dense_state_dict(path)
-        hf_cfg = transformers.LlamaConfig(**hf_config_dict(args, max_position_embeddings=context), use_cache=True)
+        hf_config, hf_state = to_hf(args, dense, max_position_embeddings=context)
+        hf_cfg = transformers.LlamaConfig(**hf_config, use_cache=True)
         tok_meta = meta.get("tokenizer", {})
         if tok_meta.get("eos_id") is not None:
             hf_cfg.eos_token_id = tok_meta["eos_id"]
         hf_cfg.bos_token_id = tok_meta.get("bos_id")
         with torch.device("meta"):
             hf = transformers.LlamaForCausalLM(hf_cfg)
-        hf.load_state_dict(dense, strict=True, assign=True)
+        hf.load_state_dict(hf_state, strict=True, assign=True)
         if args.tie_embeddings:
             hf.tie_weights()
         hf = hf.to(DTYPES[dtype])

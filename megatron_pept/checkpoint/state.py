@@ -12,7 +12,9 @@ specific to a rank's shard but not by rows (8-bit quantisation blocks) is saved 
 loads only on the same number of ranks. An optimizer says which is which through the shard-aware protocol
 (:class:`megatron_pept.sharding.ShardAwareOptimizer`: ``state_layout(param, key)`` returning ``"rows"``,
 ``"replicated"`` or ``"local"``); an optimizer that declares nothing keeps DTensor state for DTensor parameters,
-or state shaped like the local shard (``rows``), or whole tensors (``replicated``).
+or state shaped like the local shard (``rows``), or whole tensors (``replicated``). Counters the step reads on the
+host (``step``, ``refreshes``, ``seed``: :data:`megatron_pept.sharding.HOST_STATE_KEYS`) load into host tensors, where
+the optimizers keep them: on the device every step would wait to read them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from megatron_pept.distributed import comm
 from megatron_pept.errors import UserError
-from megatron_pept.sharding import ShardAwareOptimizer, optimizer_protocol
+from megatron_pept.sharding import ShardAwareOptimizer, keeps_on_host, optimizer_protocol
 
 
 def _layout(protocol: ShardAwareOptimizer, p: torch.Tensor, key: str, local_shape: torch.Size | None) -> str:
@@ -144,8 +146,13 @@ def optimizer_destinations(model: nn.Module, optimizer: Any, saved: dict[str, An
                 "resume with the configuration it was saved with"
             )
         else:
-            out[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=_device(p))
+            host = keeps_on_host(state_key, meta.size, _group_of(protocol.owner(p), p))
+            out[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device="cpu" if host else _device(p))
     return out
+
+
+def _group_of(optimizer: Any, p: torch.Tensor) -> dict | None:
+    return next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
 
 
 def install_optimizer_state(model: nn.Module, optimizer: Any, loaded: dict[str, Any]) -> None:

@@ -13,7 +13,8 @@ Backends (one class each, :mod:`.backend` and :mod:`.deepspeed_backend`, registe
 * ``fsdp2``: ``fully_shard`` on every transformer block, then on the root; parameters are DTensors sharded by
   rows (dim 0). The model is initialised in full on every rank and then sharded, so a run's weights do not depend
   on the number of ranks (a 7B model needs its full fp32 weights in CPU memory once per rank while starting). On
-  GPU a mixed-precision policy computes in bf16 and reduces gradients in fp32.
+  GPU a run computing in bf16 gets a mixed-precision policy (bf16 parameters in forward and backward, gradients
+  reduced in fp32); an fp32 run computes in fp32.
 * ``deepspeed``: DeepSpeed ZeRO stage 1, 2 or 3 (``parallel.zero_stage``) with our optimizer as its client
   optimizer.
 """
@@ -29,7 +30,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_pept.config import Config, ParallelConfig, TrainConfig
-from megatron_pept.distributed.backend import Backend, DDPBackend, FSDP2Backend
+from megatron_pept.distributed.backend import (
+    Backend,
+    DDPBackend,
+    FSDP2Backend,
+    compute_dtype,
+    fsdp2_mixed_precision,
+)
 from megatron_pept.distributed.deepspeed_backend import DeepSpeedBackend
 from megatron_pept.errors import ConfigError
 
@@ -134,6 +141,8 @@ __all__ = [
     "ParallelDims",
     "backend_class",
     "build_backend",
+    "compute_dtype",
+    "fsdp2_mixed_precision",
     "init_parallel",
     "register_backend",
     "resolve_device",

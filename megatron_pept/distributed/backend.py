@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from megatron_pept.config import Config
+from megatron_pept.config import Config, TrainConfig
 from megatron_pept.distributed import comm
 from megatron_pept.errors import ConfigError
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess, full, optimizer_protocol
@@ -36,6 +36,27 @@ from megatron_pept.traits import MethodTraits
 
 if TYPE_CHECKING:
     from megatron_pept.distributed import ParallelDims
+
+
+def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype a run computes in (``train.dtype``): bf16 (autocast over fp32 master weights) when asked, or for
+    ``auto`` on CUDA; fp32 otherwise."""
+    bf16 = train.dtype == "bf16" or (train.dtype == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def fsdp2_mixed_precision(dtype: torch.dtype, *, device_type: str) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` for a run computing in ``dtype`` on ``device_type``: on CUDA in bf16, the
+    parameters are all-gathered and used in bf16 and gradients reduced in fp32; None (parameters used as stored,
+    fp32) for an fp32 run, and on a CPU, where bf16 compute is the trainer's autocast as on every other backend.
+
+    The blocks' floating inputs are not cast (``cast_forward_inputs=False``): they are the hidden states, bf16
+    already (from the bf16 embedding), and the rotary tables, which must stay fp32."""
+    if device_type != "cuda" or dtype == torch.float32:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 class Backend:
@@ -57,6 +78,8 @@ class Backend:
         self.raw_model: nn.Module | None = None  # what methods, optimizers and checkpoints see
         self.model: Any = None  # what forward calls (a wrapper, an engine, or the model itself)
         self.access: ParamAccess = LOCAL_ACCESS
+        self.compute_dtype = compute_dtype(cfg.train, device)
+        """What the run computes in (:func:`compute_dtype`)."""
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -205,14 +228,15 @@ class FSDP2Backend(Backend):
             )
 
     def _wrap(self, model: nn.Module) -> Any:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         kwargs: dict[str, Any] = {"mesh": self.dims.mesh}
         for module in model.modules():  # quantised bases (held as buffers, which FSDP2 leaves whole): by rows
             if getattr(module, "quantised", False):
                 module.shard_base(self.dims.mesh)
-        if self.device.type == "cuda":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        policy = fsdp2_mixed_precision(self.compute_dtype, device_type=self.device.type)
+        if policy is not None:
+            kwargs["mp_policy"] = policy
         for layer in model.model.layers.values():
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)

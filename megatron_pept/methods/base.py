@@ -47,8 +47,10 @@ def require(cond: bool, message: str) -> None:
 class StepEnd:
     """What a method reports after an optimizer step."""
 
-    scalars: dict[str, float] = field(default_factory=dict)
-    """Values to log, under their full TensorBoard tags (e.g. ``relora/restarts``)."""
+    scalars: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    """Values to log, under their full TensorBoard tags (e.g. ``relora/restarts``): floats, or 0-d tensors on the
+    device, which the trainer reads on the host once per ``train.log_interval`` (a step never waits for them). A
+    tensor handed over is not changed in place afterwards."""
     optimizer: torch.optim.Optimizer | None = None
     """A new optimizer the trainer must use from the next step on (e.g. after a warm-start phase switch)."""
 

@@ -39,6 +39,7 @@ from megatron_pept.config import OptimConfig
 from megatron_pept.methods.base import Method, MethodSettings, StepEnd, require
 from megatron_pept.methods.relora import LOWRANK_TARGETS, matches_target
 from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from megatron_pept.optim.projector import divide_exactly
 from megatron_pept.sharding import optimizer_protocol
 
 logger = logging.getLogger("megatron_pept")
@@ -252,6 +253,9 @@ class GaLoreMethod(Method):
         return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, param_names=names)
 
     def on_step_end(self, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepEnd:
+        """The step's statistics as scalars: counts and times kept on the host are floats; the rest are 0-d tensors
+        on the device (float64, the values the host arithmetic gave when they were read here), which the trainer
+        reads once per ``train.log_interval``: no step waits for the device."""
         stats = optimizer_protocol(optimizer).step_stats()
         end = StepEnd()
         if not stats:
@@ -260,22 +264,26 @@ class GaLoreMethod(Method):
         self.svd_seconds += stats["svd_seconds"]
         end.scalars["galore/refreshes"] = float(self.refreshes)
         end.scalars["galore/svd_seconds"] = self.svd_seconds
-        if stats["overlaps"]:
-            end.scalars["galore/subspace_overlap"] = sum(stats["overlaps"]) / len(stats["overlaps"])
+        if stats["overlaps"]:  # a list of tensors, made on refresh steps
+            end.scalars["galore/subspace_overlap"] = divide_exactly(sum(stats["overlaps"]), len(stats["overlaps"]))
         if self.error_feedback:
-            end.scalars["galore/ef_residual_norm"] = stats["ef_residual_sq"] ** 0.5
-        if stats["scaled_matrices"]:
-            limited = int(stats["limited_matrices"])
-            self.limiter_activations += limited
-            end.scalars["galore/scaling_factor"] = float(stats["scaling_factor_sum"]) / stats["scaled_matrices"]
-            end.scalars["galore/limited_fraction"] = limited / stats["scaled_matrices"]
-            end.scalars["galore/limiter_activations"] = float(self.limiter_activations)
+            squares = stats["ef_residual_sq"]
+            end.scalars["galore/ef_residual_norm"] = squares.sqrt() if torch.is_tensor(squares) else squares**0.5
+        scaled = stats["scaled_matrices"]
+        if scaled:  # the sum of the factors is then a tensor; the limiter's count is one once the limiter ran
+            total = stats["scaling_factor_sum"].double()
+            limited = stats["limited_matrices"]
+            limited = limited.double() if torch.is_tensor(limited) else torch.full_like(total, limited)
+            self.limiter_activations = self.limiter_activations + limited
+            end.scalars["galore/scaling_factor"] = divide_exactly(total, scaled)
+            end.scalars["galore/limited_fraction"] = divide_exactly(limited, scaled)
+            end.scalars["galore/limiter_activations"] = self.limiter_activations  # a new tensor each step
         return end
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"refreshes": torch.tensor(self.refreshes), "svd_seconds": torch.tensor(self.svd_seconds)}
-        if self.update_rule != "galore":
-            state["limiter_activations"] = torch.tensor(self.limiter_activations)
+        if self.update_rule != "galore":  # read on the host here, at a checkpoint (an int64 count, as before)
+            state["limiter_activations"] = torch.tensor(int(self.limiter_activations))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -36,7 +36,6 @@ from megatron_pept.methods.lowrank import LowRankLinear
 from megatron_pept.optim import JaggedSchedule, Schedule
 from megatron_pept.optim.pruning import reset_optimizer_state
 from megatron_pept.quant import FORMATS as QUANT_FORMATS
-from megatron_pept.quant import fp8_supported
 from megatron_pept.sharding import LOCAL_ACCESS, ParamAccess
 from megatron_pept.traits import MethodTraits
 
@@ -53,9 +52,10 @@ class LowRankSettings(MethodSettings):
     base_dtype: Literal["auto", "fp32", "bf16", "int8", "nf4", "fp8"] = "auto"
     """Storage of the frozen base weights of low-rank methods; auto keeps them like the other master weights
     (fp32). bf16 halves their memory but rounds every merge (a warm start trains an fp32 master until the switch).
-    int8 (per-row absmax), nf4 (QLoRA's 4-bit NormalFloat, blockwise) and fp8 (e4m3 with per-row scales; CUDA GPUs
-    of compute capability 8.9 or later): the forward uses the dequantised base; merges go into the master
-    (method.base_master). Backends: single, ddp, fsdp2 (parts sharded by rows/blocks), deepspeed ZeRO-1/2."""
+    int8 (per-row absmax), nf4 (QLoRA's 4-bit NormalFloat, blockwise) and fp8 (e4m3 with per-row scales; a storage
+    format, so any device: no fp8 compute is involved): the forward uses the base dequantised to the compute dtype;
+    merges go into the master (method.base_master). Backends: single, ddp, fsdp2 (parts sharded by rows/blocks),
+    deepspeed ZeRO-1/2."""
     base_master: Literal["host", "device", "none"] = "host"
     """With a quantised base: where the exact fp32 master that merges go into lives. host: CPU memory (on a GPU run
     the device holds only the quantised base; under fsdp2 the master is sharded beside the other shards instead);
@@ -207,10 +207,6 @@ class LowRankMethod(Method):
     def after_init(self, model: nn.Module) -> None:
         """Initialise the adapters from the freshly initialised weights (also during a warm start, so every
         tensor holds defined values; they are re-made from the warmed-up weights at the switch)."""
-        if self.base_format == "fp8":
-            problem = fp8_supported(next(model.parameters()).device)
-            if problem:
-                raise ConfigError(problem)
         for i, (_, layer) in enumerate(lowrank_layers(model)):
             gen = self._generator(layer.lora_A.device, 1_000_003 * i)
             if self.lowrank_phase:
@@ -290,7 +286,7 @@ class LowRankMethod(Method):
                 for _, layer in lowrank_layers(model)
                 for p in layer.adapter_parameters()
             ]
-            adapter_norm = float(torch.linalg.vector_norm(torch.stack(norms)))  # one device sync
+            adapter_norm = torch.linalg.vector_norm(torch.stack(norms))  # a tensor: read when logged, not here
         end.scalars.update(
             {
                 f"{prefix}/restarts": float(self.restart_count),

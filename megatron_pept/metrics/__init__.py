@@ -111,6 +111,17 @@ def peak_memory_gb(device: torch.device) -> float:
     return kilobytes * 1024 / 1e9
 
 
+def device_memory_gb(device: torch.device) -> dict[str, float]:
+    """The CUDA caching allocator's state now, in GB (1e9 bytes): ``mem/allocated_gb`` (memory held by tensors) and
+    ``mem/reserved_gb`` (held by the allocator, allocated or cached for reuse); nothing on a CPU."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "mem/allocated_gb": torch.cuda.memory_allocated(device) / 1e9,
+        "mem/reserved_gb": torch.cuda.memory_reserved(device) / 1e9,
+    }
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -135,6 +146,11 @@ def setup_console_logging(*, is_main: bool) -> None:
 class MetricsWriter:
     """Writes scalars to TensorBoard (event files directly in ``run_dir``) on the main rank.
 
+    A value is a float, or a 0-d tensor still on the device (a method's statistics): reading it on the host would
+    make the step wait for the device, so tensors are kept, each with its step, and read together, with one
+    synchronisation, by :meth:`sync` (the trainer calls it every ``train.log_interval`` steps, and :meth:`close`
+    does). A tag's later floats wait behind its kept tensors, so each tag is written in step order.
+
     A write that fails (a full disk, a quota) never raises in the middle of a step: the writer stops writing,
     keeps the reason in :attr:`error` (one line), and the trainer acts on it at the end of the step."""
 
@@ -142,6 +158,8 @@ class MetricsWriter:
         self._writer = None
         self.run_dir = Path(run_dir)
         self.error: str | None = None
+        self._pending: list[tuple[int, str, float | torch.Tensor]] = []  # (step, tag, value) to write at sync()
+        self._pending_tags: set[str] = set()
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -155,11 +173,37 @@ class MetricsWriter:
         with contextlib.suppress(Exception):  # its thread has died; closing flushes into the same full disk
             writer.close()
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float | torch.Tensor]) -> None:
+        """Write ``values`` at ``step``: floats now, 0-d tensors at the next :meth:`sync` (pass tensors that are not
+        changed in place afterwards)."""
         if self._writer is None:
             return
         try:
             for tag, value in values.items():
+                if isinstance(value, torch.Tensor) or tag in self._pending_tags:
+                    self._pending.append((step, tag, value.detach() if isinstance(value, torch.Tensor) else value))
+                    self._pending_tags.add(tag)
+                else:
+                    self._writer.add_scalar(tag, value, global_step=step)
+        except OSError as err:
+            self._failed(err)
+
+    def sync(self) -> None:
+        """Read the kept tensors on the host (one synchronisation per device) and write everything kept, in order."""
+        pending, self._pending, self._pending_tags = self._pending, [], set()
+        if self._writer is None or not pending:
+            return
+        tensors: dict[torch.device, list[int]] = {}
+        for i, (_, _, value) in enumerate(pending):
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(value.device, []).append(i)
+        values: list[float | torch.Tensor] = [value for _, _, value in pending]
+        for where in tensors.values():
+            read = torch.stack([values[i].to(torch.float64).reshape(()) for i in where]).tolist()
+            for i, value in zip(where, read):
+                values[i] = value
+        try:
+            for (step, tag, _), value in zip(pending, values):
                 self._writer.add_scalar(tag, value, global_step=step)
         except OSError as err:
             self._failed(err)
@@ -172,6 +216,7 @@ class MetricsWriter:
                 self._failed(err)
 
     def close(self) -> None:
+        self.sync()
         if self._writer is not None:
             writer, self._writer = self._writer, None
             try:
@@ -228,9 +273,10 @@ def log_step(
     rates: StepRates,
     mem_gb: float,
     console: bool,
+    memory: dict[str, float] | None = None,
 ) -> None:
     """The scalars of one finished step (``step``: steps done) and, when ``console``, its console line (with the
-    rates averaged since the first step)."""
+    rates averaged since the first step); ``memory``: more ``mem/`` scalars (:func:`device_memory_gb`)."""
     writer.scalars(
         step,
         {
@@ -240,6 +286,7 @@ def log_step(
             "perf/tokens_per_sec": rates.tokens_per_sec,
             "perf/mfu": rates.mfu,
             "mem/peak_gb": mem_gb,
+            **(memory or {}),
         },
     )
     if console:

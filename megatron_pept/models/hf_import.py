@@ -5,8 +5,9 @@ The folder's ``config.json`` must describe the model this run builds (sizes, hea
 epsilon, tied embeddings); a difference is refused in one line that lists the overrides which would match. The
 weights are read from safetensors (``model.safetensors`` or the shards of ``model.safetensors.index.json``; never
 pickled ``.bin`` files) into the freshly built model before the method initialises its adapters or projections
-from them and before the model is sharded, so every method and backend starts from the same weights. Names need no
-mapping: our parameters are named as in ``transformers.LlamaForCausalLM``.
+from them and before the model is sharded, so every method and backend starts from the same weights, one tensor at
+a time. The config check and the names are the Hugging Face adapter's (:func:`megatron_pept.models.hf.from_hf`);
+this module reads the folder.
 
 The folder is read as untrusted input: a ``config.json`` that is not a JSON object or lacks a field, an index
 naming a weight file outside the folder (an absolute path, ``..``, or a symbolic link leading out; a Hugging Face
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from megatron_pept.errors import ConfigError
-from megatron_pept.models.llama import LlamaArgs
+from megatron_pept.models.hf import from_hf
 from megatron_pept.safe_paths import outside_reason
 
 logger = logging.getLogger("megatron_pept")
@@ -57,71 +59,6 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     if model_type != "llama":
         raise ConfigError(f"{where} holds a {model_type!r} model; only LLaMA models (model_type llama) load")
     return cfg
-
-
-_REQUIRED = object()
-
-
-def _setting(cfg: dict[str, Any], key: str, kind: type, *, folder: Path, default: Any = _REQUIRED) -> Any:
-    """``cfg[key]`` as ``kind`` (int: a positive integer; float: a number; bool: true or false); ``default`` when the
-    key is missing or null. A missing or ill-typed setting is one line naming it."""
-    value = cfg.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise ConfigError(f"model.init_from={folder}: {CONFIG_FILE} has no {key}; is it a LLaMA config.json?")
-        return default
-    good = {
-        int: isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-    }[kind]
-    if not good:
-        what = {int: "a positive integer", float: "a number", bool: "true or false"}[kind]
-        raise ConfigError(f"model.init_from={folder}: {CONFIG_FILE} has {key}={json.dumps(value)}, not {what}")
-    return kind(value)
-
-
-def _rope_parameters(cfg: dict[str, Any], *, folder: Path) -> dict[str, Any]:
-    """transformers 4.x writes ``rope_theta``; 5.x ``rope_parameters: {rope_type, rope_theta}``."""
-    params = cfg.get("rope_parameters") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"model.init_from={folder}: {CONFIG_FILE} has rope_parameters that is not an object")
-    return params
-
-
-def check_hf_config(cfg: dict[str, Any], args: LlamaArgs, *, folder: Path) -> None:
-    """Refuse, in one line, a folder whose model is not the one this run builds."""
-    where = f"model.init_from={folder}"
-    params = _rope_parameters(cfg, folder=folder)
-    scaling = cfg.get("rope_scaling") or params.get("rope_type", "default")
-    if scaling not in (None, "default"):
-        raise ConfigError(f"{where} uses RoPE scaling ({scaling}), which this trainer does not implement")
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ConfigError(f"{where}: only SwiGLU (silu) LLaMA blocks without biases load")
-
-    def setting(key: str, kind: type, default: Any = _REQUIRED) -> Any:
-        return _setting(cfg, key, kind, folder=folder, default=default)
-
-    hidden, heads = setting("hidden_size", int), setting("num_attention_heads", int)
-    if setting("head_dim", int, hidden // heads) * heads != hidden:
-        raise ConfigError(f"{where} has a head_dim other than hidden_size / num_attention_heads; not supported")
-    rope_theta = _setting(params, "rope_theta", float, folder=folder, default=10000.0)
-    theirs = {  # our key -> (their value, ours)
-        "model.hidden_size": (hidden, args.hidden_size),
-        "model.num_layers": (setting("num_hidden_layers", int), args.num_layers),
-        "model.num_heads": (heads, args.num_heads),
-        "model.num_kv_heads": (setting("num_key_value_heads", int, heads), args.num_kv_heads),
-        "model.intermediate_size": (setting("intermediate_size", int), args.intermediate_size),
-        "model.vocab_size": (setting("vocab_size", int), args.vocab_size),
-        "model.rope_theta": (setting("rope_theta", float, rope_theta), args.rope_theta),
-        "model.norm_eps": (setting("rms_norm_eps", float, 1e-6), args.norm_eps),
-        "model.tie_embeddings": (setting("tie_word_embeddings", bool, False), args.tie_embeddings),
-    }
-    differ = {key: value for key, (value, ours) in theirs.items() if value != ours}
-    if differ:
-        have = ", ".join(f"{key}={theirs[key][1]}" for key in differ)
-        want = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in differ.items())
-        raise ConfigError(f"{where} is not the model this run builds ({have}); set {want}")
 
 
 def _root(folder: Path) -> Path:
@@ -198,44 +135,66 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     raise ConfigError(f"model.init_from={folder} holds no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+class FolderWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a Hugging Face folder's safetensors files by name, each read from its file when asked for
+    (so a model loads one tensor at a time). Which file holds which tensor is read on first use. Close it (or use
+    it in a ``with`` block) to release the files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._open: dict[Path, tuple[Any, set[str]]] = {}
+
+    @cached_property
+    def _files(self) -> dict[str, Path]:
+        return _weight_files(self.folder)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self._files[name]
+        with _reading(self.folder, file):
+            if file not in self._open:
+                handle = safe_open(str(file), framework="pt")
+                self._open[file] = handle, set(handle.keys())
+            handle, held = self._open[file]
+            if name not in held:  # only an index can say so
+                raise ConfigError(
+                    f"model.init_from={self.folder}: {INDEX_FILE} puts {name} in {file.relative_to(self.folder)}, "
+                    "which does not hold it; download or save the model again"
+                )
+            return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()  # safetensors releases a file when its handle goes
+
+    def __enter__(self) -> FolderWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, folder: str | Path) -> int:
     """Copy the folder's weights into ``model`` (materialised, before the method's ``after_init``); returns how
-    many tensors were loaded. Every parameter the Hugging Face model has must be there, with its shape."""
-    from safetensors import safe_open
-
+    many tensors were loaded. Every parameter the Hugging Face model has must be there, with its shape
+    (:func:`megatron_pept.models.hf.from_hf` checks the config and the names)."""
     folder = Path(folder)
-    check_hf_config(read_hf_config(folder), model.args, folder=folder)
-    files = _weight_files(folder)
-    from megatron_pept.models import build_model
-
-    # The plain LLaMA's parameters (a method's adapters or projections are made from them afterwards).
-    plain = [name for name, _ in build_model(model.args, device="meta").named_parameters()]
-    targets = {name: model.get_parameter(name) for name in plain}
-    if model.args.tie_embeddings:
-        targets.pop("lm_head.weight", None)  # shares the embedding's tensor
-    missing = [name for name in targets if name not in files]
-    if missing:
-        raise ConfigError(f"model.init_from={folder} has no tensor {missing[0]} (of {len(missing)} missing)")
-    by_file: dict[Path, list[str]] = {}
-    for name in targets:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        with _reading(folder, file), safe_open(str(file), framework="pt") as f:
-            held = set(f.keys())
-            for name in names:
-                if name not in held:  # only an index can say so
-                    raise ConfigError(
-                        f"model.init_from={folder}: {INDEX_FILE} puts {name} in {file.relative_to(folder)}, which "
-                        "does not hold it; download or save the model again"
-                    )
-                value = f.get_tensor(name)
-                target = targets[name]
-                if tuple(value.shape) != tuple(target.shape):
-                    raise ConfigError(
-                        f"model.init_from={folder}: {name} has shape {list(value.shape)}, this model "
-                        f"{list(target.shape)}"
-                    )
-                target.copy_(value.to(dtype=target.dtype, device=target.device))
-    logger.info("initialised %d tensors from %s", len(targets), folder)
-    return len(targets)
+    config = read_hf_config(folder)
+    count = 0
+    with FolderWeights(folder) as weights:
+        for name, value in from_hf(config, weights, model.args, where=f"model.init_from={folder}"):
+            target = model.get_parameter(name)  # the plain LLaMA's (a method adapts it after this)
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+            count += 1
+    logger.info("initialised %d tensors from %s", count, folder)
+    return count

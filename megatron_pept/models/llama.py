@@ -177,6 +177,17 @@ class LlamaModel(nn.Module):
         # Recompute each block's activations during backward instead of keeping them (train.activation_checkpointing).
         self.activation_checkpointing = False
 
+    def _apply(self, fn, recurse=True):
+        # The rotary tables follow the module to another device but stay fp32 under any cast (module.bfloat16() in
+        # DeepSpeed's bf16 mode, .half(), .to(dtype)): in bf16 cos/sin are off by up to 2^-9 at every position.
+        tables = {name: self._buffers[name] for name in ("rope_cos", "rope_sin")}
+        out = super()._apply(fn, recurse)
+        for name, before in tables.items():
+            after = self._buffers[name]
+            if after is not None and before is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return out
+
     def forward(self, input_ids_bs: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids_bs.shape[1]
         if seq_len > self.args.max_seq_len:

@@ -10,6 +10,7 @@ from torch import nn
 from megatron_pept.config import OptimConfig
 from megatron_pept.optim.adamw import LowPrecisionAdamW
 from megatron_pept.optim.schedules import JaggedSchedule, Schedule, WarmupDecaySchedule
+from megatron_pept.sharding import HOST_STATE_KEYS, keeps_on_host
 
 
 def decay_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], *, weight_decay: float) -> list[dict]:
@@ -42,6 +43,7 @@ def build_schedule(cfg: OptimConfig, *, total_steps: int) -> Schedule:
 
 
 __all__ = [
+    "HOST_STATE_KEYS",
     "JaggedSchedule",
     "LowPrecisionAdamW",
     "Schedule",
@@ -49,4 +51,5 @@ __all__ = [
     "build_adamw",
     "build_schedule",
     "decay_param_groups",
+    "keeps_on_host",
 ]

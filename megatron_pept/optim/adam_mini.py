@@ -48,6 +48,9 @@ class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
             if group["block"] == "head" and not group.get("head_numel"):
                 raise ValueError("an Adam-mini 'head' group needs head_numel")
         self.reduce_sum = reduce_sum
+        # Element counts of per-tensor blocks as device tensors, made once (per-layer optimizers share the dict):
+        # torch.tensor(n, device=cuda) on every step would be a host-to-device copy that waits for the device.
+        self._numels: dict[tuple[int, torch.device], torch.Tensor] = {}
         # Group of each parameter, fixed at construction (DeepSpeed later swaps ``params`` for flat partitions).
         self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self.zero_layout: ZeroLayout | None = None
@@ -168,11 +171,14 @@ class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
         if kind == "row":
             return torch.mean(grad.view(grad.shape[0], -1).square(), dim=1, keepdim=True)
         total = grad.square().sum()
-        numel = torch.tensor(float(p.numel()), device=grad.device)
+        key = (id(p), grad.device)
+        if key not in self._numels:
+            self._numels[key] = torch.tensor(float(p.numel()), device=grad.device)
+        numel = self._numels[key]
         if shard is not None:
             total = shard.all_reduce(total)
-        if self.reduce_sum is not None:
-            total, numel = self.reduce_sum(total), self.reduce_sum(numel)
+        if self.reduce_sum is not None:  # it may reduce in place: the kept count stays this rank's
+            total, numel = self.reduce_sum(total), self.reduce_sum(numel.clone())
         return total / numel
 
 

@@ -13,13 +13,16 @@ from typing import Any
 
 import torch
 
+from megatron_pept.sharding import keeps_on_host
+
 
 class KeepStateDtypes:
     """Mixin for optimizers whose state dtypes differ from their parameters'.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to the parameter's dtype,
     which would turn bf16 moments into fp32, 8-bit codes into floats and integer counters and seeds into float32.
-    This keeps each tensor's saved dtype and only moves it to the parameter's device.
+    This keeps each tensor's saved dtype and only moves it to the parameter's device, except the host counters
+    (:data:`~megatron_pept.sharding.HOST_STATE_KEYS`), which stay on the host.
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -31,7 +34,8 @@ class KeepStateDtypes:
             param = by_id[param_id]
             for key, value in saved.items():
                 if torch.is_tensor(value):
-                    self.state[param][key] = value.to(device=param.device, copy=True)  # type: ignore[attr-defined]
+                    device = "cpu" if keeps_on_host(key, value.shape) else param.device
+                    self.state[param][key] = value.to(device=device, copy=True)  # type: ignore[attr-defined]
 
 
 class LowPrecisionAdamW(KeepStateDtypes, torch.optim.Optimizer):

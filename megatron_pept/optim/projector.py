@@ -135,6 +135,21 @@ def subspace_overlap(old: torch.Tensor, new: torch.Tensor, *, side: str) -> floa
     return float((old.T.float() @ new.float()).square().sum()) / rank
 
 
+def subspace_overlap_tensor(old: torch.Tensor, new: torch.Tensor, *, side: str) -> torch.Tensor:
+    """:func:`subspace_overlap` as a 0-d float64 tensor on the projectors' device, the same value, computed without
+    reading anything on the host (the optimizer step keeps its statistics as tensors)."""
+    if side == "right":
+        old, new = old.T, new.T
+    return divide_exactly((old.T.float() @ new.float()).square().sum().double(), old.shape[1])
+
+
+def divide_exactly(t: torch.Tensor, n: int | float) -> torch.Tensor:
+    """``t / n`` rounded as Python divides floats (IEEE division), on ``t``'s device without a host-to-device copy.
+    A plain ``t / n`` on CUDA multiplies by ``1 / n`` instead (one bit of precision may be lost), so statistics
+    kept as tensors would no longer equal the ones computed on the host."""
+    return t / torch.full_like(t, n)
+
+
 def captured_energy(grad: torch.Tensor, basis: torch.Tensor, *, side: str) -> float:
     """Share of the gradient's squared Frobenius norm inside the subspace."""
     g = grad.float()

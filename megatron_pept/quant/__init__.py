@@ -14,8 +14,9 @@ Formats:
   absmax; ``0.5 + 4 / block_size`` bytes per weight (0.5625 for blocks of 64).
 * ``fp8``: per-output-channel (row) absmax to ``torch.float8_e4m3fn``: ``scale_i = max_j |W_ij| / 448``,
   ``q = fp8(W / scale)``; error at most ``2^-4 |W_ij|`` (3 mantissa bits) plus ``2^-10 scale_i`` for the
-  subnormals; 1 byte per weight plus 4 per row. Only the storage: it works on any device, but computing in fp8
-  needs a GPU that has it (:func:`fp8_supported`).
+  subnormals; 1 byte per weight plus 4 per row. Only the storage: quantising and dequantising (to the compute
+  dtype) are plain casts that run on any device, CPU included; no fp8 arithmetic is involved (computing in fp8
+  would need a GPU that has it: :func:`fp8_supported`).
 
 ``round="stochastic"`` (int8 only; nf4 and fp8 round to the nearest) rounds up or down with the probability of the
 distance, so a requantised weight is unbiased: updates smaller than half a step survive in expectation instead of
@@ -27,6 +28,7 @@ What requantisation does over many ReLoRA restarts is measured by :func:`requant
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -37,16 +39,24 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _NF4_CHUNK = 1 << 18  # elements matched against the 16 codes at a time (16 fp32 distances each)
 
 
-def _nf4_module():  # torchao (the quant extra) is imported when NF4 is used (it loads slowly)
-    try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
-    except ImportError:
-        from megatron_pept.errors import ConfigError
+NF4_MODULES = (
+    "torchao.quantization.quantize_.workflows.nf4.nf4_tensor",  # torchao 0.18 and later
+    "torchao.dtypes.nf4tensor",  # torchao 0.10 to 0.17 (the same NF4Tensor, to_nf4 and SubclassTensorArgs)
+)
+"""Where torchao keeps its NF4 tensor, newest first (it moved in torchao 0.18)."""
 
-        raise ConfigError(
-            "method.base_dtype=nf4 needs torchao: pip install 'megatron_pept[quant]' (or pip install torchao)"
-        ) from None
-    return nf4_tensor
+
+def _nf4_module():  # torchao (the quant extra) is imported when NF4 is used (it loads slowly)
+    for name in NF4_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    from megatron_pept.errors import ConfigError
+
+    raise ConfigError(
+        "method.base_dtype=nf4 needs torchao 0.10 or later: pip install 'megatron_pept[quant]' (or pip install torchao)"
+    )
 
 
 @functools.cache
@@ -169,18 +179,18 @@ def dequantize(
 
 
 def fp8_supported(device: torch.device) -> str | None:
-    """None when ``device`` can compute in fp8 (CUDA, compute capability 8.9 or later), else one line saying why
-    not and what to use instead."""
-    need = "method.base_dtype=fp8 needs a CUDA GPU with fp8 support (compute capability 8.9 or later: Ada, Hopper)"
+    """None when ``device`` can compute in fp8 (fp8 matrix multiplies: CUDA, compute capability 8.9 or later), else
+    one line saying why not. fp8 *storage* (``method.base_dtype=fp8``) does not need it: it runs anywhere."""
+    need = "fp8 compute needs a CUDA GPU with fp8 tensor cores (compute capability 8.9 or later: Ada, Hopper)"
     device = torch.device(device)
     if device.type != "cuda":
-        return f"{need}; this run's device is {device}; use int8 or nf4"
+        return f"{need}; this device is {device}"
     if not torch.cuda.is_available():
-        return f"{need}; this run's device is {device} but CUDA is not available; use int8 or nf4"
+        return f"{need}; this device is {device} but CUDA is not available"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) >= (8, 9):
         return None
-    return f"{need}; this run's device is {device}, compute capability {major}.{minor}; use int8 or nf4"
+    return f"{need}; this device is {device}, compute capability {major}.{minor}"
 
 
 def scaler_group(n_blocks: int, largest: int = NF4_SCALER_BLOCK) -> int:

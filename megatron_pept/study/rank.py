@@ -20,6 +20,8 @@ Outputs: ``rank_spectra.png`` (a panel per layer type, log scale), ``rank_counts
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -91,7 +93,8 @@ def initial_model(run_dir: str | Path, *, device: str = "auto") -> tuple[Any, An
     if not config_file.is_file():
         raise UserError(f"{INIT_PREFIX}{run_dir}: no {config_file}; init: takes the run_dir of a run (its config.yaml)")
     cfg = load_config(config_file)
-    args = _initial_model_args(cfg, run_dir)
+    # The attention kernel holds no weights: sdpa rebuilds a flash or te run's initial model on any machine.
+    args = dataclasses.replace(_initial_model_args(cfg, run_dir), attention="sdpa")
     if device == "auto":
         dev = resolve_device(cfg.train)
     elif device == "cuda" and not torch.cuda.is_available():

@@ -7,7 +7,9 @@ tokenizer) that transformers loads with from_pretrained / AutoTokenizer.
 --checkpoint takes a checkpoint folder (step_00000300), a checkpoints folder or a run_dir (then the newest
 complete checkpoint). Checkpoints of any method and of single/DDP/FSDP2 runs on any number of ranks and of
 DeepSpeed ZeRO-1/2/3 runs (consolidated by DeepSpeed's own functions, read without pickle): adapters are merged
-into dense weights, low-precision bases dequantised, optimizer state left out. config.json is read the same by
+into dense weights, low-precision bases dequantised, optimizer state left out. The model is rebuilt with sdpa
+attention, so a run trained with model.attention=flash or te exports where neither package is installed (every
+kernel computes the same function of the same weights). config.json is read the same by
 transformers 4.x and 5.x; it declares model.max_position_embeddings as the context (null: 2048, or data.seq_len if
 larger; --max-position-embeddings overrides it). The tokenizer is the run's SentencePiece model converted, or its
 Hugging Face tokenizer.json carried as it is.

@@ -113,12 +113,13 @@ QUANTISED = {  # METHOD@FORMAT[-variant]: a quantised frozen base (megatron_pept
     "repissa@nf4": ["method.reset_every=2"],
     "relora@nf4-warm": ["method.reset_every=2", "method.warm_start_steps=1"],
     "relora@nf4-nomaster": ["method.reset_every=2", "method.base_master=none"],
+    "relora@fp8": ["method.reset_every=2"],  # fp8 storage on CPU; gloo all-gathers no fp8 type: FSDP2's as bytes
 }
 QUANTISED_RUNS = {  # backend -> the quantised runs it trains (fsdp2 and DeepSpeed refuse a warm start with them)
-    "ddp": ["relora@int8", "repissa@nf4", "relora@nf4-warm"],
-    "fsdp2": ["relora@int8", "relora@nf4", "repissa@nf4", "relora@nf4-nomaster"],
+    "ddp": ["relora@int8", "repissa@nf4", "relora@nf4-warm", "relora@fp8"],
+    "fsdp2": ["relora@int8", "relora@nf4", "repissa@nf4", "relora@nf4-nomaster", "relora@fp8"],
     "zero1": ["relora@nf4"],
-    "zero2": ["relora@int8", "relora@nf4"],
+    "zero2": ["relora@int8", "relora@nf4", "relora@fp8"],
 }
 BACKEND_OVERRIDES = {
     "ddp": ["parallel.backend=ddp"],
@@ -175,7 +176,7 @@ def test_quantised_bases_match_one_process(backend, key, quantised_results, quic
     two = quantised_results[f"{backend}-{key}"]
     layers = sum(name.endswith(".dequantized_base") for name in params)
     assert layers == 7 * 2  # every projection of the debug model holds a quantised base
-    per_layer = 2 + ("nomaster" not in key)  # int8: q and scale, nf4: q and scalers; and the master
+    per_layer = 2 + ("nomaster" not in key)  # int8, fp8: q and scale, nf4: q and scalers; and the master
     assert int(two["sharded_bases"]) == (layers * per_layer if backend == "fsdp2" else 0)
     if not (key.startswith("repissa") or key.endswith("nomaster")):
         compare(two, losses, params, weight_tol=WEIGHT_TOL)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch import QUICKSTART, REPO, run, train_command
+from launch import ENV, QUICKSTART, REPO, run, train_command
 
 
 def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -142,3 +142,15 @@ def test_deepspeed_backend_runs_as_one_plain_process(quickstart_data: Path, tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses[backend] = float(re.search(r"step 3/3 \| loss ([0-9.]+)", proc.stdout).group(1))
     assert losses["deepspeed"] == pytest.approx(losses["single"], abs=2e-4)
+
+
+def test_gpu_attention_on_a_cpu_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """`python -m megatron_pept.train --config configs/quickstart.yaml model.attention=flash` on a machine without
+    CUDA (none visible here, whatever the machine): exit 2, one line naming the CPU and the fix, and nothing
+    written: not the quickstart's data (generated on first use, relative to the working folder), not run_dir."""
+    proc = run(train_command("model.attention=flash"), cwd=tmp_path, env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.attention=flash runs on CUDA GPUs only" in lines[0], proc.stderr
+    assert "use model.attention=sdpa" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -63,7 +63,7 @@ RULES: dict[str, set[str] | str] = {
     "distributed": {"config", "errors", "sharding", "traits"},
     "data": {"config", "distributed", "errors", "faults", "orphans", "safe_paths"},
     "methods": {"config", "errors", "models", "optim", "quant", "sharding", "traits"},
-    "registry": {"config", "distributed", "errors", "methods"},
+    "registry": {"config", "distributed", "errors", "methods", "models"},
     "signals": {"distributed", "orphans"},
     "evaluation": {"distributed", "models"},
     "guard": {"config", "errors", "train_state"},

@@ -90,6 +90,10 @@ def test_public_keys_exist() -> None:
         ("guard.spike_loss_sigma=-1", "guard.spike_loss_sigma must be >= 0 (0: off); got -1"),
         ("guard.spike_grad_norm_ratio=0.5", "guard.spike_grad_norm_ratio must be > 1 (or 0: off); got 0.5"),
         ("guard.spike_window=1", "guard.spike_window must be >= 2 (accepted steps); got 1"),
+        ("train.profile_steps=5:3", "train.profile_steps=5:3: the first step is after the last"),
+        ("train.profile_steps=0:3", "train.profile_steps=0:3: steps count from 1"),
+        ("train.profile_steps=7", "train.profile_steps must be FIRST:LAST, two step numbers"),
+        ("train.profile_steps=3:1001", "ends after the run's last step (train.steps=1000)"),
     ],
 )
 def test_bad_values_are_one_clear_line(override: str, message: str) -> None:
@@ -167,3 +171,14 @@ def test_shipped_study_specs_load(path: Path) -> None:
     for method in spec.methods:  # every run the study would start is a valid config
         for extra in ([], method.grid_overrides, method.probe_overrides):
             load_config(spec.config, [*spec.overrides, f"method.name={method.name}", *method.overrides, *extra])
+
+
+def test_profile_steps_are_read_as_written_in_a_file_and_an_override(tmp_path: Path) -> None:
+    """YAML 1.1 reads 10:12 as the base-60 integer 612; configs are read without base-60 numbers, so A:B stays the
+    text the key expects, and an integer key written so is refused instead of becoming another number."""
+    (tmp_path / "run.yaml").write_text("data:\n  path: x\ntrain:\n  profile_steps: 10:12\n")
+    assert load_config(tmp_path / "run.yaml").train.profile_steps == "10:12"
+    assert load_config(None, ["data.path=x", "train.profile_steps=1:1"]).train.profile_steps == "1:1"
+    assert load_config(None, ["data.path=x"]).train.profile_steps is None
+    with pytest.raises(ConfigError, match="config key 'train.steps' expects an integer; got '1:30'"):
+        load_config(None, ["data.path=x", "train.steps=1:30"])

@@ -165,3 +165,34 @@ def test_flops_per_token_matches_6n_rule() -> None:
     args = llama_args(ModelConfig(name="60m"), vocab_size=32000)
     matmul = args.num_params(include_embedding=False) - (2 * args.num_layers + 1) * args.hidden_size
     assert args.flops_per_token(256) == 6 * matmul + 12 * args.num_layers * args.hidden_size * 256
+
+
+CASTS = {
+    "module.bfloat16()": (lambda m: m.bfloat16(), torch.bfloat16),  # what DeepSpeed's bf16 mode does
+    "module.half()": (lambda m: m.half(), torch.float16),
+    "module.to(bfloat16)": (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+    "module.to(dtype=float16)": (lambda m: m.to(dtype=torch.float16), torch.float16),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_rope_tables_stay_fp32_whatever_cast_the_module_gets(cast: str) -> None:
+    """A backend's cast of the whole module (DeepSpeed's bf16 mode calls module.bfloat16()) casts the weights but
+    not the rotary tables: the cast model computes exactly what a model computes whose parameters alone were cast
+    (tables as computed, fp32). Rounded to bf16, cos/sin would be off by up to 2^-9 at every position, and the
+    rotation angle of a position past 256 cannot even be told from its neighbours'."""
+    fn, dtype = CASTS[cast]
+    args = llama_args(ModelConfig(name="debug"), vocab_size=97, max_seq_len=320)
+    model, reference = make_model(args), make_model(args)
+    fn(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.data = p.data.to(dtype)
+    assert all(p.dtype == dtype for p in model.parameters())
+    for name in ("rope_cos", "rope_sin"):
+        table = getattr(model.model, name)
+        assert table.dtype == torch.float32, name
+        assert torch.equal(table, getattr(reference.model, name)), name
+    ids = torch.randint(0, args.vocab_size, (1, 320), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids))

@@ -23,6 +23,7 @@ CASES = {
         "method.base_dtype=nf4",
     ],
     "redora-int8-base": ["method.name=redora", "method.rank=4", "method.reset_every=2", "method.base_dtype=int8"],
+    "relora-fp8-base": ["method.name=relora", "method.rank=4", "method.reset_every=2", "method.base_dtype=fp8"],
     "relora-bf16-base-warm-start": [
         "method.name=relora",
         "method.rank=4",

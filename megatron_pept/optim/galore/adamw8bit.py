@@ -29,15 +29,25 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         self._bnbf = bnbf
         self._signed_map = bnbf.create_dynamic_map(signed=True)
         self._unsigned_map = bnbf.create_dynamic_map(signed=False)
+        # The code tables on each device they were used on, moved there once (the per-layer optimizers split from
+        # this one share the dictionary): a step copies nothing from the host.
+        self._codes: dict[tuple[bool, torch.device], torch.Tensor] = {}
         super().__init__(params, **kwargs)
 
+    def code(self, device: torch.device, *, signed: bool) -> torch.Tensor:
+        """The signed (first moment) or unsigned (second moment) code table on ``device``."""
+        key = (signed, device)
+        if key not in self._codes:
+            self._codes[key] = (self._signed_map if signed else self._unsigned_map).to(device)
+        return self._codes[key]
+
     def _quantize(self, x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        code = (self._signed_map if signed else self._unsigned_map).to(x.device)
+        code = self.code(x.device, signed=signed)
         q, qstate = self._bnbf.quantize_blockwise(x.contiguous(), code=code, blocksize=self.block_size)
         return q, qstate.absmax
 
     def _dequantize(self, q: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, *, signed: bool) -> torch.Tensor:
-        code = (self._signed_map if signed else self._unsigned_map).to(q.device)
+        code = self.code(q.device, signed=signed)
         out = self._bnbf.dequantize_blockwise(q, absmax=absmax, code=code, blocksize=self.block_size)
         return out.view(shape).float()
 

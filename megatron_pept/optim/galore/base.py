@@ -115,11 +115,12 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         self.param_index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         # Group of each parameter, fixed at construction (DeepSpeed later swaps ``params`` for flat partitions).
         self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        # Statistics of the refreshes made in the last step() (read by the training method for logging).
+        # Statistics of the last step() (read by the training method for logging). Those made from tensors stay
+        # tensors (0-d, on the device): the step never waits for the device; the logger reads them at its interval.
         self.last_refreshes = 0
         self.last_svd_seconds = 0.0
-        self.last_overlaps: list[float] = []
-        self.last_ef_residual_sq = 0.0
+        self.last_overlaps: list[torch.Tensor] = []
+        self.last_ef_residual_sq: torch.Tensor | float = 0.0  # float64 on the device once a matrix adds to it
         self._reset_scaling_stats()
         self.zero_layout: ZeroLayout | None = None
         self._zero_first: int | None = None
@@ -158,7 +159,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
                     group.setdefault(key, value)
 
     def _reset_scaling_stats(self) -> None:
-        # Tensors, summed without a host synchronisation; the method reads them once per step.
+        # Tensors, summed without a host synchronisation.
         self.last_scaling_sum: torch.Tensor | float = 0.0
         self.last_scaled = 0
         self.last_limited: torch.Tensor | int = 0
@@ -213,11 +214,11 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
                 oversample=group["svd_oversample"],
                 power_iters=group["svd_power_iters"],
             )
-        if grad.is_cuda:
+        if grad.is_cuda:  # a refresh step only (every update_proj_gap steps): the time the SVD took, for svd_seconds
             torch.cuda.synchronize(grad.device)
         self.last_svd_seconds += time.perf_counter() - start
         basis = view.local_basis(basis.to(grad.dtype), side)
-        if int(state["refreshes"]) > 0:
+        if int(state["refreshes"]) > 0:  # a host counter (HOST_STATE_KEYS): no synchronisation
             self.last_overlaps.append(view.overlap(state["projector"], basis, side))
         state["projector"] = basis
         state["refreshes"] += 1
@@ -350,7 +351,8 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         if group["ef_weight"] > 0:
             residual = grad - view.back(low, basis, side)
             state["ef_residual"].copy_(residual)
-            self.last_ef_residual_sq += float(view.sum_all(residual.square().sum()))
+            # float64, summed in the order the host summed Python floats: the same value, read only when logged
+            self.last_ef_residual_sq = self.last_ef_residual_sq + view.sum_all(residual.square().sum()).double()
         state["step"] += 1
         update, step_size = self._inner_update(state, low, group, view.with_param(param))
         full_update = self._full_update(state, grad, low, update, basis, side, group, view, first=step == 0)

@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from megatron_pept.optim.projector import project, project_back, projected_shape, subspace_overlap
+from megatron_pept.optim.projector import (
+    divide_exactly,
+    project,
+    project_back,
+    projected_shape,
+    subspace_overlap_tensor,
+)
 from megatron_pept.sharding import FlatFragment, RowShard
 
 
@@ -42,8 +48,9 @@ class _View:
     def local_basis(self, basis: torch.Tensor, side: str) -> torch.Tensor:
         return basis
 
-    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> float:
-        return subspace_overlap(old, new, side=side)
+    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> torch.Tensor:
+        """:func:`~megatron_pept.optim.projector.subspace_overlap` of the whole projectors, as a 0-d float64 tensor."""
+        return subspace_overlap_tensor(old, new, side=side)
 
     def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
         return project(grad, basis, side=side)
@@ -95,11 +102,11 @@ class _RowShard(_View):
         # this rank's rows of m x r
         return basis[self.rows.start : self.rows.stop].contiguous() if side == "left" else basis
 
-    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> float:
+    def overlap(self, old: torch.Tensor, new: torch.Tensor, side: str) -> torch.Tensor:
         if side == "right":
-            return subspace_overlap(old, new, side=side)
+            return subspace_overlap_tensor(old, new, side=side)
         product = self.sum_all(old.T.float() @ new.float())
-        return float(product.square().sum()) / new.shape[1]
+        return divide_exactly(product.square().sum().double(), new.shape[1])
 
     def project(self, grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
         low = project(grad, basis, side=side)
