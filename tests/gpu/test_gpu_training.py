@@ -172,9 +172,10 @@ def test_fsdp2_on_one_gpu_trains_as_one_process(quickstart_data: Path, tmp_path:
       it used to force bf16 parameters on CUDA whatever the dtype);
     * bf16: FSDP2 computes with bf16 parameters (its mixed-precision policy), the single backend with bf16 autocast
       on fp32 weights (the residual stream stays fp32), so neither curve is the other; both are roundings of the
-      fp32 one. Bound: FSDP2's bf16 curve stays within three times the single backend's own bf16-vs-fp32 gap (the
+      fp32 one. Bound: FSDP2's bf16 curve stays within four times the single backend's own bf16-vs-fp32 gap (the
       largest per-step one, at least 1e-3) of the fp32 curve. Measured on the CPU with the debug model and the
-      policy forced on (three seeds): 1.2x to 1.8x."""
+      backend's CUDA policy forced on (three seeds): 1.3x to 2.4x. A gross error (RoPE tables cast to bf16, an
+      update lost) moves the curve by far more."""
     single = {
         dtype: train(quickstart_data, tmp_path / f"single-{dtype}", f"train.dtype={dtype}")
         for dtype in ("fp32", "bf16")
@@ -195,5 +196,5 @@ def test_fsdp2_on_one_gpu_trains_as_one_process(quickstart_data: Path, tmp_path:
     assert len(fsdp2["fp32"]) == len(fsdp2["bf16"]) == 10
     assert max_gap(fsdp2["fp32"], single["fp32"]) <= 1e-4, (fsdp2["fp32"], single["fp32"])
     noise = max_gap(single["bf16"], single["fp32"])
-    assert max_gap(fsdp2["bf16"], single["fp32"]) <= max(3 * noise, 1e-3), (fsdp2["bf16"], single, noise)
+    assert max_gap(fsdp2["bf16"], single["fp32"]) <= max(4 * noise, 1e-3), (fsdp2["bf16"], single, noise)
     assert_loss_falls(fsdp2["bf16"], what="fsdp2 bf16")
