@@ -14,6 +14,7 @@ import ast
 import contextlib
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import os
@@ -292,7 +293,14 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under each field of a config dataclass."""
+    """The docstrings written under each field of a config dataclass (a copy: callers may change it)."""
+    return dict(_field_docs(cls))
+
+
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """:func:`field_docs`, read from the source once per class (``--help-config`` asks about each class many
+    times, and parsing its module's source each time took seconds)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

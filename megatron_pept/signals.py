@@ -28,11 +28,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from megatron_pept.distributed import comm
 from megatron_pept.orphans import signal_on_parent_death
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the collectives are imported where a worker uses them: the launcher wrapper (python -m
+# megatron_pept.signals) checks its arguments and starts torchrun or DeepSpeed's launcher without them.
 
 SIGNALS = ("SIGTERM", "SIGUSR1")
 _received: list[int] = []  # stop signals this process received while a handler of this module was installed
@@ -105,6 +109,8 @@ class StopSignals:
         """Every rank's answer: did any rank receive a stop signal?"""
         if not self.enabled:
             return False
+        from megatron_pept.distributed import comm
+
         return comm.any_rank(self.received, device=self.device)
 
 

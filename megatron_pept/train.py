@@ -13,7 +13,6 @@ import sys
 import typing
 
 from megatron_pept.errors import UserError
-from megatron_pept.registry import describe_config, load_config
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -48,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     launcher = os.getppid()  # before anything slow: a worker's launcher, if it has one (see follow_the_launcher)
     args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after the flags
+    # torch and the stack load after the arguments parse, so --help and an argument mistake answer at once.
+    from megatron_pept.registry import describe_config, load_config
+
     if args.help_config:
         print(describe_config())
         return 0

@@ -43,6 +43,19 @@ def base(data: Path, run_dir: Path, micro: int) -> list[str]:
     ]
 
 
+def saving_at(step: int) -> list[str]:
+    """Overrides for an uninterrupted run that also saves after ``step`` (and at its end), so that a second run
+    can resume from that checkpoint (:func:`resume_from`) instead of a third, interrupted run making it; a save
+    leaves training unchanged (the interrupted form is kept for one case of each plan, and the e2e tests compare
+    runs saving at every step with runs saving only at the end)."""
+    return [f"checkpoint.interval={step}", f"checkpoint.keep_every={step}"]
+
+
+def resume_from(run_dir: Path, step: int) -> str:
+    """The override resuming from the checkpoint ``run_dir`` saved after ``step``."""
+    return f"checkpoint.resume={run_dir / 'checkpoints' / f'step_{step:08d}'}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

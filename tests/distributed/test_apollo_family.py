@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LOSS_TOL, WEIGHT_TOL, base, shared_launch
+from helpers import LOSS_TOL, WEIGHT_TOL, base, resume_from, saving_at, shared_launch
 from test_data_parallel import DEEPSPEED_MODEL, compare, single
 
 from megatron_pept.config import load_config
@@ -43,12 +43,17 @@ def resume_overrides(data: Path, run_dir: Path, method: str, *backend: str) -> l
 
 
 def resume_runs(name: str, make) -> list[dict]:
-    """An uninterrupted run, and one stopped after STOP steps (a checkpoint) then resumed in the same run_dir."""
+    """An uninterrupted run that also saves after STOP steps, and a run resuming from that checkpoint
+    (helpers.saving_at); ``make(kind)``: the overrides of the run_dir of ``kind`` (whole, cut)."""
     return [
-        {"name": f"whole-{name}", "overrides": make("whole")},
-        {"name": f"stop-{name}", "overrides": make("cut"), "stop_after": STOP},
-        {"name": f"resume-{name}", "overrides": make("cut")},
+        {"name": f"whole-{name}", "overrides": [*make("whole"), *saving_at(STOP)]},
+        {"name": f"resume-{name}", "overrides": [*make("cut"), resume_from(whole_dir(make("whole")), STOP)]},
     ]
+
+
+def whole_dir(overrides: list[str]) -> Path:
+    (run_dir,) = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    return Path(run_dir)
 
 
 @shared_launch("torchrun")
@@ -68,13 +73,6 @@ def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
         runs += resume_runs(
             f"fsdp2-{method}",
             lambda kind, m=method: resume_overrides(data, tmp / f"{kind}-fsdp2-{m}", m, "parallel.backend=fsdp2"),
-        )
-        runs.append(  # a checkpoint for the 2 -> 1 resharding test
-            {
-                "name": f"reshard-{method}",
-                "overrides": resume_overrides(data, tmp / f"reshard-{method}", method, "parallel.backend=fsdp2"),
-                "stop_after": STOP,
-            }
         )
     return runs
 
@@ -151,11 +149,15 @@ def test_deepspeed_resume_is_bit_identical(method: str, stage: int, zero_runs) -
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_fsdp2_checkpoint_resumes_on_one_process(method: str, torchrun_runs, quickstart_data: Path) -> None:
+def test_fsdp2_checkpoint_resumes_on_one_process(
+    method: str, torchrun_runs, quickstart_data: Path, tmp_path: Path
+) -> None:
     """Saved by 2 FSDP2 ranks after step 5, resumed by one process: it trains on like the 2-rank run."""
     results, tmp = torchrun_runs
-    run_dir = tmp / f"reshard-{method}"
-    trainer = Trainer(load_config(None, resume_overrides(quickstart_data, run_dir, method, "parallel.backend=single")))
+    saved = resume_from(tmp / f"whole-fsdp2-{method}", STOP)  # the 2-rank run's checkpoint after step STOP
+    trainer = Trainer(
+        load_config(None, [*resume_overrides(quickstart_data, tmp_path, method, "parallel.backend=single"), saved])
+    )
     assert trainer.resumed_from is not None and trainer.state.step == STOP
     state = next(
         trainer.optimizer.state[p]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LOSS_TOL, WEIGHT_TOL, base, launch, quantised_bases, shared_launch
+from helpers import LOSS_TOL, WEIGHT_TOL, base, launch, quantised_bases, resume_from, saving_at, shared_launch
 
 from megatron_pept.config import load_config
 from megatron_pept.trainer import Trainer
@@ -45,35 +45,44 @@ MORE = {
 }
 
 
+# The case whose checkpoint comes from an interrupted run (stopped after STOP, resumed in its run_dir); the others
+# resume from the checkpoint their uninterrupted run saved after STOP (helpers.saving_at).
+INTERRUPTED = "full"
+
+
+def checkpoint_at_stop(tmp: Path, method: str) -> Path:
+    """The run_dir holding ``method``'s FSDP2 checkpoint of step STOP."""
+    return tmp / (f"cut-{method}" if method == INTERRUPTED else f"whole-{method}")
+
+
 @shared_launch("torchrun")
 def fsdp2_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
     runs = []
     for method in METHODS:
-        runs.append(
-            {"name": f"whole-{method}", "overrides": overrides(quickstart_data, tmp / f"whole-{method}", method)}
-        )
-        cut = overrides(quickstart_data, tmp / f"cut-{method}", method)
-        runs.append({"name": f"stop-{method}", "overrides": cut, "stop_after": STOP})
-        runs.append({"name": f"resume-{method}", "overrides": cut})
+        whole, cut = tmp / f"whole-{method}", overrides(quickstart_data, tmp / f"cut-{method}", method)
+        if method == INTERRUPTED:
+            runs.append({"name": f"whole-{method}", "overrides": overrides(quickstart_data, whole, method)})
+            runs.append({"name": f"stop-{method}", "overrides": cut, "stop_after": STOP})
+            runs.append({"name": f"resume-{method}", "overrides": cut})
+        else:
+            runs.append(
+                {"name": f"whole-{method}", "overrides": [*overrides(quickstart_data, whole, method), *saving_at(STOP)]}
+            )
+            runs.append({"name": f"resume-{method}", "overrides": [*cut, resume_from(whole, STOP)]})
     for name, (backend, extra, stop) in MORE.items():
         common = [f"parallel.backend={backend}", *extra]
+        whole = tmp / f"w-{name}"
         runs.append(
-            {"name": f"whole-{name}", "overrides": [*overrides(quickstart_data, tmp / f"w-{name}", "full"), *common]}
+            {
+                "name": f"whole-{name}",
+                "overrides": [*overrides(quickstart_data, whole, "full"), *common, *saving_at(stop)],
+            }
         )
-        cut = [*overrides(quickstart_data, tmp / f"c-{name}", "full"), *common]
-        runs.append({"name": f"stop-{name}", "overrides": cut, "stop_after": stop})
+        cut = [*overrides(quickstart_data, tmp / f"c-{name}", "full"), *common, resume_from(whole, stop)]
         runs.append({"name": f"resume-{name}", "overrides": cut})
     cut = [*overrides(quickstart_data, tmp / "cut-async", "galore_dynamic_ef"), "checkpoint.async_save=true"]
     runs.append({"name": "stop-async", "overrides": cut, "stop_after": STOP})
     runs.append({"name": "resume-async", "overrides": cut})
-    for method in METHODS:  # checkpoints for the resharding test: 2 ranks save at STOP, 1 process resumes
-        runs.append(
-            {
-                "name": f"reshard-{method}",
-                "overrides": overrides(quickstart_data, tmp / f"reshard-{method}", method),
-                "stop_after": STOP,
-            }
-        )
     return runs
 
 
@@ -108,10 +117,12 @@ def test_fsdp2_asynchronous_save_resumes_bit_identical(fsdp2_runs) -> None:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_fsdp2_checkpoint_resumes_on_one_process(method: str, fsdp2_runs, quickstart_data: Path) -> None:
+def test_fsdp2_checkpoint_resumes_on_one_process(
+    method: str, fsdp2_runs, quickstart_data: Path, tmp_path: Path
+) -> None:
     results, tmp = fsdp2_runs
-    run_dir = tmp / f"reshard-{method}"
-    cfg = load_config(None, [*overrides(quickstart_data, run_dir, method), "parallel.backend=single"])
+    saved = resume_from(checkpoint_at_stop(tmp, method), STOP)
+    cfg = load_config(None, [*overrides(quickstart_data, tmp_path, method), "parallel.backend=single", saved])
     trainer = Trainer(cfg)
     assert trainer.resumed_from is not None and trainer.state.step == STOP
     result = trainer.train()
@@ -163,15 +174,19 @@ def zero_launch(quickstart_data: Path, tmp: Path) -> list[dict]:
     runs = []
     for method, stage in ZERO_CASES:
         name = f"z{stage}-{method}"
-        runs.append(
-            {
-                "name": f"whole-{name}",
-                "overrides": zero_overrides(quickstart_data, tmp / f"w-{name}", method, stage),
-            }
-        )
-        cut = zero_overrides(quickstart_data, tmp / f"c-{name}", method, stage)
-        runs.append({"name": f"stop-{name}", "overrides": cut, "stop_after": STOP})
-        runs.append({"name": f"resume-{name}", "overrides": cut})
+        whole, cut = tmp / f"w-{name}", zero_overrides(quickstart_data, tmp / f"c-{name}", method, stage)
+        if method == INTERRUPTED and stage == 2:
+            runs.append({"name": f"whole-{name}", "overrides": zero_overrides(quickstart_data, whole, method, stage)})
+            runs.append({"name": f"stop-{name}", "overrides": cut, "stop_after": STOP})
+            runs.append({"name": f"resume-{name}", "overrides": cut})
+        else:
+            runs.append(
+                {
+                    "name": f"whole-{name}",
+                    "overrides": [*zero_overrides(quickstart_data, whole, method, stage), *saving_at(STOP)],
+                }
+            )
+            runs.append({"name": f"resume-{name}", "overrides": [*cut, resume_from(whole, STOP)]})
     return runs
 
 

@@ -270,17 +270,6 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_full_tensors(found.path, prefix="model.")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    job = Job(stop_command("torchrun.sh", quickstart_data, run_dir), ONE_NODE_ENV, run_dir)
-    try:
-        assert job.finish() == 0, job.output()[-3000:]
-    finally:
-        job.kill()
-    return final_weights(run_dir)
-
-
 @pytest.mark.parametrize(
     "script, sig",
     # each signal and each launcher once (the launchers share one signal wrapper): SLURM's warning signal to
@@ -289,18 +278,32 @@ def uninterrupted(quickstart_data: Path, tmp_path_factory: pytest.TempPathFactor
     ids=["torchrun-SIGUSR1", "deepspeed-SIGTERM"],
 )
 def test_stop_signal_to_the_launcher_saves_exits_0_and_resumes(
-    script: str, sig: signal.Signals, uninterrupted, jobs, quickstart_data: Path, tmp_path: Path
+    script: str, sig: signal.Signals, jobs, quickstart_data: Path, tmp_path: Path
 ) -> None:
-    """The signal goes to the launcher's process only (as `kill PID` or SLURM's batch-step warning would): rank 0 is
-    frozen after step 3 (before its stop-signal check), the launcher gets the signal, the test waits until it has
-    reached the frozen worker and lets it go on. Both ranks save step 3 (or 4: stop_step) and exit 0, and so does
-    the launcher; the same command then resumes and ends with the uninterrupted run's weights, bit for bit
-    (torchrun; the DeepSpeed job resumes from that step and finishes)."""
+    """Job A's rank 0 is frozen after step 3 (before its stop-signal check), holding its rendezvous store and port.
+
+    Side by side: job B, the same command in another run_dir with the same defaults, runs from start to end on
+    the same host meanwhile and exits 0 with a complete final checkpoint (with a shared default port and
+    rendezvous id, B joined A's rendezvous under torchrun, or failed to bind under DeepSpeed).
+
+    Then the stop signal goes to A's launcher process only (as `kill PID` or SLURM's batch-step warning would); the
+    test waits until it has reached the frozen worker and lets it go on. Both ranks save step 3 (or 4: stop_step)
+    and exit 0, and so does the launcher; the same command then resumes and ends with B's weights (B is the
+    uninterrupted run), bit for bit (torchrun; the DeepSpeed job resumes from that step and finishes)."""
     if script == "deepspeed.sh":
         pytest.importorskip("deepspeed")
     cmd = stop_command(script, quickstart_data, tmp_path / "run")
     job = jobs(cmd, {**ONE_NODE_ENV, ENV_VAR: "step.end@3"})
     worker = job.frozen_worker()
+
+    side = jobs(stop_command(script, quickstart_data, tmp_path / "side"))
+    assert side.finish(timeout=300) == 0, side.output()[-3000:]
+    if script == "torchrun.sh":
+        uninterrupted = final_weights(tmp_path / "side")
+    else:  # DeepSpeed's own files hold the weights; the run must end with a complete checkpoint all the same
+        found = newest_complete(tmp_path / "side" / "checkpoints")
+        assert found is not None and found.step == STOP_STEPS, found
+
     job.proc.send_signal(sig)
     wait_until_pending(worker, sig, job.proc)
     os.kill(worker, signal.SIGCONT)
@@ -349,24 +352,6 @@ def test_a_killed_launcher_leaves_no_orphans_its_workers_save_and_stop(
             break
         time.sleep(0.05)
     assert not left, f"processes of the job still running: {left}"
-
-
-@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
-def test_two_one_node_jobs_run_side_by_side(script: str, jobs, quickstart_data: Path, tmp_path: Path) -> None:
-    """Job A is frozen after its first step (its rendezvous store and port held), then job B runs from start to end
-    on the same host with the same defaults, then A goes on: both exit 0 with a complete final checkpoint. With a
-    shared default port and rendezvous id, B joined A's rendezvous (torchrun) or failed to bind (deepspeed)."""
-    if script == "deepspeed.sh":
-        pytest.importorskip("deepspeed")
-    first = jobs(stop_command(script, quickstart_data, tmp_path / "a"), {**ONE_NODE_ENV, ENV_VAR: "step.end@1"})
-    frozen = first.frozen_worker()
-    second = jobs(stop_command(script, quickstart_data, tmp_path / "b"))
-    assert second.finish(timeout=300) == 0, second.output()[-3000:]
-    os.kill(frozen, signal.SIGCONT)
-    assert first.finish() == 0, first.output()[-3000:]
-    for run in ("a", "b"):
-        found = newest_complete(tmp_path / run / "checkpoints")
-        assert found is not None and found.step == STOP_STEPS, run
 
 
 def test_a_stop_signal_before_the_training_loop_is_kept_for_it() -> None:
