@@ -45,3 +45,27 @@ def inside(folder: str | os.PathLike[str], name: object, *, source: str, what: s
             "damaged or crafted"
         )
     return Path(folder) / str(name)
+
+
+def check_export_output(output: Path, *, overwrite: bool) -> bool:
+    """Refuse an output a Hugging Face export must not write, before anything is read; True if an existing
+    non-empty folder is to be replaced (``megatron_pept.checkpoint.hf_export``; here, with no torch to import, so
+    that the convert tool answers a wrong --output at once)."""
+    if output.is_symlink():  # replacing it would drop the link; writing through it would land elsewhere
+        raise UserError(
+            f"--output {output} is a symbolic link; give the path of a real folder (links are not followed)"
+        )
+    if not Path(os.path.abspath(output)).name:
+        raise UserError(f"--output {output} names no folder; give the path of a new folder")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file, not a folder; give the path of a new folder")
+    try:
+        filled = output.is_dir() and any(output.iterdir())
+    except OSError as err:
+        raise UserError(f"--output {output} cannot be read ({err.strerror or err}); give another folder") from None
+    if filled and not overwrite:
+        raise UserError(
+            f"{output} exists and is not empty; choose a new folder, or give --overwrite to replace it (nothing is "
+            "overwritten)"
+        )
+    return filled

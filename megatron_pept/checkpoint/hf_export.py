@@ -56,6 +56,7 @@ from megatron_pept.models.attention import is_kernel_state
 from megatron_pept.models.hf import DEFAULT_CONTEXT, declared_context, to_hf
 from megatron_pept.models.llama import LlamaArgs
 from megatron_pept.registry import config_from_dict
+from megatron_pept.safe_paths import check_export_output
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEEPSPEED_TAG = "state"  # the tag DeepSpeedBackend.save_native saves under (its ``latest`` file names it too)
@@ -198,7 +199,7 @@ def export_to_hf(
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype}")
     output = Path(output)
-    replace = _check_output(output, overwrite=overwrite)
+    replace = check_export_output(output, overwrite=overwrite)
     path = resolve_checkpoint(checkpoint)
     _check_apart(output, path)
     cfg = _export_config(_run_meta(path))
@@ -250,29 +251,6 @@ def export_to_hf(
 
 
 # -- where the export goes ------------------------------------------------------------------------------------------
-
-
-def _check_output(output: Path, *, overwrite: bool) -> bool:
-    """Refuse an output the export must not write, before anything is read; True if an existing non-empty folder
-    is to be replaced."""
-    if output.is_symlink():  # replacing it would drop the link; writing through it would land elsewhere
-        raise UserError(
-            f"--output {output} is a symbolic link; give the path of a real folder (links are not followed)"
-        )
-    if not Path(os.path.abspath(output)).name:
-        raise UserError(f"--output {output} names no folder; give the path of a new folder")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file, not a folder; give the path of a new folder")
-    try:
-        filled = output.is_dir() and any(output.iterdir())
-    except OSError as err:
-        raise UserError(f"--output {output} cannot be read ({err.strerror or err}); give another folder") from None
-    if filled and not overwrite:
-        raise UserError(
-            f"{output} exists and is not empty; choose a new folder, or give --overwrite to replace it (nothing is "
-            "overwritten)"
-        )
-    return filled
 
 
 def _check_apart(output: Path, checkpoint: Path) -> None:

@@ -21,7 +21,6 @@ Outputs: ``rank_spectra.png`` (a panel per layer type, log scale), ``rank_counts
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 from collections.abc import Mapping, Sequence

@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def run() -> int:
+        from pathlib import Path
+
+        from megatron_pept.errors import UserError
+        from megatron_pept.safe_paths import check_export_output
+
+        # The mistakes that need no checkpoint read answer before torch and transformers load (seconds).
+        check_export_output(Path(args.output), overwrite=args.overwrite)
+        if not Path(args.checkpoint).exists():
+            raise UserError(f"{args.checkpoint} does not exist")
         from megatron_pept.checkpoint.hf_export import export_to_hf
 
         out = export_to_hf(
