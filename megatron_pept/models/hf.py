@@ -16,6 +16,7 @@ Hugging Face setting: any kernel's weights are the same. transformers is importe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 
 from megatron_pept.errors import ConfigError, UserError
 from megatron_pept.models.attention import is_kernel_state
-from megatron_pept.models.llama import LlamaArgs
+from megatron_pept.models.llama import LlamaArgs, LlamaForCausalLM
 
 # The context an export declares when model.max_position_embeddings is null: LLaMA's, and that of the papers'
 # named sizes (ReLoRA, GaLore); a longer data.seq_len wins.
@@ -71,26 +72,14 @@ def hf_config_dict(args: LlamaArgs, *, max_position_embeddings: int | None = Non
 
 
 def hf_state_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes of the ``state_dict()`` of transformers' ``LlamaForCausalLM`` of this shape, in its
-    order: its parameters, ``lm_head.weight`` included when tied (the shared tensor is listed under both names,
-    though ``save_pretrained`` writes it once); no buffers (its rotary ``inv_freq`` is not persistent)."""
-    h, kv, ffn = args.hidden_size, args.num_kv_heads * args.head_dim, args.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab_size, h)}
-    for i in range(args.num_layers):
-        layer = f"model.layers.{i}"
-        shapes |= {
-            f"{layer}.self_attn.q_proj.weight": (h, h),
-            f"{layer}.self_attn.k_proj.weight": (kv, h),
-            f"{layer}.self_attn.v_proj.weight": (kv, h),
-            f"{layer}.self_attn.o_proj.weight": (h, h),
-            f"{layer}.mlp.gate_proj.weight": (ffn, h),
-            f"{layer}.mlp.up_proj.weight": (ffn, h),
-            f"{layer}.mlp.down_proj.weight": (h, ffn),
-            f"{layer}.input_layernorm.weight": (h,),
-            f"{layer}.post_attention_layernorm.weight": (h,),
-        }
-    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (args.vocab_size, h)}
-    return shapes
+    """The keys and shapes of the ``state_dict()`` of transformers' ``LlamaForCausalLM`` of this shape: those of our
+    plain model, whose parameter names are transformers' (``lm_head.weight`` included when tied: the shared tensor
+    is listed under both names, though ``save_pretrained`` writes it once). Neither has a persistent buffer (our
+    rotary tables and transformers' ``inv_freq`` are not saved). Built on the meta device with SDPA (a kernel holds
+    no weight), so nothing is allocated and no kernel package is imported."""
+    with torch.device("meta"):
+        plain = LlamaForCausalLM(dataclasses.replace(args, attention="sdpa"))
+    return {name: tuple(value.shape) for name, value in plain.state_dict().items()}
 
 
 # Buffers of ours that are derived from the config, not learned (non-persistent, so only a state dict taken with
