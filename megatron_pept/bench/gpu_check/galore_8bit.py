@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from megatron_pept.bench.gpu_check.harness import _autocast, _describe_error, _free, _materialised, unavailable
+from megatron_pept.bench.gpu_check.harness import (
+    _autocast,
+    _describe_error,
+    _free,
+    _materialised,
+    skip_unless_importable,
+)
 from megatron_pept.bench.gpu_check.settings import GpuCheckSettings
 from megatron_pept.bench.gpu_check.verdicts import Row, Target
 
@@ -98,10 +104,7 @@ def _train_fixed_batch(s: GpuCheckSettings, method_name: str, input_ids: torch.T
 def galore_8bit_row(s: GpuCheckSettings, *, log: Callable[[str], None]) -> Row:
     device = torch.device(s.device)
     row = Row(id="galore_8bit/step", check=f"galore_8bit step ({device.type})", backend="single")
-    why = unavailable("bitsandbytes")
-    if why is not None:
-        row.skipped = f"bitsandbytes {why} (pip install 'megatron_pept[quant]')"
-        row.measured = "not installed" if why == "not installed" else "does not import"
+    if skip_unless_importable(row, "bitsandbytes", install="pip install 'megatron_pept[quant]'"):
         return row
     log("galore_8bit: against galore with fp32 moments")
     gen = torch.Generator().manual_seed(3)

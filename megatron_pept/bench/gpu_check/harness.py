@@ -54,6 +54,18 @@ def unavailable(module: str) -> str | None:
     return None
 
 
+def skip_unless_importable(row: Any, module: str, *, install: str) -> bool:
+    """SKIP ``row`` when ``module`` does not import (:func:`unavailable`), saying why and ``install`` (how to get
+    it); True when it was skipped."""
+    why = unavailable(module)
+    if why is None:
+        return False
+    installed = why != "not installed"
+    row.skipped = f"{why} ({install})" if installed else f"{module} not installed ({install})"
+    row.measured = "does not import" if installed else "not installed"
+    return True
+
+
 def _data_path(s: GpuCheckSettings) -> Path:
     return Path(s.data).resolve()  # a relative path is relative to the current directory, as for every tool
 

@@ -20,7 +20,7 @@ from megatron_pept.bench.gpu_check.harness import (
     _sync,
     _tensor_bytes,
     _trainer_overrides,
-    unavailable,
+    skip_unless_importable,
 )
 from megatron_pept.bench.gpu_check.settings import GpuCheckSettings
 from megatron_pept.bench.gpu_check.verdicts import Row, Target
@@ -35,10 +35,7 @@ def memory_row(s: GpuCheckSettings, *, tmp: Path, log: Callable[[str], None]) ->
     device = torch.device(s.device)
     what = "peak CUDA memory" if device.type == "cuda" else "CPU peak RSS"
     row = Row(id="memory/galore_8bit_per_layer", check=f"{s.mem_model} galore_8bit per-layer {what}")
-    why = unavailable("bitsandbytes")
-    if why is not None:
-        row.skipped = f"bitsandbytes {why} (pip install 'megatron_pept[quant]')"
-        row.measured = "not installed" if why == "not installed" else "does not import"
+    if skip_unless_importable(row, "bitsandbytes", install="pip install 'megatron_pept[quant]'"):
         return row
     log(f"memory: {s.mem_model} galore_8bit with per-layer updates")
     extra = (
