@@ -47,6 +47,15 @@ def inside(folder: str | os.PathLike[str], name: object, *, source: str, what: s
     return Path(folder) / str(name)
 
 
+def existing(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path; a :class:`UserError` saying it does not exist when it does not (a checkpoint a tool or
+    an export was given)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    return path
+
+
 def check_export_output(output: Path, *, overwrite: bool) -> bool:
     """Refuse an output a Hugging Face export must not write, before anything is read; True if an existing
     non-empty folder is to be replaced (``megatron_pept.checkpoint.hf_export``; here, with no torch to import, so

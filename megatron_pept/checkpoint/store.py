@@ -30,7 +30,7 @@ from pathlib import Path
 
 from megatron_pept.errors import UserError
 from megatron_pept.faults import fault_point
-from megatron_pept.safe_paths import inside
+from megatron_pept.safe_paths import existing, inside
 
 logger = logging.getLogger("megatron_pept")
 
@@ -260,9 +260,7 @@ def clean_temporary(root: Path, *, keep_run_id: str) -> None:
 
 def resolve_checkpoint(path: str | Path, *, checksums: bool = True) -> Path:
     """A checkpoint folder, or the newest complete one in a run's checkpoints folder / run_dir; verified."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
+    path = existing(path)
     for candidate in (path, path / "checkpoints"):
         if not (candidate / MARKER).exists() and list_checkpoints(candidate):
             found = newest_complete(candidate, checksums=checksums)

@@ -67,13 +67,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     def run() -> int:
         from pathlib import Path
 
-        from megatron_pept.errors import UserError
-        from megatron_pept.safe_paths import check_export_output
+        from megatron_pept.safe_paths import check_export_output, existing
 
         # The mistakes that need no checkpoint read answer before torch and transformers load (seconds).
         check_export_output(Path(args.output), overwrite=args.overwrite)
-        if not Path(args.checkpoint).exists():
-            raise UserError(f"{args.checkpoint} does not exist")
+        existing(args.checkpoint)
         from megatron_pept.checkpoint.hf_export import export_to_hf
 
         out = export_to_hf(

@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def run() -> int:
-        from megatron_pept.checkpoint import list_checkpoints
         from megatron_pept.errors import UserError
+        from megatron_pept.safe_paths import existing
 
-        path = Path(args.path)
-        if not path.exists():
-            raise UserError(f"{path} does not exist")
+        path = existing(args.path)  # before torch loads: a wrong path answers at once
+        from megatron_pept.checkpoint import list_checkpoints
+
         folders = [path] if (path / "meta.json").exists() or (path / "state").exists() else []
         for candidate in (path, path / "checkpoints"):
             folders = folders or [f.path for f in list_checkpoints(candidate)]
