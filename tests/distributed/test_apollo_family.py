@@ -42,18 +42,14 @@ def resume_overrides(data: Path, run_dir: Path, method: str, *backend: str) -> l
     )
 
 
-def resume_runs(name: str, make) -> list[dict]:
-    """An uninterrupted run that also saves after STOP steps, and a run resuming from that checkpoint
-    (helpers.saving_at); ``make(kind)``: the overrides of the run_dir of ``kind`` (whole, cut)."""
+def resume_runs(name: str, tmp: Path, make) -> list[dict]:
+    """An uninterrupted run (in ``tmp/whole-NAME``) that also saves after STOP steps, and a run (in ``tmp/cut-NAME``)
+    resuming from that checkpoint (helpers.saving_at); ``make(run_dir)``: a run's overrides."""
+    whole = tmp / f"whole-{name}"
     return [
-        {"name": f"whole-{name}", "overrides": [*make("whole"), *saving_at(STOP)]},
-        {"name": f"resume-{name}", "overrides": [*make("cut"), resume_from(whole_dir(make("whole")), STOP)]},
+        {"name": f"whole-{name}", "overrides": [*make(whole), *saving_at(STOP)]},
+        {"name": f"resume-{name}", "overrides": [*make(tmp / f"cut-{name}"), resume_from(whole, STOP)]},
     ]
-
-
-def whole_dir(overrides: list[str]) -> Path:
-    (run_dir,) = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
-    return Path(run_dir)
 
 
 @shared_launch("torchrun")
@@ -72,7 +68,8 @@ def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
     for method in METHODS:
         runs += resume_runs(
             f"fsdp2-{method}",
-            lambda kind, m=method: resume_overrides(data, tmp / f"{kind}-fsdp2-{m}", m, "parallel.backend=fsdp2"),
+            tmp,
+            lambda run_dir, m=method: resume_overrides(data, run_dir, m, "parallel.backend=fsdp2"),
         )
     return runs
 
@@ -93,8 +90,9 @@ def zero_launch(data: Path, tmp: Path) -> list[dict]:
         for method in METHODS:
             runs += resume_runs(
                 f"zero{stage}-{method}",
-                lambda kind, m=method, s=stage: resume_overrides(
-                    data, tmp / f"{kind}-z{s}-{m}", m, *ZERO, f"parallel.zero_stage={s}"
+                tmp,
+                lambda run_dir, m=method, s=stage: resume_overrides(
+                    data, run_dir, m, *ZERO, f"parallel.zero_stage={s}"
                 ),
             )
     return runs
