@@ -11,8 +11,9 @@ small full-rank part of the update.
 
 ``A`` may be ``init:RUN_DIR``: the run's weights before its first step, rebuilt from its ``config.yaml`` the way
 the trainer builds them (model on the meta device, the method's conversion, ``init_weights``: each weight from its
-own seed derived from ``train.seed``, ``model.init_from`` if set, the method's ``after_init``), without locking or writing
-``RUN_DIR``. The generator draws other numbers on a GPU than on a CPU: rebuild on the device the run trained on.
+own seed derived from ``train.seed``, ``model.init_from`` if set, the method's ``after_init``), without locking or
+writing ``RUN_DIR``. The generators draw other numbers on a GPU than on a CPU: rebuild on the device the run trained
+on.
 
 Outputs: ``rank_spectra.png`` (a panel per layer type, log scale), ``rank_counts.png`` (bars per pair),
 ``rank.json`` and ``rank.md``.
