@@ -40,13 +40,28 @@ from megatron_pept.models.hf_import import load_hf_weights
 from megatron_pept.models.loss import cross_entropy_loss
 from megatron_pept.optim import build_schedule
 from megatron_pept.optim.per_layer import PerLayerOptimizer
-from megatron_pept.sharding import optimizer_protocol
+from megatron_pept.sharding import local_rows, optimizer_protocol
 from megatron_pept.signals import StopSignals
 from megatron_pept.train_state import TrainResult, TrainState
 
 logger = logging.getLogger("megatron_pept")
 
-__all__ = ["Trainer", "TrainResult", "TrainState", "cross_entropy_loss"]
+__all__ = ["Trainer", "TrainResult", "TrainState", "cross_entropy_loss", "initialise_model"]
+
+
+def initialise_model(
+    model: torch.nn.Module, *, seed: int, device: torch.device, init_from: str | None, method: Any
+) -> None:
+    """Materialise a model built on the meta device (and converted by ``method``; possibly already sharded by the
+    backend) on ``device`` and give it its initial weights as every run does: each weight from a seed of its own
+    (derived from ``seed`` and its name), only the rows this process holds; then the Hugging Face weights of
+    ``init_from`` if set, one tensor at a time; then the method's ``after_init``. The weights do not depend on the
+    layout (one process, DDP replicas, FSDP2 shards)."""
+    model.to_empty(device=device)
+    model.init_weights(seed=seed, rows_of=local_rows)
+    if init_from:  # before the method makes its adapters or projections from the weights
+        load_hf_weights(model, init_from, rows_of=local_rows)
+    method.after_init(model)
 
 
 class Trainer:
@@ -113,18 +128,19 @@ class Trainer:
         self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps, seed=t.seed)
         model = build_model(self.model_args)
         self.method.convert(model)
-        # Every rank initialises the full model from the same seed, so the weights do not depend on the layout.
-        model.to_empty(device=self.device)
-        model.init_weights(generator=torch.Generator(device=self.device).manual_seed(t.seed))
-        if cfg.model.init_from:  # before the method makes its adapters or projections from the weights
-            load_hf_weights(model, cfg.model.init_from)
-        self.method.after_init(model)
         model.model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
             for layer in model.model.layers.values():
                 layer.compile()
         self.raw_model = model  # what methods, optimizers and checkpoints see (sharded in place by FSDP2)
-        self.backend.wrap(model, grad_accum_steps=self.grad_accum_steps)
+        # A backend that shards the meta model (FSDP2) does so first: each rank then allocates and fills only its
+        # own rows, never the whole model (unless the method must see its whole layers while initialising).
+        shard_first = self.backend.shards_on_meta and self.method.init_sharded
+        if shard_first:
+            self.backend.wrap(model, grad_accum_steps=self.grad_accum_steps)
+        initialise_model(model, seed=t.seed, device=self.device, init_from=cfg.model.init_from, method=self.method)
+        if not shard_first:
+            self.backend.wrap(model, grad_accum_steps=self.grad_accum_steps)
         self.optimizer: Any = None
         self._use_optimizer(self.method.build_optimizer(model), replacing=False)
 

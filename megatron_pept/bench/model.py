@@ -168,7 +168,7 @@ def build_ours(args: LlamaArgs, *, device: torch.device, seed: int) -> LlamaForC
     """Our model the way training builds it: on meta, materialised on ``device``, seeded init, train mode."""
     model = build_model(args)
     model.to_empty(device=device)
-    model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+    model.init_weights(seed=seed)
     return model.train()
 
 

@@ -56,7 +56,7 @@ def state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | N
 def _materialised(model_name: str, *, vocab_size: int, seed: int = 0, max_seq_len: int = 256) -> torch.nn.Module:
     model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=vocab_size, max_seq_len=max_seq_len))
     model.to_empty(device="cpu")
-    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    model.init_weights(seed=seed)
     return model
 
 
@@ -248,7 +248,7 @@ from megatron_pept.optim.per_layer import PerLayerOptimizer
 from megatron_pept.models.loss import cross_entropy_loss
 model_name, method_name, per_layer = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=1024, max_seq_len=128))
-model.to_empty(device="cpu"); model.init_weights(generator=torch.Generator().manual_seed(0))
+model.to_empty(device="cpu"); model.init_weights(seed=0)
 method = build_method(MethodConfig(name=method_name, rank=128), optim_cfg=OptimConfig(), total_steps=10)
 opt = method.build_optimizer(model)
 if per_layer:

@@ -67,6 +67,9 @@ class Backend:
     """Started by a launcher with RANK/WORLD_SIZE; a process group and a device mesh are set up."""
     can_replace_optimizer: ClassVar[bool] = True
     """The run may swap its optimizer (a warm-start phase switch, a checkpoint of another phase)."""
+    shards_on_meta: ClassVar[bool] = False
+    """:meth:`wrap` may take the model still on the meta device and shard it there: the trainer then materialises
+    and initialises only this rank's shards (no rank ever holds the whole model)."""
     state_tensors_per_param: ClassVar[int] = 2
     """fp32 tensors per trainable parameter in a checkpoint beyond the weights (Adam's moments; ZeRO adds a master
     copy): for the disk-space estimate before the first step."""
@@ -100,7 +103,8 @@ class Backend:
         )
 
     def wrap(self, model: nn.Module, *, grad_accum_steps: int) -> Any:
-        """Take the materialised, initialised model; returns what forward calls (also :attr:`model`)."""
+        """Take the materialised, initialised model (or, where :attr:`shards_on_meta`, the model on the meta
+        device, to be materialised after); returns what forward calls (also :attr:`model`)."""
         self.raw_model, self.grad_accum_steps = model, grad_accum_steps
         self.model = self._wrap(model)
         return self.model
@@ -211,6 +215,7 @@ class FSDP2Backend(Backend):
 
     name = "fsdp2"
     uses_process_group = True
+    shards_on_meta = True
 
     @classmethod
     def validate(cls, cfg: Config, traits: MethodTraits) -> None:

@@ -102,7 +102,16 @@ class Method:
         never touch weights outside the optimizer and ignore it."""
 
     def after_init(self, model: nn.Module) -> None:
-        """Called once the model's weights hold their initial values (e.g. to decompose them)."""
+        """Called once the model's weights hold their initial values (e.g. to decompose them). The model may
+        already be sharded (FSDP2, see :attr:`init_sharded`): reach whole tensors through
+        :class:`~megatron_pept.sharding.ParamAccess`, one at a time."""
+
+    @property
+    def init_sharded(self) -> bool:
+        """:meth:`after_init` works on a model the backend sharded before it was materialised (FSDP2): the model
+        is then never whole on any rank. False keeps the older path for this method: materialised whole on every
+        rank, initialised, then sharded (a method whose ``after_init`` changes which tensors the layers hold)."""
+        return True
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

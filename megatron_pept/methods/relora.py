@@ -201,6 +201,12 @@ class LowRankMethod(Method):
             layer.set_lowrank_active(self.lowrank_phase)
             setattr(model.get_submodule(parent_name), leaf, layer)
 
+    @property
+    def init_sharded(self) -> bool:
+        # A quantised base replaces the dense weight parameter by its parts in after_init (decompose), and FSDP2
+        # fixes a module's parameters when it shards it: such a run starts whole and is sharded after.
+        return self.base_format is None
+
     def _generator(self, device: torch.device, salt: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 7919 + salt)
 

@@ -140,6 +140,7 @@ def from_hf(
             if tuple(value.shape) != shape:
                 raise ConfigError(f"{where}: {name} has shape {list(value.shape)}, this model {list(shape)}")
             yield name, value  # the names are ours already
+            del value  # released before the next is read: one tensor at a time
 
     return weights()
 

@@ -5,9 +5,9 @@ The folder's ``config.json`` must describe the model this run builds (sizes, hea
 epsilon, tied embeddings); a difference is refused in one line that lists the overrides which would match. The
 weights are read from safetensors (``model.safetensors`` or the shards of ``model.safetensors.index.json``; never
 pickled ``.bin`` files) into the freshly built model before the method initialises its adapters or projections
-from them and before the model is sharded, so every method and backend starts from the same weights, one tensor at
-a time. The config check and the names are the Hugging Face adapter's (:func:`megatron_pept.models.hf.from_hf`);
-this module reads the folder.
+from them, one tensor at a time and, on a backend that shards the model before it is materialised (FSDP2), each
+straight into this rank's rows, so every method and backend starts from the same weights. The config check and
+the names are the Hugging Face adapter's (:func:`megatron_pept.models.hf.from_hf`); this module reads the folder.
 
 The folder is read as untrusted input: a ``config.json`` that is not a JSON object or lacks a field, an index
 naming a weight file outside the folder (an absolute path, ``..``, or a symbolic link leading out; a Hugging Face
@@ -30,6 +30,7 @@ from torch import nn
 
 from megatron_pept.errors import ConfigError
 from megatron_pept.models.hf import from_hf
+from megatron_pept.models.init import RowsOf, whole_rows
 from megatron_pept.safe_paths import outside_reason
 
 logger = logging.getLogger("megatron_pept")
@@ -184,17 +185,22 @@ class FolderWeights(Mapping[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, folder: str | Path) -> int:
+def load_hf_weights(model: nn.Module, folder: str | Path, *, rows_of: RowsOf = whole_rows) -> int:
     """Copy the folder's weights into ``model`` (materialised, before the method's ``after_init``); returns how
     many tensors were loaded. Every parameter the Hugging Face model has must be there, with its shape
-    (:func:`megatron_pept.models.hf.from_hf` checks the config and the names)."""
+    (:func:`megatron_pept.models.hf.from_hf` checks the config and the names). One tensor is read at a time and
+    only the rows this process holds are kept (``rows_of``: e.g. an FSDP2 row shard's), so loading never holds
+    more than the model's own part plus one tensor."""
     folder = Path(folder)
     config = read_hf_config(folder)
     count = 0
     with FolderWeights(folder) as weights:
         for name, value in from_hf(config, weights, model.args, where=f"model.init_from={folder}"):
             target = model.get_parameter(name)  # the plain LLaMA's (a method adapts it after this)
-            target.copy_(value.to(dtype=target.dtype, device=target.device))
+            local, start = rows_of(target)
+            rows = value[start : start + local.shape[0]] if value.dim() else value
+            local.copy_(rows.to(dtype=local.dtype, device=local.device))
+            del value, rows  # the next tensor is read only after this one is released
             count += 1
     logger.info("initialised %d tensors from %s", count, folder)
     return count

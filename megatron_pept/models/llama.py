@@ -3,7 +3,7 @@
 Plain PyTorch, nothing distributed. Module and parameter names follow Hugging Face's ``LlamaForCausalLM``
 (``model.layers.0.self_attn.q_proj.weight`` ...), so export is a rename-free copy and LoRA/GaLore target patterns
 read the same as in the papers' code. Build it on the meta device, parallelise, materialise with ``to_empty``,
-then call :meth:`LlamaForCausalLM.init_weights`.
+then call :meth:`LlamaForCausalLM.init_weights` (each weight from a seed of its own: :mod:`.init`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from megatron_pept.errors import ConfigError
 from megatron_pept.models.attention import build_core_attention
+from megatron_pept.models.init import RowsOf, fill_normal_rows_, seed_from, whole_rows
 
 
 @dataclass(frozen=True)
@@ -234,29 +235,55 @@ class LlamaForCausalLM(nn.Module):
         self.model.rope_cos.copy_(cos)
         self.model.rope_sin.copy_(sin)
 
-    @torch.no_grad()
-    def init_weights(self, *, generator: torch.Generator | None = None) -> None:
-        """Initialise every parameter and buffer in place.
+    def init_std(self, name: str) -> float | None:
+        """The standard deviation of the N(0, std) initial values of the plain LLaMA weight ``name`` (HF-style), or
+        None for a weight that starts at ones (the RMSNorm gains).
 
-        Normal(0, init_std) for embeddings and projections; the projections that write into the residual
-        stream (o_proj, down_proj) use init_std / sqrt(2 * num_layers) so the residual variance stays bounded
-        with depth (GPT-2 / Megatron); RMSNorm weights are ones. Parameters are visited in registration order,
-        so a fixed seed gives the same weights on any machine.
-        """
+        Normal(0, init_std) for embeddings and projections; the projections that write into the residual stream
+        (o_proj, down_proj) use init_std / sqrt(2 * num_layers) so the residual variance stays bounded with depth
+        (GPT-2 / Megatron)."""
+        if name.endswith("norm.weight"):
+            return None
+        leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        if leaf in ("o_proj", "down_proj"):
+            return self.args.init_std / math.sqrt(2 * self.args.num_layers)
+        return self.args.init_std
+
+    def initial_weights(self) -> list[tuple[str, nn.Parameter]]:
+        """The plain LLaMA weights :meth:`init_weights` sets, by name: every RMSNorm gain, the embedding, each
+        projection's ``weight`` (a method's adapter layer included, while it holds a dense weight) and the LM
+        head unless it is tied. Other parameters (adapters) are the method's to initialise."""
+        out = []
+        for name, module in self.named_modules():
+            weight = (
+                module._parameters.get("weight") if isinstance(module, (RMSNorm, nn.Embedding, nn.Linear)) else None
+            )
+            if weight is None or (self.args.tie_embeddings and name == "lm_head"):
+                continue
+            out.append((f"{name}.weight", weight))
+        return out
+
+    @torch.no_grad()
+    def init_weights(
+        self,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        rows_of: RowsOf = whole_rows,
+    ) -> None:
+        """Initialise every plain LLaMA weight (:meth:`initial_weights`, by :meth:`init_std`) and the rotary
+        tables in place, each weight from a seed of its own derived from ``seed`` and its name
+        (:mod:`megatron_pept.models.init`): the values do not depend on the order, on what else the model holds,
+        or on how a weight is sharded. ``rows_of`` says which rows of a weight this process holds (an FSDP2 row
+        shard fills only its rows). ``generator`` (the older interface) draws the seed when ``seed`` is None."""
+        if seed is None:
+            seed = seed_from(generator) if generator is not None else 0
         self.tie_weights()
         self.init_rope()
-        std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
-            elif isinstance(module, nn.Linear) and not (self.args.tie_embeddings and name == "lm_head"):
-                leaf = name.rsplit(".", 1)[-1]
-                nn.init.normal_(
-                    module.weight,
-                    mean=0.0,
-                    std=out_std if leaf in ("o_proj", "down_proj") else std,
-                    generator=generator,
-                )
+        for name, weight in self.initial_weights():
+            local, start = rows_of(weight)
+            std = self.init_std(name)
+            if std is None:
+                local.fill_(1.0)
+            else:
+                fill_normal_rows_(local, start=start, shape=weight.shape, name=name, seed=seed, std=std)

@@ -10,9 +10,10 @@ in int8 or NF4 is read dequantised (the function the layer applies), so its requ
 small full-rank part of the update.
 
 ``A`` may be ``init:RUN_DIR``: the run's weights before its first step, rebuilt from its ``config.yaml`` the way
-the trainer builds them (model on the meta device, the method's conversion, ``init_weights`` from a generator seeded
-with ``train.seed``, ``model.init_from`` if set, the method's ``after_init``), without locking or writing
-``RUN_DIR``. The generator draws other numbers on a GPU than on a CPU: rebuild on the device the run trained on.
+the trainer builds them (model on the meta device, the method's conversion, ``init_weights``: each weight from its
+own seed derived from ``train.seed``, ``model.init_from`` if set, the method's ``after_init``), without locking or
+writing ``RUN_DIR``. The generators draw other numbers on a GPU than on a CPU: rebuild on the device the run trained
+on.
 
 Outputs: ``rank_spectra.png`` (a panel per layer type, log scale), ``rank_counts.png`` (bars per pair),
 ``rank.json`` and ``rank.md``.
@@ -85,7 +86,7 @@ def initial_model(run_dir: str | Path, *, device: str = "auto") -> tuple[Any, An
     from megatron_pept.distributed import resolve_device
     from megatron_pept.methods import build_method
     from megatron_pept.models import build_model
-    from megatron_pept.models.hf_import import load_hf_weights
+    from megatron_pept.trainer import initialise_model
 
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
@@ -104,15 +105,11 @@ def initial_model(run_dir: str | Path, *, device: str = "auto") -> tuple[Any, An
     method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=cfg.train.steps, seed=seed)
     model = build_model(args)
     method.convert(model)
-    # The trainer's order (Trainer._build): global seed, materialise, init from the seeded generator, optional
+    # The trainer's own initialisation (Trainer._build): global seed, each weight from its own seed, optional
     # Hugging Face weights, the method's after_init. The caller's global RNG state is left as it was.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        model.to_empty(device=dev)
-        model.init_weights(generator=torch.Generator(device=dev).manual_seed(seed))
-        if cfg.model.init_from:
-            load_hf_weights(model, cfg.model.init_from)
-        method.after_init(model)
+        initialise_model(model, seed=seed, device=dev, init_from=cfg.model.init_from, method=method)
     return model, method
 
 

@@ -10,7 +10,10 @@ import pytest
 import torch
 from helpers import base, shared_launch
 
-SPIKE_RULES = ["guard.spike_loss_sigma=3", "guard.spike_grad_norm_ratio=3", "guard.spike_window=4"]
+# train.seed=2: the garbage step must be a spike by the rules. With the per-weight initialisation (issue 28) seed 0
+# makes it a marginal one (one process, half the step's batch garbage: gradient norm 4.6 under a limit of 5.0, as a
+# noisy step 5 widened the window); seeds 1 and 2 give 6.9 over 4.0 and 19.9 over 4.2.
+SPIKE_RULES = ["guard.spike_loss_sigma=3", "guard.spike_grad_norm_ratio=3", "guard.spike_window=4", "train.seed=2"]
 BACKENDS = ("ddp", "fsdp2")
 
 

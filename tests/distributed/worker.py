@@ -5,6 +5,9 @@
 ``RUNS.json`` is a list of {"name": ..., "overrides": [...]}; for each, the losses and the full (gathered)
 final parameters go into ``OUT.pt`` (a dict name -> {"losses": [...], "params": {name: tensor}}). A run with
 ``"expect_error": true`` must be refused while being built: its error message goes into ``OUT.pt`` instead. A run
+with ``"init_only": true`` is built but not trained: its initial parameters go into ``OUT.pt``, with every rank's
+peak of live CPU tensor bytes while the trainer was built (torch's MemTracker) and the bytes of parameters and
+buffers each rank holds then. A run
 may name ``"garbage": [STEP, RANK]``: that rank's batches of optimizer step STEP (1-based) become one repeated
 token (a corrupt shard); the run's result then also holds every rank's guard counters (spikes, skipped,
 non-finite in a row) and, where every rank holds the whole weights (DDP), each rank's copy.
@@ -60,6 +63,32 @@ def every_rank(mine: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers this rank holds (its shards of sharded ones)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def built_only(overrides: list[str]) -> dict:
+    """Build a trainer under torch's memory tracker (every tensor allocated meanwhile and when it is freed): the
+    initial weights, and every rank's peak of live CPU tensor bytes during the build and bytes held after it."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    with tracker:
+        trainer = Trainer(load_config(None, overrides))
+    peak = tracker.get_tracker_snapshot("peak")
+    peak_bytes = sum(v["Total"] for k, v in peak.items() if torch.device(k).type == "cpu")
+    out = {
+        "params": full_params(trainer.raw_model),
+        "peak_bytes": every_rank(torch.tensor([peak_bytes])).flatten(),
+        "held_bytes": every_rank(torch.tensor([held_bytes(trainer.raw_model)])).flatten(),
+    }
+    trainer.close()
+    return out
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     with open(args[0]) as f:
@@ -75,6 +104,9 @@ def main() -> None:
                 results[run["name"]] = {"error": str(err)}
                 continue
             raise AssertionError(f"run {run['name']} was not refused")
+        if run.get("init_only"):
+            results[run["name"]] = built_only(run["overrides"])
+            continue
         trainer = Trainer(load_config(None, run["overrides"]))
         if "garbage" in run:
             feed_garbage(trainer, step=run["garbage"][0], rank=run["garbage"][1])

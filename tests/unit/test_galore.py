@@ -146,7 +146,9 @@ def test_error_feedback_weight_zero_is_galore_and_acts_at_refreshes() -> None:
         # The residual lies outside the current subspace, so it changes nothing until the projector is
         # recomputed from the gradient it was added to (step 4).
         if i < 4:
-            assert max_diff(plain, ef) <= 1e-6  # equal up to rounding: P^T S = 0 in exact arithmetic
+            # Equal up to rounding: P^T S = 0 in exact arithmetic. Over initial seeds 0-7 the rounding reaches
+            # 1.2e-7 to 1.4e-6 before the refresh and the refresh's effect 2.6e-3 to 9.7e-3 after it.
+            assert max_diff(plain, ef) <= 1e-5
     assert max_diff(plain, ef) > 1e-4
     assert o_ef.last_ef_residual_sq > 0
 

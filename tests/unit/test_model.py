@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 import transformers
@@ -196,3 +199,64 @@ def test_rope_tables_stay_fp32_whatever_cast_the_module_gets(cast: str) -> None:
     ids = torch.randint(0, args.vocab_size, (1, 320), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(ids), reference(ids))
+
+
+# -- initialisation from a seed of its own per weight (megatron_pept.models.init) ---------------------------------
+
+ARGS = LlamaArgs(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176)
+
+
+def test_any_split_of_a_weights_rows_draws_exactly_the_rows_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_pept.models import init
+
+    monkeypatch.setattr(init, "BLOCK_NUMEL", 3 * 64)  # 3 rows a block: shards begin and end inside blocks
+    shape = (29, 64)
+    whole = torch.empty(shape)
+    init.fill_normal_rows_(whole, start=0, shape=shape, name="w", seed=5, std=0.02)
+    for world in (2, 3, 5, 29):
+        pieces = []
+        for chunk in torch.arange(shape[0]).chunk(world):  # FSDP2's row shards
+            piece = torch.empty(len(chunk), shape[1])
+            init.fill_normal_rows_(piece, start=int(chunk[0]), shape=shape, name="w", seed=5, std=0.02)
+            pieces.append(piece)
+        assert torch.equal(torch.cat(pieces), whole), world
+    bf16 = torch.empty(shape, dtype=torch.bfloat16)  # stored in the weight's dtype: the fp32 draws rounded once
+    init.fill_normal_rows_(bf16, start=0, shape=shape, name="w", seed=5, std=0.02)
+    assert torch.equal(bf16, whole.bfloat16())
+
+
+def test_each_weight_has_a_seed_of_its_own_from_its_name_and_the_run_seed() -> None:
+    plain = build_model(ARGS, device="meta")
+    plain.to_empty(device="cpu")
+    plain.init_weights(seed=3)
+    weights = dict(plain.initial_weights())
+    # The same name and seed, whatever else the model holds: a model with one layer fewer starts with the same
+    # embedding and first layer.
+    shorter = build_model(dataclasses.replace(ARGS, num_layers=1), device="meta")
+    shorter.to_empty(device="cpu")
+    shorter.init_weights(seed=3)
+    for name, value in shorter.named_parameters():
+        if not name.startswith("lm_head") and "down_proj" not in name and "o_proj" not in name:
+            assert torch.equal(value, weights[name]), name  # (the residual projections' std depends on the depth)
+    again = build_model(ARGS, device="meta")
+    again.to_empty(device="cpu")
+    again.init_weights(seed=4)
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(weights[q], dict(again.initial_weights())[q])  # another seed, other values
+    assert not torch.equal(weights[q], weights[k])  # same shape, another name
+
+
+def test_initial_values_keep_the_init_std_and_the_scaled_residual_std() -> None:
+    args = dataclasses.replace(ARGS, num_layers=4, hidden_size=128, intermediate_size=256, init_std=0.05)
+    model = build_model(args, device="meta")
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    out_std = 0.05 / math.sqrt(2 * 4)
+    for name, value in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(value, torch.ones_like(value)), name
+            continue
+        want = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.05
+        # >= 16k draws each: the sample std is within 3% of the true one (about 5 standard errors)
+        assert abs(float(value.std()) / want - 1) < 0.03, (name, float(value.std()), want)
+        assert abs(float(value.mean())) < 0.05 * want, name

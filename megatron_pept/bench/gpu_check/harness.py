@@ -119,7 +119,7 @@ def _materialised(model_name: str, *, vocab_size: int, max_seq_len: int, device:
 
     model = build_model(llama_args(ModelConfig(name=model_name), vocab_size=vocab_size, max_seq_len=max_seq_len))
     model.to_empty(device=device)
-    model.init_weights(generator=torch.Generator(device=device).manual_seed(0))
+    model.init_weights(seed=0)
     return model
 
 
