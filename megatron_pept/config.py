@@ -113,7 +113,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: bf16 autocast with fp32 master weights, or fp32. auto: bf16 on CUDA, fp32 on CPU."""
+    """Compute precision: bf16 autocast with fp32 master weights, or fp32. auto: bf16 on CUDA, fp32 on CPU (bf16
+    with param_dtype=bf16)."""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype the weights are held and trained in. fp32: fp32 masters (bf16 compute is autocast over them). bf16:
+    every weight and its gradient in bf16 with no fp32 copy anywhere (2 bytes a weight instead of 4, and 2 more
+    saved per gradient); each update is rounded into the weight by optim.weight_update. Runs on single, ddp and
+    fsdp2, with every method whose trainable set stays the same and every optimizer, per-layer updates included;
+    computes in bf16."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device to train on; auto picks CUDA when available."""
     compile: bool = False
@@ -160,6 +167,12 @@ class OptimConfig:
     """Dtype of the Adam moments; bf16 halves optimizer memory (the Approximations paper's bf16 baseline)."""
     per_layer: bool = False
     """Step each parameter inside backward and free its gradient at once (per-layer weight updates)."""
+    weight_update: Literal["auto", "stochastic", "kahan", "nearest"] = "auto"
+    """How each step's update is rounded into weights held in bf16 (train.param_dtype=bf16): stochastic (unbiased
+    stochastic rounding, its bits drawn from train.seed, the weight's name and its count of updates), kahan (Kahan
+    summation: a bf16 compensation buffer per weight, 2 more bytes a weight), or nearest (plain rounding, for
+    comparison: updates under half a bf16 step are lost). auto: stochastic. Ignored (one log line) with fp32
+    weights."""
 
 
 @dataclass(init=False)
@@ -815,6 +828,11 @@ def validate(cfg: Config) -> None:
         "the context the model trains at; raise it or leave it null",
     )
     _require(m.init_std > 0, f"model.init_std must be > 0; got {m.init_std}")
+    _require(
+        t.param_dtype == "fp32" or t.dtype != "fp32",
+        "train.param_dtype=bf16 holds the weights in bf16, but train.dtype=fp32 would compute in fp32 over them (a "
+        "bf16 weight upcast in every matmul, for no precision gained); set train.dtype=bf16 (or auto)",
+    )
     # train.device and train.dtype as written; what `auto` resolves to on this machine is checked when the run
     # starts (registry.check_runtime).
     attention = attention_problem(m.attention, device=t.device, dtype=t.dtype)

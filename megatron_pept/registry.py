@@ -48,7 +48,16 @@ def resolve(cfg: Config) -> Config:
             f"method.name={cls.name} runs with parallel.backend={' or '.join(cls.backends)} in this version; got "
             f"parallel.backend={cfg.parallel.backend}"
         )
-    backend_class(cfg.parallel.backend).validate(cfg, cls.traits(settings))
+    traits = cls.traits(settings)
+    if cfg.train.param_dtype == "bf16":
+        changing = traits.changes_trainable_set or traits.base_dtype_changes
+        if changing:
+            raise ConfigError(
+                f"train.param_dtype=bf16 cannot run with {changing} in this version: the phase switch makes new "
+                "weights (an fp32 master becomes a frozen base, adapters appear) after the model's weights were "
+                "set in bf16; start the low-rank phase from a bf16 run's weights (model.init_from) instead"
+            )
+    backend_class(cfg.parallel.backend).validate(cfg, traits)
     cfg.method = MethodConfig(cls.name, resolved_options(cls, settings, ignored))
     return cfg
 

@@ -40,6 +40,7 @@ from megatron_pept.models.hf_import import load_hf_weights
 from megatron_pept.models.loss import cross_entropy_loss
 from megatron_pept.optim import build_schedule
 from megatron_pept.optim.per_layer import PerLayerOptimizer
+from megatron_pept.optim.weight_update import WeightUpdate, attach_weight_update
 from megatron_pept.sharding import local_rows, optimizer_protocol
 from megatron_pept.signals import StopSignals
 from megatron_pept.train_state import TrainResult, TrainState
@@ -47,6 +48,19 @@ from megatron_pept.train_state import TrainResult, TrainState
 logger = logging.getLogger("megatron_pept")
 
 __all__ = ["Trainer", "TrainResult", "TrainState", "cross_entropy_loss", "initialise_model"]
+
+
+def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make every fp32 parameter of ``model`` a ``dtype`` one (frozen ones too; quantised bases, which are not fp32
+    parameters, stay as they are), keeping weights that are tied tied. Meant for a model on the meta device."""
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.dtype != torch.float32:
+                continue
+            if id(param) not in replaced:
+                replaced[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+            module._parameters[name] = replaced[id(param)]
 
 
 def initialise_model(
@@ -128,6 +142,8 @@ class Trainer:
         self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps, seed=t.seed)
         model = build_model(self.model_args)
         self.method.convert(model)
+        if t.param_dtype == "bf16":
+            hold_weights_in(model, torch.bfloat16)  # still on the meta device: nothing is ever held in fp32
         model.model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
             for layer in model.model.layers.values():
@@ -142,6 +158,7 @@ class Trainer:
         if not shard_first:
             self.backend.wrap(model, grad_accum_steps=self.grad_accum_steps)
         self.optimizer: Any = None
+        self.weight_update = self._weight_update(model)
         self._use_optimizer(self.method.build_optimizer(model), replacing=False)
 
         self.schedule = self.method.lr_schedule(build_schedule(cfg.optim, total_steps=t.steps))
@@ -194,11 +211,23 @@ class Trainer:
         """Train with ``optimizer`` from now on (wrapped for per-layer updates); the backend adapts to it."""
         if replacing:
             optimizer_protocol(self.optimizer).release()
+        if self.weight_update is not None:  # before a per-layer split, which copies it to every part
+            attach_weight_update(optimizer, self.weight_update)
         if self.cfg.optim.per_layer:
             optimizer = PerLayerOptimizer(optimizer, grad_reduce=self.backend.grad_reduce_hook())
         self.optimizer = optimizer
         self.backend.use_optimizer(optimizer, replacing=replacing)
         self.method.set_param_access(self.raw_model, self.backend.access)
+
+    def _weight_update(self, model: torch.nn.Module) -> WeightUpdate | None:
+        """How updates are rounded into bf16 weights (``optim.weight_update``); None for fp32 weights."""
+        rule = self.cfg.optim.weight_update
+        if self.cfg.train.param_dtype != "bf16":
+            if rule != "auto":
+                logger.info("optim.weight_update=%s is ignored: the weights are fp32 (train.param_dtype=fp32)", rule)
+            return None
+        names = {p: name for name, p in model.named_parameters()}
+        return WeightUpdate("stochastic" if rule == "auto" else rule, seed=self.cfg.train.seed, names=names)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.method.trainable_parameters(self.raw_model)]

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
     """The dtype a run computes in (``train.dtype``): bf16 (autocast over fp32 master weights) when asked, or for
-    ``auto`` on CUDA; fp32 otherwise."""
-    bf16 = train.dtype == "bf16" or (train.dtype == "auto" and torch.device(device).type == "cuda")
+    ``auto`` on CUDA or over bf16 weights (``train.param_dtype=bf16``); fp32 otherwise."""
+    auto_bf16 = torch.device(device).type == "cuda" or train.param_dtype == "bf16"
+    bf16 = train.dtype == "bf16" or (train.dtype == "auto" and auto_bf16)
     return torch.bfloat16 if bf16 else torch.float32
 
 

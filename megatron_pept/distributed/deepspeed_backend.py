@@ -299,6 +299,14 @@ class DeepSpeedBackend(Backend):
                 "guard.spike_loss_sigma and guard.spike_grad_norm_ratio cannot run with parallel.backend=deepspeed "
                 "(the engine applies the update before the step can be judged); set both to 0 or use fsdp2 or ddp"
             )
+        if cfg.train.param_dtype == "bf16":
+            raise ConfigError(
+                "train.param_dtype=bf16 cannot run with parallel.backend=deepspeed: DeepSpeed's own bf16 weights "
+                "without an fp32 master (bf16.bf16_master_weights_and_grads) round each update to nearest inside its "
+                "ZeRO optimizer, where stochastic rounding and Kahan summation cannot reach the flat partitions, "
+                "and DeepSpeed 0.19.3 (the oldest supported) lacks it; use parallel.backend=fsdp2 (bf16 weights "
+                "sharded by rows) or ddp"
+            )
         if traits.changes_trainable_set:
             raise ConfigError(
                 f"{traits.changes_trainable_set} cannot run with parallel.backend=deepspeed in this version: the "

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from megatron_pept.config import OptimConfig
-from megatron_pept.optim.adamw import LowPrecisionAdamW
+from megatron_pept.optim.adamw import LowPrecisionAdamW, LowPrecisionWeightAdamW
 from megatron_pept.optim.schedules import JaggedSchedule, Schedule, WarmupDecaySchedule
 from megatron_pept.sharding import HOST_STATE_KEYS, keeps_on_host
 
@@ -23,7 +23,18 @@ def decay_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], *, weig
 
 
 def build_adamw(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with fp32 moments (torch's) or bf16 moments (:class:`LowPrecisionAdamW`)."""
+    """AdamW with fp32 moments (torch's) or bf16 moments (:class:`LowPrecisionAdamW`) over fp32 weights; over bf16
+    weights (``train.param_dtype=bf16``) :class:`LowPrecisionWeightAdamW`, whose updates the trainer's
+    ``optim.weight_update`` rounds in."""
+    if any(p.dtype == torch.bfloat16 for g in param_groups for p in g["params"]):
+        return LowPrecisionWeightAdamW(
+            param_groups,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            state_dtype=torch.float32 if cfg.state_dtype == "fp32" else torch.bfloat16,
+        )
     if cfg.state_dtype == "fp32":
         return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return LowPrecisionAdamW(
@@ -46,6 +57,7 @@ __all__ = [
     "HOST_STATE_KEYS",
     "JaggedSchedule",
     "LowPrecisionAdamW",
+    "LowPrecisionWeightAdamW",
     "Schedule",
     "WarmupDecaySchedule",
     "build_adamw",

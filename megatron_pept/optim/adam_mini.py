@@ -25,12 +25,16 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from megatron_pept.optim.sharded import ShardedOptimizer
+from megatron_pept.optim.weight_update import WeightUpdate
 from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout
 
 BLOCK_KINDS = ("adam", "head", "row", "tensor")
 
 
 class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
+    weight_update: WeightUpdate | None = None
+    """How updates reach bf16 weights (``train.param_dtype=bf16``; set by the trainer); None: fp32 weights."""
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -61,7 +65,7 @@ class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
         kind = self.param_groups[self._group_index[id(p)]]["block"]
         if self.zero_layout is not None:  # ZeRO: element-wise state per fragment, block statistics whole
             return "local" if key == "m" or (key == "v" and kind == "adam") else "replicated"
-        if key == "m" or (key == "v" and kind in ("adam", "row")):
+        if key in ("m", "kahan_comp") or (key == "v" and kind in ("adam", "row")):
             return "rows"
         return "replicated"
 
@@ -123,14 +127,21 @@ class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
                 shard = RowShard(p) if isinstance(p, DTensor) else None
                 param = p.to_local() if shard else p
                 grad = p.grad.to_local() if shard else p.grad
+                # bf16 weights (train.param_dtype=bf16): fp32 moments, and one fp32 update rounded in at the end
+                rounded = self.weight_update is not None
+                work = param.float() if rounded else param  # what the moments are shaped and typed after
+                grad = grad.float() if rounded else grad
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["m"] = torch.zeros_like(param)
-                    state["v"] = torch.zeros_like(param) if kind == "adam" else self._block_zeros(p, param, group)
+                    state["m"] = torch.zeros_like(work)
+                    state["v"] = torch.zeros_like(work) if kind == "adam" else self._block_zeros(p, work, group)
+                    if rounded:
+                        self.weight_update.init_state(state, param)
                 state["step"] += 1
                 step = float(state["step"])
-                if wd > 0:
+                delta = work.mul(-lr * wd) if rounded and wd > 0 else None
+                if wd > 0 and not rounded:
                     param.mul_(1 - lr * wd)
                 state["m"].lerp_(grad, 1 - beta1)
                 if kind == "adam":
@@ -140,13 +151,21 @@ class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
                 bias_correction1 = 1 - beta1**step
                 h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
                 if kind == "adam":
-                    param.addcdiv_(state["m"], h, value=-lr / bias_correction1)
-                    continue
-                stepsize = (1 / bias_correction1) / h
-                if kind == "head" and shard is not None:
-                    stepsize = stepsize[_head_of_rows(shard, p, group["head_numel"])]  # one row per local row
-                m = state["m"].view(stepsize.shape[0], -1) if kind != "tensor" else state["m"]
-                param.add_(-(m * stepsize).view(param.shape) * lr)
+                    if not rounded:
+                        param.addcdiv_(state["m"], h, value=-lr / bias_correction1)
+                        continue
+                    update = state["m"] * (-lr / bias_correction1) / h
+                else:
+                    stepsize = (1 / bias_correction1) / h
+                    if kind == "head" and shard is not None:
+                        stepsize = stepsize[_head_of_rows(shard, p, group["head_numel"])]  # one row per local row
+                    m = state["m"].view(stepsize.shape[0], -1) if kind != "tensor" else state["m"]
+                    update = -(m * stepsize).view(param.shape) * lr
+                    if not rounded:
+                        param.add_(update)
+                        continue
+                delta = update if delta is None else delta.add_(update)
+                self.weight_update.add_(p, param, state, delta, start=shard.start if shard else 0, shape=p.shape)
         return loss
 
     @staticmethod

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from megatron_pept.sharding import keeps_on_host
+from megatron_pept.optim.weight_update import WeightUpdate
+from megatron_pept.sharding import keeps_on_host, local_rows
 
 
 class KeepStateDtypes:
@@ -88,4 +89,86 @@ class LowPrecisionAdamW(KeepStateDtypes, torch.optim.Optimizer):
                     p.add_((exp_avg / denom).to(p.dtype), alpha=-lr / bias_correction1)
                 state["exp_avg"].copy_(exp_avg)
                 state["exp_avg_sq"].copy_(exp_avg_sq)
+        return loss
+
+
+def debiased_beta(beta: float, step: int) -> float:
+    """``beta * (1 - beta^(t-1)) / (1 - beta^t)``: the moving average's weight on its past that makes the
+    average its own bias-corrected estimate (torch-optimi's form of Adam; 0 at the first step)."""
+    return (beta**step - beta) / (beta**step - 1)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class LowPrecisionWeightAdamW(KeepStateDtypes, torch.optim.Optimizer):
+    """AdamW for weights held in bf16 with no fp32 copy (``train.param_dtype=bf16``): each step's fp32 update,
+    weight decay included, reaches the weight through ``weight_update`` (stochastic rounding, Kahan summation or
+    round-to-nearest; :mod:`megatron_pept.optim.weight_update`).
+
+    The arithmetic is torch-optimi 0.3.3's AdamW: moments that are their own bias-corrected estimates (debiased
+    betas, :func:`debiased_beta`), computed in the moments' dtype (``state_dtype``: fp32, or bf16 as torch-optimi
+    keeps them for bf16 weights), the update ``-lr * m / (sqrt(v) + eps)``. With bf16 moments and no weight decay it
+    computes what ``optimi.AdamW`` computes bit for bit, in Kahan mode and in plain rounding (a test holds it to
+    that). One departure: torch-optimi multiplies the bf16 weight by ``1 - lr * wd`` in place, which rounds a
+    decay below half a bf16 step away; here the decay is part of the update, so it is compensated or rounded
+    stochastically like the rest.
+
+    Under FSDP2 each rank steps its own rows of each weight (the parameter's local shard), and the rounding bits are
+    those of the rows it holds."""
+
+    weight_update: WeightUpdate | None = None
+    """How updates reach the bf16 weights (set by the trainer, :func:`attach_weight_update`)."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        *,
+        weight_update: WeightUpdate | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.state_dtype = state_dtype
+        if weight_update is not None:
+            self.weight_update = weight_update
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                local, start = local_rows(p)
+                if self.weight_update is None:
+                    raise RuntimeError("LowPrecisionWeightAdamW steps bf16 weights: give it a weight_update")
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    self.weight_update.init_state(state, local, like=p)
+                state["step"] += 1
+                step = int(state["step"])
+                exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                grad = _local(p.grad).to(exp_avg.dtype)
+                exp_avg.lerp_(grad, 1 - debiased_beta(beta1, step))
+                beta2_hat = debiased_beta(beta2, step)
+                exp_avg_sq.mul_(beta2_hat).addcmul_(grad, grad, value=1 - beta2_hat)
+                denom = exp_avg_sq.sqrt().add_(eps)
+                delta = (exp_avg.float() * -lr).div_(denom.float())  # out of place: exp_avg may be fp32 itself
+                if wd:
+                    delta.add_(local.float(), alpha=-lr * wd)
+                self.weight_update.add_(p, local, state, delta, start=start, shape=p.shape)
         return loss

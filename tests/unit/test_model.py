@@ -207,9 +207,10 @@ ARGS = LlamaArgs(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_k
 
 
 def test_any_split_of_a_weights_rows_draws_exactly_the_rows_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_pept import seeded
     from megatron_pept.models import init
 
-    monkeypatch.setattr(init, "BLOCK_NUMEL", 3 * 64)  # 3 rows a block: shards begin and end inside blocks
+    monkeypatch.setattr(seeded, "BLOCK_NUMEL", 3 * 64)  # 3 rows a block: shards begin and end inside blocks
     shape = (29, 64)
     whole = torch.empty(shape)
     init.fill_normal_rows_(whole, start=0, shape=shape, name="w", seed=5, std=0.02)

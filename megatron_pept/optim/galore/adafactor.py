@@ -147,3 +147,6 @@ class GaLoreAdafactor(GaLoreOptimizer):
     def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["weight_decay"] * step_size)
+
+    def _decay_rate(self, group: dict, step_size: float) -> float:
+        return group["weight_decay"] * step_size if group["weight_decay"] > 0 else 0.0

@@ -59,6 +59,7 @@ from megatron_pept.optim.scaling import (
     tensor_factor_from_squares,
 )
 from megatron_pept.optim.sharded import ShardedOptimizer
+from megatron_pept.optim.weight_update import ROUND_STATE_KEYS, WeightUpdate
 from megatron_pept.sharding import ZeroLayout
 
 GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
@@ -91,6 +92,8 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
     # The inner update treats each entry of the projected gradient on its own (Adam): under ZeRO a right
     # projection's state can then be kept by rows, per fragment (see _ZeroView).
     elementwise_inner = True
+    weight_update: WeightUpdate | None = None
+    """How updates reach bf16 weights (``train.param_dtype=bf16``; set by the trainer); None: fp32 weights."""
 
     def __init__(
         self,
@@ -177,6 +180,10 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
     def _decay(self, p: torch.Tensor, group: dict, step_size: float) -> None:
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def _decay_rate(self, group: dict, step_size: float) -> float:
+        """The fraction of the weight :meth:`_decay` takes off (for the rounded update of bf16 weights)."""
+        return group["lr"] * group["weight_decay"] if group["weight_decay"] > 0 else 0.0
 
     # -- projection --------------------------------------------------------------------------------------------
 
@@ -356,8 +363,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         state["step"] += 1
         update, step_size = self._inner_update(state, low, group, view.with_param(param))
         full_update = self._full_update(state, grad, low, update, basis, side, group, view, first=step == 0)
-        param.add_(full_update.to(param.dtype), alpha=-step_size)
-        self._decay(param, group, step_size)
+        self._apply(p, param, state, full_update, step_size, group, view)
 
     def _plain_step(self, p: torch.Tensor, group: dict, view: _View) -> None:
         param, grad = view.param(p), view.grad(p)  # element-wise updates are the same on any part of p
@@ -368,8 +374,31 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
             self._init_inner_state(state, grad.shape, grad, group)
         state["step"] += 1
         update, step_size = self._inner_update(state, grad, group, view.with_param(param))
-        param.add_(update.to(param.dtype), alpha=-step_size)
-        self._decay(param, group, step_size)
+        self._apply(p, param, state, update, step_size, group, view)
+
+    def _apply(
+        self,
+        p: torch.Tensor,
+        param: torch.Tensor,
+        state: dict[str, Any],
+        update: torch.Tensor,
+        step_size: float,
+        group: dict,
+        view: _View,
+    ) -> None:
+        """``param <- param - step_size * update``, then weight decay (of the updated weight): in place on fp32
+        weights; on bf16 weights the same, computed in fp32 as one step that :attr:`weight_update` rounds in."""
+        if self.weight_update is None:
+            param.add_(update.to(param.dtype), alpha=-step_size)
+            self._decay(param, group, step_size)
+            return
+        delta = update * -step_size
+        rate = self._decay_rate(group, step_size)
+        if rate:
+            delta.sub_(param.float().add_(delta), alpha=rate)
+        if not ROUND_STATE_KEYS & state.keys():
+            self.weight_update.init_state(state, param)
+        self.weight_update.add_(p, param, state, delta, start=view.start, shape=view.shape)
 
     def _view_of(self, p: torch.Tensor) -> _View:
         return _RowShard(p) if isinstance(p, DTensor) else _View(p)
@@ -392,7 +421,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         """How a state tensor of an FSDP2 (row-sharded) parameter is laid out across ranks, for checkpoints:
         ``rows`` (this rank's rows, reshardable), ``replicated`` (whole on every rank) or ``local`` (rank-specific
         but not by rows: 8-bit quantisation blocks; reloads on the same number of ranks only)."""
-        if key in ("step", "refreshes", "seed", "limiter_norm"):
+        if key in ("step", "refreshes", "seed", "limiter_norm", "rounds"):
             return "replicated"
         if self.zero_layout is not None:  # ZeRO: projected state whole on every rank, the rest per fragment
             projected = "rank" in self.param_groups[self._group_index[id(p)]]
@@ -402,7 +431,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         if key.endswith(("_q", "_absmax")):
             return "local"
         projected = "rank" in self.param_groups[self._group_index[id(p)]]
-        if key == "ef_residual" or not projected:
+        if key in ("ef_residual", "kahan_comp") or not projected:
             return "rows"
         side = projection_side(p.shape)
         if key == "projector":

@@ -25,6 +25,8 @@ class _View:
 
     sharded = False  # other ranks hold other parts of the parameter
 
+    start = 0  # the first row of the parameter this rank steps
+
     def __init__(self, p: torch.Tensor) -> None:
         self.shape = p.shape
         self.value: torch.Tensor | None = None  # set by with_param: this rank's part of the parameter
@@ -88,6 +90,7 @@ class _RowShard(_View):
     def __init__(self, dt: DTensor) -> None:
         super().__init__(dt)
         self.rows = RowShard(dt)
+        self.start = self.rows.start
 
     def param(self, p: torch.Tensor) -> torch.Tensor:
         return p.to_local()
