@@ -245,7 +245,8 @@ def test_resume_mid_gap_is_bit_identical() -> None:
     run(9, whole)
     first = fresh()
     run(5, first)
-    tensors = {f"l{i}.{k}": getattr(layer, k) for i, layer in enumerate(first[1]) for k in ("weight", "weight_scales", "weight_zeros")}
+    keys = ("weight", "weight_scales", "weight_zeros")
+    tensors = {f"l{i}.{k}": getattr(layer, k) for i, layer in enumerate(first[1]) for k in keys}
     buffer = io.BytesIO()
     torch.save({"model": {**tensors, "emb": first[2], "norm": first[3]}, "optim": first[0].state_dict()}, buffer)
     buffer.seek(0)

@@ -311,9 +311,7 @@ class QGaLoreAdamW8bit(GaLoreOptimizer):
             state["queue_len"] = torch.tensor(0)
             state["cos_queue"] = torch.zeros(group["queue_size"], dtype=torch.float64)
             whole_low = projected_shape(tuple(view.shape), rank=rank)
-            self._init_moments(
-                state, view.low_shape(grad, side, rank), grad, whole_numel=whole_low[0] * whole_low[1]
-            )
+            self._init_moments(state, view.low_shape(grad, side, rank), grad, whole_numel=whole_low[0] * whole_low[1])
         step = int(state["step"])
         if step == 0 or step % int(state["proj_gap"]) == 0:
             self._q_refresh(state, grad, group, side, view, rank)
@@ -367,7 +365,7 @@ class QGaLoreAdamW8bit(GaLoreOptimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.zero_layout is not None:
-            raise RuntimeError("Q-GaLore does not run under DeepSpeed ZeRO (its int8 weights are not parameters ZeRO can hold)")
+            raise RuntimeError("Q-GaLore does not run under DeepSpeed ZeRO: its int8 weights are not ZeRO's to hold")
         self.last_refreshes, self.last_svd_seconds, self.last_overlaps = 0, 0.0, []
         self.last_ef_residual_sq = 0.0
         self._reset_scaling_stats()

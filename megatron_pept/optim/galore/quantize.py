@@ -40,7 +40,9 @@ def check_groups(shape: tuple[int, ...] | torch.Size, group_size: int) -> None:
     """Raise ValueError unless ``group_size`` divides the tensor into whole groups."""
     numel = math.prod(shape)
     if group_size <= 0 or numel % group_size:
-        raise ValueError(f"a tensor of shape {tuple(shape)} ({numel} elements) does not divide into groups of {group_size}")
+        raise ValueError(
+            f"a tensor of shape {tuple(shape)} ({numel} elements) is no whole number of {group_size}-groups"
+        )
 
 
 @torch.no_grad()
