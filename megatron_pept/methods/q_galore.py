@@ -290,7 +290,13 @@ class QGaLore(GaLoreMethod):
         names = {p: n for n, p in self.trainable_parameters(model)}
         layers = {layer.weight: layer for _, layer in int8_layers(model)}
         return QGaLoreAdamW8bit(
-            groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, param_names=names, int8_layers=layers
+            groups,
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            param_names=names,
+            int8_layers=layers,
         )
 
     def export_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
