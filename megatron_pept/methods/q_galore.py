@@ -197,14 +197,18 @@ class QGaLore(GaLoreMethod):
                 "from the run's own initialisation); drop model.init_from"
             )
         model = build_model(llama_args(cfg.model), device="meta")
-        for name, module in model.named_modules():
-            if type(module) is not nn.Linear or name == "lm_head" or not matches_target(name, settings.target_modules):
-                continue
-            out_f, in_f = module.weight.shape
+        targets = [
+            (name, module.weight.shape)
+            for name, module in model.named_modules()
+            if type(module) is nn.Linear and name != "lm_head" and matches_target(name, settings.target_modules)
+        ]
+        fits = min((in_f & -in_f for _, (_, in_f) in targets), default=1)  # the largest power of two dividing all
+        for name, (out_f, in_f) in targets:
             require(
                 in_f % settings.weight_group_size == 0,
                 f"method.weight_group_size={settings.weight_group_size} does not divide the input size {in_f} of "
-                f"{name}; choose a divisor of every targeted layer's input size (e.g. 64 or 128)",
+                f"{name} (groups lie within a row); choose a divisor of every targeted layer's input size, e.g. "
+                f"{min(fits, 256)}",
             )
             rank = min(settings.rank, out_f, in_f)
             numel = rank * min(out_f, in_f)

@@ -2,11 +2,11 @@
 and a resume under FSDP2 against the uninterrupted run.
 
 The int8 weights are requantised by stochastic rounding from draws that depend on the row, not the rank
-(:func:`~megatron_pept.optim.galore.quantize.rounding_noise`), so the layouts round alike; but a gradient that differs
-in the last bit (the ranks sum in another order) can move a value across a code boundary, and the 8-bit moments'
-blocks follow the shard under FSDP2. So: losses to 1e-4 for the first steps and 1e-3 after (a flipped code moves a
-weight by a whole quantisation step, about 1e-3 of its group's range), the dequantised weights to 1% (relative norm: a flipped code
-changes later gradients, which flip more; about 1% of the weights end one code apart after 6 steps), and most codes equal (one flipped extreme rescales its whole group)."""
+(:func:`~megatron_pept.optim.galore.quantize.rounding_noise`), so the layouts round alike; but a gradient that
+differs in the last bit (the ranks sum in another order) can move a value across a code boundary, a flipped code
+changes later gradients, which flip more, and the 8-bit moments' blocks follow the shard under FSDP2. So: losses to
+1e-4 for the first two steps and 1e-3 after; the dequantised weights to 1% (relative norm; about 1% of the weights
+end one code apart after 6 steps); most codes equal (one flipped extreme rescales its whole group)."""
 
 from __future__ import annotations
 

@@ -283,3 +283,29 @@ def test_weights_stay_int8_and_training_moves_them() -> None:
         assert layer.weight_grad is None
     assert layer.weight.dtype == torch.uint8 and layer.weight_zeros.dtype == torch.uint8
     assert (layer.dense() - start).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings refused at validation, in one line
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["parallel.backend=deepspeed"], "cannot run with parallel.backend=deepspeed"),
+        (["optim.per_layer=true"], "optim.per_layer"),
+        (["method.weight_group_size=256"], "e.g. 32"),  # the 60m MLP's 1376 = 32 x 43
+        (["method.proj_group_size=96"], "method.proj_group_size=96"),
+        (["method.proj_bits=9"], "method.proj_bits"),
+        (["method.svd=randomized"], "method.svd must be full"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(overrides: list[str], words: str) -> None:
+    from megatron_pept.errors import ConfigError
+    from megatron_pept.registry import load_config
+
+    base = ["model.name=60m", "data.path=data/x", "method.name=q_galore", "method.weight_group_size=32"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, *overrides])
+    assert words in str(err.value) and "\n" not in str(err.value)
+    load_config(None, base)  # the same without the bad setting is accepted
