@@ -278,11 +278,12 @@ of, in ZeRO's order (the same on every rank), each with this rank's :class:`Flat
 
 # -- the protocol of shard-aware optimizers -----------------------------------------------------------------------
 
-HOST_STATE_KEYS = frozenset({"step", "refreshes", "seed", "rounds"})
+HOST_STATE_KEYS = frozenset({"step", "refreshes", "seed", "rounds", "proj_gap", "queue_len"})
 """Optimizer state kept on the host whatever device the parameter is on: 0-d counters the step reads into Python
-each time (bias corrections, the refresh schedule, the seed of a random projection). torch's AdamW keeps its ``step``
-there for the same reason: a host tensor is read without waiting for the device; a device one would make every step
-wait, once per parameter. A checkpoint load puts them back there."""
+each time (bias corrections, the refresh schedule, the seed of a random projection, the count of a bf16 weight's
+stochastically rounded updates; Q-GaLore's current refresh gap and the length of its similarity queue). torch's
+AdamW keeps its ``step`` there for the same reason: a host tensor is read without waiting for the device; a device
+one would make every step wait, once per parameter. A checkpoint load puts them back there."""
 
 
 def keeps_on_host(key: str, shape: torch.Size | tuple[int, ...], group: dict | None = None) -> bool:

@@ -135,6 +135,10 @@ def main() -> None:
             "sharded_bases": torch.tensor(
                 sum(isinstance(t, DTensor) for n, t in trainer.raw_model.named_buffers() if ".base_" in n)
             ),
+            # integer-coded trainable weights (q_galore's int8 codes) this rank holds only rows of
+            "sharded_codes": torch.tensor(
+                sum(isinstance(p, DTensor) and p.dtype == torch.uint8 for p in trainer.raw_model.parameters())
+            ),
         }
         if "garbage" in run:
             state = trainer.state

@@ -81,6 +81,10 @@ MAGNITUDE_JOINT = {"method.optimizer_reset": "magnitude_joint"}  # ours; the pap
 SCRIPTS_60M = dict(model="60m", lr=1e-2, warmup_steps=1000, steps=10000, global_batch_size=512, seq_len=256)
 SCRIPTS_60M |= dict(max_grad_norm=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6)
 PURE_BF16 = {"train.dtype": "auto"}  # the scripts cast the whole model (and so the optimizer state) to bf16
+# The Q-GaLore authors' C4 scripts (scripts/pretrain_c4/llama_{60m,7b}.sh, run_pretrain.py's defaults).
+Q_GALORE = dict(name="q_galore", galore_scale=0.25, stochastic_round=True, proj_quant=True, proj_bits=4)
+Q_GALORE |= dict(proj_group_size=256, cos_threshold=0.4, gamma_proj=2.0, queue_size=5, seq_len=256, weight_decay=0.0)
+Q_GALORE |= dict(global_batch_size=512, betas=(0.9, 0.95), eps=1e-8)
 
 # recipe -> (the paper's settings it carries, its departures from the paper: key -> our value). Every departure must
 # be declared in the recipe's header on a line "# Departure: KEY ..."; the paper's settings are checked as stated.
@@ -152,6 +156,18 @@ RECIPES = {
     "apollo_mini_60m": (
         dict(name="apollo_mini", apollo_scale=128.0, update_proj_gap=200, norm_growth_limit=1.01) | SCRIPTS_60M,
         PURE_BF16,
+    ),
+    "q_galore_60m": (
+        Q_GALORE
+        | dict(model="60m", rank=128, update_proj_gap=200, lr=1.5e-2, warmup_steps=1000, steps=10000)
+        | dict(max_grad_norm=0.0),
+        {"method.weight_group_size": 32, "train.dtype": "auto", "train.max_grad_norm": 0.0},
+    ),
+    "q_galore_7b": (
+        Q_GALORE
+        | dict(model="7b", rank=1024, update_proj_gap=500, lr=4e-3, warmup_steps=15000, steps=150000)
+        | dict(weight_group_size=256),
+        {"parallel.backend": "fsdp2", "optim.per_layer": False, "train.max_grad_norm": 1.0, "train.dtype": "auto"},
     ),
     "fira_60m": (
         dict(name="fira", rank=128, galore_scale=0.25, update_proj_gap=200, svd="full", norm_growth_limit=1.01)

@@ -41,6 +41,15 @@ CASES = {
     ],
     "adam_mini": ["method.name=adam_mini"],
     "galore_8bit": ["method.name=galore_8bit", "method.rank=4", "method.update_proj_gap=3"],
+    "q_galore": [  # int8 weights (stochastic rounding), int4 projectors, a gap that grows (2 -> 4 at step 4)
+        "method.name=q_galore",
+        "method.rank=4",
+        "method.update_proj_gap=2",
+        "method.queue_size=2",
+        "method.cos_threshold=-1",
+        "method.weight_group_size=16",
+        "method.proj_group_size=32",
+    ],
 }
 
 

@@ -34,6 +34,10 @@ from megatron_pept.trainer import Trainer
 STEPS, LOG_INTERVAL = 4, 2
 GUARDED = {1, 2}
 LOWRANK = ("lora", "relora", "redora", "repissa", "reloqra")
+# Settings a method needs on the debug model (64 wide, MLP 176): q_galore's quantisation groups must divide its rows
+# and projectors.
+METHOD_EXTRA = {"q_galore": ["method.weight_group_size=16", "method.proj_group_size=32"]}
+NO_PER_LAYER = {"q_galore"}  # refused at validation (its int8 weights carry no .grad for a per-parameter hook)
 
 
 def host_counters(optimizer) -> list[torch.Tensor]:
@@ -113,6 +117,7 @@ def run(data: Path, run_dir: Path, method: str, *extra: str, guarded: set[int] =
         run_dir,
         f"method.name={method}",
         *(["method.rank=4"] if "rank" in METHODS[method].config_keys else []),
+        *METHOD_EXTRA.get(method, []),
         f"train.steps={STEPS}",
         f"train.log_interval={LOG_INTERVAL}",
         "train.eval_interval=0",
@@ -132,6 +137,8 @@ VARIANTS = [(name, per_layer) for name in METHODS for per_layer in (False, True)
 
 @pytest.mark.parametrize("name,per_layer", VARIANTS, ids=[f"{n}-{'per_layer' if p else 'global'}" for n, p in VARIANTS])
 def test_no_host_sync_in_the_step_of_any_method(name: str, per_layer: bool, quickstart_data: Path, tmp_path: Path):
+    if per_layer and name in NO_PER_LAYER:
+        pytest.skip(f"{name} refuses optim.per_layer=true at validation")
     r = run(quickstart_data, tmp_path, name, f"optim.per_layer={str(per_layer).lower()}")
     assert not r.violations, r.violations  # also any that some code caught
     scalars = r.method_scalars()
@@ -145,7 +152,7 @@ def test_no_host_sync_in_the_step_of_any_method(name: str, per_layer: bool, quic
     assert len({frozenset(s) for s in scalars.values()}) == 1
     deferred = {"relora/adapter_norm", "galore/ef_residual_norm", "galore/scaling_factor", "galore/limited_fraction"}
     read_at = {(step, done) for tag, step, _, done in r.written if tag in deferred}
-    if name not in ("galore", "galore_dynamic", "galore_8bit", "galore_adafactor"):  # these have none
+    if name not in ("galore", "galore_dynamic", "galore_8bit", "galore_adafactor", "q_galore"):  # these have none
         assert read_at == {(1, 2), (2, 2), (3, 4), (4, 4)}  # each step's at the next logging step
     check_statistics(r, name, per_layer)
 

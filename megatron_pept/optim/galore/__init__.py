@@ -7,6 +7,9 @@ One job per module:
 * :mod:`~megatron_pept.optim.galore.adamw`, :mod:`~megatron_pept.optim.galore.adamw8bit`,
   :mod:`~megatron_pept.optim.galore.adafactor`: the inner optimizers (:class:`GaLoreAdamW`,
   :class:`GaLoreAdamW8bit`, :class:`GaLoreAdafactor`);
+* :mod:`~megatron_pept.optim.galore.q_galore`: :class:`QGaLoreAdamW8bit` (int4 projector, adaptive gap, 8-bit
+  moments, int8 weights by stochastic rounding), with its pure functions in :mod:`~megatron_pept.optim.galore.
+  quantize`;
 * :mod:`~megatron_pept.optim.galore.views`: how the optimizer sees the part of a parameter it steps (the whole
   tensor, an FSDP2 row shard, a ZeRO flat fragment).
 """
@@ -15,6 +18,7 @@ from megatron_pept.optim.galore.adafactor import GaLoreAdafactor
 from megatron_pept.optim.galore.adamw import GaLoreAdamW
 from megatron_pept.optim.galore.adamw8bit import GaLoreAdamW8bit
 from megatron_pept.optim.galore.base import GALORE_GROUP_DEFAULTS, PROJECTORS, UPDATE_RULES, GaLoreOptimizer
+from megatron_pept.optim.galore.q_galore import Q_GALORE_GROUP_DEFAULTS, QGaLoreAdamW8bit
 from megatron_pept.optim.galore.views import _ZeroView
 
 __all__ = [
@@ -25,5 +29,7 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "GaLoreOptimizer",
+    "QGaLoreAdamW8bit",
+    "Q_GALORE_GROUP_DEFAULTS",
     "_ZeroView",
 ]
