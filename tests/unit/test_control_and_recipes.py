@@ -271,6 +271,6 @@ def test_full_recipes_follow_relora_table_1(recipe: str) -> None:
 
 def test_every_recipe_is_checked() -> None:
     shipped = {p.stem for p in (REPO / "configs").glob("*.yaml")} - {"quickstart"}
-    prefixes = ("relora_", "lora_", "approx_", "apollo_", "fira_", "full_")
+    prefixes = ("relora_", "lora_", "approx_", "apollo_", "fira_", "full_", "q_galore_")
     papers = {name for name in shipped if name.startswith(prefixes)}
     assert papers == set(RECIPES) | set(FULL_RECIPES)
