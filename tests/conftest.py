@@ -29,18 +29,38 @@ TESTS = Path(__file__).resolve().parent
 SLOW_FOLDERS = ("e2e", "distributed", "gpu")
 
 
+# The longest work first: pytest-xdist hands each worker the next scope (a module, or tests/distributed whole) in
+# collection order, so scopes that take minutes (tests/distributed's shared launches, the wheel install, the e2e
+# CLIs) start at once and the run ends on short unit modules instead of on a long scope started last.
+FIRST = ("distributed/", "e2e/test_install.py", "e2e/")
+
+
+def _start_rank(item: pytest.Item) -> int:
+    if not item.path.is_relative_to(TESTS):
+        return len(FIRST)
+    where = item.path.relative_to(TESTS).as_posix()
+    return next((i for i, prefix in enumerate(FIRST) if where.startswith(prefix)), len(FIRST))
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(TESTS) and item.path.relative_to(TESTS).parts[0] in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_start_rank)  # stable: the order inside each group stays as collected
+
+
+OWN_SCOPE = ("tests/distributed/test_launchers.py",)
+"""Modules under tests/distributed that use none of its shared launches (each test starts its own launcher): a scope
+of their own, which the other worker can take while one runs the shared launches."""
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """`--dist loadscope` (pyproject's addopts: two pytest-xdist workers) sends each test module to one worker, and
-    every test under tests/distributed to one worker together: its session fixture launches the runs of all of them
-    at once (helpers.shared_launch), so a second worker would launch them all again. Every test under tests/gpu
+    every test under tests/distributed (but OWN_SCOPE) to one worker together: its session fixture launches the
+    runs of all of them at once (helpers.shared_launch), so a second worker would launch them all again. Every test
+    under tests/gpu
     goes to one worker too: two workers would share the one GPU, and the acceptance check's timings with it."""
     if config.getvalue("dist") != "loadscope":
         return None
@@ -49,6 +69,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     class ModulesAndDistributed(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
+            if module in OWN_SCOPE:
+                return module
             for folder in ("tests/distributed", "tests/gpu"):
                 if module.startswith(f"{folder}/"):
                     return folder
