@@ -51,7 +51,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint", "quant", "quant_memory"),
+        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint", "quant", "quant_memory", "param_bytes"),
         default="model",
         help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return run_cli(lambda: _quant_suite(args), prog=prog)
     if args.suite == "quant_memory":
         return run_cli(lambda: _quant_memory_suite(args), prog=prog)
+    if args.suite == "param_bytes":
+        return run_cli(lambda: _param_bytes_suite(args), prog=prog)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -300,6 +302,18 @@ def _quant_memory_suite(args: argparse.Namespace) -> int:
     )
     result = run_quant_memory_benchmark(settings)
     print(format_quant_memory_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _param_bytes_suite(args: argparse.Namespace) -> int:
+    """Bytes held per model parameter by weight dtype, update rule and method (megatron_pept.bench.param_bytes)."""
+    from megatron_pept.bench.param_bytes import ParamBytesSettings, format_param_bytes_result, run_param_bytes_benchmark
+
+    result = run_param_bytes_benchmark(ParamBytesSettings(model=args.model, rank=_rank(args, 128)))
+    print(format_param_bytes_result(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
