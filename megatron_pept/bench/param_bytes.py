@@ -67,8 +67,9 @@ def measure(overrides: list[str], s: ParamBytesSettings, run_dir: str) -> dict[s
     trainable = [p for _, p in trainer.method.trainable_parameters(model)]
     grads = sum(_local_bytes(p) for p in trainable if p.is_floating_point())
     state = sum(_local_bytes(v) for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-    # The int8 layers of q_galore count their fp32 gradient buffers (kept by the layer, not in .grad).
-    grads += sum(_local_bytes(m.weight_grad) for m in model.modules() if getattr(m, "weight_grad", None) is not None)
+    # q_galore's int8 layers keep their weight's gradient in fp32 beside the layer (``weight_grad``, freed after the
+    # step): a global step holds one per layer at once, 4 bytes a weight.
+    grads += sum(4 * m.weight.numel() for m in model.modules() if hasattr(m, "weight_grad"))
     trainer.close()
     n = max(1, sum(p.numel() for p in model.parameters()))
     return {

@@ -301,11 +301,11 @@ class DeepSpeedBackend(Backend):
             )
         if cfg.train.param_dtype == "bf16":
             raise ConfigError(
-                "train.param_dtype=bf16 cannot run with parallel.backend=deepspeed: DeepSpeed's own bf16 weights "
-                "without an fp32 master (bf16.bf16_master_weights_and_grads) round each update to nearest inside its "
-                "ZeRO optimizer, where stochastic rounding and Kahan summation cannot reach the flat partitions, "
-                "and DeepSpeed 0.19.3 (the oldest supported) lacks it; use parallel.backend=fsdp2 (bf16 weights "
-                "sharded by rows) or ddp"
+                "train.param_dtype=bf16 cannot run with parallel.backend=deepspeed in this version: DeepSpeed's "
+                "bf16 weights without an fp32 master (bf16.bf16_master_weights_and_grads) hand the optimizer flat "
+                "partitions, which this version's optim.weight_update rules are not wired to (stochastic rounding "
+                "draws its bits by each weight's name and rows); use parallel.backend=fsdp2 (bf16 weights sharded "
+                "by rows) or ddp"
             )
         if traits.changes_trainable_set:
             raise ConfigError(

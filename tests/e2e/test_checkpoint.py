@@ -33,6 +33,8 @@ METHODS = {
     # seeds, refresh counts, moments and the limiter's norm; the random projection redrawn from them on resume
     "apollo_mini": ["method.update_proj_gap=3"],
     "fira": ["method.rank=4", "method.update_proj_gap=3"],  # + the saved SVD projector
+    # bf16 weights, no fp32 copy: each weight's count of stochastically rounded updates (its random state)
+    "full@bf16": ["train.param_dtype=bf16", "optim.weight_update=stochastic"],
 }
 STEPS = 8
 

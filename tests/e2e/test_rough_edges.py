@@ -130,6 +130,10 @@ def test_ctrl_c_during_a_save_is_an_interruption(quickstart_data: Path, tmp_path
                 break
         else:
             pytest.fail("the run never reached the fault point")
+        # The run prints the line, then stops itself: a SIGCONT sent before it has stopped would be lost and leave it
+        # stopped for ever (the SIGINT pending). Wait until it has stopped (it is our child).
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGCONT)
         rest = proc.stderr.read()
