@@ -4,7 +4,8 @@
 settings that made them: GaLore's projector and moments have the saved rank, error feedback keeps a residual
 that plain GaLore has not, Adam-mini keeps other moments than AdamW. A resume that changes ``method.name`` (other
 than to a method that declares it continues that one exactly: :attr:`Method.resumes_from`), one of the method's
-:attr:`Method.resume_keys`, or ``optim.state_dtype`` is refused in one line naming what differs, before anything
+:attr:`Method.resume_keys`, ``optim.state_dtype``, ``train.param_dtype`` or (with bf16 weights) the rule
+``optim.weight_update`` resolves to is refused in one line naming what differs, before anything
 is loaded or written. To carry a checkpoint's weights into another method, export them
 (``megatron-pept-convert-to-hf``) and start a new run from them (``model.init_from=HF_FOLDER``).
 
@@ -158,7 +159,21 @@ def _differences(saved: dict[str, Any], cfg: Any, method: Any) -> list[str]:
         asked = _plain(cfg.optim)[key]
         if key in saved_optim and saved_optim[key] != asked:
             out.append(f"optim.{key}={saved_optim[key]!r} (this run: {asked!r})")
+    # The weights' dtype and, for bf16 weights, the rule that rounds into them (its state: a count, or a buffer);
+    # a checkpoint of an earlier version holds fp32 weights.
+    saved_weights = saved.get("train", {}).get("param_dtype", "fp32")
+    if saved_weights != cfg.train.param_dtype:
+        out.append(f"train.param_dtype={saved_weights!r} (this run: {cfg.train.param_dtype!r})")
+    elif saved_weights == "bf16":
+        saved_rule, asked_rule = _rounding(saved_optim.get("weight_update")), _rounding(cfg.optim.weight_update)
+        if saved_rule != asked_rule:
+            out.append(f"optim.weight_update={saved_rule!r} (this run: {asked_rule!r})")
     return out
+
+
+def _rounding(rule: str | None) -> str:
+    """What ``optim.weight_update`` resolves to with bf16 weights (``auto``: stochastic)."""
+    return "stochastic" if rule in (None, "auto") else rule
 
 
 def _plain(section: Any) -> dict[str, Any]:

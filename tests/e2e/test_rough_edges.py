@@ -113,6 +113,13 @@ def test_a_rollback_with_no_checkpoint_yet_does_not_ask_for_checkpoints(capsys, 
     assert "none saved yet: the first is due at step 3" in error and "set checkpoint.interval" not in error
 
 
+def _sigint_as_a_terminal_gives_it() -> None:
+    """In the child before it runs: SIGINT with its default action and not blocked, whatever the test process that
+    starts it inherited (Python installs its KeyboardInterrupt handler only over the default action)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_during_a_save_is_an_interruption(quickstart_data: Path, tmp_path: Path) -> None:
     """Ctrl-C while DCP writes the shards of step 4 (DCP wraps the KeyboardInterrupt in its own exception): the
     run says it was interrupted (exit 130) instead of blaming the disk, and the checkpoint of step 2 stays the
@@ -123,6 +130,7 @@ def test_ctrl_c_during_a_save_is_an_interruption(quickstart_data: Path, tmp_path
         env={**ENV, ENV_VAR: "save.state@4"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        preexec_fn=_sigint_as_a_terminal_gives_it,
     )
     try:
         for line in proc.stderr:
@@ -134,10 +142,11 @@ def test_ctrl_c_during_a_save_is_an_interruption(quickstart_data: Path, tmp_path
         # stopped for ever (the SIGINT pending). Wait until it has stopped (it is our child).
         _, status = os.waitpid(proc.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status)
+        masks = [line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("Sig")]
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGCONT)
         rest = proc.stderr.read()
-        assert proc.wait(timeout=300) == 130, rest[-3000:]
+        assert proc.wait(timeout=300) == 130, (masks, rest[-3000:])
     finally:
         if proc.poll() is None:
             proc.kill()

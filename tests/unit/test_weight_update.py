@@ -243,3 +243,22 @@ def test_a_weight_update_with_fp32_weights_is_ignored_with_one_log_line(quicksta
     assert trainer.weight_update is None and isinstance(trainer.optimizer, torch.optim.AdamW)
     assert sum("optim.weight_update=kahan is ignored" in r.getMessage() for r in caplog.records) == 1
     trainer.close()
+
+
+def test_a_resume_that_changes_the_weights_dtype_or_rounding_is_refused(quickstart_data: Path, tmp_path: Path) -> None:
+    """The optimizer state of bf16 weights belongs to its rule (a count, or a compensation buffer), and an fp32
+    run's to fp32 weights: a resume that changes either is refused in one line, before anything is loaded."""
+    from megatron_pept.errors import UserError
+
+    run = tmp_path / "run"
+    Trainer(tiny(quickstart_data, run, "train.param_dtype=bf16", "train.steps=2", "checkpoint.interval=2")).train()
+    for changed, message in (
+        (["optim.weight_update=kahan"], "optim.weight_update='stochastic' (this run: 'kahan')"),
+        (["train.param_dtype=fp32"], "train.param_dtype='bf16' (this run: 'fp32')"),
+    ):
+        with pytest.raises(UserError) as err:
+            Trainer(tiny(quickstart_data, run, "train.param_dtype=bf16", "train.steps=4", *changed))
+        assert message in str(err.value) and "\n" not in str(err.value)
+    resumed = Trainer(tiny(quickstart_data, run, "train.param_dtype=bf16", "train.steps=4", "optim.weight_update=auto"))
+    assert resumed.state.step == 2  # auto is stochastic: the same rule
+    resumed.close()
