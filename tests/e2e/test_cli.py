@@ -79,9 +79,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
-def test_refused_runs_write_nothing(quickstart_data: Path, tmp_path: Path) -> None:
+def test_refused_runs_write_nothing(quickstart_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run refused after its config parsed (data, shape, checkpoint or method checks) leaves run_dir as it was:
-    no config.yaml, no event file, no checksum cache; a new run_dir is not even created."""
+    no config.yaml, no event file, no checksum cache; a new run_dir is not even created. The first refusal and the
+    run are the CLI; the refusals of the finished run_dir are the same entry point called in this process (its
+    exit code and its one line), which spares four interpreter and torch start-ups."""
     common = ["--config", QUICKSTART, f"data.path={quickstart_data}", "train.eval_batches=1"]
     fresh = tmp_path / "fresh"
     proc = run_train(*common, f"run_dir={fresh}", "model.vocab_size=100")  # smaller than the tokenizer's
@@ -93,14 +95,19 @@ def test_refused_runs_write_nothing(quickstart_data: Path, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = snapshot(run_dir)
     assert "config.yaml" in before and any("tfevents" in name for name in before)
+    from megatron_pept.train import main
+
+    capsys.readouterr()
     for refused, message in (
         (["checkpoint.resume=none"], "already holds checkpoints"),
         (["method.name=relora", "method.rank=4"], "was saved with method.name=full"),
         (["model.hidden_size=96"], "but this run builds"),
         (["model.vocab_size=2048"], "but this run builds"),
     ):
-        proc = run_train(*common, f"run_dir={run_dir}", "train.steps=4", *refused)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+        code = main([*common, f"run_dir={run_dir}", "train.steps=4", *refused])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err[-3000:]
+        assert [line for line in err.splitlines() if line.startswith("megatron_pept: ")] == [err.strip()], err
         assert snapshot(run_dir) == before, refused
 
 
