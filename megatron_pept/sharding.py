@@ -164,13 +164,17 @@ class RowShard:
         )
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this process holds, as a plain tensor: ``t`` itself, or an FSDP2 DTensor's local shard
+    (sharing its storage: an in-place change reaches the parameter)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The rows of ``t`` this process holds, as a plain tensor, and the index of the first in the whole tensor: all
     of a plain tensor (from 0), this rank's :class:`RowShard` of an FSDP2 DTensor (for filling a shard in place
     with exactly the rows the whole tensor has there, e.g. :meth:`LlamaForCausalLM.init_weights`)."""
-    if not isinstance(t, DTensor):
-        return t, 0
-    return t.to_local(), RowShard(t).start
+    return local(t), RowShard(t).start if isinstance(t, DTensor) else 0
 
 
 # -- ZeRO flat fragments ------------------------------------------------------------------------------------------

@@ -235,13 +235,14 @@ class GradMemorySettings:
     data: str = "data/generated/quickstart"
 
 
-def _local_bytes(t: torch.Tensor | None) -> int:
+def local_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of the part of ``t`` this process holds (0 for None)."""
     if t is None:
         return 0
-    from torch.distributed.tensor import DTensor
+    from megatron_pept.sharding import local
 
-    local = t.to_local() if isinstance(t, DTensor) else t
-    return local.numel() * local.element_size()
+    held = local(t)
+    return held.numel() * held.element_size()
 
 
 def track_gradient_peak(model: torch.nn.Module) -> dict[str, int]:
@@ -254,9 +255,9 @@ def track_gradient_peak(model: torch.nn.Module) -> dict[str, int]:
     stats = {"peak": 0}
 
     def hook(p: torch.Tensor) -> None:
-        alive = sum(_local_bytes(q.grad) for q in params)
+        alive = sum(local_bytes(q.grad) for q in params)
         if p.grad is None:
-            alive += _local_bytes(p) if p.dtype.is_floating_point else 0
+            alive += local_bytes(p) if p.dtype.is_floating_point else 0
         stats["peak"] = max(stats["peak"], alive)
 
     for p in params:
@@ -289,8 +290,8 @@ def _grad_worker(settings_json: str, out: str) -> None:
                     trainable = [p for p in trainer.raw_model.parameters() if p.requires_grad]
                     results[f"{backend}/{method}/{'per_layer' if per_layer else 'global'}"] = {
                         "peak_grad_bytes": max(peaks),
-                        "all_grads_bytes": sum(_local_bytes(p) for p in trainable),
-                        "largest_param_bytes": max(_local_bytes(p) for p in trainable),
+                        "all_grads_bytes": sum(local_bytes(p) for p in trainable),
+                        "largest_param_bytes": max(local_bytes(p) for p in trainable),
                     }
                     del trainer
     _write_and_exit(results, out)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from megatron_pept.bench.comm import local_bytes
+
 SETTINGS: dict[str, list[str]] = {
     "full fp32 (AdamW)": [],
     "full fp32, bf16 moments": ["optim.state_dtype=bf16"],
@@ -30,11 +32,6 @@ class ParamBytesSettings:
     model: str = "60m"
     rank: int = 128
     data: str = "data/generated/quickstart"
-
-
-def _local_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
 
 
 def measure(overrides: list[str], s: ParamBytesSettings, run_dir: str) -> dict[str, float]:
@@ -63,10 +60,10 @@ def measure(overrides: list[str], s: ParamBytesSettings, run_dir: str) -> dict[s
     trainer = Trainer(cfg)
     trainer.train_step()
     model = trainer.raw_model
-    weights = sum(_local_bytes(p) for p in model.parameters()) + sum(_local_bytes(b) for b in model.buffers())
+    weights = sum(local_bytes(p) for p in model.parameters()) + sum(local_bytes(b) for b in model.buffers())
     trainable = [p for _, p in trainer.method.trainable_parameters(model)]
-    grads = sum(_local_bytes(p) for p in trainable if p.is_floating_point())
-    state = sum(_local_bytes(v) for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    grads = sum(local_bytes(p) for p in trainable if p.is_floating_point())
+    state = sum(local_bytes(v) for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     # q_galore's int8 layers keep their weight's gradient in fp32 beside the layer (``weight_grad``, freed after the
     # step): a global step holds one per layer at once, 4 bytes a weight.
     grads += sum(4 * m.weight.numel() for m in model.modules() if hasattr(m, "weight_grad"))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from megatron_pept import sharding
 from megatron_pept.optim.weight_update import WeightUpdate
 from megatron_pept.sharding import keeps_on_host, local_rows
 
@@ -98,10 +99,6 @@ def debiased_beta(beta: float, step: int) -> float:
     return (beta**step - beta) / (beta**step - 1)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class LowPrecisionWeightAdamW(KeepStateDtypes, torch.optim.Optimizer):
     """AdamW for weights held in bf16 with no fp32 copy (``train.param_dtype=bf16``): each step's fp32 update,
     weight decay included, reaches the weight through ``weight_update`` (stochastic rounding, Kahan summation or
@@ -161,8 +158,8 @@ class LowPrecisionWeightAdamW(KeepStateDtypes, torch.optim.Optimizer):
                     self.weight_update.init_state(state, local, like=p)
                 state["step"] += 1
                 step = int(state["step"])
-                exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-                grad = _local(p.grad).to(exp_avg.dtype)
+                exp_avg, exp_avg_sq = sharding.local(state["exp_avg"]), sharding.local(state["exp_avg_sq"])
+                grad = sharding.local(p.grad).to(exp_avg.dtype)
                 exp_avg.lerp_(grad, 1 - debiased_beta(beta1, step))
                 beta2_hat = debiased_beta(beta2, step)
                 exp_avg_sq.mul_(beta2_hat).addcmul_(grad, grad, value=1 - beta2_hat)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from megatron_pept import sharding
 from megatron_pept.seeded import draw_rows
 
 WEIGHT_UPDATES = ("stochastic", "kahan", "nearest")
@@ -95,8 +96,7 @@ class WeightUpdate:
         if self.mode == "nearest":
             local.copy_(local.float().add_(delta))
         elif self.mode == "kahan":
-            comp = state["kahan_comp"]
-            comp = comp.to_local() if hasattr(comp, "to_local") else comp
+            comp = sharding.local(state["kahan_comp"])
             comp.add_(delta)  # computed in fp32, rounded once into the bf16 buffer
             before = local.clone()
             local.add_(comp)

@@ -46,7 +46,7 @@ from megatron_pept.optim.galore.quantize import (
 )
 from megatron_pept.optim.galore.views import _View
 from megatron_pept.optim.projector import name_seed, projected_shape, projection_side, svd_basis
-from megatron_pept.sharding import RowShard, all_reduce_, distributed
+from megatron_pept.sharding import RowShard, all_reduce_, distributed, local
 
 Q_GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
     proj_quant=True,
@@ -73,10 +73,6 @@ class Int8Layer(Protocol):
     weight_zeros: torch.Tensor
     group_size: int
     weight_grad: torch.Tensor | None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 NoiseSource = Callable[[torch.Tensor, int, torch.Size], torch.Tensor]
@@ -323,7 +319,7 @@ class QGaLoreAdamW8bit(GaLoreOptimizer):
         if layer is None:
             weight = view.param(p)
         else:
-            codes, scales, zeros = _local(layer.weight), _local(layer.weight_scales), _local(layer.weight_zeros)
+            codes, scales, zeros = local(layer.weight), local(layer.weight_scales), local(layer.weight_zeros)
             weight = dequantize_groups(codes, scales, zeros, group_size=layer.group_size)
         weight.add_(view.back(update, basis, side) * group["scale"])
         if group["weight_decay"] > 0:
