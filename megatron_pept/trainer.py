@@ -52,15 +52,11 @@ __all__ = ["Trainer", "TrainResult", "TrainState", "cross_entropy_loss", "initia
 
 def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Make every fp32 parameter of ``model`` a ``dtype`` one (frozen ones too; quantised bases, which are not fp32
-    parameters, stay as they are), keeping weights that are tied tied. Meant for a model on the meta device."""
-    replaced: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None or param.dtype != torch.float32:
-                continue
-            if id(param) not in replaced:
-                replaced[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
-            module._parameters[name] = replaced[id(param)]
+    parameters, stay as they are), buffers untouched. Through the modules' own cast (``Module._apply``), so a
+    module that keeps some tensors' dtypes under any cast (Q-GaLore's int8 layer, its scales fp32) keeps them here
+    too, and tied weights stay tied. Meant for a model on the meta device."""
+    params = {id(p) for p in model.parameters()}
+    model._apply(lambda t: t.to(dtype) if id(t) in params and t.dtype == torch.float32 else t)
 
 
 def initialise_model(

@@ -92,7 +92,10 @@ class WeightUpdate:
         shape: torch.Size | tuple[int, ...] | None = None,
     ) -> None:
         """``local <- round(local + delta)``: ``local`` is the part of parameter ``p`` this rank holds (rows
-        ``[start, ...)`` of ``p``'s whole ``shape``), ``delta`` an fp32 tensor of its shape."""
+        ``[start, ...)`` of ``p``'s whole ``shape``), ``delta`` an fp32 tensor of its shape. The rule's state is
+        made on first use if the optimizer did not make it with its own (:meth:`init_state`)."""
+        if not ROUND_STATE_KEYS & state.keys():
+            self.init_state(state, local)
         if self.mode == "nearest":
             local.copy_(local.float().add_(delta))
         elif self.mode == "kahan":

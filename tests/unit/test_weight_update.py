@@ -262,3 +262,23 @@ def test_a_resume_that_changes_the_weights_dtype_or_rounding_is_refused(quicksta
     resumed = Trainer(tiny(quickstart_data, run, "train.param_dtype=bf16", "train.steps=4", "optim.weight_update=auto"))
     assert resumed.state.step == 2  # auto is stochastic: the same rule
     resumed.close()
+
+
+def test_q_galore_rounds_its_bf16_weights_by_the_rule_and_keeps_its_quantisation_fp32(quickstart_data, tmp_path):
+    """Q-GaLore's weights that are not int8 (embedding, norms, LM head) are bf16 and stepped through the rule (each
+    holds its Kahan buffer); its int8 layers keep uint8 codes and fp32 scales (a bf16 scale would move every
+    dequantised weight of its group)."""
+    extra = ["method.name=q_galore", "method.weight_group_size=16", "method.proj_group_size=32", "train.steps=3"]
+    trainer = Trainer(
+        tiny(quickstart_data, tmp_path / "r", *extra, "train.param_dtype=bf16", "optim.weight_update=kahan")
+    )
+    losses = trainer.train().train_losses
+    assert losses[-1] < losses[0]
+    stepped = [(n, p) for n, p in trainer.raw_model.named_parameters() if p.requires_grad]
+    assert stepped and all(p.dtype == torch.bfloat16 for _, p in stepped)
+    assert all("kahan_comp" in trainer.optimizer.state[p] for _, p in stepped)
+    held = dict(trainer.raw_model.named_parameters())
+    scales = [n for n in held if n.endswith(".weight_scales")]
+    assert scales and all(held[n].dtype == torch.float32 for n in scales)
+    assert all(held[n.removesuffix("_scales")].dtype == torch.uint8 for n in scales)
+    trainer.close()

@@ -59,7 +59,7 @@ from megatron_pept.optim.scaling import (
     tensor_factor_from_squares,
 )
 from megatron_pept.optim.sharded import ShardedOptimizer
-from megatron_pept.optim.weight_update import ROUND_STATE_KEYS, WeightUpdate
+from megatron_pept.optim.weight_update import WeightUpdate
 from megatron_pept.sharding import ZeroLayout
 
 GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
@@ -396,8 +396,6 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         rate = self._decay_rate(group, step_size)
         if rate:
             delta.sub_(param.float().add_(delta), alpha=rate)
-        if not ROUND_STATE_KEYS & state.keys():
-            self.weight_update.init_state(state, param)
         self.weight_update.add_(p, param, state, delta, start=view.start, shape=view.shape)
 
     def _view_of(self, p: torch.Tensor) -> _View:

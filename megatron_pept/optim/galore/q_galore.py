@@ -207,10 +207,14 @@ class QGaLoreAdamW8bit(GaLoreOptimizer):
         state["step"] += 1
         if param.dtype == torch.float32:
             self._adam_into(param, state, grad, group, decay=True)
-        else:
-            work = param.float()
-            self._adam_into(work, state, grad, group, decay=True)
+            return
+        before = param.float()
+        work = before.clone()
+        self._adam_into(work, state, grad, group, decay=True)
+        if self.weight_update is None:
             param.copy_(work)
+        else:  # bf16 weights (train.param_dtype=bf16): the step rounded in by optim.weight_update
+            self.weight_update.add_(p, param, state, work.sub_(before), start=view.start, shape=view.shape)
 
     # -- the projected step -----------------------------------------------------------------------------------------
 
@@ -316,16 +320,14 @@ class QGaLoreAdamW8bit(GaLoreOptimizer):
         state["step"] += 1
         update = torch.zeros_like(low)
         self._adam_into(update, state, low, group, decay=False)
-        if layer is None:
-            weight = view.param(p)
-        else:
-            codes, scales, zeros = local(layer.weight), local(layer.weight_scales), local(layer.weight_zeros)
-            weight = dequantize_groups(codes, scales, zeros, group_size=layer.group_size)
+        if layer is None:  # a weight that is not int8: GaLore's update and decay (rounded in if it is bf16)
+            self._apply(p, view.param(p), state, view.back(update, basis, side) * group["scale"], -1.0, group, view)
+            return
+        codes, scales, zeros = local(layer.weight), local(layer.weight_scales), local(layer.weight_zeros)
+        weight = dequantize_groups(codes, scales, zeros, group_size=layer.group_size)
         weight.add_(view.back(update, basis, side) * group["scale"])
         if group["weight_decay"] > 0:
             weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
-        if layer is None:
-            return
         noise = None
         if group["stochastic_round"]:
             groups_shape = torch.Size((weight.numel() // layer.group_size, layer.group_size))
