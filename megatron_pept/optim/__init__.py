@@ -26,24 +26,17 @@ def build_adamw(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optim
     """AdamW with fp32 moments (torch's) or bf16 moments (:class:`LowPrecisionAdamW`) over fp32 weights; over bf16
     weights (``train.param_dtype=bf16``) :class:`LowPrecisionWeightAdamW`, whose updates the trainer's
     ``optim.weight_update`` rounds in."""
-    if any(p.dtype == torch.bfloat16 for g in param_groups for p in g["params"]):
-        return LowPrecisionWeightAdamW(
-            param_groups,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            state_dtype=torch.float32 if cfg.state_dtype == "fp32" else torch.bfloat16,
-        )
-    if cfg.state_dtype == "fp32":
+    bf16_weights = any(p.dtype == torch.bfloat16 for g in param_groups for p in g["params"])
+    if cfg.state_dtype == "fp32" and not bf16_weights:
         return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return LowPrecisionAdamW(
+    cls = LowPrecisionWeightAdamW if bf16_weights else LowPrecisionAdamW
+    return cls(
         param_groups,
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        state_dtype=torch.bfloat16,
+        state_dtype=torch.float32 if cfg.state_dtype == "fp32" else torch.bfloat16,
     )
 
 

@@ -55,6 +55,13 @@ class LowPrecisionAdamW(KeepStateDtypes, torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
 
+    def _init_state(self, state: dict[str, Any], p: torch.Tensor) -> None:
+        """A parameter's first state: the step count (on the host) and both moments, shaped like it (a DTensor's
+        moments are DTensors of its layout) in :attr:`state_dtype`."""
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = None
@@ -69,9 +76,7 @@ class LowPrecisionAdamW(KeepStateDtypes, torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    self._init_state(state, p)
                 state["step"] += 1
                 step = state["step"].item()
                 grad = p.grad.float()
@@ -99,7 +104,7 @@ def debiased_beta(beta: float, step: int) -> float:
     return (beta**step - beta) / (beta**step - 1)
 
 
-class LowPrecisionWeightAdamW(KeepStateDtypes, torch.optim.Optimizer):
+class LowPrecisionWeightAdamW(LowPrecisionAdamW):
     """AdamW for weights held in bf16 with no fp32 copy (``train.param_dtype=bf16``): each step's fp32 update,
     weight decay included, reaches the weight through ``weight_update`` (stochastic rounding, Kahan summation or
     round-to-nearest; :mod:`megatron_pept.optim.weight_update`).
@@ -123,15 +128,11 @@ class LowPrecisionWeightAdamW(KeepStateDtypes, torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         *,
         weight_update: WeightUpdate | None = None,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
         state_dtype: torch.dtype = torch.float32,
+        **hyper: Any,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults)
-        self.state_dtype = state_dtype
+        """``hyper``: ``lr``, ``betas``, ``eps``, ``weight_decay``, as :class:`LowPrecisionAdamW` takes them."""
+        super().__init__(params, state_dtype=state_dtype, **hyper)
         if weight_update is not None:
             self.weight_update = weight_update
 
@@ -152,9 +153,7 @@ class LowPrecisionWeightAdamW(KeepStateDtypes, torch.optim.Optimizer):
                 if self.weight_update is None:
                     raise RuntimeError("LowPrecisionWeightAdamW steps bf16 weights: give it a weight_update")
                 if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    self._init_state(state, p)
                     self.weight_update.init_state(state, local, like=p)
                 state["step"] += 1
                 step = int(state["step"])
