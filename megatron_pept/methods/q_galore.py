@@ -28,7 +28,7 @@ from megatron_pept.config import Config
 from megatron_pept.errors import ConfigError
 from megatron_pept.methods.base import require
 from megatron_pept.methods.galore import GaLoreMethod, ProjectionSettings
-from megatron_pept.methods.relora import matches_target
+from megatron_pept.methods.relora import target_linears
 from megatron_pept.models import build_model, llama_args
 from megatron_pept.models.init import fill_normal_rows_
 from megatron_pept.optim.galore.q_galore import WEIGHT_BITS, QGaLoreAdamW8bit
@@ -197,11 +197,7 @@ class QGaLore(GaLoreMethod):
                 "from the run's own initialisation); drop model.init_from"
             )
         model = build_model(llama_args(cfg.model), device="meta")
-        targets = [
-            (name, module.weight.shape)
-            for name, module in model.named_modules()
-            if type(module) is nn.Linear and name != "lm_head" and matches_target(name, settings.target_modules)
-        ]
+        targets = [(name, module.weight.shape) for name, module in target_linears(model, settings.target_modules)]
         fits = min((in_f & -in_f for _, (_, in_f) in targets), default=1)  # the largest power of two dividing all
         for name, (out_f, in_f) in targets:
             require(
@@ -221,17 +217,7 @@ class QGaLore(GaLoreMethod):
                 )
 
     def convert(self, model: nn.Module) -> None:
-        targets = [
-            (name, module)
-            for name, module in model.named_modules()
-            if type(module) is nn.Linear and name != "lm_head" and matches_target(name, self.cfg.target_modules)
-        ]
-        if not targets:
-            raise ConfigError(
-                f"method.target_modules={self.cfg.target_modules} matches no linear layer; use names such as "
-                "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-            )
-        for name, linear in targets:
+        for name, linear in target_linears(model, self.cfg.target_modules):
             if linear.bias is not None:
                 raise ValueError("Int8Linear has no bias; the LLaMA projections have none")
             parent_name, _, leaf = name.rpartition(".")

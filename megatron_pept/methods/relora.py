@@ -118,6 +118,22 @@ def matches_target(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
+def target_linears(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
+    """The plain linear layers (the LM head excepted) a method's ``method.target_modules`` names, by their names;
+    one ConfigError line if there are none."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name != "lm_head" and matches_target(name, patterns)
+    ]
+    if not targets:
+        raise ConfigError(
+            f"method.target_modules={patterns} matches no linear layer; use names such as "
+            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+        )
+    return targets
+
+
 def lowrank_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
 
@@ -173,17 +189,7 @@ class LowRankMethod(Method):
     # -- model ------------------------------------------------------------------------------------------------
 
     def convert(self, model: nn.Module) -> None:
-        targets = [
-            (name, module)
-            for name, module in model.named_modules()
-            if type(module) is nn.Linear and name != "lm_head" and matches_target(name, self.cfg.target_modules)
-        ]
-        if not targets:
-            raise ConfigError(
-                f"method.target_modules={self.cfg.target_modules} matches no linear layer; use names such as "
-                "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-            )
-        for name, linear in targets:
+        for name, linear in target_linears(model, self.cfg.target_modules):
             parent_name, _, leaf = name.rpartition(".")
             layer = LowRankLinear.from_linear(
                 linear,
