@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from megatron_pept.bench import DEVICES, DTYPES, HF_ATTENTION, BenchSettings, format_result, run_benchmark
 from megatron_pept.bench.data import DataBenchSettings, format_data_result, run_data_benchmark
@@ -177,6 +177,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
+def _write_json(path: Path | None, result: Any) -> None:
+    """``--json PATH``: the suite's result as JSON (its folder made); nothing without the flag."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.suite == "data":
@@ -218,9 +226,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     print(format_result(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    _write_json(args.json, result.to_dict())
     return 0
 
 
@@ -248,9 +254,7 @@ def _comm_suite(args: argparse.Namespace) -> int:
         grad = bc.GradMemorySettings(model=args.comm_model, rank=_rank(args, 256), methods=methods, backends=backends)
         result = bc.run_grad_memory_benchmark(grad)
         print(bc.format_grad_memory_result(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -273,9 +277,7 @@ def _quant_suite(args: argparse.Namespace) -> int:
             }
     print("values after merges 1, 10 and 50 (see megatron_pept.quant.requantisation_drift)", file=sys.stderr)
     print(json.dumps(result, indent=2))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -302,9 +304,7 @@ def _quant_memory_suite(args: argparse.Namespace) -> int:
     )
     result = run_quant_memory_benchmark(settings)
     print(format_quant_memory_result(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -314,9 +314,7 @@ def _param_bytes_suite(args: argparse.Namespace) -> int:
 
     result = run_param_bytes_benchmark(ParamBytesSettings(model=args.model, rank=_rank(args, 128)))
     print(format_param_bytes_result(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -325,9 +323,7 @@ def _checkpoint_suite(args: argparse.Namespace) -> int:
 
     result = run_checkpoint_benchmark(CheckpointBenchSettings(model=args.comm_model, rounds=args.rounds))
     print(json.dumps({k: v for k, v in result.items() if k != "all_s"}, indent=2))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -341,9 +337,7 @@ def _optim_suite(args: argparse.Namespace) -> int:
     settings = OptimBenchSettings(model=args.optim_model, rank=_rank(args, 256), blocks=args.blocks, rounds=args.rounds)
     result = run_optim_benchmarks(settings, which=which)
     print(json.dumps(result, indent=2))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
