@@ -66,8 +66,8 @@ def draw_rows(
         generator = torch.Generator(device=device).manual_seed(block_seed(seed, name, block, purpose=purpose))
         values = draw((hi - lo, width), generator)
         pieces.append(values[max(lo, start) - lo : min(hi, stop) - lo])
-    if not pieces:
-        return torch.empty((0, width), device=device)
+    if not pieces:  # no rows (an empty ZeRO fragment): an empty draw of the draw's own dtype
+        return draw((0, width), torch.Generator(device=device))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 

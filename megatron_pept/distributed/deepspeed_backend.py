@@ -46,7 +46,12 @@ def deepspeed_config(cfg: Config, *, grad_accum_steps: int, world_size: int, cud
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if cuda and t.dtype in ("auto", "bf16"):
+    if t.param_dtype == "bf16":
+        # DeepSpeed's bf16 weights without an fp32 master: ZeRO hands the optimizer bf16 flat partitions, which ours
+        # step through optim.weight_update. bf16_optimizer_states only lifts DeepSpeed's demand for its CPU Adam
+        # (it sets the dtype of DeepSpeed's own optimizers' moments); ours keep theirs in optim.state_dtype.
+        ds["bf16"] = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    elif cuda and t.dtype in ("auto", "bf16"):
         ds["bf16"] = {"enabled": True}
     if cfg.parallel.deepspeed_config:
         ds = _merge(ds, read_deepspeed_extra(cfg.parallel.deepspeed_config))
@@ -273,7 +278,7 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     uses_process_group = True
     can_replace_optimizer = False  # the engine is built for one optimizer and a fixed set of parameters
-    state_tensors_per_param = 3  # fp32 master weights beside the two moments
+    state_tensors_per_param = 3  # fp32 master weights beside the two moments (an upper bound with bf16 weights)
 
     @classmethod
     def validate(cls, cfg: Config, traits: MethodTraits) -> None:
@@ -298,14 +303,6 @@ class DeepSpeedBackend(Backend):
             raise ConfigError(
                 "guard.spike_loss_sigma and guard.spike_grad_norm_ratio cannot run with parallel.backend=deepspeed "
                 "(the engine applies the update before the step can be judged); set both to 0 or use fsdp2 or ddp"
-            )
-        if cfg.train.param_dtype == "bf16":
-            raise ConfigError(
-                "train.param_dtype=bf16 cannot run with parallel.backend=deepspeed in this version: DeepSpeed's "
-                "bf16 weights without an fp32 master (bf16.bf16_master_weights_and_grads) hand the optimizer flat "
-                "partitions, which this version's optim.weight_update rules are not wired to (stochastic rounding "
-                "draws its bits by each weight's name and rows); use parallel.backend=fsdp2 (bf16 weights sharded "
-                "by rows) or ddp"
             )
         if traits.changes_trainable_set:
             raise ConfigError(

@@ -80,32 +80,47 @@ class AdamMini(ShardedOptimizer, torch.optim.Optimizer):
         numel = frag.shape.numel()
         block_numel = {"head": group.get("head_numel"), "row": numel // max(1, frag.shape[0]), "tensor": numel}
         state = self.state[p]
+        # bf16 weights (train.param_dtype=bf16): fp32 moments, and one fp32 update rounded in at the end
+        rounded = self.weight_update is not None
+        work = param.float() if rounded else param  # what the moments are shaped and typed after
+        grad = grad.float() if rounded else grad
         if not state:
             state["step"] = torch.tensor(0.0)
-            state["m"] = torch.zeros_like(param)
+            state["m"] = torch.zeros_like(work)
             if kind == "adam":
-                state["v"] = torch.zeros_like(param)
+                state["v"] = torch.zeros_like(work)
             else:
                 blocks = numel // block_numel[kind]
-                state["v"] = param.new_zeros(()) if kind == "tensor" else param.new_zeros(blocks, 1)
+                state["v"] = work.new_zeros(()) if kind == "tensor" else work.new_zeros(blocks, 1)
+            if rounded:
+                self.weight_update.init_state(state, param)
         state["step"] += 1
         step = float(state["step"])
-        if wd > 0:
+        if wd > 0 and not rounded:
             param.mul_(1 - lr * wd)
         state["m"].lerp_(grad, 1 - beta1)
         bias_correction1 = 1 - beta1**step
         if kind == "adam":
             state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-            param.addcdiv_(state["m"], h, value=-lr / bias_correction1)
-            return
-        size = block_numel[kind]
-        ids = frag.block_ids(size, grad.device)
-        mean_sq = frag.block_sums(grad.square(), ids, numel // size) / size
-        state["v"].mul_(beta2).add_(mean_sq.view(state["v"].shape), alpha=1 - beta2)
-        h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        stepsize = ((1 / bias_correction1) / h).reshape(-1)
-        param.add_(-(state["m"] * stepsize[ids]) * lr)
+            if not rounded:
+                param.addcdiv_(state["m"], h, value=-lr / bias_correction1)
+                return
+            update = state["m"] * (-lr / bias_correction1) / h
+        else:
+            size = block_numel[kind]
+            ids = frag.block_ids(size, grad.device)
+            mean_sq = frag.block_sums(grad.square(), ids, numel // size) / size
+            state["v"].mul_(beta2).add_(mean_sq.view(state["v"].shape), alpha=1 - beta2)
+            h = (state["v"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            stepsize = ((1 / bias_correction1) / h).reshape(-1)
+            update = -(state["m"] * stepsize[ids]) * lr
+            if not rounded:
+                param.add_(update)
+                return
+        if wd > 0:
+            update.add_(work.mul(-lr * wd))  # the sum the whole-tensor step makes (addition commutes exactly)
+        self.weight_update.add_(p, param, state, update, fragment=frag)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]

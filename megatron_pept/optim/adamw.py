@@ -15,7 +15,7 @@ import torch
 
 from megatron_pept import sharding
 from megatron_pept.optim.weight_update import WeightUpdate
-from megatron_pept.sharding import keeps_on_host, local_rows
+from megatron_pept.sharding import ShardAwareOptimizer, ZeroLayout, keeps_on_host, local_rows
 
 
 class KeepStateDtypes:
@@ -104,7 +104,7 @@ def debiased_beta(beta: float, step: int) -> float:
     return (beta**step - beta) / (beta**step - 1)
 
 
-class LowPrecisionWeightAdamW(LowPrecisionAdamW):
+class LowPrecisionWeightAdamW(ShardAwareOptimizer, LowPrecisionAdamW):
     """AdamW for weights held in bf16 with no fp32 copy (``train.param_dtype=bf16``): each step's fp32 update,
     weight decay included, reaches the weight through ``weight_update`` (stochastic rounding, Kahan summation or
     round-to-nearest; :mod:`megatron_pept.optim.weight_update`).
@@ -118,7 +118,13 @@ class LowPrecisionWeightAdamW(LowPrecisionAdamW):
     stochastically like the rest.
 
     Under FSDP2 each rank steps its own rows of each weight (the parameter's local shard), and the rounding bits are
-    those of the rows it holds."""
+    those of the rows it holds. Under DeepSpeed ZeRO (``bf16.bf16_master_weights_and_grads``) it steps the bf16 flat
+    partitions as they are, its state kept per partition as torch's AdamW's is, and each piece of a weight in a
+    partition is rounded with that weight's bits (:meth:`WeightUpdate.add_flat_`)."""
+
+    flat_pieces: ZeroLayout | None = None
+    """Under ZeRO: the weights each flat partition holds pieces of (their names seed the rounding bits). Not
+    :attr:`zero_layout`, which would declare the state per model parameter."""
 
     weight_update: WeightUpdate | None = None
     """How updates reach the bf16 weights (set by the trainer, :func:`attach_weight_update`)."""
@@ -135,6 +141,9 @@ class LowPrecisionWeightAdamW(LowPrecisionAdamW):
         super().__init__(params, state_dtype=state_dtype, **hyper)
         if weight_update is not None:
             self.weight_update = weight_update
+
+    def attach_zero(self, layout: ZeroLayout) -> None:
+        self.flat_pieces = layout
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -166,5 +175,8 @@ class LowPrecisionWeightAdamW(LowPrecisionAdamW):
                 delta = (exp_avg.float() * -lr).div_(denom.float())  # out of place: exp_avg may be fp32 itself
                 if wd:
                     delta.add_(local.float(), alpha=-lr * wd)
-                self.weight_update.add_(p, local, state, delta, start=start, shape=p.shape)
+                if self.flat_pieces is not None and id(p) in self.flat_pieces:
+                    self.weight_update.add_flat_(p, state, delta, self.flat_pieces[id(p)])
+                else:
+                    self.weight_update.add_(p, local, state, delta, start=start, shape=p.shape)
         return loss

@@ -9,7 +9,8 @@ bf16 step of the weight (8 significant bits: a relative 2^-9) is lost to round-t
   lies above the lower neighbour, so the rounded weight equals ``W + delta`` in expectation (unbiased): the random
   bits are added below bf16's last kept bit and truncated (:func:`stochastic_round`). The bits are drawn by row
   blocks from (``train.seed``, the weight's name, its count of rounded updates) (:mod:`megatron_pept.seeded`):
-  the same on one process, on DDP replicas and on FSDP2 shards, and a checkpoint need only keep the count
+  the same on one process, on DDP replicas, on FSDP2 shards and on DeepSpeed ZeRO's flat partitions
+  (:meth:`WeightUpdate.add_flat_`), and a checkpoint need only keep the count
   (``rounds``, a host counter in the optimizer state).
 * ``kahan``: Kahan summation, as torch-optimi 0.3.3 does it: a bf16 compensation buffer per weight
   (``kahan_comp``) gathers each update plus what the last rounding lost, the weight moves by it, and the
@@ -29,6 +30,7 @@ import torch
 
 from megatron_pept import sharding
 from megatron_pept.seeded import draw_rows
+from megatron_pept.sharding import FlatFragment
 
 WEIGHT_UPDATES = ("stochastic", "kahan", "nearest")
 ROUND_STATE_KEYS = frozenset({"rounds", "kahan_comp"})
@@ -90,35 +92,85 @@ class WeightUpdate:
         *,
         start: int = 0,
         shape: torch.Size | tuple[int, ...] | None = None,
+        fragment: FlatFragment | None = None,
     ) -> None:
         """``local <- round(local + delta)``: ``local`` is the part of parameter ``p`` this rank holds (rows
-        ``[start, ...)`` of ``p``'s whole ``shape``), ``delta`` an fp32 tensor of its shape. The rule's state is
-        made on first use if the optimizer did not make it with its own (:meth:`init_state`)."""
+        ``[start, ...)`` of ``p``'s whole ``shape``, or with ``fragment`` that flat piece of ``p``'s row-major
+        flattening, as DeepSpeed ZeRO partitions), ``delta`` an fp32 tensor of its shape. The rule's state is made
+        on first use if the optimizer did not make it with its own (:meth:`init_state`)."""
         if not ROUND_STATE_KEYS & state.keys():
             self.init_state(state, local)
         if self.mode == "nearest":
             local.copy_(local.float().add_(delta))
         elif self.mode == "kahan":
-            comp = sharding.local(state["kahan_comp"])
-            comp.add_(delta)  # computed in fp32, rounded once into the bf16 buffer
-            before = local.clone()
-            local.add_(comp)
-            comp.add_(before.sub_(local))  # what this rounding lost, kept for the next step
+            self._kahan(local, sharding.local(state["kahan_comp"]), delta)
         else:
             count = int(state["rounds"])
-            rows = local.shape[0] if local.dim() else 1
-            bits = random_bits(
-                name=self.names[p],
-                seed=self.seed,
-                count=count,
-                start=start,
-                rows=rows,
-                shape=tuple(p.shape) if shape is None else tuple(shape),
-                device=local.device,
-            )
+            if fragment is not None:
+                bits = self._fragment_bits(p, fragment, count, local.device)
+            else:
+                bits = random_bits(
+                    name=self.names[p],
+                    seed=self.seed,
+                    count=count,
+                    start=start,
+                    rows=local.shape[0] if local.dim() else 1,
+                    shape=tuple(p.shape) if shape is None else tuple(shape),
+                    device=local.device,
+                )
             exact = local.float().add_(delta)
             local.copy_(stochastic_round(exact, bits.reshape(local.shape)))
             state["rounds"] += 1
+
+    @torch.no_grad()
+    def add_flat_(
+        self,
+        flat: torch.Tensor,
+        state: dict[str, Any],
+        delta: torch.Tensor,
+        pieces: list[tuple[torch.Tensor, FlatFragment]],
+    ) -> None:
+        """``flat <- round(flat + delta)`` for a flat partition DeepSpeed ZeRO hands an element-wise optimizer
+        (``bf16.bf16_master_weights_and_grads``): ``pieces`` are the model parameters it holds pieces of
+        (:func:`~megatron_pept.distributed.deepspeed_backend.zero_layout`). Each piece gets the bits its weight's
+        elements get on any other layout; the partition's padding (no weight's) is truncated. One ``rounds`` count
+        for the partition: its pieces are all stepped together, as each weight is on one process."""
+        if not ROUND_STATE_KEYS & state.keys():
+            self.init_state(state, flat)
+        if self.mode != "stochastic":
+            self.add_(flat, flat, state, delta)  # element-wise: no weight's name involved
+            return
+        count = int(state["rounds"])
+        bits = torch.zeros(flat.shape, dtype=torch.int32, device=flat.device)
+        for p, frag in pieces:
+            if frag.numel:
+                frag.view(bits).copy_(self._fragment_bits(p, frag, count, flat.device))
+        exact = flat.float().add_(delta)
+        flat.copy_(stochastic_round(exact, bits))
+        state["rounds"] += 1
+
+    @staticmethod
+    def _kahan(local: torch.Tensor, comp: torch.Tensor, delta: torch.Tensor) -> None:
+        comp.add_(delta)  # computed in fp32, rounded once into the bf16 buffer
+        before = local.clone()
+        local.add_(comp)
+        comp.add_(before.sub_(local))  # what this rounding lost, kept for the next step
+
+    def _fragment_bits(self, p: torch.Tensor, frag: FlatFragment, count: int, device: Any) -> torch.Tensor:
+        """The bits of elements ``[lo, hi)`` of weight ``p``'s row-major flattening (1-D), drawn as the whole rows
+        of the seeded draw they fall in (a 1-D weight's rows are its elements)."""
+        width = max(1, frag.shape[1:].numel())
+        first, last = frag.lo // width, -(-frag.hi // width)
+        rows = random_bits(
+            name=self.names[p],
+            seed=self.seed,
+            count=count,
+            start=first,
+            rows=last - first,
+            shape=tuple(frag.shape),
+            device=device,
+        )
+        return rows.reshape(-1).narrow(0, frag.lo - first * width, frag.numel)
 
 
 def attach_weight_update(optimizer: Any, update: WeightUpdate) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base, shared_launch
+from helpers import base, resume_from, saving_at, shared_launch
 
 from megatron_pept.registry import load_config
 from megatron_pept.trainer import Trainer
@@ -79,3 +79,75 @@ def test_bf16_weights_on_two_ranks_match_one_process(case, backend, bf16_results
         assert theirs.dtype == value.dtype == torch.bfloat16, name  # no fp32 copy on any layout
         gap = float((theirs.float() - value.float()).norm() / value.float().norm())
         assert gap < 3e-2, (name, gap)  # measured: at most 2e-2 (GaLore: a near-tie in the gradient's spectrum)
+
+
+# -- DeepSpeed ZeRO: its bf16 weights without an fp32 master (bf16.bf16_master_weights_and_grads) ---------------------
+
+# Three layers and an odd MLP width, as in test_data_parallel.py: ZeRO's partition boundaries then fall inside
+# matrices (stages 1/2) and inside rows (stage 3), so a weight's pieces on two ranks get their rounding bits apart.
+ZERO_MODEL = ["model.num_layers=3", "model.intermediate_size=101"]
+ZERO_CASES = {  # name -> (stage, case)
+    "zero1-full-stochastic": (1, "full-stochastic"),
+    "zero2-full-kahan": (2, "full-kahan"),
+    "zero3-full-stochastic": (3, "full-stochastic"),
+    "zero2-galore-stochastic": (2, "galore-stochastic"),
+    "zero3-adam_mini-stochastic": (3, "adam_mini-stochastic"),
+}
+CASES["adam_mini-stochastic"] = ["method.name=adam_mini", "optim.weight_update=stochastic"]
+ZERO_RESUMED = {"zero2-galore-stochastic", "zero3-full-stochastic"}  # also stopped after step 2 and resumed
+
+
+def zero_overrides(data: Path, run_dir: Path, name: str) -> list[str]:
+    stage, case = ZERO_CASES[name]
+    return [
+        *overrides(data, run_dir, case),
+        *ZERO_MODEL,
+        "parallel.backend=deepspeed",
+        f"parallel.zero_stage={stage}",
+        "checkpoint.interval=100",
+    ]
+
+
+@shared_launch("deepspeed")
+def bf16_zero_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
+    runs = []
+    for name in ZERO_CASES:
+        whole = zero_overrides(quickstart_data, tmp / f"w-{name}", name)
+        if name in ZERO_RESUMED:
+            whole += saving_at(2)
+        runs.append({"name": name, "overrides": whole})
+        if name in ZERO_RESUMED:
+            cut = zero_overrides(quickstart_data, tmp / f"c-{name}", name)
+            runs.append({"name": f"resume-{name}", "overrides": [*cut, resume_from(tmp / f"w-{name}", 2)]})
+    return runs
+
+
+@pytest.mark.parametrize("name", list(ZERO_CASES))
+def test_bf16_weights_under_deepspeed_zero_match_one_process(name, bf16_zero_runs, quickstart_data, tmp_path) -> None:
+    """ZeRO hands the optimizer bf16 flat partitions (no fp32 master anywhere); each piece of a weight is rounded
+    with the bits that weight gets on one process, so two ranks follow one process as DDP's and FSDP2's do."""
+    _, case = ZERO_CASES[name]
+    trainer = Trainer(load_config(None, [*overrides(quickstart_data, tmp_path, case), *ZERO_MODEL]))
+    losses = trainer.train().train_losses
+    params = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
+    trainer.close()
+    two = bf16_zero_runs[0][name]
+    assert int(two["split"]) >= 1  # some weight is cut between the ranks' partitions
+    assert two["master_dtypes"] == "torch.bfloat16"  # ZeRO's master partitions: bf16, no fp32 copy
+    assert two["losses"] == pytest.approx(losses, abs=2e-3)
+    assert set(two["params"]) == set(params)
+    for n, value in params.items():
+        theirs = two["params"][n]
+        assert theirs.dtype == value.dtype == torch.bfloat16, n  # no fp32 copy
+        gap = float((theirs.float() - value.float()).norm() / value.float().norm())
+        assert gap < 3e-2, (n, gap)
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_RESUMED))
+def test_bf16_weights_under_deepspeed_zero_resume_bit_identically(name, bf16_zero_runs) -> None:
+    """DeepSpeed's checkpoint of the bf16 partitions and our optimizer's state (the rounding count, the Kahan
+    buffer, GaLore's and Adam-mini's per-weight state): the resumed steps equal the uninterrupted ones exactly."""
+    whole, resumed = bf16_zero_runs[0][name], bf16_zero_runs[0][f"resume-{name}"]
+    assert resumed["losses"] == whole["losses"][2:]
+    for n, value in whole["params"].items():
+        assert torch.equal(resumed["params"][n], value), n

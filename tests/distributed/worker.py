@@ -120,13 +120,20 @@ def main() -> None:
             del trainer
             continue
         result = trainer.train()
-        layout = optimizer_protocol(trainer.optimizer).zero_layout or {}
+        # (an element-wise optimizer over bf16 weights keeps ZeRO's layout as flat_pieces: its state is per partition)
+        protocol = optimizer_protocol(trainer.optimizer)
+        layout = protocol.zero_layout or getattr(trainer.optimizer, "flat_pieces", None) or {}
         # Parameters whose ZeRO partition boundary falls inside them (this rank holds part, not all, of them).
         split = sum(f.partial for pieces in layout.values() for _, f in pieces)
         # ... and tall/square matrices (projected on the right) cut in the middle of a row
         midrow = sum(f.cuts_a_row and f.shape[0] >= f.shape[1] for pieces in layout.values() for _, f in pieces)
+        zero = getattr(getattr(trainer.backend, "engine", None), "optimizer", None)  # DeepSpeed's ZeRO optimizer
+        masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(
+            zero, "fp32_partitioned_groups_flat", []
+        )
         results[run["name"]] = {
             "losses": result.train_losses,
+            "master_dtypes": ",".join(sorted({str(t.dtype) for t in masters})),  # ZeRO's master partitions
             "val_losses": torch.tensor(list(result.val_losses.values()), dtype=torch.float64),
             "params": full_params(trainer.raw_model),
             "split": torch.tensor(split),

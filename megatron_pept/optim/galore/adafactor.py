@@ -121,8 +121,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         if group["beta1"] is not None:
             state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
             update = state["exp_avg"].clone()
-        param.add_(update.to(param.dtype), alpha=-lr)
-        self._decay(param, group, lr)
+        self._apply(p, param, state, update, lr, group, view)  # bf16 weights: rounded by optim.weight_update
 
     def _inner_update(self, state: dict[str, Any], grad: torch.Tensor, group: dict, param: _View) -> tuple:
         step = float(state["step"])

@@ -396,7 +396,8 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         rate = self._decay_rate(group, step_size)
         if rate:
             delta.sub_(param.float().add_(delta), alpha=rate)
-        self.weight_update.add_(p, param, state, delta, start=view.start, shape=view.shape)
+        frag = getattr(view, "frag", None)  # a ZeRO fragment (or an FSDP2 row shard seen as one)
+        self.weight_update.add_(p, param, state, delta, start=view.start, shape=view.shape, fragment=frag)
 
     def _view_of(self, p: torch.Tensor) -> _View:
         return _RowShard(p) if isinstance(p, DTensor) else _View(p)
