@@ -118,9 +118,10 @@ class TrainConfig:
     param_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype the weights are held and trained in. fp32: fp32 masters (bf16 compute is autocast over them). bf16:
     every weight and its gradient in bf16 with no fp32 copy anywhere (2 bytes a weight instead of 4, and 2 more
-    saved per gradient); each update is rounded into the weight by optim.weight_update. Runs on single, ddp and
-    fsdp2, with every method whose trainable set stays the same and every optimizer, per-layer updates included;
-    computes in bf16."""
+    saved per gradient); each update is rounded into the weight by optim.weight_update. Runs on single, ddp,
+    fsdp2 and deepspeed, with every method whose trainable set stays the same and every optimizer, per-layer updates
+    included; computes in bf16 (train.dtype=auto or bf16), or in fp32 from each module's weights upcast for its
+    forward (train.dtype=fp32: for CPUs without bf16 matmul; not under deepspeed)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device to train on; auto picks CUDA when available."""
     compile: bool = False
@@ -829,9 +830,9 @@ def validate(cfg: Config) -> None:
     )
     _require(m.init_std > 0, f"model.init_std must be > 0; got {m.init_std}")
     _require(
-        t.param_dtype == "fp32" or t.dtype != "fp32",
-        "train.param_dtype=bf16 holds the weights in bf16, but train.dtype=fp32 would compute in fp32 over them (a "
-        "bf16 weight upcast in every matmul, for no precision gained); set train.dtype=bf16 (or auto)",
+        t.param_dtype == "fp32" or t.dtype != "fp32" or cfg.parallel.backend != "deepspeed",
+        "train.param_dtype=bf16 with train.dtype=fp32 (bf16 weights computed in fp32) cannot run with "
+        "parallel.backend=deepspeed: DeepSpeed's bf16 mode computes in bf16; set train.dtype=bf16 (or auto)",
     )
     # train.device and train.dtype as written; what `auto` resolves to on this machine is checked when the run
     # starts (registry.check_runtime).

@@ -59,6 +59,32 @@ def hold_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     model._apply(lambda t: t.to(dtype) if id(t) in params and t.dtype == torch.float32 else t)
 
 
+def compute_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make each module of ``model`` compute with its own low-precision parameters cast to ``dtype`` (bf16 weights
+    computed in fp32: ``train.param_dtype=bf16`` with ``train.dtype=fp32``). A forward pre-hook puts a ``dtype``
+    copy of each bf16 parameter in the module's place for its forward and the post-hook puts the parameter back,
+    so autograd returns each gradient to the bf16 parameter, rounded once from the fp32 one. The copies live from
+    a module's forward to its backward, as autocast's casts do (activation checkpointing frees and remakes them).
+    The hooks are the innermost ones (registered on the leaf modules that hold the weights): a backend's own
+    hooks (FSDP2 gathering a block's shards) run around them."""
+
+    def upcast(module: torch.nn.Module, args: Any) -> None:
+        saved = {}
+        for name, p in module._parameters.items():
+            if p is not None and p.dtype == torch.bfloat16:
+                saved[name] = p
+                module._parameters[name] = p.to(dtype)  # a tensor in the parameter's slot, for this forward only
+        module._weights_held = saved
+
+    def restore(module: torch.nn.Module, args: Any, output: Any) -> None:
+        module._parameters.update(module.__dict__.pop("_weights_held", {}))
+
+    for module in model.modules():
+        if any(p is not None and p.dtype == torch.bfloat16 for p in module._parameters.values()):
+            module.register_forward_pre_hook(upcast)
+            module.register_forward_hook(restore, always_call=True)
+
+
 def initialise_model(
     model: torch.nn.Module, *, seed: int, device: torch.device, init_from: str | None, method: Any
 ) -> None:
@@ -140,6 +166,8 @@ class Trainer:
         self.method.convert(model)
         if t.param_dtype == "bf16":
             hold_weights_in(model, torch.bfloat16)  # still on the meta device: nothing is ever held in fp32
+        if t.param_dtype == "bf16" and self.backend.compute_dtype == torch.float32:
+            compute_weights_in(model, torch.float32)  # bf16 weights computed in fp32 (train.dtype=fp32)
         model.model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
             for layer in model.model.layers.values():

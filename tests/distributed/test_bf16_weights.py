@@ -25,6 +25,8 @@ CASES = {
     "full-kahan": ["optim.weight_update=kahan"],
     "full-nearest": ["optim.weight_update=nearest"],
     "galore-stochastic": ["method.name=galore", "optim.weight_update=stochastic"],
+    # bf16 weights computed in fp32 (each module's weights upcast for its forward; FSDP2 gathers the bf16 shards)
+    "full-stochastic-fp32_compute": ["optim.weight_update=stochastic", "train.dtype=fp32"],
     "adam_mini-per_layer-kahan": [
         "method.name=adam_mini",
         "optim.weight_update=kahan",

@@ -343,13 +343,44 @@ def test_stochastic_rounding_trains_like_the_fp32_master(quickstart_data: Path, 
     assert abs(low[-1] - master[-1]) <= 0.02 * master[-1]
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_weights_computed_in_fp32_are_the_fp32_model_with_gradients_rounded(method, quickstart_data, tmp_path):
+    """``train.dtype=fp32`` over bf16 weights (for CPUs without bf16 matmul): each module computes with its weights
+    upcast, so the loss is exactly that of an fp32 model holding the same values, each gradient is that model's
+    rounded to bf16 once, and the weights stay bf16 parameters (the upcast copies are gone after the forward)."""
+    extra = [f"method.name={method}", "method.rank=8", "train.dtype=fp32", "train.activation_checkpointing=true"]
+    low = Trainer(tiny(quickstart_data, tmp_path / "bf16", *extra, "train.param_dtype=bf16"))
+    high = Trainer(tiny(quickstart_data, tmp_path / "fp32", *extra))
+    low_params = dict(low.raw_model.named_parameters())
+    with torch.no_grad():
+        for name, p in high.raw_model.named_parameters():
+            p.copy_(low_params[name].float())
+    ids = torch.randint(0, low.model_args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for trainer in (low, high):
+        logits = trainer.raw_model(ids)
+        assert logits.dtype == torch.float32
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for name, p in high.raw_model.named_parameters():
+        ours = low_params[name]
+        assert isinstance(ours, torch.nn.Parameter) and ours.dtype == torch.bfloat16, name
+        assert (p.grad is None) == (ours.grad is None), name
+        if p.grad is not None:
+            assert ours.grad.dtype == torch.bfloat16 and torch.equal(ours.grad, p.grad.bfloat16()), name
+    low.close()
+    high.close()
+
+
 # -- settings -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["train.dtype=fp32"], "set train.dtype=bf16 (or auto)"),
+        (["train.dtype=fp32", "parallel.backend=deepspeed"], "DeepSpeed's bf16 mode computes in bf16"),
         (["method.name=relora", "method.warm_start_steps=3"], "method.warm_start_steps"),
         (["optim.weight_update=round"], "optim.weight_update"),
     ],
