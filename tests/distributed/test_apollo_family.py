@@ -74,6 +74,11 @@ def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
     return runs
 
 
+# ZeRO-1 hands the optimizer the same flat partitions as ZeRO-2 (which also partitions the gradients before the
+# optimizer sees them): every method on stages 2 and 3, one on stage 1.
+ZERO_CASES = [(m, s) for s in (1, 2, 3) for m in METHODS if s != 1 or m == "apollo_mini"]
+
+
 @shared_launch("deepspeed")
 def zero_launch(data: Path, tmp: Path) -> list[dict]:
     runs = [
@@ -83,8 +88,7 @@ def zero_launch(data: Path, tmp: Path) -> list[dict]:
                 data, tmp / f"z{stage}-{method}", method, *ZERO, f"parallel.zero_stage={stage}"
             ),
         }
-        for stage in (1, 2, 3)
-        for method in METHODS
+        for method, stage in ZERO_CASES
     ]
     for stage in (2, 3):
         for method in METHODS:
@@ -117,8 +121,7 @@ def test_per_layer_under_fsdp2_matches_one_process(torchrun_runs, quickstart_dat
     compare(torchrun_runs[0]["fsdp2-per_layer-apollo_mini"], losses, params, weight_tol=WEIGHT_TOL)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method,stage", ZERO_CASES)
 def test_deepspeed_zero_matches_one_process(method: str, stage: int, zero_runs, quickstart_data, tmp_path) -> None:
     losses, params = single(method_overrides(quickstart_data, tmp_path, method, *DEEPSPEED_MODEL))
     run = zero_runs[f"zero{stage}-{method}"]
