@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +87,49 @@ def compute_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def initialise_model(
-    model: torch.nn.Module, *, seed: int, device: torch.device, init_from: str | None, method: Any
+    model: torch.nn.Module,
+    *,
+    seed: int,
+    device: torch.device,
+    init_from: str | None,
+    method: Any,
+    skip: torch.nn.Module | None = None,
 ) -> None:
     """Materialise a model built on the meta device (and converted by ``method``; possibly already sharded by the
     backend) on ``device`` and give it its initial weights as every run does: each weight from a seed of its own
     (derived from ``seed`` and its name), only the rows this process holds; then the Hugging Face weights of
     ``init_from`` if set, one tensor at a time; then the method's ``after_init``. The weights do not depend on the
-    layout (one process, DDP replicas, FSDP2 shards)."""
-    model.to_empty(device=device)
-    model.init_weights(seed=seed, rows_of=local_rows)
+    layout (one process, DDP replicas, FSDP2 shards). ``skip``: a part already initialised
+    (:func:`initialise_block`), left as it is."""
+    if skip is None:
+        model.to_empty(device=device)
+    else:  # only what is still on the meta device
+        model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+    model.init_weights(seed=seed, rows_of=local_rows, skip=skip)
     if init_from:  # before the method makes its adapters or projections from the weights
-        load_hf_weights(model, init_from, rows_of=local_rows)
-    method.after_init(model)
+        load_hf_weights(model, init_from, rows_of=local_rows, skip=skip)
+    if skip is None:
+        method.after_init(model)
+
+
+def initialise_block(
+    model: torch.nn.Module,
+    block: torch.nn.Module,
+    *,
+    seed: int,
+    device: torch.device,
+    init_from: str | None,
+    method: Any,
+) -> None:
+    """Materialise and initialise one block of ``model`` whole, as :func:`initialise_model` would (the same
+    values), and give it to the method's ``after_init``: the start-up of a method whose ``after_init`` must see
+    whole layers (a quantised base) under FSDP2, which shards each block right after (the backend's
+    ``prepare_block``)."""
+    block.to_empty(device=device)
+    model.init_weights(seed=seed, within=block)
+    if init_from:
+        load_hf_weights(model, init_from, within=block)
+    method.after_init(model, within=block)
 
 
 class Trainer:
@@ -174,12 +206,16 @@ class Trainer:
                 layer.compile()
         self.raw_model = model  # what methods, optimizers and checkpoints see (sharded in place by FSDP2)
         # A backend that shards the meta model (FSDP2) does so first: each rank then allocates and fills only its
-        # own rows, never the whole model (unless the method must see its whole layers while initialising).
-        shard_first = self.backend.shards_on_meta and self.method.init_sharded
-        if shard_first:
-            self.backend.wrap(model, grad_accum_steps=self.grad_accum_steps)
-        initialise_model(model, seed=t.seed, device=self.device, init_from=cfg.model.init_from, method=self.method)
-        if not shard_first:
+        # own rows, never the whole model. A method that must see whole layers while initialising (a quantised
+        # base) gets them one block at a time, each block sharded right after; the rest is sharded on meta.
+        init = dict(seed=t.seed, device=self.device, init_from=cfg.model.init_from, method=self.method)
+        if self.backend.shards_on_meta:
+            prepare = None if self.method.init_sharded else partial(initialise_block, model, **init)
+            self.backend.wrap(model, grad_accum_steps=self.grad_accum_steps, prepare_block=prepare)
+            blocks = None if prepare is None else model.model.layers
+            initialise_model(model, **init, skip=blocks)
+        else:
+            initialise_model(model, **init)
             self.backend.wrap(model, grad_accum_steps=self.grad_accum_steps)
         self.optimizer: Any = None
         self.weight_update = self._weight_update(model)

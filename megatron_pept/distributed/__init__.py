@@ -14,9 +14,9 @@ Backends (one class each, :mod:`.backend` and :mod:`.deepspeed_backend`, registe
   rows (dim 0). The model is sharded on the meta device, then each rank materialises and initialises only its own
   rows (each weight from its own seed, :mod:`megatron_pept.models.init`), so a run's weights do not depend on the
   number of ranks and no rank holds the whole model while starting (a method whose ``after_init`` changes the
-  layers' tensors, a quantised frozen base, still starts whole and is sharded after: ``Method.init_sharded``). On
-  GPU a run computing in bf16 gets a mixed-precision policy (bf16 parameters in forward and backward, gradients
-  reduced in fp32); an fp32 run computes in fp32.
+  layers' tensors, a quantised frozen base, starts one block at a time, each sharded before the next is made:
+  ``Method.init_sharded``). On GPU a run computing in bf16 gets a mixed-precision policy (bf16 parameters in
+  forward and backward, gradients reduced in fp32); an fp32 run computes in fp32.
 * ``deepspeed``: DeepSpeed ZeRO stage 1, 2 or 3 (``parallel.zero_stage``) with our optimizer as its client
   optimizer.
 """

@@ -103,11 +103,24 @@ class Backend:
             timeout_minutes=int(os.environ.get("MEGATRON_PEPT_PG_TIMEOUT_MIN", "30")),
         )
 
-    def wrap(self, model: nn.Module, *, grad_accum_steps: int) -> Any:
+    def wrap(
+        self,
+        model: nn.Module,
+        *,
+        grad_accum_steps: int,
+        prepare_block: Callable[[nn.Module], None] | None = None,
+    ) -> Any:
         """Take the materialised, initialised model (or, where :attr:`shards_on_meta`, the model on the meta
-        device, to be materialised after); returns what forward calls (also :attr:`model`)."""
+        device, to be materialised after); returns what forward calls (also :attr:`model`). ``prepare_block``
+        (:attr:`shards_on_meta` backends): called with each transformer block, still on the meta device, right
+        before the backend shards it (to materialise and initialise it whole, one block at a time)."""
         self.raw_model, self.grad_accum_steps = model, grad_accum_steps
-        self.model = self._wrap(model)
+        if prepare_block is None:
+            self.model = self._wrap(model)
+        elif self.shards_on_meta:
+            self.model = self._wrap(model, prepare_block=prepare_block)
+        else:
+            raise ValueError(f"the {self.name} backend takes a materialised model: it has no blocks to prepare")
         return self.model
 
     def _wrap(self, model: nn.Module) -> Any:
@@ -233,18 +246,25 @@ class FSDP2Backend(Backend):
                 "parameter's dtype; use parallel.backend=ddp or keep the base in fp32"
             )
 
-    def _wrap(self, model: nn.Module) -> Any:
+    def _wrap(self, model: nn.Module, prepare_block: Callable[[nn.Module], None] | None = None) -> Any:
         from torch.distributed.fsdp import fully_shard
 
         kwargs: dict[str, Any] = {"mesh": self.dims.mesh}
-        for module in model.modules():  # quantised bases (held as buffers, which FSDP2 leaves whole): by rows
-            if getattr(module, "quantised", False):
-                module.shard_base(self.dims.mesh)
         policy = fsdp2_mixed_precision(self.compute_dtype, device_type=self.device.type)
         if policy is not None:
             kwargs["mp_policy"] = policy
+
+        def shard_bases(root: nn.Module) -> None:
+            for module in root.modules():  # quantised bases (buffers, which FSDP2 leaves whole): by rows
+                if getattr(module, "quantised", False):
+                    module.shard_base(self.dims.mesh)  # (a base sharded with its block is left as it is)
+
         for layer in model.model.layers.values():
+            if prepare_block is not None:
+                prepare_block(layer)
+                shard_bases(layer)  # this block's, before the next block is made
             fully_shard(layer, **kwargs)
+        shard_bases(model)
         fully_shard(model, **kwargs)
         return model
 

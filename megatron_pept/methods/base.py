@@ -101,16 +101,20 @@ class Method:
         """Route the method's whole-tensor reads and writes through ``access`` (DeepSpeed ZeRO); most methods
         never touch weights outside the optimizer and ignore it."""
 
-    def after_init(self, model: nn.Module) -> None:
+    def after_init(self, model: nn.Module, within: nn.Module | None = None) -> None:
         """Called once the model's weights hold their initial values (e.g. to decompose them). The model may
         already be sharded (FSDP2, see :attr:`init_sharded`): reach whole tensors through
-        :class:`~megatron_pept.sharding.ParamAccess`, one at a time."""
+        :class:`~megatron_pept.sharding.ParamAccess`, one at a time. ``within``: only that block's layers (the
+        block was just materialised and initialised on its own; the rest of the model is still on the meta
+        device): called so for each block in turn where :attr:`init_sharded` is False under FSDP2."""
 
     @property
     def init_sharded(self) -> bool:
         """:meth:`after_init` works on a model the backend sharded before it was materialised (FSDP2): the model
-        is then never whole on any rank. False keeps the older path for this method: materialised whole on every
-        rank, initialised, then sharded (a method whose ``after_init`` changes which tensors the layers hold)."""
+        is then never whole on any rank. False: a method whose ``after_init`` changes which tensors the layers
+        hold (a quantised base replaces the dense weight); under FSDP2 each block is then materialised,
+        initialised, given to ``after_init(model, within=block)`` and sharded in turn, so a rank holds the
+        sharded blocks plus one whole block at most."""
         return True
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -230,11 +230,13 @@ class LowRankLinear(nn.Linear):
         """Shard the quantised parts (rows, per-row scales, blocks and block scales) and the master by their first
         dimension over ``mesh`` (FSDP2's layout; tiny parts stay whole): each rank keeps its piece, the forward
         all-gathers the parts of one layer at a time and merges gather the master. DCP reshards them on resume."""
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
         self.master_on_host = False  # a sharded master lives beside the other shards
         for name in [*(f"base_{n}" for n in SHARDED_PARTS), "base_master"]:
             value = self._buffers.get(name)
+            if isinstance(value, DTensor):  # sharded already
+                continue
             if value is not None and value.dim() >= 1 and value.shape[0] >= mesh.size():
                 value = value.to(self.lora_A.device)  # a host master joins the device's shards
                 self._buffers[name] = distribute_tensor(value, mesh, [Shard(0)], src_data_rank=None)

@@ -229,11 +229,14 @@ class QGaLore(GaLoreMethod):
             )
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
 
-    def after_init(self, model: nn.Module) -> None:
+    def after_init(self, model: nn.Module, within: nn.Module | None = None) -> None:
         """Give each int8 layer the initial weight a plain LLaMA's layer of its name gets (the same seed, name and
         std: :mod:`megatron_pept.models.init`), only the rows this process holds, quantised to the nearest codes
         (as q-galore-torch quantises at conversion)."""
+        inside = {id(m) for m in within.modules()} if within is not None else None
         for name, layer in int8_layers(model):
+            if inside is not None and id(layer) not in inside:
+                continue
             local, start = local_rows(layer.weight)
             dense = torch.empty(local.shape, dtype=torch.float32, device=local.device)
             weight_name = f"{name}.weight"

@@ -210,16 +210,21 @@ class LowRankMethod(Method):
     @property
     def init_sharded(self) -> bool:
         # A quantised base replaces the dense weight parameter by its parts in after_init (decompose), and FSDP2
-        # fixes a module's parameters when it shards it: such a run starts whole and is sharded after.
+        # fixes a module's parameters when it shards it: such a run starts one block at a time, each sharded
+        # after its layers are decomposed.
         return self.base_format is None
 
     def _generator(self, device: torch.device, salt: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 7919 + salt)
 
-    def after_init(self, model: nn.Module) -> None:
+    def after_init(self, model: nn.Module, within: nn.Module | None = None) -> None:
         """Initialise the adapters from the freshly initialised weights (also during a warm start, so every
-        tensor holds defined values; they are re-made from the warmed-up weights at the switch)."""
+        tensor holds defined values; they are re-made from the warmed-up weights at the switch). Each layer's
+        generator is salted by its index in the whole model, so a block initialised alone gets the same values."""
+        inside = {id(m) for m in within.modules()} if within is not None else None
         for i, (_, layer) in enumerate(lowrank_layers(model)):
+            if inside is not None and id(layer) not in inside:
+                continue
             gen = self._generator(layer.lora_A.device, 1_000_003 * i)
             if self.lowrank_phase:
                 layer.decompose(layer.weight, generator=gen)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -117,7 +117,12 @@ def to_hf(
 
 
 def from_hf(
-    config: Mapping[str, Any], state: Mapping[str, torch.Tensor], args: LlamaArgs, *, where: str
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    args: LlamaArgs,
+    *,
+    where: str,
+    only: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights of a Hugging Face LLaMA (its ``config.json`` as a dict, and its tensors: a dict or a mapping that
     reads each on access) as ``(our name, tensor)`` pairs for the model ``args`` builds, one tensor at a time.
@@ -125,7 +130,8 @@ def from_hf(
     Checked first, each refused in one line beginning with ``where`` (e.g. ``model.init_from=FOLDER``): a config
     describing another model (:func:`check_hf_config`: the overrides that would match), a missing weight; then, as
     each is read, a weight of another shape. When tied, only the embedding is read (``lm_head.weight`` shares it);
-    tensors no plain LLaMA has (a stale rotary ``inv_freq``, a kernel's state) are ignored."""
+    tensors no plain LLaMA has (a stale rotary ``inv_freq``, a kernel's state) are ignored. ``only``: read just the
+    weights it accepts (by our name; every one is still checked to be there)."""
     check_hf_config(config, args, where=where)
     wanted = hf_state_shapes(args)
     if args.tie_embeddings:
@@ -136,6 +142,8 @@ def from_hf(
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for name, shape in wanted.items():
+            if only is not None and not only(name):
+                continue
             value = state[name]
             if tuple(value.shape) != shape:
                 raise ConfigError(f"{where}: {name} has shape {list(value.shape)}, this model {list(shape)}")

@@ -185,22 +185,39 @@ class FolderWeights(Mapping[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, folder: str | Path, *, rows_of: RowsOf = whole_rows) -> int:
+def load_hf_weights(
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    rows_of: RowsOf = whole_rows,
+    within: nn.Module | None = None,
+    skip: nn.Module | None = None,
+) -> int:
     """Copy the folder's weights into ``model`` (materialised, before the method's ``after_init``); returns how
     many tensors were loaded. Every parameter the Hugging Face model has must be there, with its shape
     (:func:`megatron_pept.models.hf.from_hf` checks the config and the names). One tensor is read at a time and
     only the rows this process holds are kept (``rows_of``: e.g. an FSDP2 row shard's), so loading never holds
-    more than the model's own part plus one tensor."""
+    more than the model's own part plus one tensor. ``within`` / ``skip``: only the tensors of that submodule (a
+    block initialised on its own) / all but them."""
     folder = Path(folder)
     config = read_hf_config(folder)
     count = 0
+    only = None
+    if within is not None or skip is not None:  # by name: a block done already holds quantised parts, no weight
+        names = {id(m): f"{n}." for n, m in model.named_modules()}
+        inside = names[id(within)] if within is not None else ""
+        leave = names[id(skip)] if skip is not None else None
+
+        def only(name: str) -> bool:
+            return name.startswith(inside) and not (leave and name.startswith(leave))
+
     with FolderWeights(folder) as weights:
-        for name, value in from_hf(config, weights, model.args, where=f"model.init_from={folder}"):
+        for name, value in from_hf(config, weights, model.args, where=f"model.init_from={folder}", only=only):
             target = model.get_parameter(name)  # the plain LLaMA's (a method adapts it after this)
             local, start = rows_of(target)
             rows = value[start : start + local.shape[0]] if value.dim() else value
             local.copy_(rows.to(dtype=local.dtype, device=local.device))
             del value, rows  # the next tensor is read only after this one is released
             count += 1
-    logger.info("initialised %d tensors from %s", count, folder)
+    (logger.info if within is None else logger.debug)("initialised %d tensors from %s", count, folder)
     return count

@@ -270,17 +270,26 @@ class LlamaForCausalLM(nn.Module):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         rows_of: RowsOf = whole_rows,
+        within: nn.Module | None = None,
+        skip: nn.Module | None = None,
     ) -> None:
         """Initialise every plain LLaMA weight (:meth:`initial_weights`, by :meth:`init_std`) and the rotary
         tables in place, each weight from a seed of its own derived from ``seed`` and its name
         (:mod:`megatron_pept.models.init`): the values do not depend on the order, on what else the model holds,
         or on how a weight is sharded. ``rows_of`` says which rows of a weight this process holds (an FSDP2 row
-        shard fills only its rows). ``generator`` (the older interface) draws the seed when ``seed`` is None."""
+        shard fills only its rows). ``generator`` (the older interface) draws the seed when ``seed`` is None.
+        ``within``: only the weights of that submodule (a block initialised on its own; not the rotary tables);
+        ``skip``: all but that submodule's weights."""
         if seed is None:
             seed = seed_from(generator) if generator is not None else 0
-        self.tie_weights()
-        self.init_rope()
+        if within is None:
+            self.tie_weights()
+            self.init_rope()
+        only = {id(t) for t in within.parameters()} if within is not None else None
+        leave = {id(t) for t in skip.parameters()} if skip is not None else set()
         for name, weight in self.initial_weights():
+            if (only is not None and id(weight) not in only) or id(weight) in leave:
+                continue
             local, start = rows_of(weight)
             std = self.init_std(name)
             if std is None:

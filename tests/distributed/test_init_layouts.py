@@ -1,7 +1,9 @@
 """Start-up without a whole copy (issue 28 item 3), with 2 gloo ranks (a real torchrun launch): the initial weights
 are the same, bit for bit, on one process, on 2 DDP ranks and on 2 FSDP2 ranks (also after a method's after_init
 and from ``model.init_from``), and an FSDP2 rank never holds the whole model while it starts (torch's memory
-tracker over the whole trainer build, worker.py's ``init_only`` runs)."""
+tracker over the whole trainer build, worker.py's ``init_only`` runs). A quantised base (``relora@int8``) starts one
+block at a time under FSDP2: each block materialised whole, initialised (or loaded), quantised and sharded before
+the next."""
 
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ METHODS = {
     "relora@int8": ["method.name=relora", "method.base_dtype=int8"],  # quantised: whole, then sharded
 }
 BACKENDS = ("ddp", "fsdp2")
+# Runs started from model.init_from, by the method they convert the loaded weights with (with a quantised base,
+# FSDP2 loads, quantises and shards one block at a time).
+INIT_FROM = {"init_from": "lora", "init_from@int8": "relora@int8"}
 
 
 def overrides(data: Path, run_dir: Path, key: str) -> list[str]:
@@ -63,14 +68,15 @@ def init_runs(quickstart_data: Path, tmp: Path) -> list[dict]:
     ]
     write_hf_folder(quickstart_data, tmp / "hf")
     for backend in BACKENDS:
-        runs.append(
-            {
-                "name": f"{backend}-init_from",
-                "init_only": True,
-                "overrides": [*overrides(quickstart_data, tmp / backend / "init_from", "lora")]
-                + [f"model.init_from={tmp / 'hf'}", f"parallel.backend={backend}"],
-            }
-        )
+        for key, method in INIT_FROM.items():
+            runs.append(
+                {
+                    "name": f"{backend}-{key}",
+                    "init_only": True,
+                    "overrides": [*overrides(quickstart_data, tmp / backend / key, method)]
+                    + [f"model.init_from={tmp / 'hf'}", f"parallel.backend={backend}"],
+                }
+            )
     for run in runs[: len(BACKENDS) * len(METHODS)]:
         run["overrides"].append(f"parallel.backend={run['name'].split('-')[0]}")
     return runs
@@ -87,13 +93,13 @@ def one_process(run_dir: Path, extra: list[str]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", [*METHODS, "init_from"])
+@pytest.mark.parametrize("key", [*METHODS, *INIT_FROM])
 def test_initial_weights_are_the_same_on_one_process_ddp_and_fsdp2(
     key: str, init_runs: tuple[dict, Path], quickstart_data: Path, tmp_path: Path
 ) -> None:
     results, tmp = init_runs
-    if key == "init_from":
-        extra = [*overrides(quickstart_data, tmp_path, "lora"), f"model.init_from={tmp / 'hf'}"]
+    if key in INIT_FROM:
+        extra = [*overrides(quickstart_data, tmp_path, INIT_FROM[key]), f"model.init_from={tmp / 'hf'}"]
     else:
         extra = overrides(quickstart_data, tmp_path, key)
     ours = one_process(tmp_path / "single", extra)
@@ -110,7 +116,7 @@ def test_initial_weights_are_the_same_on_one_process_ddp_and_fsdp2(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["full", "lora", "repissa", "init_from"])
+@pytest.mark.parametrize("key", ["full", "lora", "repissa", "relora@int8", *INIT_FROM])
 def test_an_fsdp2_rank_never_holds_the_whole_model_while_starting(
     key: str, init_runs: tuple[dict, Path], quickstart_data: Path
 ) -> None:
