@@ -93,20 +93,31 @@ class WeightUpdate:
         start: int = 0,
         shape: torch.Size | tuple[int, ...] | None = None,
         fragment: FlatFragment | None = None,
+        pieces: list[tuple[torch.Tensor, FlatFragment]] | None = None,
     ) -> None:
         """``local <- round(local + delta)``: ``local`` is the part of parameter ``p`` this rank holds (rows
         ``[start, ...)`` of ``p``'s whole ``shape``, or with ``fragment`` that flat piece of ``p``'s row-major
-        flattening, as DeepSpeed ZeRO partitions), ``delta`` an fp32 tensor of its shape. The rule's state is made
+        flattening, as DeepSpeed ZeRO partitions), ``delta`` an fp32 tensor of its shape; with ``pieces``, ``local``
+        is a flat partition holding those pieces of several weights (:meth:`add_flat_`). The rule's state is made
         on first use if the optimizer did not make it with its own (:meth:`init_state`)."""
         if not ROUND_STATE_KEYS & state.keys():
             self.init_state(state, local)
         if self.mode == "nearest":
             local.copy_(local.float().add_(delta))
         elif self.mode == "kahan":
-            self._kahan(local, sharding.local(state["kahan_comp"]), delta)
+            comp = sharding.local(state["kahan_comp"])
+            comp.add_(delta)  # computed in fp32, rounded once into the bf16 buffer
+            before = local.clone()
+            local.add_(comp)
+            comp.add_(before.sub_(local))  # what this rounding lost, kept for the next step
         else:
             count = int(state["rounds"])
-            if fragment is not None:
+            if pieces is not None:  # each piece its weight's bits; the partition's padding (no weight's) truncated
+                bits = torch.zeros(local.shape, dtype=torch.int32, device=local.device)
+                for q, frag in pieces:
+                    if frag.numel:
+                        frag.view(bits).copy_(self._fragment_bits(q, frag, count, local.device))
+            elif fragment is not None:
                 bits = self._fragment_bits(p, fragment, count, local.device)
             else:
                 bits = random_bits(
@@ -122,7 +133,6 @@ class WeightUpdate:
             local.copy_(stochastic_round(exact, bits.reshape(local.shape)))
             state["rounds"] += 1
 
-    @torch.no_grad()
     def add_flat_(
         self,
         flat: torch.Tensor,
@@ -133,28 +143,9 @@ class WeightUpdate:
         """``flat <- round(flat + delta)`` for a flat partition DeepSpeed ZeRO hands an element-wise optimizer
         (``bf16.bf16_master_weights_and_grads``): ``pieces`` are the model parameters it holds pieces of
         (:func:`~megatron_pept.distributed.deepspeed_backend.zero_layout`). Each piece gets the bits its weight's
-        elements get on any other layout; the partition's padding (no weight's) is truncated. One ``rounds`` count
-        for the partition: its pieces are all stepped together, as each weight is on one process."""
-        if not ROUND_STATE_KEYS & state.keys():
-            self.init_state(state, flat)
-        if self.mode != "stochastic":
-            self.add_(flat, flat, state, delta)  # element-wise: no weight's name involved
-            return
-        count = int(state["rounds"])
-        bits = torch.zeros(flat.shape, dtype=torch.int32, device=flat.device)
-        for p, frag in pieces:
-            if frag.numel:
-                frag.view(bits).copy_(self._fragment_bits(p, frag, count, flat.device))
-        exact = flat.float().add_(delta)
-        flat.copy_(stochastic_round(exact, bits))
-        state["rounds"] += 1
-
-    @staticmethod
-    def _kahan(local: torch.Tensor, comp: torch.Tensor, delta: torch.Tensor) -> None:
-        comp.add_(delta)  # computed in fp32, rounded once into the bf16 buffer
-        before = local.clone()
-        local.add_(comp)
-        comp.add_(before.sub_(local))  # what this rounding lost, kept for the next step
+        elements get on any other layout. One ``rounds`` count for the partition: its pieces are all stepped
+        together, as each weight is on one process."""
+        self.add_(flat, flat, state, delta, pieces=pieces)
 
     def _fragment_bits(self, p: torch.Tensor, frag: FlatFragment, count: int, device: Any) -> torch.Tensor:
         """The bits of elements ``[lo, hi)`` of weight ``p``'s row-major flattening (1-D), drawn as the whole rows
