@@ -202,15 +202,7 @@ def load_hf_weights(
     folder = Path(folder)
     config = read_hf_config(folder)
     count = 0
-    only = None
-    if within is not None or skip is not None:  # by name: a block done already holds quantised parts, no weight
-        names = {id(m): f"{n}." for n, m in model.named_modules()}
-        inside = names[id(within)] if within is not None else ""
-        leave = names[id(skip)] if skip is not None else None
-
-        def only(name: str) -> bool:
-            return name.startswith(inside) and not (leave and name.startswith(leave))
-
+    only = model.names_in(within=within, skip=skip)
     with FolderWeights(folder) as weights:
         for name, value in from_hf(config, weights, model.args, where=f"model.init_from={folder}", only=only):
             target = model.get_parameter(name)  # the plain LLaMA's (a method adapts it after this)

@@ -9,6 +9,7 @@ then call :meth:`LlamaForCausalLM.init_weights` (each weight from a seed of its 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -263,6 +264,19 @@ class LlamaForCausalLM(nn.Module):
             out.append((f"{name}.weight", weight))
         return out
 
+    def names_in(
+        self, *, within: nn.Module | None = None, skip: nn.Module | None = None
+    ) -> Callable[[str], bool] | None:
+        """Which tensor names (ours, e.g. ``model.layers.0.mlp.up_proj.weight``) lie inside submodule ``within`` and
+        outside ``skip``; None when neither is given. By name, not by tensor: a block a method has converted since
+        (a quantised base) no longer holds the weight its name stood for."""
+        if within is None and skip is None:
+            return None
+        prefixes = {id(m): f"{n}." for n, m in self.named_modules()}
+        inside = prefixes[id(within)] if within is not None else ""
+        leave = prefixes[id(skip)] if skip is not None else None
+        return lambda name: name.startswith(inside) and not (leave and name.startswith(leave))
+
     @torch.no_grad()
     def init_weights(
         self,
@@ -285,10 +299,9 @@ class LlamaForCausalLM(nn.Module):
         if within is None:
             self.tie_weights()
             self.init_rope()
-        only = {id(t) for t in within.parameters()} if within is not None else None
-        leave = {id(t) for t in skip.parameters()} if skip is not None else set()
+        only = self.names_in(within=within, skip=skip)
         for name, weight in self.initial_weights():
-            if (only is not None and id(weight) not in only) or id(weight) in leave:
+            if only is not None and not only(name):
                 continue
             local, start = rows_of(weight)
             std = self.init_std(name)
