@@ -172,8 +172,18 @@ class Trainer:
         return self.backend.model
 
     def _build(self) -> None:
-        cfg = self.cfg
-        t, d = cfg.train, cfg.data
+        self._build_batches()
+        self._build_data()
+        self.model_args = llama_args(
+            self.cfg.model, vocab_size=self.data_index.vocab_size, max_seq_len=self.cfg.data.seq_len
+        )
+        self.data.check_vocabulary(self.model_args.vocab_size)  # every token id has an embedding row
+        self._build_model()
+        self._build_run()
+
+    def _build_batches(self) -> None:
+        """Micro-batches per step from the batch sizes and the data-parallel ranks."""
+        t = self.cfg.train
         self.compute_dtype = self.backend.compute_dtype
         torch.manual_seed(t.seed)
         global_micro = t.micro_batch_size * self.dims.dp_world_size
@@ -185,19 +195,23 @@ class Trainer:
             )
         self.grad_accum_steps = t.global_batch_size // global_micro
 
+    def _build_data(self) -> None:
+        """The run's data: its index (the vocabulary), this rank's loader and the validation windows."""
+        cfg = self.cfg
         self.data = build_run_data(cfg, self.dims)
         self.data_index = self.data.index
         self.loader = self.data.loader(cfg, self.dims)
         self.val_batches = self.data.val_batches(cfg, self.dims)
 
+    def _build_model(self) -> None:
+        """Method, model (of ``self.model_args``), backend wrapping, initial weights, optimizer, schedule and train
+        state: all that a step needs besides data (the memory planner, :mod:`megatron_pept.plan`, runs exactly
+        this under fake tensors)."""
+        cfg = self.cfg
+        t, d = cfg.train, cfg.data
         # Model: meta -> method conversion -> materialise -> initialise -> parallelise.
-        self.model_args = llama_args(cfg.model, vocab_size=self.data_index.vocab_size, max_seq_len=d.seq_len)
-        self.data.check_vocabulary(self.model_args.vocab_size)  # every token id has an embedding row
         self.method = build_method(cfg.method, optim_cfg=cfg.optim, total_steps=t.steps, seed=t.seed)
-        model = build_model(self.model_args)
-        self.method.convert(model)
-        if t.param_dtype == "bf16":
-            hold_weights_in(model, torch.bfloat16)  # still on the meta device: nothing is ever held in fp32
+        model = self._meta_model()
         if t.param_dtype == "bf16" and self.backend.compute_dtype == torch.float32:
             compute_weights_in(model, torch.float32)  # bf16 weights computed in fp32 (train.dtype=fp32)
         model.model.activation_checkpointing = t.activation_checkpointing
@@ -224,6 +238,20 @@ class Trainer:
         self.schedule = self.method.lr_schedule(build_schedule(cfg.optim, total_steps=t.steps))
         self.state = TrainState()
         self.tokens_per_step = t.global_batch_size * d.seq_len
+
+    def _meta_model(self) -> torch.nn.Module:
+        """The model on the meta device, converted by the method, its weights in ``train.param_dtype``."""
+        model = build_model(self.model_args)
+        self.method.convert(model)
+        if self.cfg.train.param_dtype == "bf16":
+            hold_weights_in(model, torch.bfloat16)  # still on the meta device: nothing is ever held in fp32
+        return model
+
+    def _build_run(self) -> None:
+        """The step timer, checkpoints (and resuming from one), TensorBoard and the run folder's files."""
+        cfg = self.cfg
+        t, d = cfg.train, cfg.data
+        model = self.raw_model
         self.timer = StepTimer(
             tokens_per_step=self.tokens_per_step,
             flops_per_token=self.model_args.flops_per_token(d.seq_len),

@@ -306,13 +306,9 @@ class Checkpointer:
                     shutil.copyfile(source, tmp / name)
 
         self._stage(step, tmp, write_small_files)
-        state = cs.extra_state(parts)
         # A backend with a format of its own (DeepSpeed: the ZeRO-partitioned model and optimizer) writes it first.
-        if not self._stage(step, tmp, lambda: backend.save_native(tmp)):
-            state.update(cs.model_state(model))
-            state.update(cs.optimizer_state(model, optimizer))
-        elif optimizer_protocol(optimizer).zero_layout is not None:
-            state.update(cs.optimizer_state(model, optimizer))  # our optimizer's own state, per model parameter
+        native = self._stage(step, tmp, lambda: backend.save_native(tmp))
+        state = cs.checkpoint_state(model, optimizer, parts, native=native)
         if self.cfg.async_save:
             future = self._stage(
                 step,

@@ -78,6 +78,19 @@ def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     return out
 
 
+def checkpoint_state(model: nn.Module, optimizer: Any, parts: dict[str, Any], *, native: bool) -> dict[str, Any]:
+    """What DCP writes for a checkpoint: the parts' tensors (:func:`extra_state`), and the model's and the
+    optimizer's state unless the backend's own format holds them (``native``; our optimizer's state is still
+    written by parameter where it keeps a ZeRO layout of its own)."""
+    state = extra_state(parts)
+    if not native:
+        state.update(model_state(model))
+        state.update(optimizer_state(model, optimizer))
+    elif optimizer_protocol(optimizer).zero_layout is not None:
+        state.update(optimizer_state(model, optimizer))  # our optimizer's own state, per model parameter
+    return state
+
+
 def extra_key(part: str, key: str) -> str:
     return f"extra.{part}.{key}"
 

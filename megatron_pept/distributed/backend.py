@@ -84,6 +84,9 @@ class Backend:
         self.access: ParamAccess = LOCAL_ACCESS
         self.compute_dtype = compute_dtype(cfg.train, device)
         """What the run computes in (:func:`compute_dtype`)."""
+        self.target_device_type = device.type
+        """The device type whose policies the run follows (FSDP2's mixed precision): the device's own, except in
+        the memory planner, which runs a CUDA run's code on fake CPU tensors (:mod:`megatron_pept.plan`)."""
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -250,7 +253,7 @@ class FSDP2Backend(Backend):
         from torch.distributed.fsdp import fully_shard
 
         kwargs: dict[str, Any] = {"mesh": self.dims.mesh}
-        policy = fsdp2_mixed_precision(self.compute_dtype, device_type=self.device.type)
+        policy = fsdp2_mixed_precision(self.compute_dtype, device_type=self.target_device_type)
         if policy is not None:
             kwargs["mp_policy"] = policy
 

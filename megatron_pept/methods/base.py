@@ -55,6 +55,17 @@ class StepEnd:
     """A new optimizer the trainer must use from the next step on (e.g. after a warm-start phase switch)."""
 
 
+@dataclass(frozen=True)
+class PlannedEvents:
+    """How the memory planner (:mod:`megatron_pept.plan`) makes a method's events (a restart, a projector refresh,
+    a phase switch) happen within its few steps: ``method.*`` settings to use instead of the run's, and the 0-based
+    steps whose optimizer step includes one (a projector refresh). Events at a step's end (a ReLoRA restart, the
+    warm-start switch) fall in the planner's ``restart/refresh`` phase of :meth:`Method.on_step_end`."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    refresh_steps: tuple[int, ...] = ()
+
+
 class Method:
     """Base class; its defaults are full-rank training with AdamW."""
 
@@ -93,6 +104,12 @@ class Method:
     def traits(cls, settings: Any) -> MethodTraits:
         """What these settings make the method do that a backend must know (see :mod:`megatron_pept.traits`)."""
         return MethodTraits()
+
+    @classmethod
+    def planned_events(cls, settings: Any) -> PlannedEvents:
+        """What the memory planner changes so that this method's events happen within its steps (``settings``:
+        the run's :attr:`settings_class`); none by default."""
+        return PlannedEvents()
 
     def convert(self, model: nn.Module) -> None:
         """Rewrite the model in place before it is parallelised or materialised (swap in adapters, freeze)."""

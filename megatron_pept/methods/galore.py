@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from megatron_pept.config import OptimConfig
-from megatron_pept.methods.base import Method, MethodSettings, StepEnd, require
+from megatron_pept.methods.base import Method, MethodSettings, PlannedEvents, StepEnd, require
 from megatron_pept.methods.relora import LOWRANK_TARGETS, matches_target
 from megatron_pept.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from megatron_pept.optim.projector import divide_exactly
@@ -170,6 +170,12 @@ class GaLoreMethod(Method):
         self.svd_seconds = 0.0
         self.limiter_activations = 0
         self._rank_checked = False  # the clamped-rank warning is given once
+
+    @classmethod
+    def planned_events(cls, settings: ProjectionSettings) -> PlannedEvents:
+        """Refreshes (a new projector: SVD, range finder or a redrawn random one) at steps 0 and 2."""
+        gap = {"dynamic_first": 2} if "dynamic_first" in cls.config_keys else {"update_proj_gap": 2}
+        return PlannedEvents(overrides=gap, refresh_steps=(0, 2))
 
     def galore_targets(self, model: nn.Module) -> set[nn.Parameter]:
         return {

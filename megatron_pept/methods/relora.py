@@ -31,7 +31,7 @@ from torch import nn
 
 from megatron_pept.config import OptimConfig
 from megatron_pept.errors import ConfigError
-from megatron_pept.methods.base import Method, MethodSettings, StepEnd, require
+from megatron_pept.methods.base import Method, MethodSettings, PlannedEvents, StepEnd, require
 from megatron_pept.methods.lowrank import LowRankLinear
 from megatron_pept.optim import JaggedSchedule, Schedule
 from megatron_pept.optim.pruning import reset_optimizer_state
@@ -167,6 +167,14 @@ class LowRankMethod(Method):
         self.restart_count = 0
         self.lowrank_phase = cfg.warm_start_steps == 0
         self.param_access: ParamAccess = LOCAL_ACCESS
+
+    @classmethod
+    def planned_events(cls, settings: LowRankSettings) -> PlannedEvents:
+        """A warm start switches after step 0; restarts (merge, requantise, optimizer reset) follow each step."""
+        overrides = {"reset_every": 1} if cls.restarts else {}
+        if settings.warm_start_steps > 0:
+            overrides["warm_start_steps"] = 1
+        return PlannedEvents(overrides=overrides)
 
     @classmethod
     def traits(cls, settings: LowRankSettings) -> MethodTraits:

@@ -61,7 +61,7 @@ class _NoHook:
         pass
 
 
-def _tracker_class() -> type:
+def step_tracker_class() -> type:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class StepMemTracker(MemTracker):
@@ -69,9 +69,9 @@ def _tracker_class() -> type:
         steps) and frozen parameters get no gradient hooks (MemTracker would register hooks on them, which
         PyTorch refuses for tensors that do not require a gradient)."""
 
-        def __init__(self, root: torch.nn.Module) -> None:
+        def __init__(self, *roots: torch.nn.Module) -> None:
             super().__init__()
-            self._root = root
+            self.roots = list(roots)  # what forward calls: the model, and a wrapper around it (DDP)
             self.largest: dict[Any, dict[str, int]] = {}  # device -> part -> largest bytes seen
 
         def _update_peak_stats(self, peak_state: Any) -> None:
@@ -89,7 +89,7 @@ def _tracker_class() -> type:
             return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
         def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
-            if module is self._root and module in self.memory_tracking and not self._mod_tracker.is_bw:
+            if any(module is r for r in self.roots) and module in self.memory_tracking and not self._mod_tracker.is_bw:
                 del self.memory_tracking[module]  # a new micro-batch or step of the same root
             super()._pre_fw_hook(module, inputs)
 
@@ -141,7 +141,7 @@ def tracked_steps(model: torch.nn.Module, optimizers: list[Any], device: torch.d
     largest bytes of each part at any moment), both grouped by :func:`group_parts`. ``optimizers`` are those that
     exist already (optimizers created later, e.g. per layer, are found by MemTracker's global optimizer hook on
     their first step)."""
-    tracker = _tracker_class()(model)
+    tracker = step_tracker_class()(model)
     tracker.track_external(model, *[o for o in optimizers if isinstance(o, torch.optim.Optimizer)])
     with tracker:
         yield lambda: (

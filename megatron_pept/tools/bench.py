@@ -51,9 +51,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--suite",
-        choices=("model", "data", "optim", "comm", "grad_memory", "checkpoint", "quant", "quant_memory", "param_bytes"),
+        choices=(
+            "model",
+            "data",
+            "optim",
+            "comm",
+            "grad_memory",
+            "checkpoint",
+            "quant",
+            "quant_memory",
+            "param_bytes",
+            "planner",
+        ),
         default="model",
-        help="model (default): our LLaMA vs transformers' as described above; data: corpus preparation "
+        help="model (default): our LLaMA vs transformers' as described above; planner: the memory planner's peak "
+        "beside the allocator's measured peak of the same run on this CPU, for each of its cases (--planner-cases); "
+        "data: corpus preparation "
         "throughput (MB/s) and the loader's share of a debug-model training step (see --corpus-mb ...); optim: "
         "GaLore optimizer-state bytes, step time vs galore-torch, projector refresh (full vs randomized SVD), "
         "GaLore's overhead in a 60m training step, per-layer update memory, the family's (AdamW, galore, apollo, "
@@ -81,6 +94,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--optim-model", default="350m", choices=list(MODEL_SHAPES), help="optim suite: model shapes (default 350m)"
     )
     parser.add_argument("--blocks", type=int, default=2, help="optim suite: transformer blocks of matrices (default 2)")
+    parser.add_argument(
+        "--planner-cases",
+        help="planner suite: comma-separated cases (default: all; names in megatron_pept.bench.planner)",
+    )
     parser.add_argument("--comm-model", default="60m", choices=list(MODEL_SHAPES), help="comm suite: model size")
     parser.add_argument(
         "--comm-methods", default="full,galore", help="comm suite: comma-separated methods (full is the baseline)"
@@ -201,6 +218,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return run_cli(lambda: _quant_memory_suite(args), prog=prog)
     if args.suite == "param_bytes":
         return run_cli(lambda: _param_bytes_suite(args), prog=prog)
+    if args.suite == "planner":
+        return run_cli(lambda: _planner_suite(args), prog=prog)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -227,6 +246,19 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return 2
     print(format_result(result))
     _write_json(args.json, result.to_dict())
+    return 0
+
+
+def _planner_suite(args: argparse.Namespace) -> int:
+    from megatron_pept.bench import planner as bp
+
+    cases = tuple(c.strip() for c in (args.planner_cases or ",".join(bp.CASES)).split(",") if c.strip())
+    unknown = [c for c in cases if c not in bp.CASES]
+    if unknown:
+        raise UserError(f"--planner-cases: unknown {', '.join(unknown)}; choose from {', '.join(bp.CASES)}")
+    result = bp.run_planner_check(bp.PlannerCheckSettings(cases=cases))
+    print(bp.format_planner_check(result))
+    _write_json(args.json, result)
     return 0
 
 

@@ -74,6 +74,7 @@ RULES: dict[str, set[str] | str] = {
     "train": ABOVE,
     "bench": ANYTHING,
     "study": ANYTHING,
+    "plan": ABOVE,
     "tools": ANYTHING,
 }
 
