@@ -17,6 +17,7 @@ GaLore's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,8 @@ class _Int8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             weight = dequantize_groups(codes, scales, zeros, group_size=layer.group_size).to(ctx.dtype)
             grad_x = (g @ weight).to(ctx.x_dtype)
+        if layer.on_weight_grad is not None:  # per-layer updates: the layer's step, after grad_x used its weight
+            layer.on_weight_grad()
         return grad_x, None, None, None, None
 
 
@@ -121,6 +124,8 @@ class Int8Linear(nn.Module):
             torch.empty(out_features, groups, dtype=torch.uint8, device=device), requires_grad=False
         )
         self.weight_grad: torch.Tensor | None = None  # the fp32 gradient of this step's backward passes, whole
+        # Called in backward each time weight_grad was accumulated (per-layer updates step the layer there).
+        self.on_weight_grad: Callable[[], None] | None = None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         # The codes and zero points are integers and the scales fp32 whatever the module is cast to (a cast would
@@ -186,10 +191,11 @@ class QGaLore(GaLoreMethod):
                 "partitions, and Q-GaLore's int8 weights are no fp32 parameters ZeRO could partition; use "
                 "parallel.backend=fsdp2 (it shards the int8 weights by rows) or ddp"
             )
-        if cfg.optim.per_layer:
+        if cfg.optim.per_layer and cfg.parallel.backend != "single":
             raise ConfigError(
-                "method.name=q_galore cannot run with optim.per_layer=true in this version: its int8 weights carry "
-                "no .grad for a per-parameter hook to step; set optim.per_layer=false"
+                f"method.name=q_galore with optim.per_layer=true runs on one process in this version (its int8 "
+                f"layers step from their own backward); got parallel.backend={cfg.parallel.backend}: use "
+                "parallel.backend=single or optim.per_layer=false"
             )
         if cfg.model.init_from:
             raise ConfigError(

@@ -21,6 +21,7 @@ parameter (same class, same hyper-parameters, same group dictionaries, so learni
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -68,7 +69,15 @@ class PerLayerOptimizer(ShardAwareOptimizer):
         self._grad_sq: torch.Tensor | None = None
         self._stepped: list[torch.optim.Optimizer] = []
         self._last_stepped: list[torch.optim.Optimizer] = []
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.optimizers]
+        self._handles: list[Any] = []
+        self._layers: list[Any] = []
+        for p, sub in self.optimizers.items():
+            layer = getattr(sub, "int8_layers", {}).get(p)
+            if layer is None:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            else:  # a weight held in int8 (Q-GaLore): no .grad; its layer's backward leaves weight_grad
+                layer.on_weight_grad = partial(self._layer_hook, p, layer)
+                self._layers.append(layer)
 
     def _hook(self, p: torch.Tensor) -> None:
         if not self.armed or p.grad is None:
@@ -76,6 +85,16 @@ class PerLayerOptimizer(ShardAwareOptimizer):
         grad = p.grad
         if self.grad_reduce is not None:
             self.grad_reduce(grad)
+        self._step(p, grad)
+        p.grad = None
+
+    def _layer_hook(self, p: torch.Tensor, layer: Any) -> None:
+        if not self.armed:
+            return  # an earlier micro-batch: the layer accumulates
+        self._step(p, layer.weight_grad)
+        layer.weight_grad = None
+
+    def _step(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         sq = grad.detach().float().square().sum()
         self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
         if self.clip_coef != 1.0:
@@ -83,7 +102,6 @@ class PerLayerOptimizer(ShardAwareOptimizer):
         sub = self.optimizers[p]
         sub.step()
         self._stepped.append(sub)
-        p.grad = None
 
     # -- driven by the trainer ---------------------------------------------------------------------------------
 
@@ -104,7 +122,9 @@ class PerLayerOptimizer(ShardAwareOptimizer):
         """Remove the backward hooks (the optimizer is being replaced)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for layer in self._layers:
+            layer.on_weight_grad = None
+        self._handles, self._layers = [], []
 
     # -- the shard-aware protocol: delegated to the optimizer of each parameter ---------------------------------
 

@@ -250,7 +250,7 @@ def vocab_size_of(cfg: Config) -> int:
     return DEFAULT_VOCAB_SIZE
 
 
-def planning_config(cfg: Config) -> tuple[Config, list[str], tuple[int, ...], str]:
+def planning_config(cfg: Config, *, ranks: int = 1) -> tuple[Config, list[str], tuple[int, ...], str]:
     """The config a plan runs: ``cfg`` with :data:`PLAN_STEPS` steps, nothing written, fake CPU tensors standing for
     the target device, attention through SDPA, and the method's events moved into the planned steps. Returns (the
     config, the method settings changed, the steps whose optimizer step refreshes, the target device type)."""
@@ -263,6 +263,11 @@ def planning_config(cfg: Config) -> tuple[Config, list[str], tuple[int, ...], st
     events = method_class(cfg.method.name).planned_events(settings)
     raw["method"].update(events.overrides)
     raw["train"].update(steps=PLAN_STEPS, device="cpu", compile=False, profile_steps=None, eval_at_start=False)
+    # Two micro-batches hold what any number does (the accumulated gradients beside the next one's activations).
+    t = cfg.train
+    per_micro = t.micro_batch_size * ranks
+    if t.global_batch_size % per_micro == 0 and t.global_batch_size // per_micro > 2:
+        raw["train"]["global_batch_size"] = 2 * per_micro
     if raw["train"]["dtype"] == "auto":
         raw["train"]["dtype"] = "bf16" if target == "cuda" or raw["train"]["param_dtype"] == "bf16" else "fp32"
     raw["model"]["attention"] = "sdpa"
@@ -299,7 +304,7 @@ def _plan_fake(cfg: Config, *, ranks: int, world: bool) -> Plan:
     from megatron_pept.plan.fake import fake_tensors, fake_world
 
     started = time.perf_counter()
-    run_cfg, changed, refresh_steps, target = planning_config(cfg)
+    run_cfg, changed, refresh_steps, target = planning_config(cfg, ranks=ranks)
     vocab = vocab_size_of(cfg)
     device = torch.device("cpu")
     with contextlib.ExitStack() as stack:
@@ -334,7 +339,7 @@ def _plan_fake(cfg: Config, *, ranks: int, world: bool) -> Plan:
         for name, nbytes in p.parts.items():
             largest_parts[name] = max(largest_parts[name], nbytes)
     return Plan(
-        settings=describe(run_cfg, ranks=ranks, vocab_size=vocab, target=target),
+        settings=describe(cfg, ranks=ranks, vocab_size=vocab, target=target, compute_dtype=run_cfg.train.dtype),
         how=f"fake tensors: the trainer's start-up and {PLAN_STEPS} steps, counted by torch's MemTracker"
         + (f", rank 0 of {ranks} on a fake process group" if world else ""),
         peak_bytes=peak_bytes,
@@ -388,7 +393,7 @@ def _instrument(trainer: Any, tracker: Any, refresh_steps: tuple[int, ...]) -> N
     method.on_step_end = phase_of(method.on_step_end, "restart/refresh")
 
 
-def describe(cfg: Config, *, ranks: int, vocab_size: int, target: str) -> dict[str, Any]:
+def describe(cfg: Config, *, ranks: int, vocab_size: int, target: str, compute_dtype: str) -> dict[str, Any]:
     t = cfg.train
     return {
         "model": cfg.model.name,
@@ -401,7 +406,7 @@ def describe(cfg: Config, *, ranks: int, vocab_size: int, target: str) -> dict[s
         "seq_len": cfg.data.seq_len,
         "grad_accum_steps": max(1, t.global_batch_size // (t.micro_batch_size * ranks)),
         "param_dtype": t.param_dtype,
-        "compute_dtype": t.dtype,
+        "compute_dtype": compute_dtype,
         "state_dtype": cfg.optim.state_dtype,
         "per_layer": cfg.optim.per_layer,
         "activation_checkpointing": t.activation_checkpointing,

@@ -307,9 +307,11 @@ def tiny(data: Path, run_dir: Path, *overrides: str):
 
 
 @pytest.mark.parametrize("micro", [8, 4], ids=["no-accumulation", "accumulation"])
-@pytest.mark.parametrize("method", ["full", "galore", "galore_ef", "adam_mini", "relora"])
+@pytest.mark.parametrize("method", ["full", "galore", "galore_ef", "adam_mini", "relora", "q_galore"])
 def test_per_layer_equals_global_step(method: str, micro: int, quickstart_data: Path, tmp_path: Path) -> None:
     extra = [f"method.name={method}", f"train.micro_batch_size={micro}", "train.max_grad_norm=0"]
+    if method == "q_galore":  # int8 weights step from their layer's backward (weight_grad), not a .grad hook
+        extra += ["method.weight_group_size=16"]
     if method == "relora":
         extra += ["method.reset_every=2", "method.warm_start_steps=1", "method.restart_warmup_steps=1"]
     whole = Trainer(tiny(quickstart_data, tmp_path / "g", *extra))

@@ -191,15 +191,16 @@ def test_weight_decay_on_bf16_weights_is_rounded_like_the_update() -> None:
 
 # -- every optimizer on bf16 weights: the fp32 step, rounded ---------------------------------------------------------
 
+FP32_PROJECTOR = "method.projector_dtype=fp32"  # the master's projector (auto holds bf16 weights' in bf16)
 METHODS = {
     "full": [],
-    "galore": ["method.rank=4", "method.update_proj_gap=2"],
-    "galore_ef": ["method.rank=4"],
-    "galore_8bit": ["method.rank=4"],
-    "galore_adafactor": ["method.rank=4"],
+    "galore": ["method.rank=4", "method.update_proj_gap=2", FP32_PROJECTOR],
+    "galore_ef": ["method.rank=4", FP32_PROJECTOR],
+    "galore_8bit": ["method.rank=4", FP32_PROJECTOR],
+    "galore_adafactor": ["method.rank=4", FP32_PROJECTOR],
     "adam_mini": [],
     "apollo": ["method.rank=4"],
-    "fira": ["method.rank=4"],
+    "fira": ["method.rank=4", FP32_PROJECTOR],
     "relora": ["method.rank=4"],
 }
 
@@ -243,6 +244,35 @@ def test_each_optimizer_on_bf16_weights_takes_its_fp32_step_rounded(method: str,
     assert moved >= 4
     master.close()
     low.close()
+
+
+def test_bf16_weights_hold_a_bf16_projector_used_upcast(quickstart_data, tmp_path) -> None:
+    """method.projector_dtype=auto with bf16 weights holds the projector in bf16 (as galore-torch does, in its bf16
+    gradient's dtype); fp32 keeps it fp32."""
+    overrides = ["method.name=galore", "method.rank=4", "optim.weight_update=nearest"]
+    held = {}
+    for dtype in ("auto", "fp32"):
+        run = Trainer(
+            tiny(
+                quickstart_data,
+                tmp_path / dtype,
+                *overrides,
+                "train.param_dtype=bf16",
+                f"method.projector_dtype={dtype}",
+            )
+        )
+        params = [p for p in run.raw_model.parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(3)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.01).bfloat16()
+        run.optimizer.step()  # the first step makes the projectors
+        held[dtype] = run
+    auto, fp32 = held["auto"].optimizer, held["fp32"].optimizer
+    projectors = [(p, s["projector"]) for p, s in auto.state.items() if "projector" in s]
+    assert projectors and all(t.dtype == torch.bfloat16 for _, t in projectors)
+    assert all(s["projector"].dtype == torch.float32 for s in fp32.state.values() if "projector" in s)
+    for run in held.values():
+        run.close()
 
 
 def as_one_zero_rank(optimizer) -> None:

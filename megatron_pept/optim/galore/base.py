@@ -76,6 +76,7 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = dict(
     svd="full",
     svd_oversample=8,
     svd_power_iters=1,
+    projector_dtype="fp32",
     seed=0,
     projector="svd",
     update_rule="galore",
@@ -135,6 +136,8 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
             raise ValueError(f"proj_type {group['proj_type']!r} is not supported; only 'std'")
         if group["svd"] not in ("full", "randomized"):
             raise ValueError(f"svd must be 'full' or 'randomized'; got {group['svd']!r}")
+        if group["projector_dtype"] not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"projector_dtype must be 'auto', 'fp32' or 'bf16'; got {group['projector_dtype']!r}")
         if group["projector"] not in PROJECTORS:
             raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}; got {group['projector']!r}")
         if group["update_rule"] not in UPDATE_RULES:
@@ -226,8 +229,12 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         self.last_svd_seconds += time.perf_counter() - start
         basis = view.local_basis(basis.to(grad.dtype), side)
         if int(state["refreshes"]) > 0:  # a host counter (HOST_STATE_KEYS): no synchronisation
-            self.last_overlaps.append(view.overlap(state["projector"], basis, side))
-        state["projector"] = basis
+            self.last_overlaps.append(view.overlap(state["projector"].to(basis.dtype), basis, side))
+        # Held in bf16 where asked (method.projector_dtype; auto: with bf16 weights, as galore-torch holds it in its
+        # bf16 gradient's dtype): half the bytes, computed in fp32 and used upcast.
+        want = group.get("projector_dtype", "fp32")
+        bf16 = want == "bf16" or (want == "auto" and view.param(p).dtype == torch.bfloat16)
+        state["projector"] = basis.to(torch.bfloat16) if bf16 else basis
         state["refreshes"] += 1
         self.last_refreshes += 1
 
@@ -353,7 +360,7 @@ class GaLoreOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
         if group["projector"] == "random":
             basis = self._random_basis(p, state, rank, side, view, grad.device)
         else:
-            basis = state["projector"]
+            basis = state["projector"].float()  # a no-op for an fp32 projector
         low = view.project(grad, basis, side)
         if group["ef_weight"] > 0:
             residual = grad - view.back(low, basis, side)
