@@ -91,6 +91,9 @@ def test_dry_run_produces_every_row_with_finite_numbers(quickstart_data: Path, t
     assert galore["vs_full"] == pytest.approx(galore["tokens_per_s"] / full["tokens_per_s"])
     relora = rows["throughput/relora/single"]["metrics"]
     assert len(relora["step_seconds"]) == 3 and relora["restart_index"] == 1  # 1 warm-up + 2 timed, restart timed
+    memory = rows["memory/galore_8bit_per_layer"]
+    if not memory["skipped"]:  # the planner's figure for the same run, beside the measured one
+        assert memory["metrics"]["planned_peak_bytes"] > 0 and "planned" in memory["measured"]
     if "bitsandbytes" not in (rows["galore_8bit/step"]["skipped"] or ""):
         assert rows["galore_8bit/step"]["metrics"]["uint8_states_on_device"] > 0
         calls = rows["galore_8bit/step"]["metrics"]["bnb_kernel_calls"]  # bitsandbytes' CPU kernels, by name
