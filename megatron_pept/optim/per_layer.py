@@ -91,14 +91,16 @@ class PerLayerOptimizer(ShardAwareOptimizer):
     def _layer_hook(self, p: torch.Tensor, layer: Any) -> None:
         if not self.armed:
             return  # an earlier micro-batch: the layer accumulates
-        self._step(p, layer.weight_grad)
+        # As in a global step, an int8 weight's gradient is neither in the norm nor clipped (docs/methods.md, Q-GaLore)
+        self._step(p, layer.weight_grad, counted=False)
         layer.weight_grad = None
 
-    def _step(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        sq = grad.detach().float().square().sum()
-        self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
-        if self.clip_coef != 1.0:
-            grad.mul_(self.clip_coef)
+    def _step(self, p: torch.Tensor, grad: torch.Tensor, *, counted: bool = True) -> None:
+        if counted:
+            sq = grad.detach().float().square().sum()
+            self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
+            if self.clip_coef != 1.0:
+                grad.mul_(self.clip_coef)
         sub = self.optimizers[p]
         sub.step()
         self._stepped.append(sub)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import wraps
@@ -308,6 +309,9 @@ def _plan_fake(cfg: Config, *, ranks: int, world: bool) -> Plan:
     vocab = vocab_size_of(cfg)
     device = torch.device("cpu")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        # MemTracker looks at every optimizer state value, and some are None (a lazily made buffer)
+        warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass")
         if world:
             stack.enter_context(fake_world(ranks))
         backend = build_backend(run_cfg)  # real: the device mesh is made from real tensors

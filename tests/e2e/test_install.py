@@ -37,6 +37,7 @@ SCRIPTS = (
     "megatron-pept-plot-runs",
     "megatron-pept-analyze-rank",
     "megatron-pept-gpu-check",
+    "megatron-pept-plan",
 )
 
 pytestmark = pytest.mark.slow
@@ -264,6 +265,12 @@ def test_installed_console_scripts_run_outside_the_checkout(venv_bin: Path, tmp_
     assert no_gpu.returncode == 2 and no_gpu.stdout == "", no_gpu.stdout + no_gpu.stderr[-2000:]
     assert len(no_gpu.stderr.splitlines()) == 1 and "no CUDA device" in no_gpu.stderr, no_gpu.stderr[-2000:]
     assert not (work / "gpu_check.json").exists()
+
+    # The memory planner from the installed package, by a shipped config's name: no data, no GPU.
+    planned = json.loads(
+        _check(run("megatron-pept-plan", "--config", "quickstart", "--json"), "megatron-pept-plan").stdout
+    )
+    assert planned["settings"]["model"] == "debug" and planned["peak_bytes"] > 0
 
     # include: between shipped files (relora_130m.yaml includes full_130m.yaml), by a bare name with .yaml too.
     printed = _check(run("megatron-pept-train", "--config", "relora_130m.yaml", "--print-config"), "--print-config")

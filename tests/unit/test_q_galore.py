@@ -293,7 +293,8 @@ def test_weights_stay_int8_and_training_moves_them() -> None:
     "overrides,words",
     [
         (["parallel.backend=deepspeed"], "cannot run with parallel.backend=deepspeed"),
-        (["optim.per_layer=true"], "optim.per_layer"),
+        (["optim.per_layer=true", "parallel.backend=ddp"], "runs on one process in this version"),
+        (["optim.per_layer=true", "parallel.backend=fsdp2"], "use parallel.backend=single or optim.per_layer=false"),
         (["method.weight_group_size=256"], "e.g. 32"),  # the 60m MLP's 1376 = 32 x 43
         (["method.proj_group_size=96"], "method.proj_group_size=96"),
         (["method.proj_bits=9"], "method.proj_bits"),
