@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch._guards import active_fake_mode
 
 BLOCK_NUMEL = 1 << 20
 """About how many values one generator draws (4 MB in fp32): the most a process draws beyond its own rows."""
@@ -60,6 +62,8 @@ def draw_rows(
     for size in tuple(shape)[1:]:
         width *= size
     stop = start + rows
+    if rows > 0 and active_fake_mode() is not None:
+        return _span_draw(start=start, stop=stop, per=per, total=total, width=width, draw=draw, device=device)
     pieces = []
     for block in range(start // per, (stop - 1) // per + 1) if rows > 0 else ():
         lo, hi = block * per, min((block + 1) * per, total)
@@ -69,6 +73,16 @@ def draw_rows(
     if not pieces:  # no rows (an empty ZeRO fragment): an empty draw of the draw's own dtype
         return draw((0, width), torch.Generator(device=device))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _span_draw(*, start: int, stop: int, per: int, total: int, width: int, draw: Draw, device: Any) -> torch.Tensor:
+    """Under fake tensors (the memory planner, :mod:`megatron_pept.plan`) no value is ever read: one draw over the
+    blocks' span holds the bytes the blocks hold, and the result is a view of it (one block) or a copy (several, as
+    ``torch.cat`` makes), so a plan counts what a run allocates with a few operations instead of one per block."""
+    lo, hi = (start // per) * per, min(((stop - 1) // per + 1) * per, total)
+    span = draw((hi - lo, width), torch.Generator(device=device))
+    rows = span[start - lo : stop - lo]
+    return rows if hi - lo <= per else rows.clone()
 
 
 __all__ = ["BLOCK_NUMEL", "Draw", "block_seed", "draw_rows", "rows_per_block"]

@@ -46,7 +46,7 @@ CASES: dict[str, tuple[int, list[str]]] = {
     "60m/adam_mini": (1, ["model.name=60m", "method.name=adam_mini"]),
     "60m/apollo_mini": (1, ["model.name=60m", "method.name=apollo_mini"]),
     "60m/full bf16 weights": (1, ["model.name=60m", "method.name=full", "train.param_dtype=bf16"]),
-    "60m/q_galore": (1, ["model.name=60m", "method.name=q_galore", "method.rank=128"]),
+    "60m/q_galore": (1, ["model.name=60m", "method.name=q_galore", "method.rank=128", "method.weight_group_size=32"]),
     "130m/full": (1, ["model.name=130m", "method.name=full"]),
     "130m/galore": (1, ["model.name=130m", "method.name=galore", "method.rank=256"]),
     "130m/relora@nf4": (1, ["model.name=130m", "method.name=relora", "method.rank=128", "method.base_dtype=nf4"]),

@@ -94,6 +94,31 @@ def test_attention_keeps_no_sequence_squared_matrix():
     assert large < 8 * 4096 * 4096 * 2  # one bf16 score matrix of 8 heads
 
 
+@pytest.mark.parametrize("start,rows", [(500, 2100), (1100, 300)], ids=["three-blocks", "one-block"])
+def test_fake_seeded_draws_hold_the_bytes_the_blocks_hold(start, rows):
+    """Under fake tensors seeded.draw_rows draws the blocks' span at once (a 7B plan would otherwise spend most of
+    its time on per-block draws): its peak and result bytes are those of the real, block-by-block draw."""
+    from megatron_pept.plan.fake import fake_tensors
+    from megatron_pept.seeded import draw_rows
+    from megatron_pept.study.memory import step_tracker_class
+
+    def draw(size, generator):
+        return torch.randint(0, 2**16, size, generator=generator, dtype=torch.int32)
+
+    def held(fake: bool) -> tuple[int, int]:
+        with fake_tensors() if fake else contextlib.nullcontext():
+            tracker = step_tracker_class()()
+            with tracker:
+                out = draw_rows(
+                    start=start, rows=rows, shape=(3000, 1024), name="w", seed=0, purpose="t", draw=draw, device="cpu"
+                )
+            peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+            assert out.shape == (rows, 1024) and out.dtype == torch.int32
+            return peak, out.untyped_storage().nbytes()
+
+    assert held(fake=True) == held(fake=False)
+
+
 def test_method_events_fall_in_their_phases():
     galore = plan(_cfg("method.name=galore", "method.rank=8"))
     assert "method.update_proj_gap=2" in galore.overrides
