@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -167,17 +166,12 @@ def _phase_tracker(device: torch.device) -> Any:
                 parts = plan_parts({k: v for k, v in snap.items() if k != "Total"})
                 self.peaks[key] = PhasePeak(self.phase, self.step, total, parts)
 
-        @contextlib.contextmanager
-        def in_phase(self, phase: str) -> Iterator[None]:
-            before, self.phase = self.phase, phase
-            self.peaks.setdefault(
-                (phase, self.step),
-                PhasePeak(phase, self.step, self.current_total(), self.current_parts()),
-            )
-            try:
-                yield
-            finally:
-                self.phase = before
+        def enter(self, phase: str) -> None:
+            """Count in ``phase`` (of :attr:`step`) from now on; a phase's peak is at least what is held as it
+            starts."""
+            self.phase = phase
+            key = (phase, self.step)
+            self.peaks.setdefault(key, PhasePeak(phase, self.step, self.current_total(), self.current_parts()))
 
         def current_total(self) -> int:
             snap = self._curr_mem_snap.get(self.device)
@@ -324,12 +318,11 @@ def _plan_fake(cfg: Config, *, ranks: int, world: bool) -> Plan:
         _instrument(trainer, tracker, refresh_steps)
         for step in range(PLAN_STEPS):
             tracker.step = step
-            with tracker.in_phase("forward"):
-                trainer.train_step()
-        tracker.step = PLAN_STEPS - 1
-        with tracker.in_phase("checkpoint save"):
-            state = checkpoint_state(trainer.raw_model, trainer.optimizer, trainer._checkpoint_parts(), native=False)
-            del state
+            tracker.enter("forward")
+            trainer.train_step()
+        tracker.enter("checkpoint save")
+        state = checkpoint_state(trainer.raw_model, trainer.optimizer, trainer._checkpoint_parts(), native=False)
+        del state
         peak = tracker.get_tracker_snapshot("peak").get(device, {})
         phases = sorted(tracker.peaks.values(), key=lambda p: -1 if p.step is None else p.step)
         guessed = reads.guessed
@@ -379,22 +372,33 @@ def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
 
 
 def _instrument(trainer: Any, tracker: Any, refresh_steps: tuple[int, ...]) -> None:
-    """Name the phases of the trainer's step as its backend and method run them."""
+    """Name the phases of the trainer's step as its backend and method run them: forward until a micro-batch's
+    backward, backward during it; after the last micro-batch's backward the gradients are the optimizer step's
+    (their norm, clipping, the step), then the method's step end is ``restart/refresh``."""
 
-    def phase_of(fn: Any, name: Any) -> Any:
-        @wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            with tracker.in_phase(name() if callable(name) else name):
-                return fn(*args, **kwargs)
-
-        return run
+    def step_label() -> str:
+        return "optimizer step + refresh" if tracker.step in refresh_steps else "optimizer step"
 
     backend, method = trainer.backend, trainer.method
-    backend.backward = phase_of(backend.backward, "backward")
-    backend.step = phase_of(
-        backend.step, lambda: "optimizer step + refresh" if tracker.step in refresh_steps else "optimizer step"
-    )
-    method.on_step_end = phase_of(method.on_step_end, "restart/refresh")
+    backward, step, on_step_end = backend.backward, backend.step, method.on_step_end
+
+    def planned_backward(loss: torch.Tensor, *, last: bool) -> torch.Tensor:
+        tracker.enter("backward")
+        out = backward(loss, last=last)
+        tracker.enter(step_label() if last else "forward")
+        return out
+
+    @wraps(step)
+    def planned_step(*args: Any, **kwargs: Any) -> Any:
+        tracker.enter(step_label())
+        return step(*args, **kwargs)
+
+    @wraps(on_step_end)
+    def planned_step_end(*args: Any, **kwargs: Any) -> Any:
+        tracker.enter("restart/refresh")
+        return on_step_end(*args, **kwargs)
+
+    backend.backward, backend.step, method.on_step_end = planned_backward, planned_step, planned_step_end
 
 
 def describe(cfg: Config, *, ranks: int, vocab_size: int, target: str, compute_dtype: str) -> dict[str, Any]:

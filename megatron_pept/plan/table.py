@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,18 @@ def fits_on(size: str, recipe: str) -> dict[str, Any]:
     from megatron_pept.plan.fit import fits
 
     rank = [f"method.rank={RANKS[size]}"] if size in RANKS and recipe != "full" else []
-    base = [f"model.name={size}", *COMMON, *RECIPES[recipe], *rank]
+    group = []
+    if recipe == "q_galore":  # int8 groups lie within a row: a size dividing both the width and the MLP width
+        size_cfg = registry.load_config("quickstart", [f"model.name={size}"])
+        from megatron_pept.models import llama_args
+
+        a = llama_args(size_cfg.model)
+        common = math.gcd(a.hidden_size, a.intermediate_size)
+        g = max((2**k for k in range(9) if common % 2**k == 0), default=1)
+        if g < 8:
+            return {"fits_on": None, "peak_gb": None, "why": f"no int8 group size of 8 or more divides {common}"}
+        group = [f"method.weight_group_size={g}"]
+    base = [f"model.name={size}", *COMMON, *RECIPES[recipe], *rank, *group]
     one = plan(registry.load_config("quickstart", [*base, "train.global_batch_size=1"]))
     for gb in GPUS:
         if fits(one, gb):
@@ -68,7 +80,7 @@ def markdown(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
         out = []
         for recipe in recipes:
             c = row[recipe]
-            out.append(f"{c['fits_on'] or 'none'} ({c['peak_gb']:.1f})")
+            out.append("n/a" if c["peak_gb"] is None else f"{c['fits_on'] or 'none'} ({c['peak_gb']:.1f})")
         lines.append(f"| {size} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
