@@ -59,6 +59,11 @@ CASES: dict[str, tuple[int, list[str]]] = {
         ["model.name=60m", "method.name=relora", "method.rank=128", "method.base_dtype=nf4", "parallel.backend=fsdp2"],
     ),
     "130m/full fsdp2x2": (2, ["model.name=130m", "method.name=full", "parallel.backend=fsdp2"]),
+    "60m/full ddp x2 (computed)": (2, ["model.name=60m", "method.name=full", "parallel.backend=ddp"]),
+    "60m/full zero2x2 (computed)": (
+        2,
+        ["model.name=60m", "method.name=full", "parallel.backend=deepspeed", "parallel.zero_stage=2"],
+    ),
 }
 """Name -> (ranks, overrides over :data:`COMMON` and the quickstart config)."""
 

@@ -42,6 +42,7 @@ def _measured_peak(overrides: list[str], tmp_path, data) -> int:
     return measured.peak
 
 
+@pytest.mark.slow  # several plans (and real runs): seconds each
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -52,13 +53,15 @@ def _measured_peak(overrides: list[str], tmp_path, data) -> int:
     ids=["full", "galore", "relora_nf4"],
 )
 def test_planned_peak_is_the_allocators_measured_peak_on_cpu(overrides, quickstart_data, tmp_path):
-    """A CPU run planned (train.device=cpu, fp32) against the same run measured by the allocator: within 10%."""
+    """A CPU run planned (train.device=cpu, fp32) against the same run measured by the allocator. The issue asks for
+    10%; on one CPU process they agree to the byte (docs/benchmarks.md), so 2% catches a planner that drifts."""
     overrides = ["train.device=cpu", "train.dtype=fp32", *overrides]
     planned = plan(_cfg(*overrides)).peak_bytes
     measured = _measured_peak(overrides, tmp_path, quickstart_data)
-    assert abs(planned - measured) / measured < 0.10, (planned, measured)
+    assert abs(planned - measured) / measured < 0.02, (planned, measured)
 
 
+@pytest.mark.slow  # several plans (and real runs): seconds each
 def test_fsdp2_ranks_hold_their_share_of_weights_and_optimizer_state():
     one = plan(_cfg("method.name=full", batch=4))
     four = plan(_cfg("method.name=full", "parallel.backend=fsdp2", batch=16), ranks=4)
@@ -138,6 +141,7 @@ def test_bf16_weights_halve_the_weights():
     assert fp32.parts["weights"] - bf16.parts["weights"] == fp32.trainable_grad_bytes // 2
 
 
+@pytest.mark.slow  # several plans (and real runs): seconds each
 def test_ddp_adds_its_gradient_buckets_and_zero_partitions():
     one = plan(_cfg("method.name=full", batch=4))
     ddp = plan(_cfg("method.name=full", "parallel.backend=ddp", batch=8), ranks=2)
@@ -153,6 +157,7 @@ def test_ddp_adds_its_gradient_buckets_and_zero_partitions():
     assert peaks[0]["optimizer"] == peaks[1]["optimizer"] == peaks[2]["optimizer"]  # every stage partitions it
 
 
+@pytest.mark.slow  # several plans (and real runs): seconds each
 def test_fit_and_largest_micro_batch():
     cfg = _cfg("method.name=full")
     first = plan(cfg)
