@@ -154,7 +154,8 @@ def _measure_worker(overrides: list[str], steps: int, out: Path) -> None:
 
     cfg = registry.load_config("quickstart", overrides)
     with AllocatorPeak(torch.device("cpu")) as measured, Trainer(cfg) as trainer:
-        with tracked_steps(trainer.raw_model, [trainer.optimizer], trainer.device) as snapshot:
+        optimizers = [trainer.optimizer]
+        with tracked_steps(trainer.raw_model, optimizers, trainer.device, wrapper=trainer.model) as snapshot:
             for _ in range(steps):
                 trainer.train_step()
             tracked = sum(snapshot()[0].values())

@@ -18,8 +18,9 @@ per-rank work (micro-batch, accumulation, method, optimizer, dtypes).
   - gradients: the trainable parameters' gradients in the module's dtype, whole at ZeRO-1 and 1/N at ZeRO-2 and
     -3, and this rank's 1/N in the master's dtype for the optimizer;
   - optimizer state: the one-process plan's largest, 1/N (ZeRO-1, -2 and -3 all partition it);
-  - communication: the gradient bucket (``reduce_bucket_size`` elements in the module's dtype) and, at ZeRO-1
-    and -2, the all-gather bucket of the updated weights (``allgather_bucket_size``);
+  - communication: the gradient bucket, ``reduce_bucket_size`` elements (5e8 by default: 2 GB in fp32, whatever the
+    model's size), two with ``overlap_comm``, in fp32 at ZeRO-1 and the module's dtype at ZeRO-2 and -3
+    (measured on 2 gloo ranks: docs/benchmarks.md);
   - activations and temporaries: the one-process plan's, at its peak.
 
   The parts are added as if all were live at once (gradients and activations overlap only during backward): an
@@ -39,7 +40,6 @@ from megatron_pept.plan.planner import GIB, PART_NAMES, PhasePeak, Plan, _plan_f
 
 DEEPSPEED_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
-    "allgather_bucket_size": 500_000_000,
     "stage3_max_live_parameters": 1_000_000_000,
     "stage3_prefetch_bucket_size": 50_000_000,
 }
@@ -133,9 +133,10 @@ def plan_zero(cfg: Config, *, ranks: int) -> Plan:
     master = math.ceil(psi_t / n) * master_bytes
     grads = (psi_t * module_bytes if stage == 1 else math.ceil(psi_t / n) * module_bytes) + master
     optimizer = math.ceil(base.largest["optimizer"] / n)
-    comm = min(int(zero["reduce_bucket_size"]), psi_t) * module_bytes
-    if stage in (1, 2):
-        comm += min(int(zero["allgather_bucket_size"]), psi_t) * module_bytes
+    # The gradient bucket DeepSpeed allocates whole whatever the model's size (contiguous_gradients), two with
+    # overlap_comm (its default at ZeRO-3); ZeRO-1 stages it in fp32, ZeRO-2 and -3 in the module's dtype.
+    buckets = 2 if zero.get("overlap_comm", stage == 3) else 1
+    comm = int(zero["reduce_bucket_size"]) * buckets * (4 if stage == 1 else module_bytes)
     activations = base.parts["activations"]
     temporaries = base.parts["temporaries"]
     parts = {
@@ -163,9 +164,8 @@ def plan_zero(cfg: Config, *, ranks: int) -> Plan:
             *base.notes,
             f"DeepSpeed {'bf16' if bf16 else 'fp32'} module ({module_bytes} bytes a parameter), "
             f"{'bf16' if master_bytes == 2 else 'fp32'} master and optimizer partitions of 1/{n}",
-            f"communication buckets under other: {comm / GIB:.2f} GB (reduce_bucket_size="
-            f"{int(zero['reduce_bucket_size']):.0e}"
-            + (f", allgather_bucket_size={int(zero['allgather_bucket_size']):.0e}" if stage in (1, 2) else "")
-            + " elements)",
+            f"gradient bucket under other: {comm / GIB:.2f} GB ({buckets} x reduce_bucket_size="
+            f"{int(zero['reduce_bucket_size']):.0e} elements; set parallel.deepspeed_config's zero_optimization."
+            "reduce_bucket_size lower for a small model)",
         ],
     )

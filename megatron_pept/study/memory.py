@@ -136,12 +136,14 @@ class AllocatorPeak:
 
 
 @contextlib.contextmanager
-def tracked_steps(model: torch.nn.Module, optimizers: list[Any], device: torch.device) -> Iterator[Callable]:
+def tracked_steps(
+    model: torch.nn.Module, optimizers: list[Any], device: torch.device, *, wrapper: torch.nn.Module | None = None
+) -> Iterator[Callable]:
     """Track the steps run inside the block; yields a function returning (the snapshot at the tracked peak, the
     largest bytes of each part at any moment), both grouped by :func:`group_parts`. ``optimizers`` are those that
     exist already (optimizers created later, e.g. per layer, are found by MemTracker's global optimizer hook on
-    their first step)."""
-    tracker = step_tracker_class()(model)
+    their first step). ``wrapper``: what forward calls when it is not ``model`` itself (DDP's wrapper)."""
+    tracker = step_tracker_class()(model, *([wrapper] if wrapper is not None else []))
     tracker.track_external(model, *[o for o in optimizers if isinstance(o, torch.optim.Optimizer)])
     with tracker:
         yield lambda: (
