@@ -1,8 +1,8 @@
 """APOLLO, APOLLO-Mini and Fira under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 with 2 gloo ranks against one process on
 the same global batch (losses and final weights within test_data_parallel's tolerances), and their checkpoints:
 FSDP2 and ZeRO-2/3 runs (ZeRO: each method on one stage) interrupted and resumed end bit-identical to uninterrupted
-ones, and a 2-rank FSDP2 checkpoint resumes on one process (moments by rows, limiter norm, seeds and refresh counts resharded; APOLLO's
-projections redrawn from them).
+ones, and a 2-rank FSDP2 checkpoint resumes on one process (moments by rows, limiter norm, seeds and refresh counts
+resharded; APOLLO's projections redrawn from them).
 
 The debug model has both projection sides (q/o/gate/up tall or square: right; k/v/down wide: left); under ZeRO three
 layers and an odd MLP width put partition boundaries inside matrices and inside rows of right-projected ones (the

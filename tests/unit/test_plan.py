@@ -122,6 +122,24 @@ def test_fake_seeded_draws_hold_the_bytes_the_blocks_hold(start, rows):
     assert held(fake=True) == held(fake=False)
 
 
+@pytest.mark.parametrize("rows", [(70, 300), (10, 40)], ids=["five-blocks", "one-block"])
+def test_fake_rounding_noise_holds_the_bytes_the_blocks_hold(rows):
+    """Q-GaLore's stochastic-rounding noise under fake tensors: one draw of the blocks' span, the same bytes."""
+    from megatron_pept.optim.galore.quantize import rounding_noise
+    from megatron_pept.plan.fake import fake_tensors
+    from megatron_pept.study.memory import step_tracker_class
+
+    def held(fake: bool) -> tuple[int, int]:
+        with fake_tensors() if fake else contextlib.nullcontext():
+            tracker = step_tracker_class()()
+            with tracker:
+                out = rounding_noise(7, 3, rows=rows, cols=256, device="cpu")
+            assert out.shape == (rows[1] - rows[0], 256)
+            return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"], out.untyped_storage().nbytes()
+
+    assert held(fake=True) == held(fake=False)
+
+
 def test_method_events_fall_in_their_phases():
     galore = plan(_cfg("method.name=galore", "method.rank=8"))
     assert "method.update_proj_gap=2" in galore.overrides

@@ -2,8 +2,8 @@
 ``galore_8bit`` (rank 1024, GaLore's 7B recipe), per-layer weight updates (``optim.per_layer=true``) and activation
 checkpointing, batch 1 x 256 tokens (GaLore's sequence length), the first step computing every projector
 (randomized range finder, to keep the check short: a full SVD of all 224 7B matrices is expected to take
-minutes), weights held in bf16 (``train.param_dtype=bf16``, stochastic rounding). Target < 22 GB, in GiB (2^30 bytes: as torch reports memory and
-GPUs are sized; the planner's unit too).
+minutes), weights held in bf16 (``train.param_dtype=bf16``, stochastic rounding). Target < 22 GB, in GiB (2^30
+bytes: as torch reports memory and GPUs are sized; the planner's unit too).
 
 Beside the measured peak the row gives the memory planner's figure for the same run (``megatron_pept.plan``, fake
 tensors, planned for this device before the run is built) and their difference, so the first GPU run measures the
