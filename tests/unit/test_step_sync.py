@@ -37,7 +37,7 @@ LOWRANK = ("lora", "relora", "redora", "repissa", "reloqra")
 # Settings a method needs on the debug model (64 wide, MLP 176): q_galore's quantisation groups must divide its rows
 # and projectors.
 METHOD_EXTRA = {"q_galore": ["method.weight_group_size=16", "method.proj_group_size=32"]}
-NO_PER_LAYER = {"q_galore"}  # refused at validation (its int8 weights carry no .grad for a per-parameter hook)
+NO_PER_LAYER: set[str] = set()  # every method steps per layer on one process (q_galore: from its int8 layers' backward)
 
 
 def host_counters(optimizer) -> list[torch.Tensor]:
