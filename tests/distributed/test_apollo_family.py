@@ -1,13 +1,9 @@
-"""APOLLO, APOLLO-Mini and Fira under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 with 2 gloo ranks against one process on
-the same global batch (losses and final weights within test_data_parallel's tolerances), and their checkpoints:
-FSDP2 and ZeRO-2/3 runs (ZeRO: each method on one stage) interrupted and resumed end bit-identical to uninterrupted
-ones, and a 2-rank FSDP2 checkpoint resumes on one process (moments by rows, limiter norm, seeds and refresh counts
-resharded; APOLLO's projections redrawn from them).
-
-The debug model has both projection sides (q/o/gate/up tall or square: right; k/v/down wide: left); under ZeRO three
-layers and an odd MLP width put partition boundaries inside matrices and inside rows of right-projected ones (the
-per-tensor factor and the limiter's norm must then count a row shared by two ranks once). The session's torchrun
-and deepspeed launches (helpers.shared_launch) run everything."""
+"""APOLLO, APOLLO-Mini and Fira with 2 gloo ranks against one process on the same global batch (losses and final
+weights within test_data_parallel's tolerances): every method on FSDP2 and ZeRO-2, APOLLO-Mini also on DDP, ZeRO-1
+and ZeRO-3 (DDP hands the optimizer whole gradients, the one-process path; ZeRO-1/3 the same flat partitions as
+ZeRO-2). Their checkpoints: FSDP2 and ZeRO runs (ZeRO: each method on one stage, APOLLO and Fira on stage 3 there)
+interrupted and resumed end bit-identical to uninterrupted ones, and a 2-rank FSDP2 checkpoint resumes on one
+process (moments by rows, limiter norm, seeds and refresh counts resharded; APOLLO's projections redrawn from them)."""
 
 from __future__ import annotations
 
@@ -52,12 +48,17 @@ def resume_runs(name: str, tmp: Path, make) -> list[dict]:
     ]
 
 
+# DDP hands every method whole gradients (the one-process path, all-reduced first): one method on DDP, all on FSDP2.
+TORCHRUN_CASES = [("ddp", "apollo_mini"), *(("fsdp2", m) for m in METHODS)]
+
+
 @shared_launch("torchrun")
 def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
     runs = [
         {"name": f"{backend}-{method}", "overrides": method_overrides(data, tmp / f"{backend}-{method}", method, b)}
         for backend, b in (("ddp", "parallel.backend=ddp"), ("fsdp2", "parallel.backend=fsdp2"))
         for method in METHODS
+        if (backend, method) in TORCHRUN_CASES
     ]
     runs.append(
         {
@@ -75,8 +76,9 @@ def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
 
 
 # ZeRO-1 hands the optimizer the same flat partitions as ZeRO-2 (which also partitions the gradients before the
-# optimizer sees them): every method on stages 2 and 3, one on stage 1.
-ZERO_CASES = [(m, s) for s in (1, 2, 3) for m in METHODS if s != 1 or m == "apollo_mini"]
+# optimizer sees them), and ZeRO-3 the same again over partitioned weights: every method on stage 2, APOLLO-Mini on
+# all three (APOLLO and Fira reach stage 3 in their resume runs below).
+ZERO_CASES = [(m, s) for s in (1, 2, 3) for m in METHODS if s == 2 or m == "apollo_mini"]
 # Resume under ZeRO: each method once, the stages alternating (both keep the optimizer's state in the same flat
 # partitions; what differs per method is the state: APOLLO's seeds and refresh counts, APOLLO-Mini's tensor-wise
 # factor, Fira's limiter norm and SVD projector).
@@ -108,8 +110,7 @@ def zero_runs(zero_launch: tuple[dict, Path]) -> dict:
     return zero_launch[0]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("backend,method", TORCHRUN_CASES)
 def test_two_ranks_match_one_process(method: str, backend: str, torchrun_runs, quickstart_data, tmp_path) -> None:
     losses, params = single(method_overrides(quickstart_data, tmp_path, method))
     compare(torchrun_runs[0][f"{backend}-{method}"], losses, params, weight_tol=WEIGHT_TOL)
