@@ -165,7 +165,8 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     state_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Dtype of the Adam moments; bf16 halves optimizer memory (the Approximations paper's bf16 baseline)."""
+    """Dtype of the Adam moments; bf16 halves optimizer memory (the Approximations paper's bf16 baseline). The GaLore
+    family keeps its own (fp32, or 8-bit): ignored there, with a warning."""
     per_layer: bool = False
     """Step each parameter inside backward and free its gradient at once (per-layer weight updates)."""
     weight_update: Literal["auto", "stochastic", "kahan", "nearest"] = "auto"

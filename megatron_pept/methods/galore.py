@@ -228,6 +228,13 @@ class GaLoreMethod(Method):
         targets = self.galore_targets(model)
         if not self._rank_checked:
             self._rank_checked = True
+            if self.optim_cfg.state_dtype != "fp32":
+                logger.warning(
+                    "optim.state_dtype=%s is ignored by method.name=%s: the GaLore family's optimizers keep their own "
+                    "moments (fp32; 8-bit in galore_8bit and q_galore; factored in galore_adafactor)",
+                    self.optim_cfg.state_dtype,
+                    self.name,
+                )
             small = [tuple(p.shape) for p in targets if min(p.shape) < rank]
             if small:
                 logger.warning(

@@ -335,6 +335,24 @@ def test_per_layer_logs_the_real_norm_and_clips_with_the_last_one(quickstart_dat
     assert all(p.grad is None for p in clipped.model.parameters())  # gradients freed in backward
 
 
+def test_a_moment_dtype_the_galore_family_ignores_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    """optim.state_dtype=bf16 does not reach GaLore's moments (they stay fp32): said once, not silently."""
+    model = debug_model()
+    method = build_method(
+        MethodConfig(name="galore", rank=8), optim_cfg=OptimConfig(state_dtype="bf16"), total_steps=10
+    )
+    with caplog.at_level("WARNING", logger="megatron_pept"):
+        optimizer = method.build_optimizer(model)
+        method.build_optimizer(model)
+    said = [r.getMessage() for r in caplog.records if "optim.state_dtype=bf16 is ignored" in r.getMessage()]
+    assert len(said) == 1 and "method.name=galore" in said[0]
+    for param in model.parameters():
+        param.grad = torch.randn_like(param) * 0.01
+    optimizer.step()
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k.startswith("exp_avg")]
+    assert moments and all(m.dtype == torch.float32 for m in moments)  # as the warning says
+
+
 def test_a_rank_above_a_matrix_side_is_warned_once(caplog: pytest.LogCaptureFixture) -> None:
     """method.rank larger than a projected matrix's smaller side cannot compress it: said once, not silently."""
     model = debug_model()  # width 64, MLP 176: every projected matrix has a side of 64 or less (k/v: 32)
