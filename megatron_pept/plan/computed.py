@@ -36,7 +36,7 @@ from typing import Any
 from megatron_pept import registry
 from megatron_pept.config import Config, to_dict
 from megatron_pept.errors import ConfigError
-from megatron_pept.plan.planner import GIB, PART_NAMES, PhasePeak, Plan, _plan_fake
+from megatron_pept.plan.planner import GIB, PART_NAMES, PhasePeak, Plan, _plan_fake, accumulation_steps
 
 DEEPSPEED_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
@@ -107,8 +107,7 @@ def deepspeed_settings(cfg: Config, *, ranks: int) -> dict[str, Any]:
     """The DeepSpeed config a run of ``cfg`` on ``ranks`` ranks gets, on CUDA."""
     from megatron_pept.distributed.deepspeed_backend import _merge, deepspeed_config, read_deepspeed_extra
 
-    t = cfg.train
-    accum = max(1, t.global_batch_size // (t.micro_batch_size * ranks))
+    accum = accumulation_steps(cfg, ranks=ranks)
     ds = deepspeed_config(cfg, grad_accum_steps=accum, world_size=ranks, cuda=True)
     if cfg.parallel.deepspeed_config:
         ds = _merge(ds, read_deepspeed_extra(cfg.parallel.deepspeed_config))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from megatron_pept import registry
 from megatron_pept.config import Config, to_dict
-from megatron_pept.plan.planner import GIB, Plan
+from megatron_pept.plan.planner import GIB, Plan, accumulation_steps
 
 CUDA_CONTEXT_GB = 1.0
 NCCL_GB = 0.5
@@ -56,13 +56,10 @@ class MicroBatchFit:
 
 
 def with_micro_batch(cfg: Config, micro_batch_size: int, *, ranks: int) -> Config:
-    """``cfg`` with another micro-batch; the accumulation steps stay as they were, capped at 2 (two micro-batches
-    already hold the accumulated gradients beside the second one's activations, as any number does)."""
-    t = cfg.train
-    accum = max(1, t.global_batch_size // (t.micro_batch_size * ranks))
+    """``cfg`` with another micro-batch and as many micro-batches per step as before."""
     raw = to_dict(cfg)
     raw["train"]["micro_batch_size"] = micro_batch_size
-    raw["train"]["global_batch_size"] = micro_batch_size * ranks * min(accum, 2)
+    raw["train"]["global_batch_size"] = micro_batch_size * ranks * accumulation_steps(cfg, ranks=ranks)
     return registry.config_from_dict(raw)
 
 

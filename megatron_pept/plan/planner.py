@@ -38,12 +38,13 @@ import torch
 from megatron_pept import registry
 from megatron_pept.config import Config
 from megatron_pept.errors import ConfigError
+from megatron_pept.study.memory import TRACKED_PARTS, tracked_parts
 
 PLAN_STEPS = 3
 """Steps planned: the first makes the optimizer state, later ones hold it; events are placed in them."""
 
 GIB = 2**30
-PART_NAMES = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
+PART_NAMES = TRACKED_PARTS
 PHASES = (
     "start-up",
     "forward",
@@ -117,19 +118,6 @@ class Plan:
         return out
 
 
-def plan_parts(snapshot: dict[Any, int]) -> dict[str, int]:
-    """MemTracker's categories -> :data:`PART_NAMES`."""
-    by_name = {str(k).rsplit(".", 1)[-1].upper(): int(v) for k, v in snapshot.items()}
-    return {
-        "weights": by_name.get("PARAM", 0) + by_name.get("BUFFER", 0),
-        "gradients": by_name.get("GRAD", 0),
-        "optimizer": by_name.get("OPT", 0),
-        "activations": by_name.get("ACT", 0),
-        "temporaries": by_name.get("TEMP", 0),
-        "other": by_name.get("OTH", 0) + by_name.get("INP", 0),
-    }
-
-
 def _phase_tracker(device: torch.device) -> Any:
     from torch.distributed._tools.mem_tracker import _MemRefType
 
@@ -157,14 +145,10 @@ def _phase_tracker(device: torch.device) -> Any:
             if not snap:
                 return
             total = int(snap["Total"])
-            if total > self._peak_mem.get(self.device, 0):
-                self._peak_mem[self.device] = total
-                self._peak_mem_snap[self.device] = dict(snap)
             key = (self.phase, self.step)
             held = self.peaks.get(key)
-            if held is None or total > held.peak_bytes:
-                parts = plan_parts({k: v for k, v in snap.items() if k != "Total"})
-                self.peaks[key] = PhasePeak(self.phase, self.step, total, parts)
+            if held is None or total > held.peak_bytes:  # the plan's peak is the largest of these
+                self.peaks[key] = PhasePeak(self.phase, self.step, total, tracked_parts(snap))
 
         def enter(self, phase: str) -> None:
             """Count in ``phase`` (of :attr:`step`) from now on; a phase's peak is at least what is held as it
@@ -179,7 +163,7 @@ def _phase_tracker(device: torch.device) -> Any:
 
         def current_parts(self) -> dict[str, int]:
             snap = self._curr_mem_snap.get(self.device, {})
-            return plan_parts({k: v for k, v in snap.items() if k != "Total"})
+            return tracked_parts(snap)
 
     return PhaseTracker()
 
@@ -229,6 +213,12 @@ def _planned_trainer_class() -> type:
     return PlannedTrainer
 
 
+def accumulation_steps(cfg: Config, *, ranks: int) -> int:
+    """Micro-batches per optimizer step of ``cfg`` on ``ranks`` data-parallel ranks."""
+    t = cfg.train
+    return max(1, t.global_batch_size // (t.micro_batch_size * ranks))
+
+
 def vocab_size_of(cfg: Config) -> int:
     """``model.vocab_size``, else the vocabulary of the tokenized data at ``data.path`` if it is there, else
     the papers' 32000."""
@@ -259,10 +249,8 @@ def planning_config(cfg: Config, *, ranks: int = 1) -> tuple[Config, list[str], 
     raw["method"].update(events.overrides)
     raw["train"].update(steps=PLAN_STEPS, device="cpu", compile=False, profile_steps=None, eval_at_start=False)
     # Two micro-batches hold what any number does (the accumulated gradients beside the next one's activations).
-    t = cfg.train
-    per_micro = t.micro_batch_size * ranks
-    if t.global_batch_size % per_micro == 0 and t.global_batch_size // per_micro > 2:
-        raw["train"]["global_batch_size"] = 2 * per_micro
+    if accumulation_steps(cfg, ranks=ranks) > 2:
+        raw["train"]["global_batch_size"] = 2 * cfg.train.micro_batch_size * ranks
     if raw["train"]["dtype"] == "auto":
         raw["train"]["dtype"] = "bf16" if target == "cuda" or raw["train"]["param_dtype"] == "bf16" else "fp32"
     raw["model"]["attention"] = "sdpa"
@@ -323,13 +311,10 @@ def _plan_fake(cfg: Config, *, ranks: int, world: bool) -> Plan:
         tracker.enter("checkpoint save")
         state = checkpoint_state(trainer.raw_model, trainer.optimizer, trainer._checkpoint_parts(), native=False)
         del state
-        peak = tracker.get_tracker_snapshot("peak").get(device, {})
         phases = sorted(tracker.peaks.values(), key=lambda p: -1 if p.step is None else p.step)
         guessed = reads.guessed
         counts = _parameter_counts(trainer)
         del trainer
-    parts = plan_parts({k: v for k, v in peak.items() if k != "Total"})
-    peak_bytes = sum(parts.values())
     at_peak = max(phases, key=lambda p: p.peak_bytes)
     largest_parts = {name: 0 for name in PART_NAMES}
     for p in phases:
@@ -339,9 +324,9 @@ def _plan_fake(cfg: Config, *, ranks: int, world: bool) -> Plan:
         settings=describe(cfg, ranks=ranks, vocab_size=vocab, target=target, compute_dtype=run_cfg.train.dtype),
         how=f"fake tensors: the trainer's start-up and {PLAN_STEPS} steps, counted by torch's MemTracker"
         + (f", rank 0 of {ranks} on a fake process group" if world else ""),
-        peak_bytes=peak_bytes,
+        peak_bytes=at_peak.peak_bytes,
         peak_phase=at_peak.label,
-        parts=parts,
+        parts=at_peak.parts,
         largest=largest_parts,
         phases=phases,
         overrides=changed,
@@ -412,7 +397,7 @@ def describe(cfg: Config, *, ranks: int, vocab_size: int, target: str, compute_d
         "ranks": ranks,
         "micro_batch_size": t.micro_batch_size,
         "seq_len": cfg.data.seq_len,
-        "grad_accum_steps": max(1, t.global_batch_size // (t.micro_batch_size * ranks)),
+        "grad_accum_steps": accumulation_steps(cfg, ranks=ranks),
         "param_dtype": t.param_dtype,
         "compute_dtype": compute_dtype,
         "state_dtype": cfg.optim.state_dtype,

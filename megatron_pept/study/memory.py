@@ -152,17 +152,29 @@ def tracked_steps(
         )
 
 
-def group_parts(snapshot: dict[Any, int]) -> dict[str, int]:
-    """MemTracker's categories -> weights (parameters and buffers), gradients, optimizer, activations
-    (activations and backward temporaries), other."""
+TRACKED_PARTS = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
+
+
+def tracked_parts(snapshot: dict[Any, int]) -> dict[str, int]:
+    """MemTracker's categories -> :data:`TRACKED_PARTS`: weights (parameters and buffers), gradients, optimizer,
+    activations (made in forward), temporaries (made in backward), other (inputs and the rest). Its total is left
+    out."""
     by_name = {str(k).rsplit(".", 1)[-1].upper(): int(v) for k, v in snapshot.items()}
     return {
         "weights": by_name.get("PARAM", 0) + by_name.get("BUFFER", 0),
         "gradients": by_name.get("GRAD", 0),
         "optimizer": by_name.get("OPT", 0),
-        "activations": by_name.get("ACT", 0) + by_name.get("TEMP", 0),
+        "activations": by_name.get("ACT", 0),
+        "temporaries": by_name.get("TEMP", 0),
         "other": by_name.get("OTH", 0) + by_name.get("INP", 0),
     }
+
+
+def group_parts(snapshot: dict[Any, int]) -> dict[str, int]:
+    """:func:`tracked_parts` as the Approximations paper's Table 3 splits them: temporaries count with activations."""
+    parts = tracked_parts(snapshot)
+    parts["activations"] += parts.pop("temporaries")
+    return parts
 
 
 def split_from_snapshot(parts: dict[str, int], largest: dict[str, int], measured_peak: int) -> MemorySplit:
