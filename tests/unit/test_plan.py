@@ -97,35 +97,39 @@ def test_attention_keeps_no_sequence_squared_matrix():
     assert large < 8 * 4096 * 4096 * 2  # one bf16 score matrix of 8 heads
 
 
-@pytest.mark.parametrize("start,rows", [(500, 2100), (1100, 300)], ids=["three-blocks", "one-block"])
-def test_fake_seeded_draws_hold_the_bytes_the_blocks_hold(start, rows):
-    """Under fake tensors seeded.draw_rows draws the blocks' span at once (a 7B plan would otherwise spend most of
-    its time on per-block draws): its peak and result bytes are those of the real, block-by-block draw."""
-    from megatron_pept.plan.fake import fake_tensors
+def _seeded_rows(start: int, rows: int) -> torch.Tensor:
     from megatron_pept.seeded import draw_rows
-    from megatron_pept.study.memory import step_tracker_class
 
     def draw(size, generator):
         return torch.randint(0, 2**16, size, generator=generator, dtype=torch.int32)
 
-    def held(fake: bool) -> tuple[int, int]:
-        with fake_tensors() if fake else contextlib.nullcontext():
-            tracker = step_tracker_class()()
-            with tracker:
-                out = draw_rows(
-                    start=start, rows=rows, shape=(3000, 1024), name="w", seed=0, purpose="t", draw=draw, device="cpu"
-                )
-            peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-            assert out.shape == (rows, 1024) and out.dtype == torch.int32
-            return peak, out.untyped_storage().nbytes()
-
-    assert held(fake=True) == held(fake=False)
+    out = draw_rows(start=start, rows=rows, shape=(3000, 1024), name="w", seed=0, purpose="t", draw=draw, device="cpu")
+    assert out.shape == (rows, 1024) and out.dtype == torch.int32
+    return out
 
 
-@pytest.mark.parametrize("rows", [(70, 300), (10, 40)], ids=["five-blocks", "one-block"])
-def test_fake_rounding_noise_holds_the_bytes_the_blocks_hold(rows):
-    """Q-GaLore's stochastic-rounding noise under fake tensors: one draw of the blocks' span, the same bytes."""
+def _q_galore_noise(start: int, rows: int) -> torch.Tensor:
     from megatron_pept.optim.galore.quantize import rounding_noise
+
+    out = rounding_noise(7, 3, rows=(start, start + rows), cols=256, device="cpu")
+    assert out.shape == (rows, 256)
+    return out
+
+
+@pytest.mark.parametrize(
+    "draw,start,rows",
+    [
+        (_seeded_rows, 500, 2100),
+        (_seeded_rows, 1100, 300),
+        (_q_galore_noise, 70, 230),
+        (_q_galore_noise, 10, 30),
+    ],
+    ids=["seeded-three-blocks", "seeded-one-block", "q_galore-five-blocks", "q_galore-one-block"],
+)
+def test_fake_block_draws_hold_the_bytes_the_blocks_hold(draw, start, rows):
+    """Under fake tensors the seeded draws (initialisation, stochastic rounding: seeded.draw_rows) and Q-GaLore's
+    rounding noise draw the blocks' span at once (a 7B plan would otherwise spend most of its time on per-block
+    draws): their peak and result bytes are those of the real, block-by-block draw."""
     from megatron_pept.plan.fake import fake_tensors
     from megatron_pept.study.memory import step_tracker_class
 
@@ -133,8 +137,7 @@ def test_fake_rounding_noise_holds_the_bytes_the_blocks_hold(rows):
         with fake_tensors() if fake else contextlib.nullcontext():
             tracker = step_tracker_class()()
             with tracker:
-                out = rounding_noise(7, 3, rows=rows, cols=256, device="cpu")
-            assert out.shape == (rows[1] - rows[0], 256)
+                out = draw(start, rows)
             return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"], out.untyped_storage().nbytes()
 
     assert held(fake=True) == held(fake=False)
