@@ -16,12 +16,13 @@ from megatron_pept.methods.adam_mini import AdamMiniMethod
 from megatron_pept.methods.base import Method, StepEnd
 from megatron_pept.methods.full import FullRank
 from megatron_pept.methods.galore import APOLLO_FIRA_METHODS, GALORE_METHODS
+from megatron_pept.methods.muon import MUON_METHODS
 from megatron_pept.methods.q_galore import QGaLore
 from megatron_pept.methods.relora import LOWRANK_METHODS
 
 logger = logging.getLogger("megatron_pept")
 
-_ALL = (FullRank, *LOWRANK_METHODS, *GALORE_METHODS, AdamMiniMethod, *APOLLO_FIRA_METHODS, QGaLore)
+_ALL = (FullRank, *LOWRANK_METHODS, *GALORE_METHODS, AdamMiniMethod, *APOLLO_FIRA_METHODS, QGaLore, *MUON_METHODS)
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _ALL}
 
 

@@ -34,6 +34,7 @@ from megatron_pept.trainer import Trainer
 STEPS, LOG_INTERVAL = 4, 2
 GUARDED = {1, 2}
 LOWRANK = ("lora", "relora", "redora", "repissa", "reloqra")
+MUON = ("muon", "normuon", "dion")
 # Settings a method needs on the debug model (64 wide, MLP 176): q_galore's quantisation groups must divide its rows
 # and projectors.
 METHOD_EXTRA = {"q_galore": ["method.weight_group_size=16", "method.proj_group_size=32"]}
@@ -106,7 +107,7 @@ class GuardedRun:
     def method_scalars(self) -> dict[int, dict[str, object]]:
         out: dict[int, dict[str, object]] = {}
         for tag, step, value, _ in self.written:
-            if tag.split("/")[0] in ("galore", "relora"):
+            if tag.split("/")[0] in ("galore", "relora", "muon"):
                 out.setdefault(step, {})[tag] = value
         return out
 
@@ -150,7 +151,13 @@ def test_no_host_sync_in_the_step_of_any_method(name: str, per_layer: bool, quic
     assert sorted(scalars) == list(range(1, STEPS + 1))
     assert all(type(v) is float for step in scalars.values() for v in step.values())
     assert len({frozenset(s) for s in scalars.values()}) == 1
-    deferred = {"relora/adapter_norm", "galore/ef_residual_norm", "galore/scaling_factor", "galore/limited_fraction"}
+    deferred = {
+        "relora/adapter_norm",
+        "galore/ef_residual_norm",
+        "galore/scaling_factor",
+        "galore/limited_fraction",
+        "muon/update_rms",
+    }
     read_at = {(step, done) for tag, step, _, done in r.written if tag in deferred}
     if name not in ("galore", "galore_dynamic", "galore_8bit", "galore_adafactor", "q_galore"):  # these have none
         assert read_at == {(1, 2), (2, 2), (3, 4), (4, 4)}  # each step's at the next logging step
@@ -162,6 +169,9 @@ def check_statistics(r: GuardedRun, name: str, per_layer: bool) -> None:
     ``on_step_end`` as it was, applied to each step's optimizer statistics) and, where the state determines them, an
     independent computation from the state."""
     scalars, trainer = r.method_scalars(), r.trainer
+    if name in MUON:
+        check_muon_statistics(r, name, per_layer)
+        return
     if name in LOWRANK:
         with torch.no_grad():
             layers = lowrank_layers(trainer.raw_model)
@@ -195,6 +205,23 @@ def check_statistics(r: GuardedRun, name: str, per_layer: bool) -> None:
                         total += float(opt.state[p]["ef_residual"].square().sum())
         assert float(r.stats[STEPS]["ef_residual_sq"]) == total > 0
         assert scalars[STEPS]["galore/ef_residual_norm"] == pytest.approx(math.sqrt(total), rel=2**-52)
+
+
+def check_muon_statistics(r: GuardedRun, name: str, per_layer: bool) -> None:
+    """The Muon family's scalars equal the host arithmetic of each step's statistics; the update RMS per unit of
+    learning rate is that of match_rms_adamw (0.2) for every method, and Dion's residual norm is that of the rank-r
+    power iteration recomputed on the host (a test of its own, test_muon.py, checks it against its definition)."""
+    for done in range(1, STEPS + 1):
+        stats, logged = r.stats[done], r.method_scalars()[done]
+        assert stats["matrices"] == 14  # the debug model's projections
+        assert logged["muon/update_rms"] == float((stats["update_ms_sum"] / stats["matrices"]).sqrt())
+        assert logged["muon/update_rms"] == pytest.approx(0.2, rel=0.15)
+        assert logged["muon/orthogonalize_seconds"] == stats["ortho_seconds"] > 0
+        if name == "dion":
+            assert logged["muon/residual_norm"] == pytest.approx(float(stats["dion_residual_sq"]) ** 0.5, rel=2**-52)
+            assert logged["muon/residual_norm"] > 0
+        else:
+            assert "muon/residual_norm" not in logged
 
 
 @pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per_layer"])
