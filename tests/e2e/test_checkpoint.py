@@ -35,6 +35,10 @@ METHODS = {
     "fira": ["method.rank=4", "method.update_proj_gap=3"],  # + the saved SVD projector
     # bf16 weights, no fp32 copy: each weight's count of stochastically rounded updates (its random state)
     "full@bf16": ["train.param_dtype=bf16", "optim.weight_update=stochastic"],
+    # the Muon family: momentum (bf16 Newton-Schulz), NorMuon's row moments, Dion's right factor, seed and momentum
+    "muon": [],
+    "normuon": [],
+    "dion": ["method.rank=4"],
 }
 STEPS = 8
 
