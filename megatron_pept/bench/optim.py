@@ -12,9 +12,11 @@ processes launched by the same script), because these machines are noisy:
 * ``overhead``: a whole training step of the ``60m`` model with ``galore`` against ``full`` (projector refresh
   amortised over the gap);
 * ``per_layer_memory``: peak resident memory of a few training steps with and without per-layer updates;
-* ``family``: the whole optimizer of ``full`` (AdamW), ``galore``, ``apollo``, ``apollo_mini`` and ``fira`` on the
-  parameters of a named model, built through the methods as training builds them: optimizer-state bytes and the
-  median step time between refreshes (interleaved rounds), each against AdamW and GaLore, and the refresh step.
+* ``family``: the whole optimizer of ``full`` (AdamW), ``galore``, ``apollo``, ``apollo_mini``, ``fira``, ``muon``,
+  ``normuon`` and ``dion`` on the parameters of a named model, built through the methods as training builds them:
+  optimizer-state bytes and the median step time between refreshes (interleaved rounds), each against AdamW and
+  GaLore, the refresh step, and the Muon family's orthogonalisation per step against one GaLore refresh;
+* ``newton_schulz``: Newton-Schulz in bf16 against fp32 on a model's block shapes (accuracy and time).
 """
 
 from __future__ import annotations
@@ -284,11 +286,23 @@ def bench_per_layer_memory(s: OptimBenchSettings, *, model: str = "130m") -> dic
     return out
 
 
-FAMILY = ("full", "galore", "apollo", "apollo_mini", "fira")
+FAMILY = ("full", "galore", "apollo", "apollo_mini", "fira", "muon", "normuon", "dion")
+"""The optimizers of ``bench_family``, by method name. The Muon family's are measured as configured by
+:data:`FAMILY_SETTINGS`."""
+FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+    # Newton-Schulz in fp32: on a CPU without bf16 matrix units (this project's benchmark VM) bf16 matmuls are
+    # emulated, about 10x slower than fp32, which would measure the emulation, not Muon
+    "muon": {"ns_dtype": "fp32"},
+    "normuon": {"ns_dtype": "fp32"},
+    "dion": {"rank_fraction": 0.25},
+}
 
 
 def bench_family(s: OptimBenchSettings) -> dict[str, Any]:
-    """State bytes and step time of the GaLore family's optimizers on one model's parameters, same gradients."""
+    """State bytes and step time of the GaLore family's and the Muon family's optimizers on one model's parameters,
+    same gradients. GaLore's first step computes its projectors (an SVD of every matrix): ``refresh_seconds``, its
+    first step less its median, is the cost of one refresh, beside which the Muon family's per-step
+    orthogonalisation (``step_seconds`` less AdamW's) is reported as ``ortho_vs_galore_refresh``."""
     model = _materialised(s.model, vocab_size=s.vocab_size)
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(1)
@@ -297,9 +311,10 @@ def bench_family(s: OptimBenchSettings) -> dict[str, Any]:
     optimizers = {}
     for name in FAMILY:
         # the first step draws or computes every projector; the timed ones refresh none
-        keys: dict[str, int] = {} if name == "full" else {"update_proj_gap": 10**9}
+        keys: dict[str, Any] = {} if name in ("full", *FAMILY_SETTINGS) else {"update_proj_gap": 10**9}
         if name in ("galore", "apollo", "fira"):  # apollo_mini's rank is 1 by definition
             keys["rank"] = s.rank
+        keys.update(FAMILY_SETTINGS.get(name, {}))
         cfg = MethodConfig(name=name, **keys)
         optimizers[name] = build_method(cfg, optim_cfg=OptimConfig(), total_steps=10**6).build_optimizer(model)
 
@@ -316,14 +331,18 @@ def bench_family(s: OptimBenchSettings) -> dict[str, Any]:
         for name in FAMILY if r % 2 == 0 else tuple(reversed(FAMILY)):
             times[name].append(step(name))
     out: dict[str, Any] = {"model": s.model, "rank": s.rank, "weight_bytes": weight_bytes}
+    out["settings"] = {name: FAMILY_SETTINGS.get(name, {}) for name in FAMILY}
     med = {name: statistics.median(t) for name, t in times.items()}
     total = {name: state_bytes(opt) for name, opt in optimizers.items()}
+    refresh = first["galore"] - med["galore"]
     for name in FAMILY:
         opt, nbytes = optimizers[name], total[name]
-        projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+        projected = [
+            p for g in opt.param_groups if "rank" in g or g.get("algorithm", "adamw") != "adamw" for p in g["params"]
+        ]
         out[name] = {
             "state_bytes": nbytes,
-            # the projected matrices' share (moments, projectors), the rest being full Adam moments of the others
+            # the projected (orthogonalised) matrices' share, the rest being full Adam moments of the others
             "projected_state_bytes": state_bytes(opt, projected),
             "projected_weight_bytes": sum(p.numel() * p.element_size() for p in projected),
             # APOLLO's random projectors live outside the state (redrawn from seeds): memory all the same
@@ -336,6 +355,50 @@ def bench_family(s: OptimBenchSettings) -> dict[str, Any]:
             "step_vs_galore": med[name] / med["galore"],
             "first_step_seconds": first[name],
         }
+        if name in FAMILY_SETTINGS:  # the orthogonalisation each step costs, against one GaLore refresh
+            out[name]["ortho_vs_galore_refresh"] = (med[name] - med["full"]) / refresh if refresh > 0 else None
+    out["galore_refresh_seconds"] = refresh
+    return out
+
+
+def bench_newton_schulz(s: OptimBenchSettings) -> dict[str, Any]:
+    """Newton-Schulz in bf16 (torch.optim.Muon's) against fp32 (``method.ns_dtype=fp32``) on the shapes of a named
+    model's block matrices: the distance of each result from the fp64 iteration's (relative, Frobenius) and the
+    spread of its singular values, and the time of each (interleaved rounds). The time ratio is a property of the
+    hardware: on a GPU bf16 runs on tensor cores; on a CPU without bf16 matrix units it is emulated."""
+    from megatron_pept.optim.muon import newton_schulz
+
+    model = _materialised(s.model, vocab_size=s.vocab_size)
+    block = (
+        next(iter(model.model.layers.values()))
+        if isinstance(model.model.layers, torch.nn.ModuleDict)
+        else model.model.layers[0]
+    )
+    shapes = sorted({tuple(m.weight.shape) for m in block.modules() if isinstance(m, torch.nn.Linear)})
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"model": s.model, "shapes": {}}
+    for shape in shapes:
+        g = torch.randn(shape, generator=gen)
+        exact = newton_schulz(g.double(), dtype=torch.float64)
+        row: dict[str, Any] = {}
+        times: dict[str, list[float]] = {"bf16": [], "fp32": []}
+        for r in range(max(1, s.rounds)):
+            for name in ("bf16", "fp32") if r % 2 == 0 else ("fp32", "bf16"):
+                dtype = torch.bfloat16 if name == "bf16" else torch.float32
+                start = time.perf_counter()
+                result = newton_schulz(g, dtype=dtype)
+                times[name].append(time.perf_counter() - start)
+                if r == 0:
+                    sv = torch.linalg.svdvals(result.double())
+                    row[name] = {
+                        "error_vs_fp64": float((result.double() - exact).norm() / exact.norm()),
+                        "singular_min": float(sv.min()),
+                        "singular_max": float(sv.max()),
+                    }
+        for name in times:
+            row[name]["seconds"] = statistics.median(times[name])
+        row["bf16_time_vs_fp32"] = row["bf16"]["seconds"] / row["fp32"]["seconds"]
+        out["shapes"]["x".join(map(str, shape))] = row
     return out
 
 
@@ -355,6 +418,7 @@ BENCHES = {
     "overhead": bench_overhead,
     "per_layer_memory": bench_per_layer_memory,
     "family": bench_family,
+    "newton_schulz": bench_newton_schulz,
 }
 
 

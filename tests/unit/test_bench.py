@@ -199,7 +199,7 @@ def test_family_benchmark_counts_every_byte_the_optimizers_hold() -> None:
     projector_bytes = sum(4 * rank * min(shape) for shape in shapes)
     matrix_bytes = sum(4 * m * n for m, n in shapes)
     n_params = 2 + args.num_layers * 9 + 1  # embedding, final norm, lm_head; 7 matrices and 2 norms per block
-    full, galore, apollo, mini, fira = (out[name] for name in FAMILY)
+    full, galore, apollo, mini, fira, muon, normuon, dion = (out[name] for name in FAMILY)
     assert full["state_bytes"] == 2 * out["weight_bytes"] + 4 * n_params
     assert galore["projected_weight_bytes"] == matrix_bytes == apollo["projected_weight_bytes"]
     assert galore["held_projector_bytes"] == fira["held_projector_bytes"] == 0
@@ -209,6 +209,14 @@ def test_family_benchmark_counts_every_byte_the_optimizers_hold() -> None:
     assert mini["held_projector_bytes"] == sum(4 * min(shape) for shape in shapes)
     assert mini["projected_state_bytes"] + mini["held_projector_bytes"] < 0.05 * matrix_bytes
     assert mini["state_vs_galore"] < apollo["state_vs_galore"] < 1.0 < full["state_vs_galore"]
+    # The Muon family: one fp32 momentum per matrix element (half of Adam's two moments) and a step counter;
+    # NorMuon one second moment per row; Dion a right factor n x r (r = a quarter of the smaller side) and a seed
+    counters = 4 * len(shapes)
+    assert muon["projected_state_bytes"] == matrix_bytes + counters
+    assert normuon["projected_state_bytes"] == matrix_bytes + counters + sum(4 * m for m, _ in shapes)
+    factors = sum(4 * n * max(1, round(0.25 * min(m, n))) for m, n in shapes)
+    assert dion["projected_state_bytes"] == matrix_bytes + counters + factors + 8 * len(shapes)
+    assert muon["ortho_vs_galore_refresh"] is not None
     for name in FAMILY:
         assert out[name]["step_seconds"] > 0
         assert out[name]["state_vs_adamw"] == pytest.approx(out[name]["state_bytes"] / full["state_bytes"])
