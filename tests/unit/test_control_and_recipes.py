@@ -175,6 +175,25 @@ RECIPES = {
         PURE_BF16,
     ),
 }
+# The Muon family on the AdamW baselines' rates, batches and budgets (configs/full_*.yaml): Moonlight's Muon (match
+# AdamW's RMS, weight decay 0.1), NorMuon's Algorithm 1 (beta2 0.95, RMS 0.2), Dion's Algorithm 1 (rank 1/4, mu 0.95,
+# the authors' weight decay 0.01; its sqrt(m / n) scale at lr 0.02 replaced by the RMS match: one lr for both groups).
+BASELINE = {"60m": 1e-3, "350m": 5e-4, "1b": 4e-4}
+for _size, _lr in BASELINE.items():
+    _common = dict(model=_size, lr=_lr, betas=(0.9, 0.95), muon_momentum=0.95, muon_lr_adjust="match_rms_adamw")
+    RECIPES[f"muon_{_size}"] = (
+        dict(name="muon", weight_decay=0.1, muon_nesterov=True, ns_steps=5, ns_dtype="bf16") | _common,
+        {},
+    )
+    RECIPES[f"normuon_{_size}"] = (
+        dict(name="normuon", weight_decay=0.1, normuon_beta2=0.95, ns_steps=5, ns_dtype="bf16") | _common,
+        {},
+    )
+    RECIPES[f"dion_{_size}"] = (
+        dict(name="dion", weight_decay=0.01, rank_fraction=0.25)
+        | {k: v for k, v in _common.items() if k != "muon_lr_adjust"},
+        {"method.muon_lr_adjust": "match_rms_adamw"},
+    )
 WHERE = {"lr": "optim", "steps": "train", "global_batch_size": "train", "micro_batch_size": "train", "seq_len": "data"}
 WHERE |= {"warmup_steps": "optim", "eps": "optim", "betas": "optim", "weight_decay": "optim", "max_grad_norm": "train"}
 
@@ -271,6 +290,6 @@ def test_full_recipes_follow_relora_table_1(recipe: str) -> None:
 
 def test_every_recipe_is_checked() -> None:
     shipped = {p.stem for p in (REPO / "configs").glob("*.yaml")} - {"quickstart"}
-    prefixes = ("relora_", "lora_", "approx_", "apollo_", "fira_", "full_", "q_galore_")
+    prefixes = ("relora_", "lora_", "approx_", "apollo_", "fira_", "full_", "q_galore_", "muon_", "normuon_", "dion_")
     papers = {name for name in shipped if name.startswith(prefixes)}
     assert papers == set(RECIPES) | set(FULL_RECIPES)
