@@ -13,7 +13,8 @@ default, scales each matrix's update to AdamW's RMS of about 0.2, so AdamW's lea
 transfer). See :mod:`megatron_pept.optim.muon` for the arithmetic and how it runs on every backend.
 
 Scalars under ``muon/``: ``orthogonalize_seconds`` (this rank's Newton-Schulz or Dion time in the step: under
-FSDP2 and ZeRO each rank orthogonalises its share of the matrices), ``update_rms`` (the root mean square, over the
+FSDP2 and ZeRO each rank orthogonalises its share of the matrices; on CUDA, timed by events and read one step later
+without waiting, the previous step's), ``update_rms`` (the root mean square, over the
 orthogonalised matrices, of each one's update RMS per unit of learning rate: 0.2 with ``match_rms_adamw``), and for
 ``dion`` ``residual_norm`` (the Frobenius norm, over every matrix, of ``B - P R^T``: what the rank-``r`` step left
 in the momentum).

@@ -293,7 +293,11 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
     # -- statistics --------------------------------------------------------------------------------------------
 
     def _reset_stats(self) -> None:
-        self.last_ortho_seconds = 0.0
+        # CUDA: the last step's events are read now (one step later, when they have long completed; an event not
+        # yet complete is left out rather than waited for)
+        events = getattr(self, "_events", [])
+        self.last_ortho_seconds = sum(a.elapsed_time(b) for a, b in events if b.query()) / 1000.0
+        self._events: list[tuple[Any, Any]] = []
         self.last_ortho_matrices = 0
         self.last_matrices = 0
         self.last_update_ms_sum: torch.Tensor | float = 0.0
@@ -308,9 +312,23 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
             "dion_residual_sq": self.last_dion_residual_sq,
         }
 
-    def _timed(self, device: torch.device, start: float) -> None:
-        if device.type == "cuda":  # the step's own work only; a CUDA step is otherwise never waited for
-            torch.cuda.synchronize(device)
+    @staticmethod
+    def _clock(device: torch.device) -> Any:
+        """A start mark: the host's clock, or on CUDA an event recorded on the stream (the step never waits)."""
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _timed(self, device: torch.device, start: Any) -> None:
+        """Add the time since ``start`` (:meth:`_clock`) to the step's orthogonalisation time; on CUDA a pair of
+        events, read at the next step (so the logged time on a GPU is the previous step's)."""
+        if device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((start, end))
+            return
         self.last_ortho_seconds += time.perf_counter() - start
 
     # -- views ---------------------------------------------------------------------------------------------------
@@ -421,7 +439,7 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
         return update.reshape(-1)
 
     def _ns(self, whole: torch.Tensor, group: dict) -> torch.Tensor:
-        start = time.perf_counter()
+        start = self._clock(whole.device)
         out = newton_schulz(whole, steps=group["ns_steps"], dtype=NS_DTYPES[group["ns_dtype"]])
         self._timed(whole.device, start)
         self.last_ortho_matrices += 1
@@ -513,7 +531,7 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
             gen = torch.Generator(device=grad.device).manual_seed(seed)
             state["dion_q"] = torch.randn(n, rank, generator=gen, device=grad.device)
         state["step"] += 1
-        start = time.perf_counter()
+        start = self._clock(grad.device)
         buf = state["momentum_buffer"]
         buf.add_(grad)  # B = M + G
         flat = buf.view(-1) if buf.is_contiguous() else buf.reshape(-1)
