@@ -24,9 +24,9 @@ DeepSpeed ZeRO's flat partitions; each is handled as a :class:`~megatron_pept.sh
 matrix. Momentum, Adam's moments and the weight update are element-wise, so each rank keeps and applies its own
 part. Newton-Schulz needs the whole matrix: the sharded matrices of a step are shared out among the ranks, largest
 first, one per rank per round (so the work per rank is balanced by size and no rank orthogonalises everything);
-each is summed onto its owner (a ``reduce`` of the zero-padded fragments), orthogonalised there and broadcast back
-in the Newton-Schulz dtype, and each rank keeps its fragment. NorMuon's per-row second moment is kept whole on
-every rank and computed from the broadcast ``O`` (it costs ``m`` floats). Dion needs no owner: ``B Q`` is local to
+each rank's fragment is gathered to the owner, which computes the update and scatters each rank its elements back
+(in the Newton-Schulz dtype; NorMuon's normalised update in fp32). NorMuon's per-row second moment is updated by
+the owner and broadcast (``m`` floats), so it is whole on every rank. Dion needs no owner: ``B Q`` is local to
 the rows a rank holds (rows a ZeRO fragment cuts are completed across ranks), and the orthonormalisation and
 ``R = B^T P`` are sums over rows (all-reduces of ``r x r``, ``k x r`` and ``n x r``), the collectives of the paper's
 Algorithm 3. With one process every collective is skipped and the arithmetic is the same.
@@ -227,7 +227,8 @@ class _Pending:
     piece: _Piece
     group: dict
     update: torch.Tensor
-    ortho: torch.Tensor | None = None
+    local: torch.Tensor | None = None  # this rank's elements of the update to apply
+    mean_square: torch.Tensor | None = None
 
 
 class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimizer):
@@ -258,6 +259,7 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
         self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self.zero_layout: ZeroLayout | None = None
         self._zero_first: int | None = None
+        self._zero_fragments: dict[int, list[tuple[int, int]]] = {}
         self._reset_stats()
 
     def _check_group(self, group: dict) -> None:
@@ -445,67 +447,111 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
         self.last_ortho_matrices += 1
         return out
 
+    def _finish(self, item: _Pending, whole: torch.Tensor) -> torch.Tensor:
+        """The update of a whole matrix, where the whole matrix is (this process, or the owner rank): Newton-Schulz,
+        then NorMuon's normalisation (its row moment updated); adds the update's mean square to the statistics."""
+        group = item.group
+        out = self._ns(whole, group)
+        factor = self._factor(item)
+        if group["algorithm"] == "normuon":
+            out, _ = normuon_normalize(
+                out.float(),
+                self.state[item.piece.key]["normuon_v"],
+                beta2=group["normuon_beta2"],
+                eps=group["normuon_eps"],
+                rule=group["lr_adjust"],
+            )
+        # the mean square of the update per unit of learning rate
+        item.mean_square = out.float().square().mean().double() * factor**2
+        return out
+
+    @staticmethod
+    def _factor(item: _Pending) -> float:
+        """The learning-rate factor of a Muon or NorMuon matrix (its shape and rule only: the same on every rank)."""
+        group, shape = item.group, item.piece.shape
+        if group["algorithm"] == "normuon":
+            return 1.0 if group["lr_adjust"] == "match_rms_adamw" else muon_lr_ratio(shape, "original")
+        return muon_lr_ratio(shape, group["lr_adjust"])
+
+    def _fragments(self, piece: _Piece, world: int) -> list[tuple[int, int]]:
+        """Every rank's ``(lo, numel)`` of a sharded matrix: from FSDP2's row layout, or from the table of ZeRO's
+        fragments exchanged once when ZeRO attached (:meth:`attach_zero`)."""
+        if piece.zero:
+            return self._zero_fragments[id(piece.key)]
+        rows, cols = piece.shape[0], piece.frag.cols
+        chunk = -(-rows // world)
+        starts = [min(r * chunk, rows) for r in range(world)]
+        return [(start * cols, (min(start + chunk, rows) - start) * cols) for start in starts]
+
     def _orthogonalize(self, pending: list[_Pending]) -> None:
-        """Each pending matrix's Newton-Schulz result, whole, on every rank that holds part of it: computed locally
-        for whole matrices; for sharded ones shared out among the ranks by size (see the module's documentation)."""
+        """This rank's elements of each pending matrix's update (``item.local``). Whole matrices are done here.
+        Sharded ones are shared out among the ranks, largest first, one per rank per round: each rank's fragment is
+        gathered to the owner (``gather``, fragments padded to the largest), the owner computes the update and
+        scatters each rank its elements back (``scatter``, in the Newton-Schulz dtype for Muon, fp32 for NorMuon,
+        whose row moment the owner also broadcasts: ``m`` floats). Per rank that sends about ``2 / world`` of the
+        matrices' bytes, not the whole of them."""
         shared = []
         for item in pending:
             if item.piece.sharded:
                 shared.append(item)
             else:
-                item.ortho = self._ns(item.update.view(item.piece.shape), item.group)
+                item.local = self._finish(item, item.update.view(item.piece.shape)).reshape(-1)
+                self.last_update_ms_sum = self.last_update_ms_sum + item.mean_square
         if not shared:
             return
         group = shared[0].piece.frag.group
         world, me = dist.get_world_size(group), dist.get_rank(group)
+        owners = [dist.get_global_rank(group, k) for k in range(world)]
         # Largest first, then in the step's order: the same list on every rank (shapes only).
         order = sorted(range(len(shared)), key=lambda i: (-shared[i].piece.shape.numel(), i))
+        owned_ms = torch.zeros((), dtype=torch.float64, device=shared[0].update.device)
         for first in range(0, len(order), world):
             round_ = [shared[i] for i in order[first : first + world]]  # item k is owned by rank k
-            works, mine = [], None
-            for k, item in enumerate(round_):
-                f = item.piece.frag
-                whole = item.update.new_zeros(f.shape.numel())
-                whole[f.lo : f.hi] = item.update
-                works.append(dist.reduce(whole, dst=dist.get_global_rank(group, k), group=group, async_op=True))
+            tables = [self._fragments(item.piece, world) for item in round_]
+            received: list[torch.Tensor] | None = None
+            works = []
+            for k, (item, table) in enumerate(zip(round_, tables)):
+                width = max(n for _, n in table)
+                send = item.update.new_zeros(width)
+                send[: item.update.numel()] = item.update
+                gathered = [item.update.new_empty(width) for _ in range(world)] if k == me else None
                 if k == me:
-                    mine = (item, whole)
+                    received = gathered
+                works.append(dist.gather(send, gathered, dst=owners[k], group=group, async_op=True))
             for work in works:
                 work.wait()
             works = []
-            for k, item in enumerate(round_):
-                dtype = NS_DTYPES[item.group["ns_dtype"]]
-                if mine is not None and mine[0] is item:
-                    out = self._ns(mine[1].view(item.piece.shape), item.group).contiguous()
-                else:
-                    out = torch.empty(tuple(item.piece.shape), dtype=dtype, device=item.update.device)
-                works.append(dist.broadcast(out, src=dist.get_global_rank(group, k), group=group, async_op=True))
-                item.ortho = out
+            for k, (item, table) in enumerate(zip(round_, tables)):
+                width = max(n for _, n in table)
+                dtype = torch.float32 if item.group["algorithm"] == "normuon" else NS_DTYPES[item.group["ns_dtype"]]
+                pieces = None
+                if k == me:
+                    whole = item.update.new_zeros(item.piece.shape.numel())
+                    for (lo, n), part in zip(table, received):
+                        whole[lo : lo + n] = part[:n]
+                    out = self._finish(item, whole.view(item.piece.shape)).reshape(-1)
+                    owned_ms += item.mean_square
+                    pieces = [out.new_zeros(width) for _ in range(world)]
+                    for (lo, n), part in zip(table, pieces):
+                        part[:n] = out[lo : lo + n]
+                mine = torch.empty(width, dtype=dtype, device=item.update.device)
+                works.append(dist.scatter(mine, pieces, src=owners[k], group=group, async_op=True))
+                item.local = mine[: item.update.numel()]
+                if item.group["algorithm"] == "normuon":  # the owner's new row moment, whole on every rank again
+                    v = self.state[item.piece.key]["normuon_v"]
+                    works.append(dist.broadcast(v, src=owners[k], group=group, async_op=True))
             for work in works:
                 work.wait()
+        self.last_update_ms_sum = self.last_update_ms_sum + all_reduce_(owned_ms, group)
 
     def _apply_orthogonal(self, item: _Pending) -> None:
-        """Muon's or NorMuon's weight update from the whole orthogonalised matrix, on this rank's piece."""
+        """Muon's or NorMuon's weight update on this rank's piece, from its elements of the whole update."""
         piece, group = item.piece, item.group
         state = self.state[piece.key]
-        ortho = item.ortho
         lr = group["lr"]
-        if group["algorithm"] == "normuon":
-            ortho, factor = normuon_normalize(
-                ortho.float(),
-                state["normuon_v"],
-                beta2=group["normuon_beta2"],
-                eps=group["normuon_eps"],
-                rule=group["lr_adjust"],
-            )
-        else:
-            factor = muon_lr_ratio(piece.shape, group["lr_adjust"])
-        step_lr = lr * factor
-        # the mean square of the update per unit of learning rate (every rank holds the whole matrix here)
-        self.last_update_ms_sum = self.last_update_ms_sum + ortho.float().square().mean().double() * factor**2
+        step_lr = lr * self._factor(item)
         self.last_matrices += 1
-        f = piece.frag
-        mine = ortho.reshape(-1)[f.lo : f.hi]
+        mine = item.local
         param = piece.param.view(-1) if piece.param.is_contiguous() else piece.param.reshape(-1)
         self._apply(
             piece,
@@ -593,5 +639,17 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
         return "local" if self.zero_layout is not None else "rows"
 
     def attach_zero(self, layout: ZeroLayout) -> None:
+        """Under ZeRO the owner of a matrix gathers its fragments, which may start and end anywhere: every rank's
+        ``(lo, numel)`` of every parameter is exchanged here, once (not at a step)."""
         super().attach_zero(layout)
         self._zero_first = next(iter(layout), None)
+        pieces = [(q, f) for frags in layout.values() for q, f in frags]
+        self._zero_fragments = {}
+        if not pieces:
+            return
+        group = pieces[0][1].group
+        mine = [(f.lo, f.numel) for _, f in pieces]
+        tables: list[list[tuple[int, int]]] = [[] for _ in range(dist.get_world_size(group))]
+        dist.all_gather_object(tables, mine, group=group)
+        for i, (q, _) in enumerate(pieces):
+            self._zero_fragments[id(q)] = [tuple(table[i]) for table in tables]
