@@ -9,9 +9,9 @@ counted. For each run the result gives the bytes of the first step (which comput
 refresh step) and the mean of the following steps (no refresh), as
 
 * ``payload``: the size of the data each collective is about (all-reduce: the tensor; all-gather: the gathered
-  result; reduce-scatter: the input; broadcast: the tensor), and
+  result; reduce-scatter: the input; broadcast: the tensor; gather and scatter: every rank's piece together), and
 * ``wire``: what one rank sends under ring algorithms: ``2 (w-1)/w`` of an all-reduce's payload, ``(w-1)/w``
-  of an all-gather's or reduce-scatter's, the whole of a broadcast, for ``w`` ranks.
+  of an all-gather's, reduce-scatter's, gather's or scatter's, the whole of a broadcast, for ``w`` ranks.
 
 Counted per rank (rank 0); both ranks issue the same collectives. The ratio against ``full`` on the same backend
 is the number to read: absolute bytes scale with the model, ratios with the method.
@@ -48,7 +48,11 @@ _C10D_OPS = {
     "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
     "broadcast_": ("broadcast", 0),
     "reduce_": ("reduce", 0),
+    # one rank's piece (the input of a gather, the output of a scatter), the same on every rank: times the world
+    "gather_": ("gather", 1),
+    "scatter_": ("scatter", 0),
 }
+_PER_RANK = {"gather", "scatter"}
 
 
 @dataclass
@@ -95,7 +99,8 @@ def count_collectives(world: int) -> Iterator[CommCounter]:
             namespace, _, rest = str(func).partition(".")
             if namespace == "c10d":
                 kind, index = _C10D_OPS.get(rest.rsplit(".", 1)[0], (rest.rsplit(".", 1)[0], 0))
-                counter.add(kind, _nbytes(args[index] if len(args) > index else None))
+                nbytes = _nbytes(args[index] if len(args) > index else None)
+                counter.add(kind, nbytes * world if kind in _PER_RANK else nbytes)
             return func(*args, **(kwargs or {}))
 
     original_full = DTensor.full_tensor

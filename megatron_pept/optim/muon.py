@@ -502,9 +502,28 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
         group = shared[0].piece.frag.group
         world, me = dist.get_world_size(group), dist.get_rank(group)
         owners = [dist.get_global_rank(group, k) for k in range(world)]
+        owned_ms = torch.zeros((), dtype=torch.float64, device=shared[0].update.device)
+        # A matrix one rank holds whole (most of them under ZeRO-1/2, whose partitions cut the flattened model in a
+        # few places) is done there with no traffic; NorMuon's row moment is broadcast from it all the same.
+        solo, split, works = [], [], []
+        for item in shared:
+            table = self._fragments(item.piece, world)
+            holders = [r for r, (_, n) in enumerate(table) if n]
+            (solo if len(holders) == 1 else split).append((item, holders[0] if holders else 0))
+        for item, holder in solo:
+            if holder == me:
+                item.local = self._finish(item, item.update.view(item.piece.shape)).reshape(-1)
+                owned_ms += item.mean_square
+            else:
+                item.local = item.update  # empty: this rank holds none of it
+            if item.group["algorithm"] == "normuon":
+                v = self.state[item.piece.key]["normuon_v"]
+                works.append(dist.broadcast(v, src=owners[holder], group=group, async_op=True))
+        for work in works:
+            work.wait()
+        shared = [item for item, _ in split]
         # Largest first, then in the step's order: the same list on every rank (shapes only).
         order = sorted(range(len(shared)), key=lambda i: (-shared[i].piece.shape.numel(), i))
-        owned_ms = torch.zeros((), dtype=torch.float64, device=shared[0].update.device)
         for first in range(0, len(order), world):
             round_ = [shared[i] for i in order[first : first + world]]  # item k is owned by rank k
             tables = [self._fragments(item.piece, world) for item in round_]
