@@ -127,6 +127,8 @@ class CommBenchSettings:
     steps: int = 3
     seq_len: int = 128
     data: str = "data/generated/quickstart"
+    overrides: tuple[str, ...] = ()
+    """Config overrides for every run (``--comm-overrides``), after the benchmark's own."""
 
 
 def _overrides(s: CommBenchSettings | GradMemorySettings, *, run_dir: str, method: str, backend: str) -> list[str]:
@@ -175,7 +177,8 @@ def _worker(settings_json: str, out: str) -> None:
         for backend in s.backends:
             for method in s.methods:
                 overrides = _overrides(s, run_dir=f"{tmp}/{backend}-{method}", method=method, backend=backend)
-                trainer = Trainer(load_config(None, [*overrides, f"parallel.zero_stage={s.zero_stage}"]))
+                extra = [f"parallel.zero_stage={s.zero_stage}", *s.overrides]
+                trainer = Trainer(load_config(None, [*overrides, *extra]))
                 world = trainer.dims.world_size
                 steps = []
                 with count_collectives(world) as counter:

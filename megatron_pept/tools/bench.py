@@ -103,6 +103,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--comm-methods", default="full,galore", help="comm suite: comma-separated methods (full is the baseline)"
     )
     parser.add_argument(
+        "--comm-overrides",
+        default="",
+        help="comm suite: comma-separated config overrides for every run (e.g. method.ns_dtype=fp32)",
+    )
+    parser.add_argument(
         "--comm-backends",
         default="fsdp2,deepspeed",
         help="comm suite: comma-separated backends (ddp, fsdp2, deepspeed)",
@@ -278,7 +283,12 @@ def _comm_suite(args: argparse.Namespace) -> int:
         if "full" not in methods:
             methods = ("full", *methods)
         settings = bc.CommBenchSettings(
-            model=args.comm_model, rank=_rank(args, 256), methods=methods, backends=backends, zero_stage=args.zero_stage
+            model=args.comm_model,
+            rank=_rank(args, 256),
+            methods=methods,
+            backends=backends,
+            zero_stage=args.zero_stage,
+            overrides=tuple(o.strip() for o in args.comm_overrides.split(",") if o.strip()),
         )
         result = bc.run_comm_benchmark(settings)
         print(bc.format_comm_result(result))

@@ -56,6 +56,24 @@ def resume_from(run_dir: Path, step: int) -> str:
     return f"checkpoint.resume={run_dir / 'checkpoints' / f'step_{step:08d}'}"
 
 
+def resume_runs(name: str, tmp: Path, make: Callable[[Path], list[str]], *, stop: int) -> list[dict]:
+    """An uninterrupted run (in ``tmp/whole-NAME``) that also saves after ``stop`` steps, and a run (in
+    ``tmp/cut-NAME``) resuming from that checkpoint (:func:`saving_at`); ``make(run_dir)``: a run's overrides."""
+    whole = tmp / f"whole-{name}"
+    return [
+        {"name": f"whole-{name}", "overrides": [*make(whole), *saving_at(stop)]},
+        {"name": f"resume-{name}", "overrides": [*make(tmp / f"cut-{name}"), resume_from(whole, stop)]},
+    ]
+
+
+def assert_bit_identical(whole: dict, resumed: dict, *, stop: int) -> None:
+    """A resumed run's losses and final weights equal the uninterrupted run's after step ``stop``, bit for bit."""
+    assert resumed["losses"] == whole["losses"][stop:]
+    assert resumed["params"].keys() == whole["params"].keys()
+    for name, value in whole["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

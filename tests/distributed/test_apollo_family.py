@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LOSS_TOL, WEIGHT_TOL, base, resume_from, saving_at, shared_launch
+from helpers import LOSS_TOL, WEIGHT_TOL, assert_bit_identical, base, resume_from, resume_runs, shared_launch
 from test_data_parallel import DEEPSPEED_MODEL, compare, single
 
 from megatron_pept.config import load_config
@@ -38,16 +38,6 @@ def resume_overrides(data: Path, run_dir: Path, method: str, *backend: str) -> l
     )
 
 
-def resume_runs(name: str, tmp: Path, make) -> list[dict]:
-    """An uninterrupted run (in ``tmp/whole-NAME``) that also saves after STOP steps, and a run (in ``tmp/cut-NAME``)
-    resuming from that checkpoint (helpers.saving_at); ``make(run_dir)``: a run's overrides."""
-    whole = tmp / f"whole-{name}"
-    return [
-        {"name": f"whole-{name}", "overrides": [*make(whole), *saving_at(STOP)]},
-        {"name": f"resume-{name}", "overrides": [*make(tmp / f"cut-{name}"), resume_from(whole, STOP)]},
-    ]
-
-
 # DDP hands every method whole gradients (the one-process path, all-reduced first): one method on DDP, all on FSDP2.
 TORCHRUN_CASES = [("ddp", "apollo_mini"), *(("fsdp2", m) for m in METHODS)]
 
@@ -71,6 +61,7 @@ def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
             f"fsdp2-{method}",
             tmp,
             lambda run_dir, m=method: resume_overrides(data, run_dir, m, "parallel.backend=fsdp2"),
+            stop=STOP,
         )
     return runs
 
@@ -101,6 +92,7 @@ def zero_launch(data: Path, tmp: Path) -> list[dict]:
             f"zero{stage}-{method}",
             tmp,
             lambda run_dir, m=method, s=stage: resume_overrides(data, run_dir, m, *ZERO, f"parallel.zero_stage={s}"),
+            stop=STOP,
         )
     return runs
 
@@ -132,22 +124,15 @@ def test_deepspeed_zero_matches_one_process(method: str, stage: int, zero_runs, 
     assert int(run["midrow"]) >= 1  # a right-projected matrix is cut inside a row
 
 
-def assert_bit_identical(whole: dict, resumed: dict) -> None:
-    assert resumed["losses"] == whole["losses"][STOP:]
-    assert resumed["params"].keys() == whole["params"].keys()
-    for name, value in whole["params"].items():
-        assert torch.equal(resumed["params"][name], value), name
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fsdp2_resume_is_bit_identical(method: str, torchrun_runs) -> None:
     results, _ = torchrun_runs
-    assert_bit_identical(results[f"whole-fsdp2-{method}"], results[f"resume-fsdp2-{method}"])
+    assert_bit_identical(results[f"whole-fsdp2-{method}"], results[f"resume-fsdp2-{method}"], stop=STOP)
 
 
 @pytest.mark.parametrize("method,stage", ZERO_RESUME_CASES)
 def test_deepspeed_resume_is_bit_identical(method: str, stage: int, zero_runs) -> None:
-    assert_bit_identical(zero_runs[f"whole-zero{stage}-{method}"], zero_runs[f"resume-zero{stage}-{method}"])
+    assert_bit_identical(zero_runs[f"whole-zero{stage}-{method}"], zero_runs[f"resume-zero{stage}-{method}"], stop=STOP)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
