@@ -24,12 +24,14 @@ DeepSpeed ZeRO's flat partitions; each is handled as a :class:`~megatron_pept.sh
 matrix. Momentum, Adam's moments and the weight update are element-wise, so each rank keeps and applies its own
 part. Newton-Schulz needs the whole matrix: the sharded matrices of a step are shared out among the ranks, largest
 first, one per rank per round (so the work per rank is balanced by size and no rank orthogonalises everything);
-each rank's fragment is gathered to the owner, which computes the update and scatters each rank its elements back
-(in the Newton-Schulz dtype; NorMuon's normalised update in fp32). NorMuon's per-row second moment is updated by
-the owner and broadcast (``m`` floats), so it is whole on every rank. Dion needs no owner: ``B Q`` is local to
-the rows a rank holds (rows a ZeRO fragment cuts are completed across ranks), and the orthonormalisation and
-``R = B^T P`` are sums over rows (all-reduces of ``r x r``, ``k x r`` and ``n x r``), the collectives of the paper's
-Algorithm 3. With one process every collective is skipped and the arithmetic is the same.
+each rank's fragment is gathered to the owner in the Newton-Schulz dtype (bf16 by default: the iteration's first
+step casts to it anyway, so this is exact and half the bytes), the owner computes the update and scatters each rank
+its elements back (in the Newton-Schulz dtype; NorMuon's normalised update in fp32). NorMuon's per-row second
+moment is updated by the owner and broadcast (``m`` floats), so it is whole on every rank. Dion needs no owner:
+``B Q`` is local to the rows a rank holds (rows a ZeRO fragment cuts are completed across ranks), and the
+orthonormalisation and ``R = B^T P`` are sums over rows (all-reduces of ``r x r``, ``k x r`` and ``n x r``), the
+collectives of the paper's distributed algorithm. A matrix one rank holds whole (most of them under ZeRO-1/2) is done
+there with no traffic. With one process every collective is skipped and the arithmetic is the same.
 
 Every piece of state is a tensor in ``state_dict()``: ``step`` (a host counter), ``momentum_buffer`` (by rows under
 FSDP2, per fragment under ZeRO), ``normuon_v`` (``m x 1``, whole), ``dion_q`` (``n x r``, whole), ``exp_avg`` and
@@ -486,10 +488,10 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
     def _orthogonalize(self, pending: list[_Pending]) -> None:
         """This rank's elements of each pending matrix's update (``item.local``). Whole matrices are done here.
         Sharded ones are shared out among the ranks, largest first, one per rank per round: each rank's fragment is
-        gathered to the owner (``gather``, fragments padded to the largest), the owner computes the update and
-        scatters each rank its elements back (``scatter``, in the Newton-Schulz dtype for Muon, fp32 for NorMuon,
-        whose row moment the owner also broadcasts: ``m`` floats). Per rank that sends about ``2 / world`` of the
-        matrices' bytes, not the whole of them."""
+        gathered to the owner (``gather`` in the Newton-Schulz dtype, fragments padded to the largest), the owner
+        computes the update and scatters each rank its elements back (``scatter``, in the Newton-Schulz dtype for
+        Muon, fp32 for NorMuon, whose row moment the owner also broadcasts: ``m`` floats). Per rank that sends
+        about ``2 / world`` of the matrices' bytes (in bf16), not the whole of them."""
         shared = []
         for item in pending:
             if item.piece.sharded:
@@ -530,10 +532,12 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
             received: list[torch.Tensor] | None = None
             works = []
             for k, (item, table) in enumerate(zip(round_, tables)):
-                width = max(n for _, n in table)
-                send = item.update.new_zeros(width)
+                # in the Newton-Schulz dtype: its first operation casts the update to it, so a bf16 gather gives the
+                # owner exactly what one process would iterate on, in half the bytes
+                width, dtype = max(n for _, n in table), NS_DTYPES[item.group["ns_dtype"]]
+                send = item.update.new_zeros(width, dtype=dtype)
                 send[: item.update.numel()] = item.update
-                gathered = [item.update.new_empty(width) for _ in range(world)] if k == me else None
+                gathered = [send.new_empty(width) for _ in range(world)] if k == me else None
                 if k == me:
                     received = gathered
                 works.append(dist.gather(send, gathered, dst=owners[k], group=group, async_op=True))
@@ -545,7 +549,7 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
                 dtype = torch.float32 if item.group["algorithm"] == "normuon" else NS_DTYPES[item.group["ns_dtype"]]
                 pieces = None
                 if k == me:
-                    whole = item.update.new_zeros(item.piece.shape.numel())
+                    whole = received[0].new_zeros(item.piece.shape.numel())
                     for (lo, n), part in zip(table, received):
                         whole[lo : lo + n] = part[:n]
                     out = self._finish(item, whole.view(item.piece.shape)).reshape(-1)
