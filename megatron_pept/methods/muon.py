@@ -108,11 +108,12 @@ class MuonFamily(Method):
     @classmethod
     def validate(cls, settings: MuonSettings, cfg: Config) -> None:
         settings.validate()
-        if cfg.optim.per_layer and cfg.parallel.backend == "fsdp2":
+        if cfg.optim.per_layer and cfg.parallel.backend == "fsdp2" and cls.algorithm != "dion":
             raise ConfigError(
                 f"method.name={cls.name} with optim.per_layer=true cannot run with parallel.backend=fsdp2: each "
                 "matrix is orthogonalised whole on one owner rank, which a backward hook of one shard cannot wait "
-                "for; use parallel.backend=ddp or single for per-layer updates, or optim.per_layer=false"
+                "for; use parallel.backend=ddp or single for per-layer updates, method.name=dion (its power "
+                "iteration runs on each rank's rows), or optim.per_layer=false"
             )
 
     def orthogonal_settings(self) -> dict[str, Any]:

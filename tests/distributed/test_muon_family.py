@@ -68,6 +68,12 @@ def torchrun_runs(data: Path, tmp: Path) -> list[dict]:
                 "overrides": method_overrides(data, tmp / f"pl-{method}", method, "parallel.backend=ddp", *PER_LAYER),
             }
         )
+    runs.append(  # Dion's all-reduces inside the backward hooks, in the same order on both ranks
+        {
+            "name": "fsdp2-per_layer-dion",
+            "overrides": method_overrides(data, tmp / "fsdp2-pl-dion", "dion", "parallel.backend=fsdp2", *PER_LAYER),
+        }
+    )
     for method in RESUMED:
         runs += resume_runs(
             f"fsdp2-{method}",
@@ -125,6 +131,13 @@ def test_per_layer_under_ddp_matches_one_process(method: str, torchrun_runs, qui
     """Each matrix stepped in its backward hook once DDP's all-reduce of its gradient is done."""
     losses, params = single(method_overrides(quickstart_data, tmp_path, method, *PER_LAYER))
     compare(torchrun_runs[0][f"ddp-per_layer-{method}"], losses, params, weight_tol=WEIGHT_TOL)
+
+
+def test_dion_per_layer_under_fsdp2_matches_one_process(torchrun_runs, quickstart_data, tmp_path) -> None:
+    """Dion needs no owner: each row shard's power iteration runs in its backward hook, its all-reduces in the same
+    order on both ranks (Muon and NorMuon refuse per-layer updates under FSDP2, test_muon.py)."""
+    losses, params = single(method_overrides(quickstart_data, tmp_path, "dion", *PER_LAYER))
+    compare(torchrun_runs[0]["fsdp2-per_layer-dion"], losses, params, weight_tol=WEIGHT_TOL)
 
 
 @pytest.mark.parametrize("method,stage", ZERO_CASES)
