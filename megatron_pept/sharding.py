@@ -119,6 +119,13 @@ LOCAL_ACCESS = ParamAccess()
 # -- FSDP2 row shards ---------------------------------------------------------------------------------------------
 
 
+def row_chunks(rows: int, world: int) -> list[tuple[int, int]]:
+    """Every rank's rows ``[start, stop)`` of a parameter of ``rows`` rows that FSDP2 shards on dim 0 over ``world``
+    ranks (``torch.chunk`` layout: ``ceil(rows / world)`` each, the last ones fewer or none)."""
+    chunk = -(-rows // world)
+    return [(min(r * chunk, rows), min(r * chunk + chunk, rows)) for r in range(world)]
+
+
 class RowShard:
     """The rows ``[start, stop)`` a rank holds of a parameter FSDP2 shards on dim 0 (``torch.chunk`` layout: each
     rank ``ceil(rows / world)`` rows, the last ones fewer or none), and the collectives over its mesh."""
@@ -130,9 +137,7 @@ class RowShard:
         self.mesh, self.placements, self.stride = dt.device_mesh, dt.placements, dt.stride()
         self.group = self.mesh.get_group()
         world, rank = self.mesh.size(), self.mesh.get_local_rank()
-        chunk = -(-dt.shape[0] // world)
-        self.start = min(rank * chunk, dt.shape[0])
-        self.stop = min(self.start + chunk, dt.shape[0])
+        self.start, self.stop = row_chunks(dt.shape[0], world)[rank]
 
     @property
     def cols(self) -> int:

@@ -54,7 +54,7 @@ from megatron_pept.optim.adamw import KeepStateDtypes
 from megatron_pept.optim.projector import name_seed, projection_seed
 from megatron_pept.optim.sharded import ShardedOptimizer
 from megatron_pept.optim.weight_update import WeightUpdate
-from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout, all_reduce_
+from megatron_pept.sharding import FlatFragment, RowShard, ZeroLayout, all_reduce_, row_chunks
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """The quintic Newton-Schulz coefficients of Keller Jordan's Muon (and ``torch.optim.Muon``)."""
@@ -480,10 +480,8 @@ class OrthogonalOptimizer(ShardedOptimizer, KeepStateDtypes, torch.optim.Optimiz
         fragments exchanged once when ZeRO attached (:meth:`attach_zero`)."""
         if piece.zero:
             return self._zero_fragments[id(piece.key)]
-        rows, cols = piece.shape[0], piece.frag.cols
-        chunk = -(-rows // world)
-        starts = [min(r * chunk, rows) for r in range(world)]
-        return [(start * cols, (min(start + chunk, rows) - start) * cols) for start in starts]
+        cols = piece.frag.cols
+        return [(start * cols, (stop - start) * cols) for start, stop in row_chunks(piece.shape[0], world)]
 
     def _orthogonalize(self, pending: list[_Pending]) -> None:
         """This rank's elements of each pending matrix's update (``item.local``). Whole matrices are done here.
